@@ -1,0 +1,101 @@
+//! What PID 1 does before it can serve: API filesystems, console, modules.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufRead, BufReader},
+    os::fd::AsRawFd,
+    path::Path,
+};
+
+use anyhow::Context as _;
+use nix::{
+    mount::{mount, MsFlags},
+    sys::reboot::{reboot, RebootMode},
+};
+
+/// Modules the image builder resolved, in load order (dependencies first),
+/// one path per line relative to the modules directory.
+const MODULE_LIST: &str = "/lib/modules/vc-load-order";
+
+/// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run, /tmp and the cgroup2
+/// hierarchy, and reopens stdio on /dev/console.
+pub fn early() -> anyhow::Result<()> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 8] = [
+        ("proc", "/proc", "proc", nodev, None),
+        ("sysfs", "/sys", "sysfs", nodev, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=666")),
+        ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, Some("nsdelegate")),
+    ];
+    for (source, target, fstype, flags, data) in mounts {
+        fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
+        mount(Some(source), target, Some(fstype), flags, data)
+            .with_context(|| format!("mount {fstype} on {target}"))?;
+        if target == "/dev" {
+            reopen_console()?;
+        }
+    }
+    Ok(())
+}
+
+/// The initramfs has no /dev/console, so the kernel started us without
+/// stdio; now that devtmpfs is mounted, attach fds 0, 1 and 2 to the console.
+fn reopen_console() -> anyhow::Result<()> {
+    let console = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .context("open /dev/console")?;
+    for fd in [0, 1, 2] {
+        nix::unistd::dup2(console.as_raw_fd(), fd).context("dup2 console")?;
+    }
+    Ok(())
+}
+
+/// Loads every module of [`MODULE_LIST`]; a module that is already loaded or
+/// built in is fine. Returns how many were loaded.
+pub fn load_modules() -> anyhow::Result<usize> {
+    let release = nix::sys::utsname::uname()
+        .context("uname")?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let dir = Path::new("/lib/modules").join(&release);
+    let list = match File::open(MODULE_LIST) {
+        Ok(f) => f,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(err).context(MODULE_LIST),
+    };
+    let mut loaded = 0;
+    for line in BufReader::new(list).lines() {
+        let line = line.context(MODULE_LIST)?;
+        let rel = line.trim();
+        if rel.is_empty() || rel.starts_with('#') {
+            continue;
+        }
+        let path = dir.join(rel);
+        let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+        match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) => loaded += 1,
+            Err(nix::errno::Errno::EEXIST) => {}
+            Err(err) => return Err(err).with_context(|| format!("load module {rel}")),
+        }
+    }
+    Ok(loaded)
+}
+
+/// Syncs and powers the VM off. Never returns.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let err = reboot(RebootMode::RB_POWER_OFF);
+    eprintln!("vc-agent: power off failed: {err:?}");
+    // Nothing else a PID 1 can do: block forever rather than exit (which
+    // would panic the kernel with a less helpful message).
+    loop {
+        std::thread::park();
+    }
+}

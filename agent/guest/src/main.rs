@@ -1,0 +1,95 @@
+//! `vc-agent`: PID 1 of every pod VM.
+//!
+//! Boot order: mount the API filesystems, point stdio at the console, load the
+//! kernel modules the image lists, start reaping orphans, then serve the agent
+//! API with ttrpc on vsock port 1024 until asked to power off.
+//!
+//! Run as anything but PID 1 it refuses to touch the system (it would mount
+//! over the host's /proc), so it is safe to execute by mistake on a host.
+
+mod init;
+mod reaper;
+mod service;
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use agent::protocol::agent_ttrpc;
+
+fn main() -> ExitCode {
+    if std::process::id() != 1 {
+        eprintln!("vc-agent: must run as PID 1 inside a VM (the guest image's /init)");
+        return ExitCode::from(2);
+    }
+    if let Err(err) = init::early() {
+        // Without /proc and the console there is little to report through.
+        eprintln!("vc-agent: early init failed: {err:#}");
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::error!("cannot start the async runtime: {err}");
+            init::power_off();
+        }
+    };
+    if let Err(err) = runtime.block_on(run()) {
+        tracing::error!("agent failed: {err:#}");
+    }
+    // PID 1 must never return: that panics the kernel. Power off instead so
+    // the host sees the VM exit and reads the reason from the console.
+    init::power_off();
+}
+
+async fn run() -> anyhow::Result<()> {
+    let loaded = init::load_modules()?;
+    tracing::info!(loaded, "kernel modules loaded");
+    reaper::spawn()?;
+
+    let listener = bind_vsock().await?;
+    let services = service::AgentService::new();
+    let health = agent_ttrpc::create_health(Arc::new(services.clone()));
+    let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
+    let mut server = ttrpc::asynchronous::Server::new()
+        .add_listener(listener)
+        .register_service(health)
+        .register_service(api);
+    server.start().await?;
+    services.mark_ready()?;
+    tracing::info!(port = agent::AGENT_VSOCK_PORT, "vc-agent serving");
+
+    services.wait_shutdown().await;
+    tracing::info!("shutdown requested");
+    // Let the reply to Shutdown leave before the VM goes away.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    server.shutdown().await.ok();
+    Ok(())
+}
+
+/// The vsock device appears when its transport module has probed; binding
+/// can race with that, so retry briefly.
+async fn bind_vsock() -> anyhow::Result<ttrpc::asynchronous::transport::Listener> {
+    let addr = format!("-1:{}", agent::AGENT_VSOCK_PORT);
+    let mut last = None;
+    for _ in 0..100 {
+        match ttrpc::asynchronous::transport::Listener::bind_vsock(&addr) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(anyhow::anyhow!(
+        "cannot listen on vsock port {}: {}",
+        agent::AGENT_VSOCK_PORT,
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}

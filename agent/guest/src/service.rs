@@ -1,0 +1,119 @@
+//! The ttrpc services of the agent: Health and Agent.
+
+use std::{sync::Arc, time::Duration};
+
+use agent::protocol::{agent as pb, agent_ttrpc};
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use ttrpc::asynchronous::TtrpcContext;
+
+/// One state shared by both services.
+#[derive(Clone, Debug)]
+pub struct AgentService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shutdown: Notify,
+    /// Uptime when the API started serving, in ms.
+    ready_ms: std::sync::OnceLock<u64>,
+}
+
+impl AgentService {
+    pub fn new() -> Self {
+        Self { inner: Arc::new(Inner { shutdown: Notify::new(), ready_ms: std::sync::OnceLock::new() }) }
+    }
+
+    pub fn mark_ready(&self) -> anyhow::Result<()> {
+        let now = uptime()?;
+        let _ = self.inner.ready_ms.set(now.as_millis() as u64);
+        Ok(())
+    }
+
+    pub async fn wait_shutdown(&self) {
+        self.inner.shutdown.notified().await;
+    }
+}
+
+fn internal(err: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, err.to_string()))
+}
+
+#[async_trait]
+impl agent_ttrpc::Health for AgentService {
+    async fn check(&self, _: &TtrpcContext, _: pb::CheckRequest) -> ttrpc::Result<pb::CheckResponse> {
+        let mut resp = pb::CheckResponse::new();
+        resp.status = pb::check_response::ServingStatus::SERVING.into();
+        Ok(resp)
+    }
+
+    async fn version(&self, _: &TtrpcContext, _: pb::VersionRequest) -> ttrpc::Result<pb::VersionResponse> {
+        let mut resp = pb::VersionResponse::new();
+        resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
+        resp.api_version = agent::API_VERSION;
+        Ok(resp)
+    }
+}
+
+#[async_trait]
+impl agent_ttrpc::Agent for AgentService {
+    async fn get_guest_details(
+        &self,
+        _: &TtrpcContext,
+        _: pb::GuestDetailsRequest,
+    ) -> ttrpc::Result<pb::GuestDetailsResponse> {
+        let uname = nix::sys::utsname::uname().map_err(internal)?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(internal)?;
+        let mut resp = pb::GuestDetailsResponse::new();
+        resp.kernel_release = uname.release().to_string_lossy().into_owned();
+        resp.mem_total_kib = meminfo_field(&meminfo, "MemTotal").unwrap_or(0);
+        resp.mem_available_kib = meminfo_field(&meminfo, "MemAvailable").unwrap_or(0);
+        resp.online_cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+            .ok()
+            .flatten()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
+        resp.uptime_ms = uptime().map_err(internal)?.as_millis() as u64;
+        resp.agent_ready_ms = self.inner.ready_ms.get().copied().unwrap_or(0);
+        Ok(resp)
+    }
+
+    async fn shutdown(&self, _: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::ShutdownResponse> {
+        self.inner.shutdown.notify_one();
+        Ok(pb::ShutdownResponse::new())
+    }
+}
+
+/// A `Name:   1234 kB` line of /proc/meminfo, in KiB.
+fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn uptime() -> anyhow::Result<Duration> {
+    let text = std::fs::read_to_string("/proc/uptime")?;
+    let secs: f64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/uptime: {text:?}"))?;
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_fields_parse() {
+        let text = "MemTotal:         482000 kB\nMemFree:  1 kB\nMemAvailable:     450123 kB\n";
+        assert_eq!(meminfo_field(text, "MemTotal"), Some(482000));
+        assert_eq!(meminfo_field(text, "MemAvailable"), Some(450123));
+        assert_eq!(meminfo_field(text, "Mem"), None);
+        assert_eq!(meminfo_field(text, "SwapTotal"), None);
+    }
+}

@@ -1,0 +1,143 @@
+//! Reaching the agent's vsock port from the host.
+
+use std::{io, path::PathBuf, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
+
+/// Where the agent's vsock port is reachable from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A userspace vsock device's host-side unix socket ("hybrid vsock").
+    Hybrid { uds: PathBuf, port: u32 },
+    /// Kernel vsock: the guest's context ID.
+    Vsock { cid: u32, port: u32 },
+}
+
+/// Why one dial attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// could not connect to the vsock device
+    #[error("could not connect to {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    /// the hybrid vsock handshake did not answer OK: usually nobody listens in the guest yet
+    #[error("{endpoint} refused the connection to port {port} (got {reply:?})")]
+    Refused { endpoint: String, port: u32, reply: String },
+    /// the handshake did not complete in time
+    #[error("handshake with {endpoint} timed out")]
+    HandshakeTimeout { endpoint: String },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Hybrid { uds, port } => write!(f, "hybrid-vsock://{}:{port}", uds.display()),
+            Endpoint::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+        }
+    }
+}
+
+/// Upper bound on the hybrid handshake; the device answers within microseconds.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest reply line we accept from the device ("OK 4294967295\n").
+const MAX_REPLY: usize = 32;
+
+/// Opens one connection to the agent's port and returns it as a ttrpc socket.
+/// A single attempt: callers that wait for a booting guest retry.
+pub async fn dial(endpoint: &Endpoint) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
+    match endpoint {
+        Endpoint::Hybrid { uds, port } => {
+            let name = endpoint.to_string();
+            let mut stream = UnixStream::connect(uds)
+                .await
+                .map_err(|source| DialError::Connect { endpoint: name.clone(), source })?;
+            let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, hybrid_handshake(&mut stream, *port))
+                .await
+                .map_err(|_| DialError::HandshakeTimeout { endpoint: name.clone() })?
+                .map_err(|source| DialError::Connect { endpoint: name.clone(), source })?;
+            if !reply.starts_with("OK ") {
+                return Err(DialError::Refused { endpoint: name, port: *port, reply });
+            }
+            Ok(ttrpc::asynchronous::transport::Socket::from(stream))
+        }
+        Endpoint::Vsock { cid, port } => {
+            ttrpc::asynchronous::transport::Socket::connect_vsock(format!("{cid}:{port}"))
+                .await
+                .map_err(|source| DialError::Connect { endpoint: endpoint.to_string(), source })
+        }
+    }
+}
+
+/// Sends `CONNECT <port>\n` and reads the reply line byte by byte, so that no
+/// byte of the ttrpc stream that follows is consumed. Returns the line without
+/// its newline; an empty string when the device closed the connection.
+async fn hybrid_handshake(stream: &mut UnixStream, port: u32) -> io::Result<String> {
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    let mut line = Vec::with_capacity(MAX_REPLY);
+    let mut byte = [0u8; 1];
+    while line.len() < MAX_REPLY {
+        if stream.read(&mut byte).await? == 0 {
+            break;
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    async fn fake_device(reply: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).await.expect("read CONNECT");
+            assert_eq!(&buf, b"CONNECT 1024\n");
+            if reply.is_empty() {
+                return; // the device closes: nobody listens on the port
+            }
+            s.write_all(reply).await.expect("reply");
+            // Keep the stream open until the client is done.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn hybrid_ok_is_accepted() {
+        let (_dir, uds) = fake_device(b"OK 1073741824\n").await;
+        let ep = Endpoint::Hybrid { uds, port: 1024 };
+        assert!(dial(&ep).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn hybrid_close_is_refused() {
+        let (_dir, uds) = fake_device(b"").await;
+        let ep = Endpoint::Hybrid { uds, port: 1024 };
+        let err = dial(&ep).await.err().expect("must fail");
+        assert!(matches!(err, DialError::Refused { port: 1024, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_socket_is_a_connect_error() {
+        let ep = Endpoint::Hybrid { uds: "/nonexistent/vsock.sock".into(), port: 1024 };
+        let err = dial(&ep).await.err().expect("must fail");
+        assert!(matches!(err, DialError::Connect { .. }), "{err}");
+    }
+}

@@ -1,0 +1,2 @@
+//! The CRI server `vcrid`: RuntimeService and ImageService over gRPC. Not built yet (issue 6).
+#![forbid(unsafe_code)]
