@@ -28,7 +28,11 @@ pub enum DialError {
     },
     /// the hybrid vsock handshake did not answer OK: usually nobody listens in the guest yet
     #[error("{endpoint} refused the connection to port {port} (got {reply:?})")]
-    Refused { endpoint: String, port: u32, reply: String },
+    Refused {
+        endpoint: String,
+        port: u32,
+        reply: String,
+    },
     /// the handshake did not complete in time
     #[error("handshake with {endpoint} timed out")]
     HandshakeTimeout { endpoint: String },
@@ -51,26 +55,45 @@ const MAX_REPLY: usize = 32;
 
 /// Opens one connection to the agent's port and returns it as a ttrpc socket.
 /// A single attempt: callers that wait for a booting guest retry.
-pub async fn dial(endpoint: &Endpoint) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
+pub async fn dial(
+    endpoint: &Endpoint,
+) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
     match endpoint {
         Endpoint::Hybrid { uds, port } => {
             let name = endpoint.to_string();
-            let mut stream = UnixStream::connect(uds)
-                .await
-                .map_err(|source| DialError::Connect { endpoint: name.clone(), source })?;
-            let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, hybrid_handshake(&mut stream, *port))
-                .await
-                .map_err(|_| DialError::HandshakeTimeout { endpoint: name.clone() })?
-                .map_err(|source| DialError::Connect { endpoint: name.clone(), source })?;
+            let mut stream =
+                UnixStream::connect(uds)
+                    .await
+                    .map_err(|source| DialError::Connect {
+                        endpoint: name.clone(),
+                        source,
+                    })?;
+            let reply =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, hybrid_handshake(&mut stream, *port))
+                    .await
+                    .map_err(|_| DialError::HandshakeTimeout {
+                        endpoint: name.clone(),
+                    })?
+                    .map_err(|source| DialError::Connect {
+                        endpoint: name.clone(),
+                        source,
+                    })?;
             if !reply.starts_with("OK ") {
-                return Err(DialError::Refused { endpoint: name, port: *port, reply });
+                return Err(DialError::Refused {
+                    endpoint: name,
+                    port: *port,
+                    reply,
+                });
             }
             Ok(ttrpc::asynchronous::transport::Socket::from(stream))
         }
         Endpoint::Vsock { cid, port } => {
             ttrpc::asynchronous::transport::Socket::connect_vsock(format!("{cid}:{port}"))
                 .await
-                .map_err(|source| DialError::Connect { endpoint: endpoint.to_string(), source })
+                .map_err(|source| DialError::Connect {
+                    endpoint: endpoint.to_string(),
+                    source,
+                })
         }
     }
 }
@@ -79,7 +102,9 @@ pub async fn dial(endpoint: &Endpoint) -> Result<ttrpc::asynchronous::transport:
 /// byte of the ttrpc stream that follows is consumed. Returns the line without
 /// its newline; an empty string when the device closed the connection.
 async fn hybrid_handshake(stream: &mut UnixStream, port: u32) -> io::Result<String> {
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
     let mut line = Vec::with_capacity(MAX_REPLY);
     let mut byte = [0u8; 1];
     while line.len() < MAX_REPLY {
@@ -131,12 +156,18 @@ mod tests {
         let (_dir, uds) = fake_device(b"").await;
         let ep = Endpoint::Hybrid { uds, port: 1024 };
         let err = dial(&ep).await.err().expect("must fail");
-        assert!(matches!(err, DialError::Refused { port: 1024, .. }), "{err}");
+        assert!(
+            matches!(err, DialError::Refused { port: 1024, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn missing_socket_is_a_connect_error() {
-        let ep = Endpoint::Hybrid { uds: "/nonexistent/vsock.sock".into(), port: 1024 };
+        let ep = Endpoint::Hybrid {
+            uds: "/nonexistent/vsock.sock".into(),
+            port: 1024,
+        };
         let err = dial(&ep).await.err().expect("must fail");
         assert!(matches!(err, DialError::Connect { .. }), "{err}");
     }

@@ -11,11 +11,17 @@
 
 mod dial;
 
-pub use dial::{dial, Endpoint, DialError};
+pub use dial::{dial, DialError, Endpoint};
 
 /// Generated code: `agent` holds the protobuf messages, `agent_ttrpc` the
 /// ttrpc clients (`HealthClient`, `AgentClient`) and service traits.
-#[allow(warnings, clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    warnings,
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 pub mod protocol {
     pub mod agent {
         include!(concat!(env!("OUT_DIR"), "/agent.rs"));

@@ -1,1 +1,136 @@
+//! Virtual machine monitors behind one small async trait.
+//!
+//! A [`Hypervisor`] is one VM: booted from a kernel and initrd, paused,
+//! resumed, stopped, and found again from its [`VmState`] by another process
+//! (the VMM keeps running when the process that booted it exits). QEMU is the
+//! implementation today; Cloud Hypervisor and Firecracker slot in behind the
+//! same trait and the [`new_vm`] / [`restore_vm`] factory.
+#![forbid(unsafe_code)]
 
+mod config;
+mod error;
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
+pub mod process;
+pub mod qemu;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use config::{Accel, HypervisorConfig, MachineType, VsockBackend};
+pub use error::{ErrorKind, HypervisorError, Result};
+pub use process::ProcessRef;
+
+/// What one VM is asked to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The sandbox ID; names the VM in `ps` and in QMP.
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// A directory the caller created for this VM alone; every socket, log
+    /// and pid file goes in it. The caller removes it.
+    pub run_dir: PathBuf,
+}
+
+/// How the host reaches the guest's vsock ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum VsockChannel {
+    /// A userspace vsock device; connect to `uds` and send `CONNECT <port>\n`.
+    Hybrid { uds: PathBuf },
+    /// Kernel vhost-vsock: connect with `AF_VSOCK` to `cid`.
+    Kernel { cid: u32 },
+}
+
+/// What the VMM says about the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum VmStatus {
+    Running,
+    Paused,
+    /// The VMM process is gone. `reason` says what is known: the last lines
+    /// of the guest console and of the VMM's own log.
+    Exited {
+        reason: String,
+    },
+}
+
+/// Everything needed to find a running VM again from another process.
+/// Persisted by the caller (as JSON) next to its own state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    /// Which implementation wrote this ("qemu").
+    pub hypervisor: String,
+    pub id: String,
+    pub run_dir: PathBuf,
+    /// The accelerator actually in use ("kvm" or "tcg").
+    pub accel: String,
+    pub machine: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The VMM process; `None` before boot.
+    pub vmm: Option<ProcessRef>,
+    /// Helper processes (the userspace vsock device, later virtiofsd).
+    pub helpers: Vec<ProcessRef>,
+    pub vsock: Option<VsockChannel>,
+}
+
+/// One virtual machine.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + std::fmt::Debug {
+    /// Starts the VMM and its helpers. Returns once the VMM runs the guest
+    /// (not once the guest is up). On error nothing it started is left.
+    async fn boot(&self) -> Result<()>;
+
+    /// Freezes the guest's vCPUs.
+    async fn pause(&self) -> Result<()>;
+
+    /// Thaws the guest's vCPUs.
+    async fn resume(&self) -> Result<()>;
+
+    /// Asks the VMM to quit, waits up to `grace`, then kills it; then stops
+    /// the helpers. Idempotent: stopping a VM that is gone succeeds.
+    async fn stop(&self, grace: Duration) -> Result<()>;
+
+    /// Where the VM stands now.
+    async fn status(&self) -> Result<VmStatus>;
+
+    /// Resolves when the VMM process has exited, with the reason.
+    async fn wait_exit(&self) -> String;
+
+    /// The channel to the guest's vsock ports.
+    fn vsock(&self) -> Option<VsockChannel>;
+
+    /// Process IDs of the VMM and its helpers, for accounting and cgroups.
+    fn pids(&self) -> Vec<u32>;
+
+    /// The state to persist; [`restore_vm`] turns it back into a VM.
+    fn state(&self) -> VmState;
+
+    /// The last `lines` lines of the guest console.
+    fn console_tail(&self, lines: usize) -> String;
+
+    // Seam for later issues: hotplug of block and network devices
+    // (`add_device` / `remove_device` over QMP device_add / device_del).
+}
+
+/// Creates (does not boot) a VM with the configured implementation.
+pub fn new_vm(config: &HypervisorConfig, vm: VmConfig) -> Result<Arc<dyn Hypervisor>> {
+    Ok(Arc::new(qemu::Qemu::new(config, vm)?))
+}
+
+/// Finds a VM again from its persisted state.
+pub fn restore_vm(config: &HypervisorConfig, state: VmState) -> Result<Arc<dyn Hypervisor>> {
+    match state.hypervisor.as_str() {
+        qemu::NAME => Ok(Arc::new(qemu::Qemu::restore(config, state))),
+        other => Err(HypervisorError::UnknownHypervisor {
+            name: other.to_string(),
+        }),
+    }
+}
+
+/// How long a graceful VMM quit may take before it is killed.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(3);

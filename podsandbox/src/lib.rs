@@ -1,1 +1,40 @@
+//! `podsandbox`: the virtcontainers library.
+//!
+//! A pod sandbox is one VM whose guest agent runs the pod's containers. This
+//! crate owns the sandbox lifecycle — create, start, stop, pause, resume,
+//! status, list, delete — and its persistence, so that every call can come
+//! from a different process: [`Runtime::fetch_sandbox`] finds a sandbox again
+//! from its persisted state (the VM keeps running between calls).
+//!
+//! It knows nothing of CRI. Callers (`vcrid`, `virtc`) hand it a
+//! [`SandboxConfig`] and get [`SandboxStatus`]es back. Below it sit two
+//! seams, both traits: the [`hypervisor::Hypervisor`] (via [`VmFactory`])
+//! and the guest [`AgentClient`] (via [`AgentDialer`]).
+//!
+//! One file per operation: `sandbox_create.rs`, `sandbox_start.rs`,
+//! `sandbox_stop.rs`, `sandbox_pause.rs` (pause and resume),
+//! `sandbox_delete.rs`, `sandbox_status.rs` (status and list).
+#![forbid(unsafe_code)]
 
+pub mod agent;
+mod agent_ttrpc;
+pub mod config;
+mod error;
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
+mod sandbox;
+mod sandbox_create;
+mod sandbox_delete;
+mod sandbox_pause;
+mod sandbox_start;
+mod sandbox_status;
+mod sandbox_stop;
+pub mod state;
+pub mod store;
+
+pub use agent::{AgentClient, AgentDialer, AgentError, GuestDetails};
+pub use agent_ttrpc::TtrpcDialer;
+pub use config::RuntimeConfig;
+pub use error::{Error, ErrorKind, Result};
+pub use sandbox::{Runtime, Sandbox, SandboxConfig, SandboxStatus, VmFactory};
+pub use state::SandboxState;

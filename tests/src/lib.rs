@@ -1,1 +1,281 @@
+//! Support for the end-to-end tests in `tests/tests/`: a throwaway
+//! environment per test (state and run dirs in a temp dir, the guest image
+//! from `make build`), and a guard that — pass or fail — kills every process
+//! started under that environment and removes its directories.
+//!
+//! Missing parts (no guest image, no QEMU) fail the tests with the reason:
+//! `make test` installs and builds them, so their absence is a bug.
 
+// Test support: a failed setup step should stop the test loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use podsandbox::RuntimeConfig;
+
+/// The source tree's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The guest image directory, or a panic that says how to make it.
+pub fn guest_dir() -> PathBuf {
+    let dir = repo_root().join("build/guest");
+    for file in ["vmlinux", "initramfs.cpio"] {
+        assert!(
+            dir.join(file).is_file(),
+            "{} is missing: run `make build` (or `make test`, which builds it) first",
+            dir.join(file).display()
+        );
+    }
+    dir
+}
+
+/// A host binary of this workspace (`target/<profile>/NAME`), built by `make build`.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `make build` first",
+        bin.display()
+    );
+    bin
+}
+
+/// One test's private world. Dropping it is the leak guard.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub config: RuntimeConfig,
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        // Short paths: unix sockets live under the run dir.
+        let dir = tempfile::Builder::new()
+            .prefix("vct")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let guest = guest_dir();
+        let mut config = RuntimeConfig {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..RuntimeConfig::default()
+        };
+        config.hypervisor.kernel = guest.join("vmlinux");
+        config.hypervisor.initrd = guest.join("initramfs.cpio");
+        assert!(
+            config.hypervisor.qemu_path.is_file(),
+            "{} is missing: run hack/install-deps.sh",
+            config.hypervisor.qemu_path.display()
+        );
+        // Generous under a loaded CI machine; a healthy boot takes ~2 s.
+        config.agent.dial_timeout_ms = 60_000;
+        Self { dir, config }
+    }
+
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.config.run_dir.join(id)
+    }
+
+    pub fn state_dir(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join("sandboxes").join(id)
+    }
+
+    /// Processes whose command line mentions this environment's directory:
+    /// QEMU and every helper name their sockets under it.
+    pub fn processes(&self) -> Vec<(i32, String)> {
+        processes_mentioning(self.dir.path())
+    }
+
+    /// Asserts that nothing of sandbox `id` is left: no process, no run dir,
+    /// no state.
+    pub fn assert_nothing_left(&self, id: &str) {
+        let procs = self.processes();
+        assert!(procs.is_empty(), "processes left behind: {procs:?}");
+        assert!(
+            !self.run_dir(id).exists(),
+            "run dir {} left behind",
+            self.run_dir(id).display()
+        );
+        assert!(
+            !self.state_dir(id).exists(),
+            "state dir {} left behind",
+            self.state_dir(id).display()
+        );
+    }
+
+    /// Writes the config as TOML, for the CLI tests.
+    pub fn write_config(&self) -> PathBuf {
+        let path = self.dir.path().join("config.toml");
+        let text = toml_of(&self.config);
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let leftovers = self.processes();
+        for (pid, _) in &leftovers {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for (pid, _) in &leftovers {
+            // Ours (directly or by reparenting to a subreaper) can be reaped.
+            for _ in 0..100 {
+                match nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(*pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                ) {
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        reap_orphaned_vmms();
+        if !leftovers.is_empty() && !std::thread::panicking() {
+            eprintln!("leak guard killed {leftovers:?}");
+        }
+        // TempDir's own drop removes the directories.
+    }
+}
+
+/// Live (non-zombie) processes whose argv mentions `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<(i32, String)> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.is_empty() || !cmdline.contains(&needle) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("");
+        if state == "Z" || state == "X" {
+            continue;
+        }
+        found.push((pid, cmdline.trim().to_string()));
+    }
+    found
+}
+
+/// Reaps exited QEMU and helper processes that were reparented to this
+/// (subreaper) process. Only those: other tests' children keep their statuses.
+pub fn reap_orphaned_vmms() {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let comm = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map(|(c, _)| c)
+            .unwrap_or("");
+        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let (state, ppid) = (rest.next().unwrap_or(""), rest.next().unwrap_or(""));
+        if state == "Z"
+            && ppid == me
+            && (comm.starts_with("qemu-system") || comm.starts_with("vhost-device"))
+        {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+}
+
+/// Makes this test process the reaper of orphans it causes (VMs started by
+/// `virtc` calls outlive them), so the leak guard can reap them.
+pub fn become_subreaper() {
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+}
+
+/// A TOML rendering of the fields tests change.
+fn toml_of(c: &RuntimeConfig) -> String {
+    let hv = &c.hypervisor;
+    format!(
+        "state_dir = {:?}\nrun_dir = {:?}\n\n[hypervisor]\nkernel = {:?}\ninitrd = {:?}\nkernel_params = {:?}\n\n[agent]\ndial_timeout_ms = {}\n",
+        c.state_dir, c.run_dir, hv.kernel, hv.initrd, hv.kernel_params, c.agent.dial_timeout_ms
+    )
+}
+
+/// Builds a throwaway initramfs whose /init (busybox sh) runs `script`:
+/// a guest that boots but has no agent.
+pub fn busybox_initrd(dir: &Path, script: &str) -> PathBuf {
+    let root = dir.join("bbroot");
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static is installed by hack/install-deps.sh");
+    std::fs::write(root.join("init"), format!("#!/bin/busybox sh\n{script}\n"))
+        .expect("write init");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let out = dir.join("busybox.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio --quiet -o -H newc > {}",
+            root.display(),
+            out.display()
+        ))
+        .status()
+        .expect("run cpio");
+    assert!(status.success(), "cpio failed");
+    out
+}

@@ -22,7 +22,12 @@ struct Inner {
 
 impl AgentService {
     pub fn new() -> Self {
-        Self { inner: Arc::new(Inner { shutdown: Notify::new(), ready_ms: std::sync::OnceLock::new() }) }
+        Self {
+            inner: Arc::new(Inner {
+                shutdown: Notify::new(),
+                ready_ms: std::sync::OnceLock::new(),
+            }),
+        }
     }
 
     pub fn mark_ready(&self) -> anyhow::Result<()> {
@@ -42,13 +47,21 @@ fn internal(err: impl std::fmt::Display) -> ttrpc::Error {
 
 #[async_trait]
 impl agent_ttrpc::Health for AgentService {
-    async fn check(&self, _: &TtrpcContext, _: pb::CheckRequest) -> ttrpc::Result<pb::CheckResponse> {
+    async fn check(
+        &self,
+        _: &TtrpcContext,
+        _: pb::CheckRequest,
+    ) -> ttrpc::Result<pb::CheckResponse> {
         let mut resp = pb::CheckResponse::new();
         resp.status = pb::check_response::ServingStatus::SERVING.into();
         Ok(resp)
     }
 
-    async fn version(&self, _: &TtrpcContext, _: pb::VersionRequest) -> ttrpc::Result<pb::VersionResponse> {
+    async fn version(
+        &self,
+        _: &TtrpcContext,
+        _: pb::VersionRequest,
+    ) -> ttrpc::Result<pb::VersionResponse> {
         let mut resp = pb::VersionResponse::new();
         resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
         resp.api_version = agent::API_VERSION;
@@ -80,7 +93,11 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(resp)
     }
 
-    async fn shutdown(&self, _: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::ShutdownResponse> {
+    async fn shutdown(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ShutdownRequest,
+    ) -> ttrpc::Result<pb::ShutdownResponse> {
         self.inner.shutdown.notify_one();
         Ok(pb::ShutdownResponse::new())
     }

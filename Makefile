@@ -1,0 +1,53 @@
+# virtcontainers — see README.md.
+#
+#   make build   host binaries + guest image (build/guest/)
+#   make test    everything, including VM-booting integration tests
+#   make bench   boot and footprint benchmark (numbers, not assertions)
+#   make run     starts vcrid (arrives with the CRI server issue)
+
+CARGO        ?= cargo
+GUEST_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN    := target/guest/$(GUEST_TARGET)/release/vc-agent
+GUEST_DIR    := build/guest
+
+.PHONY: all deps build host guest test unit lint bench run demo clean
+
+all: build
+
+deps:
+	@hack/install-deps.sh
+
+host: deps
+	$(CARGO) build --workspace --bins
+
+# The agent is PID 1 of an initramfs with no libc: link it statically
+# (glibc, crt-static). Its own target dir keeps these flags from rebuilding
+# the host artefacts.
+guest: deps
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p vc-agent \
+		--target $(GUEST_TARGET) --target-dir target/guest
+	hack/build-guest.sh $(AGENT_BIN)
+
+build: host guest
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --all -- --check
+
+# Unit tests and integration tests (tests/ boots real VMs: root, QEMU).
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+bench: build
+	hack/bench-boot.sh
+
+run: build
+	@echo "vcrid (the CRI server) is not built yet: it arrives with issue 6." >&2
+	@echo "Meanwhile, 'make demo' walks a sandbox through its lifecycle with virtc." >&2
+	@exit 1
+
+demo: build
+	hack/demo.sh
+
+clean:
+	rm -rf build target

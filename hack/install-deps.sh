@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs what building and testing virtcontainers needs, and nothing else.
+# Idempotent: a second run checks and returns in well under a second.
+#
+# Host packages come from Debian's apt; helpers that Debian does not ship are
+# `cargo install`ed at pinned versions. The guest kernel is NOT installed on
+# the host: hack/build-guest.sh downloads its package and unpacks it under build/.
+set -euo pipefail
+
+# Debian packages, one reason each.
+packages=(
+  qemu-system-x86      # the VMM (ships /usr/lib/qemu/virtiofsd too)
+  busybox-static       # tests build throwaway guests and rootfs from it
+  cpio                 # the guest initramfs archive
+  xz-utils             # unpacking the kernel's xz payload into vmlinux
+  kmod                 # depmod, to resolve guest module dependencies
+  binutils             # readelf, to check the agent and the kernel ELF
+  libc6-dev            # static glibc for the vc-agent build
+  python3              # small build helpers (module resolution)
+)
+
+# Cargo-installed helpers: name version binary.
+cargo_helpers=(
+  "vhost-device-vsock 0.3.0 vhost-device-vsock"   # userspace vsock when /dev/vhost-vsock is absent
+)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+# build-guest.sh needs package lists to find and download the kernel.
+if [ ${#missing[@]} -gt 0 ] || ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+  echo "install-deps: apt-get update"
+  as_root apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "install-deps: cargo is required (rustup)" >&2; exit 1; }
+cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+for entry in "${cargo_helpers[@]}"; do
+  read -r name version bin <<<"$entry"
+  if ! "$cargo_bin/$bin" --version 2>/dev/null | grep -q " $version\$"; then
+    echo "install-deps: cargo install $name@$version"
+    cargo install --quiet --locked "$name@$version"
+  fi
+done

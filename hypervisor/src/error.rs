@@ -1,0 +1,92 @@
+//! Errors of the hypervisor layer. Each variant's message names what failed
+//! and never repeats its `#[source]`.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
+
+/// The class of an error, for mapping to API status codes by callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    FailedPrecondition,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("memory must be at least {min} MiB, got {got} MiB")]
+    MemoryTooSmall { got: u32, min: u32 },
+    #[error("memory {got} MiB exceeds the maximum of {max} MiB")]
+    MemoryTooLarge { got: u32, max: u32 },
+    #[error("vcpus must be between 1 and {max} (the configured maximum), got {got}")]
+    BadVcpus { got: u32, max: u32 },
+    #[error("{what} {path} does not exist")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("socket path {path} is longer than the 107 bytes a unix socket allows; use a shorter run dir")]
+    SocketPathTooLong { path: PathBuf },
+    #[error("accelerator kvm was requested but is not usable here: {reason}")]
+    KvmUnavailable { reason: String },
+    #[error("unknown hypervisor {name:?} in persisted state")]
+    UnknownHypervisor { name: String },
+    #[error("cannot start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} exited during start-up: {detail}")]
+    StartupFailed { program: String, detail: String },
+    #[error("{program} did not become ready within {secs}s: {detail}")]
+    StartupTimeout {
+        program: String,
+        secs: u64,
+        detail: String,
+    },
+    #[error("QMP {command} failed: {detail}")]
+    Qmp { command: String, detail: String },
+    #[error("QMP socket {path}")]
+    QmpIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM is not running: {reason}")]
+    NotRunning { reason: String },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot signal process {pid}")]
+    Signal {
+        pid: i32,
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+impl HypervisorError {
+    pub fn kind(&self) -> ErrorKind {
+        use HypervisorError::*;
+        match self {
+            MemoryTooSmall { .. } | MemoryTooLarge { .. } | BadVcpus { .. } => {
+                ErrorKind::InvalidArgument
+            }
+            MissingFile { .. }
+            | SocketPathTooLong { .. }
+            | KvmUnavailable { .. }
+            | NotRunning { .. } => ErrorKind::FailedPrecondition,
+            StartupFailed { .. } | StartupTimeout { .. } => ErrorKind::Unavailable,
+            UnknownHypervisor { .. }
+            | Spawn { .. }
+            | Qmp { .. }
+            | QmpIo { .. }
+            | Io { .. }
+            | Signal { .. } => ErrorKind::Internal,
+        }
+    }
+}

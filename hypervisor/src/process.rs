@@ -1,0 +1,251 @@
+//! Processes the VM owns, identified so that a recycled PID is never mistaken
+//! for them: a PID plus the start time the kernel recorded for it.
+
+use std::{
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde::{Deserialize, Serialize};
+
+use crate::{HypervisorError, Result};
+
+/// A process we started, as persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat: clock ticks after boot at which it started.
+    pub start_time: u64,
+}
+
+/// What /proc says about a PID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    state: char,
+    start_time: u64,
+}
+
+/// Parses /proc/PID/stat. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted from the last ')'.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // `state` is field 3; start time is field 22, i.e. 19 further on.
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some(Stat { state, start_time })
+}
+
+fn read_stat(pid: i32) -> Option<Stat> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .as_deref()
+        .and_then(parse_stat)
+}
+
+impl ProcessRef {
+    /// Identifies a live process.
+    pub fn of(pid: i32) -> Option<Self> {
+        read_stat(pid).map(|s| Self {
+            pid,
+            start_time: s.start_time,
+        })
+    }
+
+    /// Whether this very process still runs (a zombie does not).
+    pub fn is_alive(&self) -> bool {
+        matches!(read_stat(self.pid), Some(s) if s.start_time == self.start_time && !matches!(s.state, 'Z' | 'X'))
+    }
+
+    /// Sends `signal` if the process is still this one; a gone process is fine.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        if !self.is_alive() {
+            return Ok(());
+        }
+        match nix::sys::signal::kill(Pid::from_raw(self.pid), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(source) => Err(HypervisorError::Signal {
+                pid: self.pid,
+                source,
+            }),
+        }
+    }
+
+    /// Waits until the process is gone; false if it still runs after `timeout`.
+    pub async fn wait_gone(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.is_alive() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns once it is gone.
+    pub async fn terminate(&self, grace: Duration) -> Result<()> {
+        self.signal(Signal::SIGTERM)?;
+        if self.wait_gone(grace).await {
+            return Ok(());
+        }
+        self.kill().await
+    }
+
+    /// SIGKILL; returns once it is gone.
+    pub async fn kill(&self) -> Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        // SIGKILL cannot be ignored; the wait is for the kernel to tear down.
+        self.wait_gone(Duration::from_secs(5)).await;
+        Ok(())
+    }
+}
+
+/// Starts `program` in its own process group (so a terminal's Ctrl-C to the
+/// caller does not reach it and it outlives the caller), with stdin closed and
+/// stdout and stderr appended to `log`. The child is not waited for here:
+/// tokio reaps it when it exits while this process lives.
+pub fn spawn_detached(program: &Path, args: &[String], log: &Path) -> Result<ProcessRef> {
+    let io_err = |source| HypervisorError::Io {
+        action: "open log",
+        path: log.to_path_buf(),
+        source,
+    };
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err)?;
+    let err = out.try_clone().map_err(io_err)?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|source| HypervisorError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })?;
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or_else(|| HypervisorError::StartupFailed {
+            program: program.display().to_string(),
+            detail: "exited at once".into(),
+        })?;
+    // Read the start time while the child cannot have been reaped yet.
+    let process = ProcessRef::of(pid).ok_or_else(|| HypervisorError::StartupFailed {
+        program: program.display().to_string(),
+        detail: "exited at once".into(),
+    })?;
+    drop(child);
+    Ok(process)
+}
+
+/// The last `lines` non-empty lines of a text file, or "" when it cannot be
+/// read. If an earlier line matches `headline` (say, the "Kernel panic" line
+/// above a long backtrace), it is kept in front, followed by "...".
+pub fn tail_with(path: &Path, lines: usize, headline: Option<&str>) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let cleaned: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let start = cleaned.len().saturating_sub(lines);
+    let mut out = Vec::with_capacity(lines + 2);
+    if let Some(needle) = headline {
+        if let Some(pos) = cleaned[..start].iter().rposition(|l| l.contains(needle)) {
+            out.push(cleaned[pos]);
+            out.push("...");
+        }
+    }
+    out.extend_from_slice(&cleaned[start..]);
+    out.join("\n")
+}
+
+/// The last `lines` non-empty lines of a text file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    tail_with(path, lines, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parses_names_with_spaces_and_parens() {
+        let text = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 98765 1000 200";
+        assert_eq!(
+            parse_stat(text),
+            Some(Stat {
+                state: 'S',
+                start_time: 98765
+            })
+        );
+    }
+
+    #[test]
+    fn stat_rejects_garbage() {
+        assert_eq!(parse_stat("1234 (x) S 1"), None);
+        assert_eq!(parse_stat(""), None);
+    }
+
+    #[test]
+    fn self_is_alive_and_a_wrong_start_time_is_not() {
+        let me = ProcessRef::of(std::process::id() as i32).expect("own stat");
+        assert!(me.is_alive());
+        let impostor = ProcessRef {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!impostor.is_alive());
+        // Signalling a process that is not ours is a no-op, not an error.
+        impostor.signal(Signal::SIGKILL).expect("no-op");
+    }
+
+    #[test]
+    fn tail_keeps_last_nonempty_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        std::fs::write(&path, "a\r\nb\n\nc\nd\n").expect("write");
+        assert_eq!(tail(&path, 2), "c\nd");
+        assert_eq!(tail(&path, 10), "a\nb\nc\nd");
+        assert_eq!(tail(&dir.path().join("missing"), 3), "");
+        std::fs::write(&path, "boot\nKernel panic - not syncing: VFS\nx\ny\nz\n").expect("write");
+        assert_eq!(
+            tail_with(&path, 2, Some("Kernel panic")),
+            "Kernel panic - not syncing: VFS\n...\ny\nz"
+        );
+        assert_eq!(
+            tail_with(&path, 4, Some("Kernel panic")),
+            "Kernel panic - not syncing: VFS\nx\ny\nz"
+        );
+    }
+
+    #[tokio::test]
+    async fn detached_child_is_terminated_and_reaped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = spawn_detached(
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            &dir.path().join("log"),
+        )
+        .expect("spawn");
+        assert!(p.is_alive());
+        p.terminate(Duration::from_secs(2))
+            .await
+            .expect("terminate");
+        assert!(!p.is_alive());
+    }
+}

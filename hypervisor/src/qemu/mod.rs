@@ -1,0 +1,494 @@
+//! QEMU: the command line from [`cmdline`], control over [`qmp`], the
+//! accelerator from [`accel`], and the userspace vsock device as a helper.
+
+pub mod accel;
+pub mod cmdline;
+pub mod qmp;
+
+use std::{
+    path::Path,
+    sync::{Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use self::{
+    accel::{HostFacts, Resolved},
+    cmdline::{RunPaths, Spec, VsockDevice},
+    qmp::Qmp,
+};
+use crate::{
+    process::{self, ProcessRef},
+    HypervisorConfig, HypervisorError, Result, VmConfig, VmState, VmStatus, VsockBackend,
+    VsockChannel,
+};
+
+/// The `hypervisor` value in persisted state.
+pub const NAME: &str = "qemu";
+
+/// How long QEMU may take to open its QMP socket.
+const QMP_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the vsock device may take to create its control socket.
+const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Guest memory below this cannot hold the kernel and agent.
+const MIN_MEMORY_MIB: u32 = 64;
+/// Console lines quoted in errors.
+const TAIL_LINES: usize = 15;
+
+#[derive(Debug)]
+pub struct Qemu {
+    config: HypervisorConfig,
+    paths: RunPaths,
+    state: Mutex<VmState>,
+}
+
+/// Host facts are probed once per process.
+fn host_facts() -> &'static HostFacts {
+    static FACTS: OnceLock<HostFacts> = OnceLock::new();
+    FACTS.get_or_init(HostFacts::probe)
+}
+
+impl Qemu {
+    /// Validates the request; nothing is started.
+    pub fn new(config: &HypervisorConfig, vm: VmConfig) -> Result<Self> {
+        validate(config, &vm)?;
+        let accel = accel::resolve(config.accel, host_facts())?;
+        let paths = RunPaths::new(&vm.run_dir);
+        let state = VmState {
+            hypervisor: NAME.into(),
+            id: vm.id,
+            run_dir: vm.run_dir,
+            accel: accel.as_str().into(),
+            machine: config.machine.as_str().into(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            vmm: None,
+            helpers: Vec::new(),
+            vsock: None,
+        };
+        Ok(Self {
+            config: config.clone(),
+            paths,
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn restore(config: &HypervisorConfig, state: VmState) -> Self {
+        Self {
+            config: config.clone(),
+            paths: RunPaths::new(&state.run_dir),
+            state: Mutex::new(state),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VmState> {
+        // A poisoned lock only means another thread panicked mid-update of
+        // plain data; the data is still the best we have.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn accel(&self) -> Resolved {
+        if self.lock().accel == "kvm" {
+            Resolved::Kvm
+        } else {
+            Resolved::Tcg
+        }
+    }
+
+    /// Why the VMM is gone: the tails of its log and of the guest console.
+    fn exit_reason(&self, pid: Option<i32>) -> String {
+        let mut reason = match pid {
+            Some(pid) => format!("QEMU (pid {pid}) exited"),
+            None => "QEMU is not running".to_string(),
+        };
+        let log = process::tail(&self.paths.log, 3);
+        if !log.is_empty() {
+            reason.push_str(&format!("; qemu.log: {}", log.replace('\n', " | ")));
+        }
+        let console = crate::Hypervisor::console_tail(self, TAIL_LINES);
+        if !console.is_empty() {
+            reason.push_str(&format!("; last console lines:\n{console}"));
+        }
+        reason
+    }
+
+    async fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value> {
+        let vmm = self.lock().vmm;
+        match vmm {
+            Some(p) if p.is_alive() => {}
+            other => {
+                return Err(HypervisorError::NotRunning {
+                    reason: self.exit_reason(other.map(|p| p.pid)),
+                })
+            }
+        }
+        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
+        qmp.execute(command, args).await
+    }
+
+    /// Starts the userspace vsock device and waits for its control socket.
+    async fn start_vsock_helper(&self) -> Result<ProcessRef> {
+        let program = &self.config.vhost_device_vsock_path;
+        if !program.exists() {
+            return Err(HypervisorError::MissingFile {
+                what: "vhost-device-vsock binary",
+                path: program.clone(),
+            });
+        }
+        let args = vec![
+            "--guest-cid".to_string(),
+            "3".to_string(),
+            "--socket".to_string(),
+            self.paths.vhost_vsock.display().to_string(),
+            "--uds-path".to_string(),
+            self.paths.vsock_uds.display().to_string(),
+        ];
+        let helper = process::spawn_detached(program, &args, &self.paths.vsock_log)?;
+        let deadline = Instant::now() + HELPER_READY_TIMEOUT;
+        while !self.paths.vhost_vsock.exists() {
+            if !helper.is_alive() {
+                return Err(HypervisorError::StartupFailed {
+                    program: "vhost-device-vsock".into(),
+                    detail: process::tail(&self.paths.vsock_log, 5),
+                });
+            }
+            if Instant::now() >= deadline {
+                helper.kill().await?;
+                return Err(HypervisorError::StartupTimeout {
+                    program: "vhost-device-vsock".into(),
+                    secs: HELPER_READY_TIMEOUT.as_secs(),
+                    detail: process::tail(&self.paths.vsock_log, 5),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(helper)
+    }
+
+    /// Starts QEMU and waits until QMP answers.
+    async fn start_vmm(&self, vsock: VsockDevice) -> Result<ProcessRef> {
+        let state = self.lock().clone();
+        let spec = Spec {
+            id: &state.id,
+            machine: self.config.machine,
+            accel: self.accel(),
+            vcpus: state.vcpus,
+            memory_mib: state.memory_mib,
+            tb_size_mib: self.config.tcg_tb_size_mib,
+            kernel: &self.config.kernel,
+            initrd: &self.config.initrd,
+            extra_kernel_params: &self.config.kernel_params,
+            tsc_khz: host_tsc_khz(),
+            paths: &self.paths,
+            vsock,
+        };
+        let args = cmdline::build(&spec);
+        tracing::debug!(id = %state.id, args = ?args, "starting QEMU");
+        let vmm = process::spawn_detached(&self.config.qemu_path, &args, &self.paths.log)?;
+        let deadline = Instant::now() + QMP_READY_TIMEOUT;
+        loop {
+            if !vmm.is_alive() {
+                return Err(HypervisorError::StartupFailed {
+                    program: "QEMU".into(),
+                    detail: self.exit_reason(Some(vmm.pid)),
+                });
+            }
+            if self.paths.qmp.exists() {
+                if let Ok(mut qmp) = Qmp::connect(&self.paths.qmp).await {
+                    if qmp.execute("query-status", None).await.is_ok() {
+                        return Ok(vmm);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                vmm.kill().await?;
+                return Err(HypervisorError::StartupTimeout {
+                    program: "QEMU".into(),
+                    secs: QMP_READY_TIMEOUT.as_secs(),
+                    detail: self.exit_reason(Some(vmm.pid)),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn boot_inner(&self) -> Result<()> {
+        let backend = match self.config.vsock {
+            VsockBackend::Auto if Path::new("/dev/vhost-vsock").exists() => VsockBackend::Vhost,
+            VsockBackend::Auto => VsockBackend::Hybrid,
+            other => other,
+        };
+        let (device, channel) = match backend {
+            VsockBackend::Vhost => {
+                let cid = guest_cid(&self.lock().id);
+                (VsockDevice::Kernel { cid }, VsockChannel::Kernel { cid })
+            }
+            _ => {
+                let helper = self.start_vsock_helper().await?;
+                self.lock().helpers.push(helper);
+                (
+                    VsockDevice::VhostUser {
+                        socket: self.paths.vhost_vsock.clone(),
+                    },
+                    VsockChannel::Hybrid {
+                        uds: self.paths.vsock_uds.clone(),
+                    },
+                )
+            }
+        };
+        let vmm = self.start_vmm(device).await?;
+        let mut state = self.lock();
+        state.vmm = Some(vmm);
+        state.vsock = Some(channel);
+        Ok(())
+    }
+
+    async fn stop_helpers(&self) -> Result<()> {
+        let helpers = self.lock().helpers.clone();
+        for helper in helpers {
+            helper.terminate(Duration::from_secs(1)).await?;
+        }
+        Ok(())
+    }
+}
+
+fn validate(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
+    if vm.memory_mib < MIN_MEMORY_MIB {
+        return Err(HypervisorError::MemoryTooSmall {
+            got: vm.memory_mib,
+            min: MIN_MEMORY_MIB,
+        });
+    }
+    if vm.memory_mib > config.max_memory_mib {
+        return Err(HypervisorError::MemoryTooLarge {
+            got: vm.memory_mib,
+            max: config.max_memory_mib,
+        });
+    }
+    let max = config.max_vcpus();
+    if vm.vcpus == 0 || vm.vcpus > max {
+        return Err(HypervisorError::BadVcpus { got: vm.vcpus, max });
+    }
+    for (what, path) in [
+        ("QEMU binary", &config.qemu_path),
+        ("guest kernel", &config.kernel),
+        ("guest initrd", &config.initrd),
+    ] {
+        if path.as_os_str().is_empty() || !path.exists() {
+            return Err(HypervisorError::MissingFile {
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    for socket in RunPaths::new(&vm.run_dir).sockets() {
+        if socket.as_os_str().len() > 107 {
+            return Err(HypervisorError::SocketPathTooLong {
+                path: socket.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A context ID for kernel vsock derived from the sandbox ID (3 and above;
+/// 0–2 are reserved). Collisions make QEMU fail at start with a clear error.
+fn guest_cid(id: &str) -> u32 {
+    let hash = id.bytes().fold(2166136261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16777619)
+    });
+    3 + hash % (u32::MAX - 4)
+}
+
+/// The host's CPU frequency in kHz from /proc/cpuinfo, for microvm guests.
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+#[async_trait]
+impl crate::Hypervisor for Qemu {
+    async fn boot(&self) -> Result<()> {
+        if let Err(err) = self.boot_inner().await {
+            // Roll back whatever started.
+            if let Err(cleanup) = self.stop(Duration::from_millis(500)).await {
+                tracing::warn!("cleanup after failed boot: {cleanup}");
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.qmp("stop", None).await.map(drop)
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.qmp("cont", None).await.map(drop)
+    }
+
+    async fn stop(&self, grace: Duration) -> Result<()> {
+        let vmm = self.lock().vmm;
+        if let Some(vmm) = vmm.filter(ProcessRef::is_alive) {
+            // A paused VM quits as well as a running one.
+            if let Ok(mut qmp) = Qmp::connect(&self.paths.qmp).await {
+                if let Err(err) = qmp.execute("quit", None).await {
+                    tracing::debug!("QMP quit: {err}");
+                }
+            }
+            if !vmm.wait_gone(grace).await {
+                tracing::warn!(pid = vmm.pid, "QEMU did not quit in {grace:?}; killing it");
+                vmm.kill().await?;
+            }
+        }
+        self.stop_helpers().await
+    }
+
+    async fn status(&self) -> Result<VmStatus> {
+        let vmm = self.lock().vmm;
+        let Some(vmm) = vmm else {
+            return Ok(VmStatus::Exited {
+                reason: "QEMU was never started".into(),
+            });
+        };
+        if !vmm.is_alive() {
+            return Ok(VmStatus::Exited {
+                reason: self.exit_reason(Some(vmm.pid)),
+            });
+        }
+        let status = match self.qmp("query-status", None).await {
+            Ok(v) => v,
+            // It may have exited between the check and the query.
+            Err(_) if !vmm.is_alive() => {
+                return Ok(VmStatus::Exited {
+                    reason: self.exit_reason(Some(vmm.pid)),
+                })
+            }
+            Err(err) => return Err(err),
+        };
+        Ok(
+            match status.get("status").and_then(Value::as_str).unwrap_or("") {
+                "paused" | "suspended" => VmStatus::Paused,
+                "running" | "prelaunch" | "inmigrate" | "postmigrate" | "finish-migrate"
+                | "restore-vm" | "save-vm" => VmStatus::Running,
+                other => VmStatus::Exited {
+                    reason: format!("QEMU reports the guest as {other}"),
+                },
+            },
+        )
+    }
+
+    async fn wait_exit(&self) -> String {
+        let vmm = self.lock().vmm;
+        if let Some(vmm) = vmm {
+            while vmm.is_alive() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.exit_reason(vmm.map(|p| p.pid))
+    }
+
+    fn vsock(&self) -> Option<VsockChannel> {
+        self.lock().vsock.clone()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        let state = self.lock();
+        state
+            .vmm
+            .iter()
+            .chain(state.helpers.iter())
+            .filter_map(|p| u32::try_from(p.pid).ok())
+            .collect()
+    }
+
+    fn state(&self) -> VmState {
+        self.lock().clone()
+    }
+
+    fn console_tail(&self, lines: usize) -> String {
+        process::tail_with(&self.paths.console, lines, Some("Kernel panic"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn files(dir: &Path) -> HypervisorConfig {
+        let kernel = dir.join("vmlinux");
+        let initrd = dir.join("initrd");
+        std::fs::write(&kernel, b"k").expect("write");
+        std::fs::write(&initrd, b"i").expect("write");
+        HypervisorConfig {
+            qemu_path: PathBuf::from("/bin/true"),
+            kernel,
+            initrd,
+            max_vcpus: 2,
+            accel: crate::Accel::Tcg,
+            ..HypervisorConfig::default()
+        }
+    }
+
+    fn vm(dir: &Path, vcpus: u32, memory_mib: u32) -> VmConfig {
+        VmConfig {
+            id: "s1".into(),
+            vcpus,
+            memory_mib,
+            run_dir: dir.join("run"),
+        }
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = files(dir.path());
+        assert!(validate(&cfg, &vm(dir.path(), 1, 256)).is_ok());
+        let err = validate(&cfg, &vm(dir.path(), 1, 0)).expect_err("memory 0");
+        assert_eq!(err.to_string(), "memory must be at least 64 MiB, got 0 MiB");
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        let err = validate(&cfg, &vm(dir.path(), 3, 256)).expect_err("too many vcpus");
+        assert_eq!(
+            err.to_string(),
+            "vcpus must be between 1 and 2 (the configured maximum), got 3"
+        );
+        let err = validate(&cfg, &vm(dir.path(), 0, 256)).expect_err("zero vcpus");
+        assert!(matches!(err, HypervisorError::BadVcpus { got: 0, .. }));
+        let missing = HypervisorConfig {
+            kernel: dir.path().join("nope"),
+            ..cfg.clone()
+        };
+        let err = validate(&missing, &vm(dir.path(), 1, 256)).expect_err("missing kernel");
+        assert!(err.to_string().starts_with("guest kernel "), "{err}");
+        assert!(err.to_string().ends_with("/nope does not exist"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
+        let long = VmConfig {
+            run_dir: PathBuf::from(format!("/{}", "x".repeat(100))),
+            ..vm(dir.path(), 1, 256)
+        };
+        assert!(matches!(
+            validate(&cfg, &long),
+            Err(HypervisorError::SocketPathTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn guest_cids_avoid_reserved_values() {
+        for id in ["", "a", "s1", "ffffffffffffffffffffffffffffffff"] {
+            assert!(guest_cid(id) >= 3);
+            assert!(guest_cid(id) < u32::MAX);
+        }
+        assert_eq!(guest_cid("s1"), guest_cid("s1"));
+    }
+}

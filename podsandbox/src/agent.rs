@@ -1,0 +1,45 @@
+//! The guest agent as the sandbox sees it: a small trait in domain types.
+//! The ttrpc implementation is in `agent_ttrpc.rs`; fakes in `fake.rs`.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use hypervisor::VsockChannel;
+use serde::{Deserialize, Serialize};
+
+/// What the agent reports about its guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDetails {
+    pub kernel_release: String,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub online_cpus: u32,
+    pub agent_version: String,
+    pub uptime_ms: u64,
+    /// Guest uptime when the agent began serving.
+    pub agent_ready_ms: u64,
+}
+
+/// An agent call failed; `detail` says how (transport or remote status).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{detail}")]
+pub struct AgentError {
+    pub detail: String,
+}
+
+/// One connection to one guest's agent.
+#[async_trait]
+pub trait AgentClient: Send + Sync + std::fmt::Debug {
+    /// Health check: succeeds once the agent serves.
+    async fn check(&self, timeout: Duration) -> Result<(), AgentError>;
+    async fn guest_details(&self, timeout: Duration) -> Result<GuestDetails, AgentError>;
+    /// Asks the guest to power off; the VMM exits shortly after.
+    async fn shutdown(&self, timeout: Duration) -> Result<(), AgentError>;
+}
+
+/// Opens connections to agents.
+#[async_trait]
+pub trait AgentDialer: Send + Sync + std::fmt::Debug {
+    /// One attempt; the caller retries while a guest boots.
+    async fn dial(&self, channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError>;
+}

@@ -1,0 +1,117 @@
+//! [`AgentClient`] over ttrpc: the one place protocol types become domain types.
+
+use std::{sync::Arc, time::Duration};
+
+use agent::{
+    protocol::{agent as pb, agent_ttrpc},
+    ttrpc,
+};
+use async_trait::async_trait;
+use hypervisor::VsockChannel;
+
+use crate::agent::{AgentClient, AgentDialer, AgentError, GuestDetails};
+
+/// Dials the agent port through the VM's vsock channel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TtrpcDialer;
+
+#[async_trait]
+impl AgentDialer for TtrpcDialer {
+    async fn dial(&self, channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError> {
+        let endpoint = match channel {
+            VsockChannel::Hybrid { uds } => agent::Endpoint::Hybrid {
+                uds: uds.clone(),
+                port: agent::AGENT_VSOCK_PORT,
+            },
+            VsockChannel::Kernel { cid } => agent::Endpoint::Vsock {
+                cid: *cid,
+                port: agent::AGENT_VSOCK_PORT,
+            },
+        };
+        let socket = agent::dial(&endpoint).await.map_err(|e| AgentError {
+            detail: error_chain(&e),
+        })?;
+        let client = ttrpc::asynchronous::Client::new(socket);
+        Ok(Arc::new(TtrpcAgent {
+            health: agent_ttrpc::HealthClient::new(client.clone()),
+            agent: agent_ttrpc::AgentClient::new(client),
+        }))
+    }
+}
+
+#[derive(Clone)]
+struct TtrpcAgent {
+    health: agent_ttrpc::HealthClient,
+    agent: agent_ttrpc::AgentClient,
+}
+
+impl std::fmt::Debug for TtrpcAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TtrpcAgent")
+    }
+}
+
+fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn rpc_error(err: ttrpc::Error) -> AgentError {
+    let detail = match err {
+        ttrpc::Error::RpcStatus(status) => format!("{:?}: {}", status.code(), status.message()),
+        other => other.to_string(),
+    };
+    AgentError { detail }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[async_trait]
+impl AgentClient for TtrpcAgent {
+    async fn check(&self, timeout: Duration) -> Result<(), AgentError> {
+        let resp = self
+            .health
+            .check(ctx(timeout), &pb::CheckRequest::new())
+            .await
+            .map_err(rpc_error)?;
+        match resp.status.enum_value() {
+            Ok(pb::check_response::ServingStatus::SERVING) => Ok(()),
+            other => Err(AgentError {
+                detail: format!("agent is not serving: {other:?}"),
+            }),
+        }
+    }
+
+    async fn guest_details(&self, timeout: Duration) -> Result<GuestDetails, AgentError> {
+        let r = self
+            .agent
+            .get_guest_details(ctx(timeout), &pb::GuestDetailsRequest::new())
+            .await
+            .map_err(rpc_error)?;
+        Ok(GuestDetails {
+            kernel_release: r.kernel_release,
+            mem_total_kib: r.mem_total_kib,
+            mem_available_kib: r.mem_available_kib,
+            online_cpus: r.online_cpus,
+            agent_version: r.agent_version,
+            uptime_ms: r.uptime_ms,
+            agent_ready_ms: r.agent_ready_ms,
+        })
+    }
+
+    async fn shutdown(&self, timeout: Duration) -> Result<(), AgentError> {
+        self.agent
+            .shutdown(ctx(timeout), &pb::ShutdownRequest::new())
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+}

@@ -1,0 +1,185 @@
+//! The runtime configuration: `/etc/vcrid/config.toml` unless told otherwise.
+//! Every field has a default that works on a host set up by
+//! `hack/install-deps.sh` with the guest image from `make build`.
+//!
+//! ```toml
+//! state_dir = "/var/lib/vcrid"
+//! run_dir = "/run/vcrid"
+//!
+//! [hypervisor]
+//! qemu_path = "/usr/bin/qemu-system-x86_64"
+//! kernel = "/usr/share/virtcontainers/guest/vmlinux"
+//! initrd = "/usr/share/virtcontainers/guest/initramfs.cpio"
+//! machine = "q35"          # or "microvm"
+//! accel = "auto"           # or "kvm", "tcg"
+//! default_vcpus = 1
+//! default_memory_mib = 256
+//! kernel_params = ""
+//!
+//! [agent]
+//! dial_timeout_ms = 30000
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use hypervisor::HypervisorConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Where the config lives when none is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vcrid/config.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Persistent state: one directory per sandbox.
+    pub state_dir: PathBuf,
+    /// Runtime files (sockets, logs, pid files): one directory per sandbox.
+    /// Keep it short: unix socket paths must fit in 107 bytes.
+    pub run_dir: PathBuf,
+    pub hypervisor: HypervisorConfig,
+    pub agent: AgentConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// How long create waits for a booting guest's agent to answer.
+    pub dial_timeout_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            dial_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn dial_timeout(&self) -> Duration {
+        Duration::from_millis(self.dial_timeout_ms)
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/vcrid"),
+            run_dir: PathBuf::from("/run/vcrid"),
+            hypervisor: HypervisorConfig::default(),
+            agent: AgentConfig::default(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Reads `path`, or [`DEFAULT_CONFIG_PATH`] if it exists, or defaults;
+    /// then fills in the guest image if the file left it empty.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Self::default(),
+        };
+        config.fill_guest_image();
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|detail| Error::Config {
+            path: path.to_path_buf(),
+            detail,
+        })
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+
+    /// An empty kernel or initrd means "the guest image that was built or
+    /// installed with these binaries".
+    pub fn fill_guest_image(&mut self) {
+        let hv = &mut self.hypervisor;
+        if hv.kernel.as_os_str().is_empty() || hv.initrd.as_os_str().is_empty() {
+            if let Some(dir) = find_guest_dir() {
+                if hv.kernel.as_os_str().is_empty() {
+                    hv.kernel = dir.join("vmlinux");
+                }
+                if hv.initrd.as_os_str().is_empty() {
+                    hv.initrd = dir.join("initramfs.cpio");
+                }
+            }
+        }
+    }
+}
+
+/// The guest image directory: `build/guest` of the source tree the running
+/// binary was built in (`target/{debug,release}/X` or a test binary in
+/// `target/*/deps/`), else the installed locations.
+pub fn find_guest_dir() -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        for ancestor in exe.ancestors().skip(1).take(4) {
+            candidates.push(ancestor.join("build/guest"));
+        }
+        if let Some(bin) = exe.parent() {
+            candidates.push(bin.join("../share/virtcontainers/guest"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/share/virtcontainers/guest"));
+    candidates.push(PathBuf::from("/usr/share/virtcontainers/guest"));
+    candidates
+        .into_iter()
+        .find(|d| d.join("vmlinux").is_file() && d.join("initramfs.cpio").is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(
+            RuntimeConfig::parse("").expect("parse"),
+            RuntimeConfig::default()
+        );
+    }
+
+    #[test]
+    fn fields_override_and_unknown_fields_are_named() {
+        let cfg = RuntimeConfig::parse(
+            "run_dir = \"/tmp/r\"\n[hypervisor]\naccel = \"tcg\"\nmachine = \"microvm\"\ndefault_memory_mib = 512\n[agent]\ndial_timeout_ms = 5\n",
+        )
+        .expect("parse");
+        assert_eq!(cfg.run_dir, PathBuf::from("/tmp/r"));
+        assert_eq!(cfg.hypervisor.accel, hypervisor::Accel::Tcg);
+        assert_eq!(cfg.hypervisor.machine, hypervisor::MachineType::Microvm);
+        assert_eq!(cfg.hypervisor.default_memory_mib, 512);
+        assert_eq!(cfg.agent.dial_timeout(), Duration::from_millis(5));
+        let err = RuntimeConfig::parse("[hypervisor]\nqemu = \"x\"\n").expect_err("unknown");
+        assert!(err.contains("unknown field `qemu`"), "{err}");
+        let err = RuntimeConfig::parse("[hypervisor]\naccel = \"fast\"\n").expect_err("bad enum");
+        assert!(err.contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_naming_it() {
+        let err =
+            RuntimeConfig::load(Some(Path::new("/nonexistent/vc.toml"))).expect_err("missing");
+        assert!(
+            err.to_string().starts_with("config /nonexistent/vc.toml: "),
+            "{err}"
+        );
+    }
+}

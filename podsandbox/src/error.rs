@@ -1,0 +1,106 @@
+//! Errors of the sandbox library. `kind()` is what API layers map to status
+//! codes (in one place: `cri`'s error layer, `virtc`'s exit message).
+
+use std::path::PathBuf;
+
+use crate::state::SandboxState;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The class of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    FailedPrecondition,
+    DeadlineExceeded,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid sandbox ID {id:?}: use 1-128 characters of [A-Za-z0-9_.-], starting with a letter or digit")]
+    InvalidId { id: String },
+    #[error("sandbox {id} already exists")]
+    AlreadyExists { id: String },
+    #[error("sandbox {id} not found")]
+    NotFound { id: String },
+    #[error("cannot {action} sandbox {id}: it is {state}{hint}")]
+    WrongState {
+        id: String,
+        action: &'static str,
+        state: SandboxState,
+        hint: &'static str,
+    },
+    #[error("sandbox {id}")]
+    Hypervisor {
+        id: String,
+        #[source]
+        source: hypervisor::HypervisorError,
+    },
+    #[error("sandbox {id}: the VM exited before its agent answered: {reason}")]
+    VmExitedDuringBoot { id: String, reason: String },
+    #[error("sandbox {id}: the agent did not answer within {secs}s ({last_error}); last console lines:\n{console}")]
+    AgentTimeout {
+        id: String,
+        secs: u64,
+        last_error: String,
+        console: String,
+    },
+    #[error("sandbox {id}: agent {call} failed: {detail}")]
+    Agent {
+        id: String,
+        call: &'static str,
+        detail: String,
+    },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state of sandbox {id} in {path} is unreadable: {detail}")]
+    CorruptState {
+        id: String,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("config {path}: {detail}")]
+    Config { path: PathBuf, detail: String },
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidId { .. } => ErrorKind::InvalidArgument,
+            Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::WrongState { .. } => ErrorKind::FailedPrecondition,
+            Error::Hypervisor { source, .. } => match source.kind() {
+                hypervisor::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+                hypervisor::ErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+                hypervisor::ErrorKind::Unavailable => ErrorKind::Unavailable,
+                hypervisor::ErrorKind::Internal => ErrorKind::Internal,
+            },
+            Error::VmExitedDuringBoot { .. } | Error::Agent { .. } => ErrorKind::Unavailable,
+            Error::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
+            Error::Io { .. } | Error::CorruptState { .. } => ErrorKind::Internal,
+            Error::Config { .. } => ErrorKind::InvalidArgument,
+        }
+    }
+
+    /// The message with every `#[source]` appended, for one-line reports.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(err) = source {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            source = err.source();
+        }
+        text
+    }
+}

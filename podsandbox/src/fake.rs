@@ -1,0 +1,154 @@
+//! Fakes of the two seams, for unit tests of the sandbox logic: a VM factory
+//! handing out [`FakeHypervisor`]s and an agent that answers (or never does).
+//! They record what they are asked and fail on demand; end-to-end tests use
+//! the real QEMU and agent instead.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use hypervisor::{
+    fake::{FakeHypervisor, Op},
+    Hypervisor, HypervisorConfig, VmConfig, VmState, VsockChannel,
+};
+
+use crate::{
+    agent::{AgentClient, AgentDialer, AgentError, GuestDetails},
+    VmFactory,
+};
+
+/// Hands out fake VMs and keeps them by sandbox ID, so that `restore`
+/// (another "process") sees the same VM.
+#[derive(Debug, Default)]
+pub struct FakeVms {
+    vms: Mutex<HashMap<String, FakeHypervisor>>,
+    fail_at: Mutex<Option<Op>>,
+}
+
+impl FakeVms {
+    /// New VMs fail at `op`.
+    pub fn failing_at(self, op: Op) -> Self {
+        *self.fail_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(op);
+        self
+    }
+
+    pub fn get(&self, id: &str) -> Option<FakeHypervisor> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+}
+
+impl VmFactory for FakeVms {
+    fn create(
+        &self,
+        _config: &HypervisorConfig,
+        vm: VmConfig,
+    ) -> hypervisor::Result<Arc<dyn Hypervisor>> {
+        let state = VmState {
+            hypervisor: "fake".into(),
+            id: vm.id.clone(),
+            run_dir: vm.run_dir,
+            accel: "none".into(),
+            machine: "fake".into(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            vmm: None,
+            helpers: Vec::new(),
+            vsock: Some(VsockChannel::Hybrid {
+                uds: "/nonexistent".into(),
+            }),
+        };
+        let mut fake = FakeHypervisor::new(state);
+        if let Some(op) = *self.fail_at.lock().unwrap_or_else(|e| e.into_inner()) {
+            fake = fake.failing_at(op);
+        }
+        self.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.id, fake.clone());
+        Ok(Arc::new(fake))
+    }
+
+    fn restore(
+        &self,
+        _config: &HypervisorConfig,
+        state: VmState,
+    ) -> hypervisor::Result<Arc<dyn Hypervisor>> {
+        let fake = self
+            .get(&state.id)
+            .unwrap_or_else(|| FakeHypervisor::new(state));
+        Ok(Arc::new(fake))
+    }
+}
+
+/// An agent that answers every call, or none.
+#[derive(Debug, Clone)]
+pub struct FakeDialer {
+    pub answers: bool,
+    calls: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl FakeDialer {
+    pub fn new(answers: bool) -> Self {
+        Self {
+            answers,
+            calls: Arc::default(),
+        }
+    }
+
+    /// Agent calls made through this dialer, in order.
+    pub fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[async_trait]
+impl AgentDialer for FakeDialer {
+    async fn dial(&self, _channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError> {
+        if !self.answers {
+            return Err(AgentError {
+                detail: "connection refused (fake)".into(),
+            });
+        }
+        Ok(Arc::new(self.clone()))
+    }
+}
+
+#[async_trait]
+impl AgentClient for FakeDialer {
+    async fn check(&self, _timeout: Duration) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("check");
+        Ok(())
+    }
+    async fn guest_details(&self, _timeout: Duration) -> Result<GuestDetails, AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("guest_details");
+        Ok(GuestDetails {
+            kernel_release: "6.1.0-fake".into(),
+            mem_total_kib: 1,
+            mem_available_kib: 1,
+            online_cpus: 1,
+            agent_version: "fake".into(),
+            uptime_ms: 1,
+            agent_ready_ms: 1,
+        })
+    }
+    async fn shutdown(&self, _timeout: Duration) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("shutdown");
+        Ok(())
+    }
+}

@@ -1,0 +1,583 @@
+//! The sandbox handle, the runtime that makes them, and what both share.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hypervisor::{Hypervisor, HypervisorConfig, VmConfig, VmState, VmStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    agent::{AgentClient, AgentDialer, GuestDetails},
+    config::RuntimeConfig,
+    state::{Action, SandboxState},
+    store::{SandboxLock, SandboxRecord, Store},
+    Error, Result, TtrpcDialer,
+};
+
+/// What a caller asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxConfig {
+    pub id: String,
+    /// vCPUs; the configured default when `None`.
+    pub vcpus: Option<u32>,
+    /// Memory in MiB; the configured default when `None`.
+    pub memory_mib: Option<u32>,
+}
+
+/// What a caller sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    pub id: String,
+    pub state: SandboxState,
+    pub hypervisor: String,
+    pub accel: String,
+    pub machine: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The VMM's process ID while it runs.
+    pub pid: Option<i32>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// Why the VM exited when nobody asked it to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The agent's view of the guest, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestDetails>,
+}
+
+/// Makes and finds VMs; the seam where tests put a fake hypervisor.
+pub trait VmFactory: Send + Sync + std::fmt::Debug {
+    fn create(
+        &self,
+        config: &HypervisorConfig,
+        vm: VmConfig,
+    ) -> hypervisor::Result<Arc<dyn Hypervisor>>;
+    fn restore(
+        &self,
+        config: &HypervisorConfig,
+        state: VmState,
+    ) -> hypervisor::Result<Arc<dyn Hypervisor>>;
+}
+
+/// The real hypervisors of the `hypervisor` crate.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealVms;
+
+impl VmFactory for RealVms {
+    fn create(
+        &self,
+        config: &HypervisorConfig,
+        vm: VmConfig,
+    ) -> hypervisor::Result<Arc<dyn Hypervisor>> {
+        hypervisor::new_vm(config, vm)
+    }
+    fn restore(
+        &self,
+        config: &HypervisorConfig,
+        state: VmState,
+    ) -> hypervisor::Result<Arc<dyn Hypervisor>> {
+        hypervisor::restore_vm(config, state)
+    }
+}
+
+/// Entry point of the library: one per state dir. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub(crate) inner: Arc<RuntimeInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RuntimeInner {
+    pub(crate) config: RuntimeConfig,
+    pub(crate) store: Store,
+    pub(crate) vms: Arc<dyn VmFactory>,
+    pub(crate) dialer: Arc<dyn AgentDialer>,
+}
+
+/// A sandbox found from its persisted state. Each operation takes the
+/// sandbox's lock and re-reads the state, so a handle never acts on stale data.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    runtime: Runtime,
+    id: String,
+}
+
+/// Agent calls on a live guest answer in milliseconds; this bounds a wedged one.
+pub(crate) const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Runtime {
+    /// A runtime with the real hypervisor and agent transport.
+    pub fn new(config: RuntimeConfig) -> Result<Self> {
+        Self::with_parts(config, Arc::new(RealVms), Arc::new(TtrpcDialer))
+    }
+
+    /// A runtime with the given seams (tests pass fakes here).
+    pub fn with_parts(
+        config: RuntimeConfig,
+        vms: Arc<dyn VmFactory>,
+        dialer: Arc<dyn AgentDialer>,
+    ) -> Result<Self> {
+        let store = Store::new(&config.state_dir)?;
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                config,
+                store,
+                vms,
+                dialer,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// Finds an existing sandbox (the virtcontainers `fetchSandbox`).
+    pub async fn fetch_sandbox(&self, id: &str) -> Result<Sandbox> {
+        check_id(id)?;
+        self.inner.store.load(id)?;
+        Ok(Sandbox {
+            runtime: self.clone(),
+            id: id.to_string(),
+        })
+    }
+
+    pub async fn start_sandbox(&self, id: &str) -> Result<SandboxStatus> {
+        self.fetch_sandbox(id).await?.start().await
+    }
+
+    pub async fn stop_sandbox(&self, id: &str) -> Result<SandboxStatus> {
+        self.fetch_sandbox(id).await?.stop().await
+    }
+
+    pub async fn pause_sandbox(&self, id: &str) -> Result<SandboxStatus> {
+        self.fetch_sandbox(id).await?.pause().await
+    }
+
+    pub async fn resume_sandbox(&self, id: &str) -> Result<SandboxStatus> {
+        self.fetch_sandbox(id).await?.resume().await
+    }
+
+    pub async fn delete_sandbox(&self, id: &str) -> Result<()> {
+        self.fetch_sandbox(id).await?.delete().await
+    }
+
+    pub async fn status_sandbox(&self, id: &str) -> Result<SandboxStatus> {
+        self.fetch_sandbox(id).await?.status().await
+    }
+
+    /// The per-sandbox run dir (sockets, logs).
+    pub(crate) fn run_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.run_dir.join(id)
+    }
+
+    pub(crate) fn restore_vm(&self, record: &SandboxRecord) -> Result<Option<Arc<dyn Hypervisor>>> {
+        record
+            .vm
+            .clone()
+            .map(|state| self.inner.vms.restore(&self.inner.config.hypervisor, state))
+            .transpose()
+            .map_err(|source| Error::Hypervisor {
+                id: record.id.clone(),
+                source,
+            })
+    }
+
+    /// Takes the lock, loads the record and reconciles it with the VM.
+    pub(crate) async fn locked(&self, id: &str) -> Result<Locked> {
+        let lock = self.inner.store.lock(id).await?;
+        let mut record = self.inner.store.load(id)?;
+        let vm = self.restore_vm(&record)?;
+        self.reconcile(&mut record, vm.as_deref()).await?;
+        Ok(Locked {
+            _lock: lock,
+            record,
+            vm,
+        })
+    }
+
+    /// If the record says the VM is up but the VMM is gone, the sandbox is
+    /// stopped: record why, and stop what is left (helpers). Needs the lock.
+    pub(crate) async fn reconcile(
+        &self,
+        record: &mut SandboxRecord,
+        vm: Option<&dyn Hypervisor>,
+    ) -> Result<()> {
+        let Some(vm) = vm else { return Ok(()) };
+        if !record.state.vm_expected() {
+            return Ok(());
+        }
+        let reason = match vm.status().await {
+            Ok(VmStatus::Exited { reason }) => reason,
+            Ok(_) => return Ok(()),
+            Err(err) => {
+                tracing::warn!(id = %record.id, "cannot query the VM: {err}");
+                return Ok(());
+            }
+        };
+        tracing::warn!(id = %record.id, "VM exited unexpectedly: {reason}");
+        if let Err(err) = vm.stop(hypervisor::DEFAULT_STOP_GRACE).await {
+            tracing::warn!(id = %record.id, "cleanup after VM exit: {err}");
+        }
+        record.state = record
+            .state
+            .next(Action::VmExited)
+            .unwrap_or(SandboxState::Stopped);
+        record.reason = Some(reason);
+        record.vm = Some(vm.state());
+        self.inner.store.save(record)
+    }
+
+    /// Opens a connection to a sandbox's agent.
+    pub(crate) async fn agent(
+        &self,
+        id: &str,
+        vm: &dyn Hypervisor,
+    ) -> Result<Arc<dyn AgentClient>> {
+        let channel = vm.vsock().ok_or_else(|| Error::Agent {
+            id: id.into(),
+            call: "dial",
+            detail: "the VM has no vsock channel".into(),
+        })?;
+        self.inner
+            .dialer
+            .dial(&channel)
+            .await
+            .map_err(|e| Error::Agent {
+                id: id.into(),
+                call: "dial",
+                detail: e.detail,
+            })
+    }
+
+    /// Builds the status of a record (no agent call).
+    pub(crate) fn summary(record: &SandboxRecord) -> SandboxStatus {
+        let vm = record.vm.as_ref();
+        SandboxStatus {
+            id: record.id.clone(),
+            state: record.state,
+            hypervisor: vm.map(|v| v.hypervisor.clone()).unwrap_or_default(),
+            accel: vm.map(|v| v.accel.clone()).unwrap_or_default(),
+            machine: vm.map(|v| v.machine.clone()).unwrap_or_default(),
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            pid: vm
+                .and_then(|v| v.vmm)
+                .filter(|p| record.state.vm_expected() && p.is_alive())
+                .map(|p| p.pid),
+            created_at: record.created_at,
+            reason: record.reason.clone(),
+            guest: None,
+        }
+    }
+}
+
+/// A sandbox under its lock, with its VM (once booted).
+pub(crate) struct Locked {
+    _lock: SandboxLock,
+    pub(crate) record: SandboxRecord,
+    pub(crate) vm: Option<Arc<dyn Hypervisor>>,
+}
+
+impl Locked {
+    /// Applies `action` to the state or refuses with a message naming both.
+    pub(crate) fn transition(&mut self, action: Action) -> Result<SandboxState> {
+        let state = self.record.state;
+        state.next(action).ok_or_else(|| Error::WrongState {
+            id: self.record.id.clone(),
+            action: action.verb(),
+            state,
+            hint: state.hint(action),
+        })
+    }
+
+    pub(crate) fn vm(&self) -> Result<&Arc<dyn Hypervisor>> {
+        self.vm.as_ref().ok_or_else(|| Error::WrongState {
+            id: self.record.id.clone(),
+            action: "reach the VM of",
+            state: self.record.state,
+            hint: " (it has no VM)",
+        })
+    }
+}
+
+impl Sandbox {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+}
+
+/// IDs become directory names: keep them to a safe alphabet.
+pub(crate) fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && id.len() <= 128
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+pub(crate) fn check_id(id: &str) -> Result<()> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(Error::InvalidId { id: id.to_string() })
+    }
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["s1", "a", "0abc", "pod_1.x-y", &"f".repeat(128)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-x",
+            ".hidden",
+            "..",
+            "a/b",
+            "a b",
+            "é",
+            &"f".repeat(129),
+            "../etc",
+        ] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+}
+
+/// Unit tests of the lifecycle against the fakes.
+#[cfg(test)]
+mod lifecycle_tests {
+    use std::sync::Arc;
+
+    use hypervisor::fake::Op;
+
+    use crate::{
+        fake::{FakeDialer, FakeVms},
+        Error, ErrorKind, Runtime, RuntimeConfig, SandboxConfig, SandboxState,
+    };
+
+    struct Harness {
+        rt: Runtime,
+        vms: Arc<FakeVms>,
+        dialer: FakeDialer,
+        dir: tempfile::TempDir,
+    }
+
+    fn harness_with(vms: FakeVms, answers: bool) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = RuntimeConfig {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..RuntimeConfig::default()
+        };
+        config.agent.dial_timeout_ms = 200;
+        let vms = Arc::new(vms);
+        let dialer = FakeDialer::new(answers);
+        let rt =
+            Runtime::with_parts(config, vms.clone(), Arc::new(dialer.clone())).expect("runtime");
+        Harness {
+            rt,
+            vms,
+            dialer,
+            dir,
+        }
+    }
+
+    fn harness() -> Harness {
+        harness_with(FakeVms::default(), true)
+    }
+
+    fn cfg(id: &str) -> SandboxConfig {
+        SandboxConfig {
+            id: id.into(),
+            ..SandboxConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn full_lifecycle() {
+        let h = harness();
+        let s = h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        assert_eq!(s.state, SandboxState::Ready);
+        assert_eq!((s.vcpus, s.memory_mib), (1, 256));
+        assert!(h.dir.path().join("run/s1").is_dir());
+        assert_eq!(
+            h.rt.start_sandbox("s1").await.expect("start").state,
+            SandboxState::Running
+        );
+        let status = h.rt.status_sandbox("s1").await.expect("status");
+        assert_eq!(
+            status.guest.expect("guest details").kernel_release,
+            "6.1.0-fake"
+        );
+        assert_eq!(
+            h.rt.pause_sandbox("s1").await.expect("pause").state,
+            SandboxState::Paused
+        );
+        assert_eq!(
+            h.rt.resume_sandbox("s1").await.expect("resume").state,
+            SandboxState::Running
+        );
+        assert_eq!(
+            h.rt.stop_sandbox("s1").await.expect("stop").state,
+            SandboxState::Stopped
+        );
+        assert_eq!(
+            h.rt.stop_sandbox("s1")
+                .await
+                .expect("stop is idempotent")
+                .state,
+            SandboxState::Stopped
+        );
+        h.rt.delete_sandbox("s1").await.expect("delete");
+        assert!(h.rt.list_sandboxes().await.expect("list").is_empty());
+        assert!(!h.dir.path().join("run/s1").exists());
+        let vm = h.vms.get("s1").expect("vm");
+        assert_eq!(vm.calls().iter().filter(|op| **op == Op::Boot).count(), 1);
+        assert!(vm.calls().contains(&Op::Pause) && vm.calls().contains(&Op::Resume));
+        assert!(h.dialer.calls().contains(&"shutdown"));
+    }
+
+    #[tokio::test]
+    async fn duplicate_and_unknown_ids() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        let err = h.rt.create_sandbox(cfg("s1")).await.expect_err("duplicate");
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(err.to_string(), "sandbox s1 already exists");
+        let err = h.rt.start_sandbox("nope").await.expect_err("unknown");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        let err =
+            h.rt.create_sandbox(cfg("../etc"))
+                .await
+                .expect_err("bad id");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        // The failed duplicate did not disturb the original.
+        assert_eq!(
+            h.rt.status_sandbox("s1").await.expect("status").state,
+            SandboxState::Ready
+        );
+    }
+
+    #[tokio::test]
+    async fn delete_is_refused_while_running_and_paused() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        h.rt.start_sandbox("s1").await.expect("start");
+        let err = h.rt.delete_sandbox("s1").await.expect_err("running");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(
+            err.to_string(),
+            "cannot delete sandbox s1: it is running (stop it first)"
+        );
+        h.rt.pause_sandbox("s1").await.expect("pause");
+        assert!(matches!(
+            h.rt.delete_sandbox("s1").await,
+            Err(Error::WrongState { .. })
+        ));
+        // Stopping a paused VM skips the agent (a frozen guest cannot answer).
+        h.rt.stop_sandbox("s1").await.expect("stop");
+        assert!(!h.dialer.calls().contains(&"shutdown"));
+        h.rt.delete_sandbox("s1").await.expect("delete");
+    }
+
+    #[tokio::test]
+    async fn a_ready_sandbox_can_be_deleted_and_its_vm_is_stopped() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        h.rt.delete_sandbox("s1").await.expect("delete");
+        assert!(h.vms.get("s1").expect("vm").calls().contains(&Op::Stop));
+    }
+
+    #[tokio::test]
+    async fn boot_failure_unwinds_everything() {
+        let h = harness_with(FakeVms::default().failing_at(Op::Boot), true);
+        let err =
+            h.rt.create_sandbox(cfg("s1"))
+                .await
+                .expect_err("boot fails");
+        assert!(err.chain().contains("injected failure"), "{}", err.chain());
+        assert!(h.rt.list_sandboxes().await.expect("list").is_empty());
+        assert!(!h.dir.path().join("run/s1").exists());
+        assert!(
+            !h.dir.path().join("state/sandboxes/s1").exists(),
+            "the ID is free again"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_answers_times_out_and_unwinds() {
+        let h = harness_with(FakeVms::default(), false);
+        let err = h.rt.create_sandbox(cfg("s1")).await.expect_err("timeout");
+        assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+        assert!(err.to_string().contains("did not answer within"), "{err}");
+        assert!(
+            err.to_string().contains("fake console"),
+            "console tail is quoted: {err}"
+        );
+        assert!(
+            h.vms.get("s1").expect("vm").calls().contains(&Op::Stop),
+            "the VM was stopped"
+        );
+        assert!(h.rt.list_sandboxes().await.expect("list").is_empty());
+        assert!(!h.dir.path().join("run/s1").exists());
+    }
+
+    #[tokio::test]
+    async fn a_dead_vm_is_reported_stopped_with_its_reason() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        h.rt.start_sandbox("s1").await.expect("start");
+        h.vms
+            .get("s1")
+            .expect("vm")
+            .crash("QEMU (pid 1) exited; last console lines: Kernel panic");
+        let status = h.rt.status_sandbox("s1").await.expect("status");
+        assert_eq!(status.state, SandboxState::Stopped);
+        assert!(status.reason.expect("reason").contains("Kernel panic"));
+        let err = h.rt.pause_sandbox("s1").await.expect_err("dead");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        h.rt.delete_sandbox("s1").await.expect("delete cleans up");
+    }
+
+    #[tokio::test]
+    async fn wrong_order_is_refused() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        assert!(matches!(
+            h.rt.pause_sandbox("s1").await,
+            Err(Error::WrongState { .. })
+        ));
+        assert!(matches!(
+            h.rt.resume_sandbox("s1").await,
+            Err(Error::WrongState { .. })
+        ));
+        h.rt.start_sandbox("s1").await.expect("start");
+        assert!(matches!(
+            h.rt.start_sandbox("s1").await,
+            Err(Error::WrongState { .. })
+        ));
+        h.rt.stop_sandbox("s1").await.expect("stop");
+        let err = h.rt.start_sandbox("s1").await.expect_err("stopped");
+        assert!(err.to_string().contains("cannot be restarted"), "{err}");
+    }
+}

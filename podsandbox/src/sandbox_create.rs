@@ -1,0 +1,233 @@
+//! CreateSandbox: reserve the ID, boot the VM, wait for its agent → `ready`.
+//! Any failure unwinds every step before it.
+
+use std::{
+    os::unix::fs::DirBuilderExt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use hypervisor::{Hypervisor, VmConfig};
+
+use crate::{
+    agent::AgentClient,
+    sandbox::{check_id, now_secs, Runtime, SandboxConfig, SandboxStatus},
+    state::{Action, SandboxState},
+    store::{SandboxRecord, RECORD_VERSION},
+    Error, Result,
+};
+
+/// Pause between attempts to reach a booting guest's agent.
+const DIAL_RETRY: Duration = Duration::from_millis(10);
+
+impl Runtime {
+    pub async fn create_sandbox(&self, config: SandboxConfig) -> Result<SandboxStatus> {
+        check_id(&config.id)?;
+        let id = config.id.clone();
+        let hv = &self.inner.config.hypervisor;
+        let mut record = SandboxRecord {
+            version: RECORD_VERSION,
+            id: id.clone(),
+            state: SandboxState::Creating,
+            vcpus: config.vcpus.unwrap_or(hv.default_vcpus),
+            memory_mib: config.memory_mib.unwrap_or(hv.default_memory_mib),
+            created_at: now_secs(),
+            reason: None,
+            vm: None,
+        };
+        let store = &self.inner.store;
+        store.reserve(&id)?;
+        let lock = match store.lock(&id).await {
+            Ok(lock) => lock,
+            Err(err) => {
+                self.unwind(&id, None).await;
+                return Err(err);
+            }
+        };
+        let vm = match self.boot(&mut record).await {
+            Ok(vm) => vm,
+            Err((err, vm)) => {
+                self.unwind(&id, vm.as_deref()).await;
+                return Err(err);
+            }
+        };
+        record.state = record
+            .state
+            .next(Action::Created)
+            .unwrap_or(SandboxState::Ready);
+        record.vm = Some(vm.state());
+        if let Err(err) = store.save(&record) {
+            self.unwind(&id, Some(vm.as_ref())).await;
+            return Err(err);
+        }
+        drop(lock);
+        tracing::info!(%id, pid = ?vm.pids().first(), "sandbox ready");
+        self.spawn_monitor(&id, vm);
+        Ok(Runtime::summary(&record))
+    }
+
+    /// Run dir, VM, boot, agent. On error, returns the VM (if any) to unwind.
+    async fn boot(
+        &self,
+        record: &mut SandboxRecord,
+    ) -> std::result::Result<Arc<dyn Hypervisor>, (Error, Option<Arc<dyn Hypervisor>>)> {
+        let id = record.id.clone();
+        self.inner.store.save(record).map_err(|e| (e, None))?;
+        let run_dir = self.run_dir(&id);
+        // A run dir without a sandbox is debris of a crashed create.
+        if run_dir.exists() {
+            std::fs::remove_dir_all(&run_dir).map_err(|source| {
+                (
+                    Error::Io {
+                        action: "remove stale run dir",
+                        path: run_dir.clone(),
+                        source,
+                    },
+                    None,
+                )
+            })?;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&run_dir)
+            .map_err(|source| {
+                (
+                    Error::Io {
+                        action: "create run dir",
+                        path: run_dir.clone(),
+                        source,
+                    },
+                    None,
+                )
+            })?;
+        let vm_config = VmConfig {
+            id: id.clone(),
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            run_dir,
+        };
+        let vm = self
+            .inner
+            .vms
+            .create(&self.inner.config.hypervisor, vm_config)
+            .map_err(|source| {
+                (
+                    Error::Hypervisor {
+                        id: id.clone(),
+                        source,
+                    },
+                    None,
+                )
+            })?;
+        if let Err(source) = vm.boot().await {
+            return Err((Error::Hypervisor { id, source }, None));
+        }
+        // From here on a crash leaves a record that delete can clean up.
+        record.vm = Some(vm.state());
+        if let Err(err) = self.inner.store.save(record) {
+            return Err((err, Some(vm)));
+        }
+        match self.wait_for_agent(&id, vm.as_ref()).await {
+            Ok(_) => Ok(vm),
+            Err(err) => Err((err, Some(vm))),
+        }
+    }
+
+    /// Dials the agent until it answers a health check, the VM exits, or the
+    /// dial timeout passes.
+    async fn wait_for_agent(&self, id: &str, vm: &dyn Hypervisor) -> Result<Arc<dyn AgentClient>> {
+        let timeout = self.inner.config.agent.dial_timeout();
+        tokio::select! {
+            reason = vm.wait_exit() => Err(Error::VmExitedDuringBoot { id: id.into(), reason }),
+            result = self.dial_until_ready(id, vm, timeout) => result,
+        }
+    }
+
+    async fn dial_until_ready(
+        &self,
+        id: &str,
+        vm: &dyn Hypervisor,
+        timeout: Duration,
+    ) -> Result<Arc<dyn AgentClient>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last_error = match self.agent(id, vm).await {
+                Ok(agent) => {
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(100));
+                    match agent.check(left.min(Duration::from_secs(2))).await {
+                        Ok(()) => return Ok(agent),
+                        Err(err) => format!("health check: {err}"),
+                    }
+                }
+                Err(err) => err.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::AgentTimeout {
+                    id: id.into(),
+                    secs: timeout.as_secs(),
+                    last_error,
+                    console: vm.console_tail(10),
+                });
+            }
+            tokio::time::sleep(DIAL_RETRY).await;
+        }
+    }
+
+    /// Undoes a create: stops the VM, removes the run dir and the record. If
+    /// cleanup fails, the record stays (stopped, with the reason) so that a
+    /// later delete can finish it.
+    async fn unwind(&self, id: &str, vm: Option<&dyn Hypervisor>) {
+        let mut problems = Vec::new();
+        if let Some(vm) = vm {
+            if let Err(err) = vm.stop(Duration::from_millis(500)).await {
+                problems.push(format!("stop VM: {err}"));
+            }
+        }
+        let run_dir = self.run_dir(id);
+        if let Err(err) = std::fs::remove_dir_all(&run_dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                problems.push(format!("remove {}: {err}", run_dir.display()));
+            }
+        }
+        if problems.is_empty() {
+            if let Err(err) = self.inner.store.remove(id) {
+                tracing::error!(%id, "unwinding create: {err}");
+            }
+            return;
+        }
+        let reason = format!(
+            "create failed and cleanup is incomplete: {}",
+            problems.join("; ")
+        );
+        tracing::error!(%id, "{reason}");
+        if let Ok(mut record) = self.inner.store.load(id) {
+            record.state = SandboxState::Stopped;
+            record.reason = Some(reason);
+            record.vm = vm.map(|v| v.state()).or(record.vm);
+            if let Err(err) = self.inner.store.save(&record) {
+                tracing::error!(%id, "unwinding create: {err}");
+            }
+        }
+    }
+
+    /// Watches the VMM of a sandbox this process created; when it exits,
+    /// the sandbox's state is reconciled at once (other processes reconcile
+    /// on their next call).
+    fn spawn_monitor(&self, id: &str, vm: Arc<dyn Hypervisor>) {
+        let runtime = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let reason = vm.wait_exit().await;
+            tracing::debug!(%id, "VMM exited: {reason}");
+            // Not found: deleted. Anything else is reported by the next call.
+            if let Err(err) = runtime.locked(&id).await {
+                if !matches!(err, Error::NotFound { .. }) {
+                    tracing::warn!(%id, "monitor: {err}");
+                }
+            }
+        });
+    }
+}

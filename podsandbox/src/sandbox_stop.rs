@@ -1,0 +1,48 @@
+//! StopSandbox: agent shutdown, then the VMM's quit, then kill → `stopped`.
+//! Idempotent: stopping a stopped sandbox succeeds.
+
+use std::time::Duration;
+
+use crate::{
+    sandbox::{Runtime, Sandbox, SandboxStatus, AGENT_CALL_TIMEOUT},
+    state::{Action, SandboxState},
+    Error, Result,
+};
+
+impl Sandbox {
+    pub async fn stop(&self) -> Result<SandboxStatus> {
+        let rt = self.runtime();
+        let mut s = rt.locked(self.id()).await?;
+        if s.record.state == SandboxState::Stopped {
+            return Ok(Runtime::summary(&s.record));
+        }
+        let next = s.transition(Action::Stop)?;
+        if let Some(vm) = s.vm.clone() {
+            let grace = hypervisor::DEFAULT_STOP_GRACE;
+            // A paused guest cannot answer; go straight to the VMM.
+            if s.record.state != SandboxState::Paused {
+                match rt.agent(self.id(), vm.as_ref()).await {
+                    Ok(agent) => match agent.shutdown(AGENT_CALL_TIMEOUT.min(grace)).await {
+                        Ok(()) => {
+                            // The guest powers off by itself; give it the grace period.
+                            let _ = tokio::time::timeout(grace, vm.wait_exit()).await;
+                        }
+                        Err(err) => tracing::debug!(id = %self.id(), "agent shutdown: {err}"),
+                    },
+                    Err(err) => tracing::debug!(id = %self.id(), "agent shutdown: {err}"),
+                }
+            }
+            vm.stop(Duration::from_secs(2))
+                .await
+                .map_err(|source| Error::Hypervisor {
+                    id: self.id().into(),
+                    source,
+                })?;
+            s.record.vm = Some(vm.state());
+        }
+        s.record.state = next;
+        rt.inner.store.save(&s.record)?;
+        tracing::info!(id = %self.id(), "sandbox stopped");
+        Ok(Runtime::summary(&s.record))
+    }
+}
