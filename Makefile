@@ -39,7 +39,7 @@ test: build
 	$(CARGO) test --workspace --no-fail-fast
 
 bench: build
-	hack/bench-boot.sh
+	hack/bench-boot.py
 
 run: build
 	@echo "vcrid (the CRI server) is not built yet: it arrives with issue 6." >&2

@@ -98,6 +98,49 @@ pub async fn dial(
     }
 }
 
+/// Waits for the agent's readiness notice on a hybrid vsock device whose
+/// host-side socket is `uds` (see [`crate::AGENT_READY_PORT`]). Listens on
+/// the device's forwarding socket for that port, accepts connections until
+/// one carries [`crate::READY_MESSAGE`], and removes the socket again.
+pub async fn wait_ready_hybrid(uds: &std::path::Path, timeout: Duration) -> Result<(), DialError> {
+    let path = crate::hybrid_listener_path(uds, crate::AGENT_READY_PORT);
+    let endpoint = format!("{}", path.display());
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).map_err(|source| DialError::Connect {
+        endpoint: endpoint.clone(),
+        source,
+    })?;
+    let result = tokio::time::timeout(timeout, async {
+        loop {
+            let (mut stream, _) = listener
+                .accept()
+                .await
+                .map_err(|source| DialError::Connect {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+            let mut buf = [0u8; 16];
+            let mut got = 0;
+            while got < crate::READY_MESSAGE.len() {
+                match stream.read(&mut buf[got..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            if &buf[..got] == crate::READY_MESSAGE {
+                return Ok(());
+            }
+        }
+    })
+    .await
+    .map_err(|_| DialError::HandshakeTimeout {
+        endpoint: endpoint.clone(),
+    })
+    .and_then(|r| r);
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 /// Sends `CONNECT <port>\n` and reads the reply line byte by byte, so that no
 /// byte of the ttrpc stream that follows is consumed. Returns the line without
 /// its newline; an empty string when the device closed the connection.
@@ -160,6 +203,41 @@ mod tests {
             matches!(err, DialError::Refused { port: 1024, .. }),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn readiness_notice_is_awaited_on_the_forwarding_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uds = dir.path().join("vsock.sock");
+        let forward = crate::hybrid_listener_path(&uds, crate::AGENT_READY_PORT);
+        assert_eq!(forward, dir.path().join("vsock.sock_1025"));
+        let waiter = tokio::spawn({
+            let uds = uds.clone();
+            async move { wait_ready_hybrid(&uds, Duration::from_secs(5)).await }
+        });
+        // A connection that says something else does not count.
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&forward).await {
+                s.write_all(b"HELLO\n").await.expect("write");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        let mut s = UnixStream::connect(&forward).await.expect("connect");
+        s.write_all(crate::READY_MESSAGE).await.expect("write");
+        waiter.await.expect("join").expect("ready");
+        assert!(!forward.exists(), "the socket is removed");
+    }
+
+    #[tokio::test]
+    async fn readiness_times_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = wait_ready_hybrid(&dir.path().join("v.sock"), Duration::from_millis(50))
+            .await
+            .expect_err("timeout");
+        assert!(matches!(err, DialError::HandshakeTimeout { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@
 
 mod dial;
 
-pub use dial::{dial, DialError, Endpoint};
+pub use dial::{dial, wait_ready_hybrid, DialError, Endpoint};
 
 /// Generated code: `agent` holds the protobuf messages, `agent_ttrpc` the
 /// ttrpc clients (`HealthClient`, `AgentClient`) and service traits.
@@ -38,3 +38,24 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision; bumped when the host needs to know a call exists.
 pub const API_VERSION: u32 = 1;
+
+/// The host port the agent connects to once it serves, to say so.
+///
+/// Readiness is pushed by the guest rather than polled by the host: a host
+/// that dials a userspace vsock device before the guest driver has set it up
+/// can kill the device (vhost-device-vsock 0.3 ends its worker thread when a
+/// host connection arrives before guest memory is mapped), and polling also
+/// wastes the interval. With the hybrid transport the device forwards the
+/// guest's connection to the unix socket `<uds>_<port>`.
+pub const AGENT_READY_PORT: u32 = 1025;
+
+/// What the agent writes on the readiness connection.
+pub const READY_MESSAGE: &[u8] = b"READY\n";
+
+/// The unix socket on which a hybrid vsock device delivers guest
+/// connections to host `port`.
+pub fn hybrid_listener_path(uds: &std::path::Path, port: u32) -> std::path::PathBuf {
+    let mut name = uds.as_os_str().to_owned();
+    name.push(format!("_{port}"));
+    std::path::PathBuf::from(name)
+}

@@ -42,4 +42,10 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
 pub trait AgentDialer: Send + Sync + std::fmt::Debug {
     /// One attempt; the caller retries while a guest boots.
     async fn dial(&self, channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError>;
+
+    /// Waits until a freshly booted guest's agent says it serves, where the
+    /// transport lets it say so; returns at once where it cannot (callers
+    /// then poll with [`AgentDialer::dial`]).
+    async fn wait_ready(&self, channel: &VsockChannel, timeout: Duration)
+        -> Result<(), AgentError>;
 }

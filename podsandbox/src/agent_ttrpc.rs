@@ -37,6 +37,27 @@ impl AgentDialer for TtrpcDialer {
             agent: agent_ttrpc::AgentClient::new(client),
         }))
     }
+
+    async fn wait_ready(
+        &self,
+        channel: &VsockChannel,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        match channel {
+            VsockChannel::Hybrid { uds } => {
+                agent::wait_ready_hybrid(uds, timeout)
+                    .await
+                    .map_err(|e| AgentError {
+                        detail: format!(
+                            "waiting for the agent's readiness notice: {}",
+                            error_chain(&e)
+                        ),
+                    })
+            }
+            // Kernel vsock has no device to upset: the caller polls.
+            VsockChannel::Kernel { .. } => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone)]

@@ -118,6 +118,20 @@ impl AgentDialer for FakeDialer {
         }
         Ok(Arc::new(self.clone()))
     }
+
+    async fn wait_ready(
+        &self,
+        _channel: &VsockChannel,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        if !self.answers {
+            tokio::time::sleep(timeout).await;
+            return Err(AgentError {
+                detail: "no readiness notice (fake)".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]

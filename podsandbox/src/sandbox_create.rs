@@ -140,8 +140,31 @@ impl Runtime {
         let timeout = self.inner.config.agent.dial_timeout();
         tokio::select! {
             reason = vm.wait_exit() => Err(Error::VmExitedDuringBoot { id: id.into(), reason }),
-            result = self.dial_until_ready(id, vm, timeout) => result,
+            result = self.ready_then_dial(id, vm, timeout) => result,
         }
+    }
+
+    /// Waits for the readiness notice (where the transport has one), then
+    /// dials until a health check answers.
+    async fn ready_then_dial(
+        &self,
+        id: &str,
+        vm: &dyn Hypervisor,
+        timeout: Duration,
+    ) -> Result<Arc<dyn AgentClient>> {
+        let deadline = Instant::now() + timeout;
+        if let Some(channel) = vm.vsock() {
+            if let Err(err) = self.inner.dialer.wait_ready(&channel, timeout).await {
+                return Err(Error::AgentTimeout {
+                    id: id.into(),
+                    secs: timeout.as_secs(),
+                    last_error: err.detail,
+                    console: vm.console_tail(10),
+                });
+            }
+        }
+        self.dial_until_ready(id, vm, deadline.saturating_duration_since(Instant::now()))
+            .await
     }
 
     async fn dial_until_ready(

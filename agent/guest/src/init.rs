@@ -14,8 +14,10 @@ use nix::{
 };
 
 /// Modules the image builder resolved, in load order (dependencies first),
-/// one path per line relative to the modules directory.
-const MODULE_LIST: &str = "/lib/modules/vc-load-order";
+/// one path per line relative to the modules directory: those needed to
+/// reach the host, and the rest, loaded once the agent serves.
+pub const BOOT_MODULES: &str = "/lib/modules/vc-modules-boot";
+pub const LATER_MODULES: &str = "/lib/modules/vc-modules-later";
 
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run, /tmp and the cgroup2
 /// hierarchy, and reopens stdio on /dev/console.
@@ -92,23 +94,23 @@ fn reopen_console() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads every module of [`MODULE_LIST`]; a module that is already loaded or
-/// built in is fine. Returns how many were loaded.
-pub fn load_modules() -> anyhow::Result<usize> {
+/// Loads every module of `list`; a module that is already loaded or built in
+/// is fine, a missing list is an empty one. Returns how many were loaded.
+pub fn load_modules(list: &str) -> anyhow::Result<usize> {
     let release = nix::sys::utsname::uname()
         .context("uname")?
         .release()
         .to_string_lossy()
         .into_owned();
     let dir = Path::new("/lib/modules").join(&release);
-    let list = match File::open(MODULE_LIST) {
+    let file = match File::open(list) {
         Ok(f) => f,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(err) => return Err(err).context(MODULE_LIST),
+        Err(err) => return Err(err).context(list.to_string()),
     };
     let mut loaded = 0;
-    for line in BufReader::new(list).lines() {
-        let line = line.context(MODULE_LIST)?;
+    for line in BufReader::new(file).lines() {
+        let line = line.with_context(|| list.to_string())?;
         let rel = line.trim();
         if rel.is_empty() || rel.starts_with('#') {
             continue;

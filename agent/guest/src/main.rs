@@ -8,6 +8,7 @@
 //! over the host's /proc), so it is safe to execute by mistake on a host.
 
 mod init;
+mod notify;
 mod reaper;
 mod service;
 
@@ -51,8 +52,8 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let loaded = init::load_modules()?;
-    tracing::info!(loaded, "kernel modules loaded");
+    let loaded = init::load_modules(init::BOOT_MODULES)?;
+    tracing::debug!(loaded, "boot modules loaded");
     reaper::spawn()?;
 
     let listener = bind_vsock().await?;
@@ -65,7 +66,15 @@ async fn run() -> anyhow::Result<()> {
         .register_service(api);
     server.start().await?;
     services.mark_ready()?;
+    notify::spawn();
     tracing::info!(port = agent::AGENT_VSOCK_PORT, "vc-agent serving");
+    // Storage and network modules are not needed to answer the host; load
+    // them off the critical path. RPCs that attach such devices (later
+    // issues) must wait for this to finish.
+    tokio::task::spawn_blocking(|| match init::load_modules(init::LATER_MODULES) {
+        Ok(n) => tracing::debug!(loaded = n, "later modules loaded"),
+        Err(err) => tracing::error!("loading modules: {err:#}"),
+    });
 
     services.wait_shutdown().await;
     tracing::info!("shutdown requested");
