@@ -96,7 +96,7 @@ impl Default for HypervisorConfig {
             kernel_params: String::new(),
             vsock: VsockBackend::default(),
             vhost_device_vsock_path: default_vhost_device_vsock(),
-            tcg_tb_size_mib: 32,
+            tcg_tb_size_mib: 16,
         }
     }
 }
