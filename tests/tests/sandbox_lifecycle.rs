@@ -115,3 +115,27 @@ async fn a_new_runtime_finds_a_running_sandbox_from_persisted_state() {
     sandbox.delete().await.expect("delete");
     env.assert_nothing_left("persist");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_microvm_sandbox_boots_and_stops() {
+    let env = TestEnv::new();
+    let mut config = env.config.clone();
+    config.hypervisor.machine = hypervisor::MachineType::Microvm;
+    let rt = Runtime::new(config).expect("runtime");
+    let created = rt
+        .create_sandbox(SandboxConfig {
+            id: "micro".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    assert_eq!(created.machine, "microvm");
+    let status = rt.status_sandbox("micro").await.expect("status");
+    assert!(
+        status.guest.is_some(),
+        "the agent answers over virtio-mmio vsock"
+    );
+    rt.stop_sandbox("micro").await.expect("stop");
+    rt.delete_sandbox("micro").await.expect("delete");
+    env.assert_nothing_left("micro");
+}

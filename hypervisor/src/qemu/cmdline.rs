@@ -147,7 +147,7 @@ fn memory_args(spec: &Spec<'_>) -> Vec<String> {
 fn base_args(spec: &Spec<'_>) -> Vec<String> {
     strings(&[
         "-name",
-        &format!("vc-{},debug-threads=on", spec.id),
+        &format!("vc-{},debug-threads=on", spec.id.replace(',', ",,")),
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -333,6 +333,18 @@ mod tests {
         assert!(cmdline.starts_with("console=ttyS0 quiet panic=1"));
         assert!(cmdline.ends_with(" loglevel=7"));
         assert!(!cmdline.contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn a_comma_in_the_id_cannot_add_options() {
+        let paths = RunPaths::new(Path::new("/r"));
+        let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        s.id = "x,debug-threads=off";
+        assert!(has_pair(
+            &build(&s),
+            "-name",
+            "vc-x,,debug-threads=off,debug-threads=on"
+        ));
     }
 
     #[test]
