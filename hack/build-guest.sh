@@ -74,6 +74,34 @@ tail -c +$((offset + 1)) "$vmlinuz" | xz -dc --single-stream > "$work/vmlinux" 2
 readelf -h "$work/vmlinux" >/dev/null 2>&1 || die "extracted vmlinux is not an ELF file"
 readelf -n "$work/vmlinux" | grep -q 'Xen' || die "vmlinux has no PVH (Xen ELF) note; QEMU cannot boot it directly"
 
+# Debian's vmlinux stores ~23 MiB of zeroes (bss) as file bytes of its last
+# PT_LOAD segment. QEMU keeps the file bytes of every segment mapped for the
+# VM's lifetime, so they count in its footprint; declared as memory-only
+# (p_filesz < p_memsz) they are zero-filled instead. Same image, ELF-wise.
+python3 - "$work/vmlinux" <<'PY'
+import struct, sys
+path = sys.argv[1]
+with open(path, "r+b") as f:
+    data = f.read()
+    if data[:5] != b"\x7fELF\x02":
+        sys.exit("build-guest: vmlinux is not a 64-bit ELF file")
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    trimmed = 0
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        p_type, _, p_offset, _, _, p_filesz, p_memsz, _ = struct.unpack_from("<IIQQQQQQ", data, at)
+        if p_type != 1:  # PT_LOAD
+            continue
+        segment = data[p_offset:p_offset + p_filesz]
+        keep = len(segment.rstrip(b"\0"))
+        if keep < p_filesz:
+            f.seek(at + 32)  # p_filesz
+            f.write(struct.pack("<Q", keep))
+            trimmed += p_filesz - keep
+print(f"build-guest: {trimmed / 2**20:.1f} MiB of zero file bytes declared as memory-only")
+PY
+
 # The package leaves modules.dep to the install-time depmod; make it here.
 depmod -b "$work/kernel" "$release"
 
