@@ -38,13 +38,21 @@ die() { echo "build-guest: $*" >&2; exit 1; }
 # PID 1 of an initramfs without a libc: it must have no ELF interpreter.
 if readelf -l "$agent_bin" | grep -q 'INTERP'; then die "$agent_bin is not statically linked"; fi
 
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+resolve_kernel() {
+  apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'
+}
+kpkg=$(resolve_kernel)
 [ -n "$kpkg" ] || die "apt does not know linux-image-amd64 (run hack/install-deps.sh, which runs apt-get update)"
 
 mkdir -p "$work/debs" "$out"
 deb=$(ls "$work/debs/${kpkg}"_*.deb 2>/dev/null | tail -n1 || true)
 if [ -z "$deb" ]; then
-  (cd "$work/debs" && apt-get download -q "$kpkg" >/dev/null 2>&1) || die "apt-get download $kpkg failed"
+  if ! (cd "$work/debs" && apt-get download -q "$kpkg" >/dev/null 2>&1); then
+    # Stale package lists (the mirror dropped that kernel): refresh, re-resolve, retry once.
+    apt-get update -qq
+    kpkg=$(resolve_kernel)
+    (cd "$work/debs" && apt-get download -q "$kpkg" >/dev/null 2>&1) || die "apt-get download $kpkg failed"
+  fi
   deb=$(ls "$work/debs/${kpkg}"_*.deb | tail -n1)
 fi
 
