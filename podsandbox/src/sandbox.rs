@@ -295,6 +295,19 @@ impl Locked {
         })
     }
 
+    /// Stops the VM, if there is one (idempotent).
+    pub(crate) async fn stop_vm(&mut self, grace: Duration) -> Result<()> {
+        let Some(vm) = self.vm.clone() else {
+            return Ok(());
+        };
+        vm.stop(grace).await.map_err(|source| Error::Hypervisor {
+            id: self.record.id.clone(),
+            source,
+        })?;
+        self.record.vm = Some(vm.state());
+        Ok(())
+    }
+
     pub(crate) fn vm(&self) -> Result<&Arc<dyn Hypervisor>> {
         self.vm.as_ref().ok_or_else(|| Error::WrongState {
             id: self.record.id.clone(),

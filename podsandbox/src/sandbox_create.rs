@@ -155,12 +155,7 @@ impl Runtime {
         let deadline = Instant::now() + timeout;
         if let Some(channel) = vm.vsock() {
             if let Err(err) = self.inner.dialer.wait_ready(&channel, timeout).await {
-                return Err(Error::AgentTimeout {
-                    id: id.into(),
-                    secs: timeout.as_secs(),
-                    last_error: err.detail,
-                    console: vm.console_tail(10),
-                });
+                return Err(agent_timeout(id, timeout, err.detail, vm));
             }
         }
         self.dial_until_ready(id, vm, deadline.saturating_duration_since(Instant::now()))
@@ -188,12 +183,7 @@ impl Runtime {
                 Err(err) => err.to_string(),
             };
             if Instant::now() >= deadline {
-                return Err(Error::AgentTimeout {
-                    id: id.into(),
-                    secs: timeout.as_secs(),
-                    last_error,
-                    console: vm.console_tail(10),
-                });
+                return Err(agent_timeout(id, timeout, last_error, vm));
             }
             tokio::time::sleep(DIAL_RETRY).await;
         }
@@ -252,5 +242,14 @@ impl Runtime {
                 }
             }
         });
+    }
+}
+
+fn agent_timeout(id: &str, timeout: Duration, last_error: String, vm: &dyn Hypervisor) -> Error {
+    Error::AgentTimeout {
+        id: id.into(),
+        secs: timeout.as_secs(),
+        last_error,
+        console: vm.console_tail(10),
     }
 }

@@ -10,14 +10,7 @@ impl Sandbox {
         let rt = self.runtime();
         let mut s = rt.locked(self.id()).await?;
         s.transition(Action::Delete)?;
-        if let Some(vm) = s.vm.clone() {
-            vm.stop(Duration::from_secs(2))
-                .await
-                .map_err(|source| Error::Hypervisor {
-                    id: self.id().into(),
-                    source,
-                })?;
-        }
+        s.stop_vm(Duration::from_secs(2)).await?;
         let run_dir = rt.run_dir(self.id());
         match std::fs::remove_dir_all(&run_dir) {
             Ok(()) => {}

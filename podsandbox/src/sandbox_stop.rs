@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::{
     sandbox::{Runtime, Sandbox, SandboxStatus, AGENT_CALL_TIMEOUT},
     state::{Action, SandboxState},
-    Error, Result,
+    Result,
 };
 
 impl Sandbox {
@@ -32,14 +32,8 @@ impl Sandbox {
                     Err(err) => tracing::debug!(id = %self.id(), "agent shutdown: {err}"),
                 }
             }
-            vm.stop(Duration::from_secs(2))
-                .await
-                .map_err(|source| Error::Hypervisor {
-                    id: self.id().into(),
-                    source,
-                })?;
-            s.record.vm = Some(vm.state());
         }
+        s.stop_vm(Duration::from_secs(2)).await?;
         s.record.state = next;
         rt.inner.store.save(&s.record)?;
         tracing::info!(id = %self.id(), "sandbox stopped");

@@ -165,74 +165,72 @@ impl Drop for TestEnv {
     }
 }
 
+/// What /proc says about one process.
+#[derive(Debug, Clone)]
+struct Proc {
+    pid: i32,
+    comm: String,
+    state: String,
+    ppid: String,
+    cmdline: String,
+}
+
+/// Every process but this one.
+fn procs() -> Vec<Proc> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            if pid == me {
+                return None;
+            }
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (head, tail) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_string();
+            let mut fields = tail.split_whitespace();
+            let state = fields.next()?.to_string();
+            let ppid = fields.next()?.to_string();
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .trim()
+                .to_string();
+            Some(Proc {
+                pid,
+                comm,
+                state,
+                ppid,
+                cmdline,
+            })
+        })
+        .collect()
+}
+
 /// Live (non-zombie) processes whose argv mentions `needle`.
 pub fn processes_mentioning(needle: &Path) -> Vec<(i32, String)> {
     let needle = needle.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if pid == std::process::id() as i32 {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.is_empty() || !cmdline.contains(&needle) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or("");
-        if state == "Z" || state == "X" {
-            continue;
-        }
-        found.push((pid, cmdline.trim().to_string()));
-    }
-    found
+    procs()
+        .into_iter()
+        .filter(|p| p.state != "Z" && p.state != "X" && p.cmdline.contains(&needle))
+        .map(|p| (p.pid, p.cmdline))
+        .collect()
 }
 
 /// Reaps exited QEMU and helper processes that were reparented to this
 /// (subreaper) process. Only those: other tests' children keep their statuses.
 pub fn reap_orphaned_vmms() {
     let me = std::process::id().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let comm = stat
-            .split_once('(')
-            .and_then(|(_, r)| r.rsplit_once(')'))
-            .map(|(c, _)| c)
-            .unwrap_or("");
-        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-        let (state, ppid) = (rest.next().unwrap_or(""), rest.next().unwrap_or(""));
-        if state == "Z"
-            && ppid == me
-            && (comm.starts_with("qemu-system") || comm.starts_with("vhost-device"))
+    for p in procs() {
+        if p.state == "Z"
+            && p.ppid == me
+            && (p.comm.starts_with("qemu-system") || p.comm.starts_with("vhost-device"))
         {
             let _ = nix::sys::wait::waitpid(
-                nix::unistd::Pid::from_raw(pid),
+                nix::unistd::Pid::from_raw(p.pid),
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),
             );
         }
