@@ -49,6 +49,12 @@ pub const API_VERSION: u32 = 1;
 /// guest's connection to the unix socket `<uds>_<port>`.
 pub const AGENT_READY_PORT: u32 = 1025;
 
+/// The mount tag of the sandbox's shared directory (virtio-fs or 9p).
+pub const SHARED_FS_TAG: &str = "vcshared";
+
+/// Where the agent mounts the shared directory in the guest.
+pub const SHARED_FS_GUEST_PATH: &str = "/run/vc/shared";
+
 /// What the agent writes on the readiness connection.
 pub const READY_MESSAGE: &[u8] = b"READY\n";
 

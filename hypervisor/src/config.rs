@@ -53,6 +53,20 @@ pub enum VsockBackend {
     Hybrid,
 }
 
+/// How the sandbox's shared directory reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedFs {
+    /// virtio-fs through one virtiofsd per sandbox (metadata 10-45x faster
+    /// than 9p here).
+    #[default]
+    VirtioFs,
+    /// virtio-9p, served by QEMU itself: no helper process.
+    Virtio9p,
+    /// No shared directory.
+    None,
+}
+
 /// `[hypervisor]` in the config file. Every field has a working default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -79,6 +93,10 @@ pub struct HypervisorConfig {
     pub vsock: VsockBackend,
     /// The userspace vsock device binary for the hybrid backend.
     pub vhost_device_vsock_path: PathBuf,
+    /// How the shared directory is shared.
+    pub shared_fs: SharedFs,
+    /// The virtio-fs daemon (Debian's QEMU ships one).
+    pub virtiofsd_path: PathBuf,
     /// TCG translation cache size in MiB (QEMU's default, 1 GiB, is mostly
     /// untouched but inflates the footprint).
     pub tcg_tb_size_mib: u32,
@@ -99,6 +117,8 @@ impl Default for HypervisorConfig {
             kernel_params: String::new(),
             vsock: VsockBackend::default(),
             vhost_device_vsock_path: default_vhost_device_vsock(),
+            shared_fs: SharedFs::default(),
+            virtiofsd_path: PathBuf::from("/usr/lib/qemu/virtiofsd"),
             tcg_tb_size_mib: 16,
         }
     }

@@ -19,7 +19,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use config::{Accel, HypervisorConfig, MachineType, VsockBackend};
+pub use config::{Accel, HypervisorConfig, MachineType, SharedFs, VsockBackend};
 pub use error::{ErrorKind, HypervisorError, Result};
 pub use process::ProcessRef;
 
@@ -33,6 +33,17 @@ pub struct VmConfig {
     /// A directory the caller created for this VM alone; every socket, log
     /// and pid file goes in it. The caller removes it.
     pub run_dir: PathBuf,
+    /// A host directory the guest mounts by `tag` (container rootfs and
+    /// volumes travel through it), over the configured [`SharedFs`].
+    pub shared: Option<SharedDir>,
+}
+
+/// A host directory shared into the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedDir {
+    pub host_path: PathBuf,
+    /// The mount tag the guest uses (`mount -t virtiofs TAG ...`).
+    pub tag: String,
 }
 
 /// How the host reaches the guest's vsock ports.

@@ -101,7 +101,25 @@ impl Runtime {
                     None,
                 )
             })?;
+        let shared = run_dir.join("shared");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&shared)
+            .map_err(|source| {
+                (
+                    Error::Io {
+                        action: "create shared dir",
+                        path: shared.clone(),
+                        source,
+                    },
+                    None,
+                )
+            })?;
         let vm_config = VmConfig {
+            shared: Some(hypervisor::SharedDir {
+                host_path: shared,
+                tag: agent::SHARED_FS_TAG.into(),
+            }),
             id: id.clone(),
             vcpus: record.vcpus,
             memory_mib: record.memory_mib,

@@ -17,6 +17,9 @@ pub struct RunPaths {
     /// Host-side socket of the userspace vsock device (hybrid vsock).
     pub vsock_uds: PathBuf,
     pub vsock_log: PathBuf,
+    /// vhost-user socket of virtiofsd.
+    pub virtiofsd: PathBuf,
+    pub virtiofsd_log: PathBuf,
 }
 
 impl RunPaths {
@@ -28,12 +31,19 @@ impl RunPaths {
             vhost_vsock: run_dir.join("vhost-vsock.sock"),
             vsock_uds: run_dir.join("vsock.sock"),
             vsock_log: run_dir.join("vhost-device-vsock.log"),
+            virtiofsd: run_dir.join("virtiofsd.sock"),
+            virtiofsd_log: run_dir.join("virtiofsd.log"),
         }
     }
 
     /// Paths that must fit in `sockaddr_un`.
-    pub fn sockets(&self) -> [&Path; 3] {
-        [&self.qmp, &self.vhost_vsock, &self.vsock_uds]
+    pub fn sockets(&self) -> [&Path; 4] {
+        [
+            &self.qmp,
+            &self.vhost_vsock,
+            &self.vsock_uds,
+            &self.virtiofsd,
+        ]
     }
 }
 
@@ -44,6 +54,15 @@ pub enum VsockDevice {
     VhostUser { socket: PathBuf },
     /// Kernel vhost-vsock with this context ID.
     Kernel { cid: u32 },
+}
+
+/// How the shared directory is wired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedDevice {
+    /// `vhost-user-fs` to virtiofsd on this socket.
+    VhostUserFs { socket: PathBuf, tag: String },
+    /// QEMU's own 9p server on this host directory.
+    NineP { path: PathBuf, tag: String },
 }
 
 /// Everything the command line depends on.
@@ -62,6 +81,7 @@ pub struct Spec<'a> {
     pub tsc_khz: Option<u64>,
     pub paths: &'a RunPaths,
     pub vsock: VsockDevice,
+    pub shared: Option<SharedDevice>,
 }
 
 /// Kernel parameters that every guest gets. `quiet` keeps the slow emulated
@@ -208,6 +228,44 @@ fn vsock_args(spec: &Spec<'_>) -> Vec<String> {
     }
 }
 
+fn shared_fs_args(spec: &Spec<'_>) -> Vec<String> {
+    let mmio = spec.machine == MachineType::Microvm;
+    match &spec.shared {
+        None => Vec::new(),
+        Some(SharedDevice::VhostUserFs { socket, tag }) => strings(&[
+            "-chardev",
+            &format!("socket,id=sharedfs,path={}", escape(socket)),
+            "-device",
+            &format!(
+                "{},id=sharedfs0,chardev=sharedfs,tag={},queue-size=1024",
+                if mmio {
+                    "vhost-user-fs-device"
+                } else {
+                    "vhost-user-fs-pci"
+                },
+                tag.replace(',', ",,")
+            ),
+        ]),
+        Some(SharedDevice::NineP { path, tag }) => strings(&[
+            "-fsdev",
+            &format!(
+                "local,id=shared9p,path={},security_model=none",
+                escape(path)
+            ),
+            "-device",
+            &format!(
+                "{},id=shared9p0,fsdev=shared9p,mount_tag={}",
+                if mmio {
+                    "virtio-9p-device"
+                } else {
+                    "virtio-9p-pci"
+                },
+                tag.replace(',', ",,")
+            ),
+        ]),
+    }
+}
+
 /// The whole argument list (without the program).
 pub fn build(spec: &Spec<'_>) -> Vec<String> {
     [
@@ -218,6 +276,7 @@ pub fn build(spec: &Spec<'_>) -> Vec<String> {
         console_args,
         qmp_args,
         vsock_args,
+        shared_fs_args,
     ]
     .iter()
     .flat_map(|piece| piece(spec))
@@ -253,6 +312,7 @@ mod tests {
             vsock: VsockDevice::VhostUser {
                 socket: paths.vhost_vsock.clone(),
             },
+            shared: None,
         }
     }
 
@@ -333,6 +393,44 @@ mod tests {
         assert!(cmdline.starts_with("console=ttyS0 quiet panic=1"));
         assert!(cmdline.ends_with(" loglevel=7"));
         assert!(!cmdline.contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn shared_dir_devices() {
+        let paths = RunPaths::new(Path::new("/r"));
+        let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        assert!(!build(&s).iter().any(|a| a.contains("sharedfs")));
+        s.shared = Some(SharedDevice::VhostUserFs {
+            socket: paths.virtiofsd.clone(),
+            tag: "vcshared".into(),
+        });
+        let args = build(&s);
+        assert!(has_pair(
+            &args,
+            "-chardev",
+            "socket,id=sharedfs,path=/r/virtiofsd.sock"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "vhost-user-fs-pci,id=sharedfs0,chardev=sharedfs,tag=vcshared,queue-size=1024"
+        ));
+        s.shared = Some(SharedDevice::NineP {
+            path: "/s".into(),
+            tag: "vcshared".into(),
+        });
+        s.machine = MachineType::Microvm;
+        let args = build(&s);
+        assert!(has_pair(
+            &args,
+            "-fsdev",
+            "local,id=shared9p,path=/s,security_model=none"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-9p-device,id=shared9p0,fsdev=shared9p,mount_tag=vcshared"
+        ));
     }
 
     #[test]

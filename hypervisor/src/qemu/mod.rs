@@ -16,13 +16,13 @@ use serde_json::Value;
 
 use self::{
     accel::{HostFacts, Resolved},
-    cmdline::{RunPaths, Spec, VsockDevice},
+    cmdline::{RunPaths, SharedDevice, Spec, VsockDevice},
     qmp::Qmp,
 };
 use crate::{
     process::{self, ProcessRef},
-    HypervisorConfig, HypervisorError, Result, VmConfig, VmState, VmStatus, VsockBackend,
-    VsockChannel,
+    HypervisorConfig, HypervisorError, Result, SharedDir, SharedFs, VmConfig, VmState, VmStatus,
+    VsockBackend, VsockChannel,
 };
 
 /// The `hypervisor` value in persisted state.
@@ -41,6 +41,8 @@ const TAIL_LINES: usize = 15;
 pub struct Qemu {
     config: HypervisorConfig,
     paths: RunPaths,
+    /// The directory to share, for boot only (a restored VM has it already).
+    shared: Option<SharedDir>,
     state: Mutex<VmState>,
 }
 
@@ -56,6 +58,7 @@ impl Qemu {
         validate(config, &vm)?;
         let accel = accel::resolve(config.accel, host_facts())?;
         let paths = RunPaths::new(&vm.run_dir);
+        let shared = vm.shared.clone();
         let state = VmState {
             hypervisor: NAME.into(),
             id: vm.id,
@@ -71,6 +74,7 @@ impl Qemu {
         Ok(Self {
             config: config.clone(),
             paths,
+            shared,
             state: Mutex::new(state),
         })
     }
@@ -79,6 +83,7 @@ impl Qemu {
         Self {
             config: config.clone(),
             paths: RunPaths::new(&state.run_dir),
+            shared: None,
             state: Mutex::new(state),
         }
     }
@@ -128,38 +133,37 @@ impl Qemu {
         qmp.execute(command, args).await
     }
 
-    /// Starts the userspace vsock device and waits for its control socket.
-    async fn start_vsock_helper(&self) -> Result<ProcessRef> {
-        let program = &self.config.vhost_device_vsock_path;
+    /// Starts a vhost-user helper (`name`, from `program`) and waits until it
+    /// has created its control `socket`.
+    async fn start_helper(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        socket: &Path,
+        log: &Path,
+    ) -> Result<ProcessRef> {
         if !program.exists() {
             return Err(HypervisorError::MissingFile {
-                what: "vhost-device-vsock binary",
-                path: program.clone(),
+                what: "helper binary",
+                path: program.to_path_buf(),
             });
         }
-        let args = vec![
-            "--guest-cid".to_string(),
-            "3".to_string(),
-            "--socket".to_string(),
-            self.paths.vhost_vsock.display().to_string(),
-            "--uds-path".to_string(),
-            self.paths.vsock_uds.display().to_string(),
-        ];
-        let helper = process::spawn_detached(program, &args, &self.paths.vsock_log)?;
+        let helper = process::spawn_detached(program, args, log)?;
         let deadline = Instant::now() + HELPER_READY_TIMEOUT;
-        while !self.paths.vhost_vsock.exists() {
+        while !socket.exists() {
             if !helper.is_alive() {
                 return Err(HypervisorError::StartupFailed {
-                    program: "vhost-device-vsock".into(),
-                    detail: process::tail(&self.paths.vsock_log, 5),
+                    program: name.into(),
+                    detail: process::tail(log, 5),
                 });
             }
             if Instant::now() >= deadline {
                 helper.kill().await?;
                 return Err(HypervisorError::StartupTimeout {
-                    program: "vhost-device-vsock".into(),
+                    program: name.into(),
                     secs: HELPER_READY_TIMEOUT.as_secs(),
-                    detail: process::tail(&self.paths.vsock_log, 5),
+                    detail: process::tail(log, 5),
                 });
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -167,8 +171,75 @@ impl Qemu {
         Ok(helper)
     }
 
+    /// The userspace vsock device (hybrid vsock).
+    async fn start_vsock_helper(&self) -> Result<ProcessRef> {
+        let args = [
+            "--guest-cid",
+            "3",
+            "--socket",
+            &self.paths.vhost_vsock.display().to_string(),
+            "--uds-path",
+            &self.paths.vsock_uds.display().to_string(),
+        ]
+        .map(String::from);
+        self.start_helper(
+            "vhost-device-vsock",
+            &self.config.vhost_device_vsock_path,
+            &args,
+            &self.paths.vhost_vsock,
+            &self.paths.vsock_log,
+        )
+        .await
+    }
+
+    /// The shared directory's device: virtiofsd for virtio-fs (a helper),
+    /// nothing to start for 9p (QEMU serves it itself).
+    async fn start_shared_fs(&self) -> Result<Option<SharedDevice>> {
+        let Some(shared) = self.shared.clone() else {
+            return Ok(None);
+        };
+        match self.config.shared_fs {
+            SharedFs::None => Ok(None),
+            SharedFs::Virtio9p => Ok(Some(SharedDevice::NineP {
+                path: shared.host_path,
+                tag: shared.tag,
+            })),
+            SharedFs::VirtioFs => {
+                let args = [
+                    format!("--socket-path={}", self.paths.virtiofsd.display()),
+                    "-o".into(),
+                    format!("source={}", shared.host_path.display()),
+                    "-o".into(),
+                    "cache=auto".into(),
+                    "-o".into(),
+                    "sandbox=chroot".into(),
+                    "-o".into(),
+                    "xattr".into(),
+                ];
+                let helper = self
+                    .start_helper(
+                        "virtiofsd",
+                        &self.config.virtiofsd_path,
+                        &args,
+                        &self.paths.virtiofsd,
+                        &self.paths.virtiofsd_log,
+                    )
+                    .await?;
+                self.lock().helpers.push(helper);
+                Ok(Some(SharedDevice::VhostUserFs {
+                    socket: self.paths.virtiofsd.clone(),
+                    tag: shared.tag,
+                }))
+            }
+        }
+    }
+
     /// Starts QEMU and waits until QMP answers.
-    async fn start_vmm(&self, vsock: VsockDevice) -> Result<ProcessRef> {
+    async fn start_vmm(
+        &self,
+        vsock: VsockDevice,
+        shared: Option<SharedDevice>,
+    ) -> Result<ProcessRef> {
         let state = self.lock().clone();
         let spec = Spec {
             id: &state.id,
@@ -183,6 +254,7 @@ impl Qemu {
             tsc_khz: host_tsc_khz(),
             paths: &self.paths,
             vsock,
+            shared,
         };
         let args = cmdline::build(&spec);
         tracing::debug!(id = %state.id, args = ?args, "starting QEMU");
@@ -238,7 +310,8 @@ impl Qemu {
                 )
             }
         };
-        let vmm = self.start_vmm(device).await?;
+        let shared = self.start_shared_fs().await?;
+        let vmm = self.start_vmm(device, shared).await?;
         let mut state = self.lock();
         state.vmm = Some(vmm);
         state.vsock = Some(channel);
@@ -447,6 +520,7 @@ mod tests {
             vcpus,
             memory_mib,
             run_dir: dir.join("run"),
+            shared: None,
         }
     }
 
