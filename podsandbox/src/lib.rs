@@ -19,6 +19,7 @@
 pub mod agent;
 mod agent_ttrpc;
 pub mod config;
+pub mod container_log;
 mod error;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
