@@ -24,7 +24,8 @@ host: deps
 # (glibc, crt-static). Its own target dir keeps these flags from rebuilding
 # the host artefacts.
 guest: deps
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p vc-agent \
+	RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \
+		$(CARGO) build --release -p vc-agent \
 		--target $(GUEST_TARGET) --target-dir target/guest
 	hack/build-guest.sh $(AGENT_BIN)
 

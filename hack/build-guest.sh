@@ -37,6 +37,11 @@ die() { echo "build-guest: $*" >&2; exit 1; }
 [ -x "$agent_bin" ] || die "no agent binary at $agent_bin (make guest builds it)"
 # PID 1 of an initramfs without a libc: it must have no ELF interpreter.
 if readelf -l "$agent_bin" | grep -q 'INTERP'; then die "$agent_bin is not statically linked"; fi
+# Smoke test: outside a VM the agent refuses to run (exit 2) — a binary that
+# crashes in its C runtime start-up instead (seen with a static libseccomp)
+# would only show as a guest kernel panic.
+rc=0; "$agent_bin" >/dev/null 2>&1 || rc=$?
+[ "$rc" -eq 2 ] || die "$agent_bin does not start (exit $rc; expected 2, 'must run as PID 1')"
 
 resolve_kernel() {
   apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'

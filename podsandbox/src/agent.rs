@@ -25,6 +25,27 @@ pub struct GuestDetails {
 #[error("{detail}")]
 pub struct AgentError {
     pub detail: String,
+    /// The remote status class, when the agent answered with one.
+    pub code: Option<AgentCode>,
+}
+
+/// The agent's answer classes that callers act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Other,
+}
+
+impl AgentError {
+    pub fn new(detail: impl Into<String>) -> Self {
+        Self {
+            detail: detail.into(),
+            code: None,
+        }
+    }
 }
 
 /// One connection to one guest's agent.
@@ -35,6 +56,26 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
     async fn guest_details(&self, timeout: Duration) -> Result<GuestDetails, AgentError>;
     /// Asks the guest to power off; the VMM exits shortly after.
     async fn shutdown(&self, timeout: Duration) -> Result<(), AgentError>;
+
+    /// Creates a container from an OCI spec (JSON) whose rootfs is
+    /// `rootfs`, a path relative to the shared filesystem.
+    async fn create_container(
+        &self,
+        id: &str,
+        oci_spec: Vec<u8>,
+        rootfs: &str,
+    ) -> Result<(), AgentError>;
+    async fn start_container(&self, id: &str) -> Result<(), AgentError>;
+    async fn signal_container(&self, id: &str, signal: u32, all: bool) -> Result<(), AgentError>;
+    /// Blocks until the container's init process exits; its exit status.
+    async fn wait_container(&self, id: &str) -> Result<i32, AgentError>;
+    async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError>;
+    /// Blocks until output is there; `None` at the end of the stream.
+    async fn read_output(
+        &self,
+        id: &str,
+        stream: crate::container_log::Stream,
+    ) -> Result<Option<Vec<u8>>, AgentError>;
 }
 
 /// Opens connections to agents.

@@ -9,7 +9,18 @@ use agent::{
 use async_trait::async_trait;
 use hypervisor::VsockChannel;
 
-use crate::agent::{AgentClient, AgentDialer, AgentError, GuestDetails};
+use crate::{
+    agent::{AgentClient, AgentCode, AgentDialer, AgentError, GuestDetails},
+    container_log::Stream,
+};
+
+/// Containers' calls block (wait, read) as long as the container runs; the
+/// transport's deadline must not cut them short.
+const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Container management calls (create runs the guest's OCI runtime).
+const CONTAINER_CALL: Duration = Duration::from_secs(60);
+/// Bytes per ReadStdout/ReadStderr round trip.
+const READ_CHUNK: u32 = 64 * 1024;
 
 /// Dials the agent port through the VM's vsock channel.
 #[derive(Debug, Default, Clone, Copy)]
@@ -28,9 +39,9 @@ impl AgentDialer for TtrpcDialer {
                 port: agent::AGENT_VSOCK_PORT,
             },
         };
-        let socket = agent::dial(&endpoint).await.map_err(|e| AgentError {
-            detail: error_chain(&e),
-        })?;
+        let socket = agent::dial(&endpoint)
+            .await
+            .map_err(|e| AgentError::new(error_chain(&e)))?;
         let client = ttrpc::asynchronous::Client::new(socket);
         Ok(Arc::new(TtrpcAgent {
             health: agent_ttrpc::HealthClient::new(client.clone()),
@@ -45,14 +56,12 @@ impl AgentDialer for TtrpcDialer {
     ) -> Result<(), AgentError> {
         match channel {
             VsockChannel::Hybrid { uds } => {
-                agent::wait_ready_hybrid(uds, timeout)
-                    .await
-                    .map_err(|e| AgentError {
-                        detail: format!(
-                            "waiting for the agent's readiness notice: {}",
-                            error_chain(&e)
-                        ),
-                    })
+                agent::wait_ready_hybrid(uds, timeout).await.map_err(|e| {
+                    AgentError::new(format!(
+                        "waiting for the agent's readiness notice: {}",
+                        error_chain(&e)
+                    ))
+                })
             }
             // Kernel vsock has no device to upset: the caller polls.
             VsockChannel::Kernel { .. } => Ok(()),
@@ -77,11 +86,22 @@ fn ctx(timeout: Duration) -> ttrpc::context::Context {
 }
 
 fn rpc_error(err: ttrpc::Error) -> AgentError {
-    let detail = match err {
-        ttrpc::Error::RpcStatus(status) => format!("{:?}: {}", status.code(), status.message()),
-        other => other.to_string(),
-    };
-    AgentError { detail }
+    match err {
+        ttrpc::Error::RpcStatus(status) => {
+            let code = match status.code() {
+                ttrpc::Code::INVALID_ARGUMENT => AgentCode::InvalidArgument,
+                ttrpc::Code::NOT_FOUND => AgentCode::NotFound,
+                ttrpc::Code::ALREADY_EXISTS => AgentCode::AlreadyExists,
+                ttrpc::Code::FAILED_PRECONDITION => AgentCode::FailedPrecondition,
+                _ => AgentCode::Other,
+            };
+            AgentError {
+                detail: status.message().to_string(),
+                code: Some(code),
+            }
+        }
+        other => AgentError::new(other.to_string()),
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -105,9 +125,7 @@ impl AgentClient for TtrpcAgent {
             .map_err(rpc_error)?;
         match resp.status.enum_value() {
             Ok(pb::check_response::ServingStatus::SERVING) => Ok(()),
-            other => Err(AgentError {
-                detail: format!("agent is not serving: {other:?}"),
-            }),
+            other => Err(AgentError::new(format!("agent is not serving: {other:?}"))),
         }
     }
 
@@ -134,5 +152,82 @@ impl AgentClient for TtrpcAgent {
             .await
             .map_err(rpc_error)
             .map(drop)
+    }
+
+    async fn create_container(
+        &self,
+        id: &str,
+        oci_spec: Vec<u8>,
+        rootfs: &str,
+    ) -> Result<(), AgentError> {
+        let mut req = pb::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec = oci_spec;
+        req.rootfs_shared_path = rootfs.into();
+        self.agent
+            .create_container(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), AgentError> {
+        let mut req = pb::ContainerRequest::new();
+        req.container_id = id.into();
+        self.agent
+            .start_container(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+
+    async fn signal_container(&self, id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
+        let mut req = pb::SignalProcessRequest::new();
+        req.container_id = id.into();
+        req.signal = signal;
+        req.all = all;
+        self.agent
+            .signal_process(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+
+    async fn wait_container(&self, id: &str) -> Result<i32, AgentError> {
+        let mut req = pb::ContainerRequest::new();
+        req.container_id = id.into();
+        let resp = self
+            .agent
+            .wait_process(ctx(NO_DEADLINE), &req)
+            .await
+            .map_err(rpc_error)?;
+        Ok(resp.exit_status)
+    }
+
+    async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
+        let mut req = pb::RemoveContainerRequest::new();
+        req.container_id = id.into();
+        req.force = force;
+        self.agent
+            .remove_container(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+
+    async fn read_output(&self, id: &str, stream: Stream) -> Result<Option<Vec<u8>>, AgentError> {
+        let mut req = pb::ReadStreamRequest::new();
+        req.container_id = id.into();
+        req.max_bytes = READ_CHUNK;
+        let resp = match stream {
+            Stream::Stdout => self.agent.read_stdout(ctx(NO_DEADLINE), &req).await,
+            Stream::Stderr => self.agent.read_stderr(ctx(NO_DEADLINE), &req).await,
+        }
+        .map_err(rpc_error)?;
+        Ok(if resp.eof && resp.data.is_empty() {
+            None
+        } else {
+            Some(resp.data)
+        })
     }
 }

@@ -55,6 +55,26 @@ pub enum Error {
         call: &'static str,
         detail: String,
     },
+    #[error("container {id} not found in sandbox {sandbox}")]
+    ContainerNotFound { sandbox: String, id: String },
+    #[error("container {id} already exists in sandbox {sandbox}")]
+    ContainerExists { sandbox: String, id: String },
+    #[error("invalid container {id:?}: {detail}")]
+    InvalidContainer { id: String, detail: String },
+    #[error("cannot {action} container {id}: it is {state}{hint}")]
+    ContainerWrongState {
+        id: String,
+        action: &'static str,
+        state: crate::container::ContainerState,
+        hint: &'static str,
+    },
+    #[error("container {id}: the agent refused {call}: {detail}")]
+    AgentRefused {
+        id: String,
+        call: &'static str,
+        detail: String,
+        kind: ErrorKind,
+    },
     #[error("{action} {path}")]
     Io {
         action: &'static str,
@@ -73,6 +93,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// An agent call about container `id` failed: the agent's own refusal
+    /// keeps its class, a transport failure is Unavailable.
+    pub(crate) fn from_agent(id: &str, call: &'static str, err: crate::agent::AgentError) -> Self {
+        use crate::agent::AgentCode;
+        let kind = match err.code {
+            Some(AgentCode::InvalidArgument) => ErrorKind::InvalidArgument,
+            Some(AgentCode::NotFound) => ErrorKind::NotFound,
+            Some(AgentCode::AlreadyExists) => ErrorKind::AlreadyExists,
+            Some(AgentCode::FailedPrecondition) => ErrorKind::FailedPrecondition,
+            Some(AgentCode::Other) => ErrorKind::Internal,
+            None => ErrorKind::Unavailable,
+        };
+        Error::AgentRefused {
+            id: id.into(),
+            call,
+            detail: err.detail,
+            kind,
+        }
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::InvalidId { .. } => ErrorKind::InvalidArgument,
@@ -89,6 +129,11 @@ impl Error {
             Error::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
             Error::Io { .. } | Error::CorruptState { .. } => ErrorKind::Internal,
             Error::Config { .. } => ErrorKind::InvalidArgument,
+            Error::ContainerNotFound { .. } => ErrorKind::NotFound,
+            Error::ContainerExists { .. } => ErrorKind::AlreadyExists,
+            Error::InvalidContainer { .. } => ErrorKind::InvalidArgument,
+            Error::ContainerWrongState { .. } => ErrorKind::FailedPrecondition,
+            Error::AgentRefused { kind, .. } => *kind,
         }
     }
 

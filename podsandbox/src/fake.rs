@@ -112,9 +112,7 @@ impl FakeDialer {
 impl AgentDialer for FakeDialer {
     async fn dial(&self, _channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError> {
         if !self.answers {
-            return Err(AgentError {
-                detail: "connection refused (fake)".into(),
-            });
+            return Err(AgentError::new("connection refused (fake)"));
         }
         Ok(Arc::new(self.clone()))
     }
@@ -126,9 +124,7 @@ impl AgentDialer for FakeDialer {
     ) -> Result<(), AgentError> {
         if !self.answers {
             tokio::time::sleep(timeout).await;
-            return Err(AgentError {
-                detail: "no readiness notice (fake)".into(),
-            });
+            return Err(AgentError::new("no readiness notice (fake)"));
         }
         Ok(())
     }
@@ -164,5 +160,58 @@ impl AgentClient for FakeDialer {
             .unwrap_or_else(|e| e.into_inner())
             .push("shutdown");
         Ok(())
+    }
+
+    async fn create_container(
+        &self,
+        _id: &str,
+        _spec: Vec<u8>,
+        _rootfs: &str,
+    ) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("create_container");
+        Ok(())
+    }
+    async fn start_container(&self, _id: &str) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("start_container");
+        Ok(())
+    }
+    async fn signal_container(
+        &self,
+        _id: &str,
+        _signal: u32,
+        _all: bool,
+    ) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("signal_container");
+        Ok(())
+    }
+    async fn wait_container(&self, _id: &str) -> Result<i32, AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("wait_container");
+        Ok(0)
+    }
+    async fn remove_container(&self, _id: &str, _force: bool) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("remove_container");
+        Ok(())
+    }
+    async fn read_output(
+        &self,
+        _id: &str,
+        _stream: crate::container_log::Stream,
+    ) -> Result<Option<Vec<u8>>, AgentError> {
+        Ok(None)
     }
 }

@@ -19,10 +19,16 @@
 pub mod agent;
 mod agent_ttrpc;
 pub mod config;
+pub mod container;
+mod container_create;
+mod container_delete;
+mod container_kill;
 pub mod container_log;
+mod container_start;
 mod error;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+mod mounts;
 mod sandbox;
 mod sandbox_create;
 mod sandbox_delete;

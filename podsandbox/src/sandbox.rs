@@ -96,6 +96,9 @@ pub(crate) struct RuntimeInner {
     pub(crate) store: Store,
     pub(crate) vms: Arc<dyn VmFactory>,
     pub(crate) dialer: Arc<dyn AgentDialer>,
+    /// Tasks copying containers' output to their logs, by "sandbox/container".
+    pub(crate) copiers:
+        std::sync::Mutex<std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -128,6 +131,7 @@ impl Runtime {
                 store,
                 vms,
                 dialer,
+                copiers: Default::default(),
             }),
         })
     }
@@ -306,6 +310,18 @@ impl Locked {
         })?;
         self.record.vm = Some(vm.state());
         Ok(())
+    }
+
+    /// The position of container `id` in the record.
+    pub(crate) fn container_index(&self, id: &str) -> Result<usize> {
+        self.record
+            .containers
+            .iter()
+            .position(|c| c.id == id)
+            .ok_or_else(|| Error::ContainerNotFound {
+                sandbox: self.record.id.clone(),
+                id: id.into(),
+            })
     }
 
     pub(crate) fn vm(&self) -> Result<&Arc<dyn Hypervisor>> {

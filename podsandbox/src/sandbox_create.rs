@@ -34,6 +34,7 @@ impl Runtime {
             created_at: now_secs(),
             reason: None,
             vm: None,
+            containers: Vec::new(),
         };
         let store = &self.inner.store;
         store.reserve(&id)?;
@@ -76,16 +77,7 @@ impl Runtime {
         let run_dir = self.run_dir(&id);
         // A run dir without a sandbox is debris of a crashed create.
         if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir).map_err(|source| {
-                (
-                    Error::Io {
-                        action: "remove stale run dir",
-                        path: run_dir.clone(),
-                        source,
-                    },
-                    None,
-                )
-            })?;
+            crate::mounts::remove_tree(&run_dir).map_err(|e| (e, None))?;
         }
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -218,10 +210,8 @@ impl Runtime {
             }
         }
         let run_dir = self.run_dir(id);
-        if let Err(err) = std::fs::remove_dir_all(&run_dir) {
-            if err.kind() != std::io::ErrorKind::NotFound {
-                problems.push(format!("remove {}: {err}", run_dir.display()));
-            }
+        if let Err(err) = crate::mounts::remove_tree(&run_dir) {
+            problems.push(err.chain());
         }
         if problems.is_empty() {
             if let Err(err) = self.inner.store.remove(id) {

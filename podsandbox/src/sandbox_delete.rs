@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::{sandbox::Sandbox, state::Action, Error, Result};
+use crate::{sandbox::Sandbox, state::Action, Result};
 
 impl Sandbox {
     pub async fn delete(&self) -> Result<()> {
@@ -11,18 +11,9 @@ impl Sandbox {
         let mut s = rt.locked(self.id()).await?;
         s.transition(Action::Delete)?;
         s.stop_vm(Duration::from_secs(2)).await?;
-        let run_dir = rt.run_dir(self.id());
-        match std::fs::remove_dir_all(&run_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    action: "remove run dir",
-                    path: run_dir,
-                    source,
-                })
-            }
-        }
+        // Container rootfs bind mounts are detached first: removing the
+        // tree through them would delete the sources' files.
+        crate::mounts::remove_tree(&rt.run_dir(self.id()))?;
         rt.inner.store.remove(self.id())?;
         tracing::info!(id = %self.id(), "sandbox deleted");
         Ok(())

@@ -34,6 +34,10 @@ impl Sandbox {
             }
         }
         s.stop_vm(Duration::from_secs(2)).await?;
+        // Containers end with their VM.
+        for c in &mut s.record.containers {
+            c.state = crate::container::ContainerState::Stopped;
+        }
         s.record.state = next;
         rt.inner.store.save(&s.record)?;
         tracing::info!(id = %self.id(), "sandbox stopped");

@@ -35,6 +35,9 @@ pub struct SandboxRecord {
     pub reason: Option<String>,
     /// The VM, once booted.
     pub vm: Option<hypervisor::VmState>,
+    /// The sandbox's containers, in creation order.
+    #[serde(default)]
+    pub containers: Vec<crate::container::ContainerRecord>,
 }
 
 /// Holds a sandbox's lock until dropped.
@@ -140,6 +143,7 @@ impl Store {
                         created_at: 0,
                         reason: None,
                         vm: None,
+                        containers: Vec::new(),
                     });
                 }
                 return Err(Error::NotFound { id: id.into() });
@@ -245,6 +249,7 @@ mod tests {
             created_at: 1,
             reason: None,
             vm: None,
+            containers: Vec::new(),
         }
     }
 

@@ -107,6 +107,8 @@ impl TestEnv {
     pub fn assert_nothing_left(&self, id: &str) {
         let procs = self.processes();
         assert!(procs.is_empty(), "processes left behind: {procs:?}");
+        let mounts = mounts_under(self.dir.path());
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
         assert!(
             !self.run_dir(id).exists(),
             "run dir {} left behind",
@@ -158,6 +160,12 @@ impl Drop for TestEnv {
             }
         }
         reap_orphaned_vmms();
+        // Detach before TempDir removes the tree: never delete through a mount.
+        let mut mounts = mounts_under(self.dir.path());
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in &mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
         if !leftovers.is_empty() && !std::thread::panicking() {
             eprintln!("leak guard killed {leftovers:?}");
         }
@@ -250,6 +258,35 @@ fn toml_of(c: &RuntimeConfig) -> String {
         "state_dir = {:?}\nrun_dir = {:?}\n\n[hypervisor]\nkernel = {:?}\ninitrd = {:?}\nkernel_params = {:?}\n\n[agent]\ndial_timeout_ms = {}\n",
         c.state_dir, c.run_dir, hv.kernel, hv.initrd, hv.kernel_params, c.agent.dial_timeout_ms
     )
+}
+
+/// A minimal container rootfs: Debian's busybox-static and its applets.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("busybox-rootfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static is installed by hack/install-deps.sh");
+    for applet in [
+        "sh", "echo", "sleep", "ls", "cat", "id", "true", "false", "hostname", "kill",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+    root
+}
+
+/// Mount points at or below `dir` (a leak check and cleanup target).
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(String::from)
+        .collect()
 }
 
 /// Builds a throwaway initramfs whose /init (busybox sh) runs `script`:

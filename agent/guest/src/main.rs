@@ -7,10 +7,12 @@
 //! Run as anything but PID 1 it refuses to touch the system (it would mount
 //! over the host's /proc), so it is safe to execute by mistake on a host.
 
+mod container;
 mod init;
 mod notify;
 mod reaper;
 mod service;
+mod storage;
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
@@ -25,8 +27,18 @@ fn main() -> ExitCode {
         // Without /proc and the console there is little to report through.
         eprintln!("vc-agent: early init failed: {err:#}");
     }
+    // Log to the console through a handle of our own, not fd 2: processes
+    // forked by libcontainer inherit the subscriber, and their fd 2 is the
+    // container's stderr, which must carry only the container's output.
+    let console = std::fs::OpenOptions::new().write(true).open("/dev/console");
+    let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(match console {
+        Ok(file) => {
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+        Err(_) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    });
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(false)
         .without_time()
         .with_target(false)
@@ -54,10 +66,12 @@ fn main() -> ExitCode {
 async fn run() -> anyhow::Result<()> {
     let loaded = init::load_modules(init::BOOT_MODULES)?;
     tracing::debug!(loaded, "boot modules loaded");
-    reaper::spawn()?;
+    let reaper = reaper::Reaper::spawn()?;
+    let (modules_done, modules_loaded) = tokio::sync::watch::channel(false);
+    let containers = container::Containers::new(storage::Storage::new(modules_loaded), reaper);
 
     let listener = bind_vsock().await?;
-    let services = service::AgentService::new();
+    let services = service::AgentService::new(containers);
     let health = agent_ttrpc::create_health(Arc::new(services.clone()));
     let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
     let mut server = ttrpc::asynchronous::Server::new()
@@ -71,9 +85,12 @@ async fn run() -> anyhow::Result<()> {
     // Storage and network modules are not needed to answer the host; load
     // them off the critical path. RPCs that attach such devices (later
     // issues) must wait for this to finish.
-    tokio::task::spawn_blocking(|| match init::load_modules(init::LATER_MODULES) {
-        Ok(n) => tracing::debug!(loaded = n, "later modules loaded"),
-        Err(err) => tracing::error!("loading modules: {err:#}"),
+    tokio::task::spawn_blocking(move || {
+        match init::load_modules(init::LATER_MODULES) {
+            Ok(n) => tracing::debug!(loaded = n, "later modules loaded"),
+            Err(err) => tracing::error!("loading modules: {err:#}"),
+        }
+        let _ = modules_done.send(true);
     });
 
     services.wait_shutdown().await;

@@ -7,6 +7,8 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use ttrpc::asynchronous::TtrpcContext;
 
+use crate::container::{Containers, Failure};
+
 /// One state shared by both services.
 #[derive(Clone, Debug)]
 pub struct AgentService {
@@ -15,15 +17,17 @@ pub struct AgentService {
 
 #[derive(Debug)]
 struct Inner {
+    containers: Containers,
     shutdown: Notify,
     /// Uptime when the API started serving, in ms.
     ready_ms: std::sync::OnceLock<u64>,
 }
 
 impl AgentService {
-    pub fn new() -> Self {
+    pub fn new(containers: Containers) -> Self {
         Self {
             inner: Arc::new(Inner {
+                containers,
                 shutdown: Notify::new(),
                 ready_ms: std::sync::OnceLock::new(),
             }),
@@ -43,6 +47,18 @@ impl AgentService {
 
 fn internal(err: impl std::fmt::Display) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, err.to_string()))
+}
+
+/// Container failures as ttrpc statuses: the one mapping of the agent.
+fn status(failure: Failure) -> ttrpc::Error {
+    let (code, msg) = match failure {
+        Failure::InvalidArgument(m) => (ttrpc::Code::INVALID_ARGUMENT, m),
+        Failure::NotFound(m) => (ttrpc::Code::NOT_FOUND, m),
+        Failure::AlreadyExists(m) => (ttrpc::Code::ALREADY_EXISTS, m),
+        Failure::FailedPrecondition(m) => (ttrpc::Code::FAILED_PRECONDITION, m),
+        Failure::Internal(m) => (ttrpc::Code::INTERNAL, m),
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 
 #[async_trait]
@@ -100,6 +116,109 @@ impl agent_ttrpc::Agent for AgentService {
     ) -> ttrpc::Result<pb::ShutdownResponse> {
         self.inner.shutdown.notify_one();
         Ok(pb::ShutdownResponse::new())
+    }
+
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::CreateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let c = &self.inner.containers;
+        c.create(&r.container_id, &r.oci_spec, &r.rootfs_shared_path)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .start(&r.container_id)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        r: pb::SignalProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .signal(&r.container_id, r.signal, r.all)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::WaitProcessResponse> {
+        let exit = self
+            .inner
+            .containers
+            .wait(&r.container_id)
+            .await
+            .map_err(status)?;
+        let mut resp = pb::WaitProcessResponse::new();
+        resp.exit_status = exit;
+        Ok(resp)
+    }
+
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::RemoveContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .remove(&r.container_id, r.force)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn read_stdout(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ReadStreamRequest,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
+        self.read_stream(r, false).await
+    }
+
+    async fn read_stderr(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ReadStreamRequest,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
+        self.read_stream(r, true).await
+    }
+}
+
+impl AgentService {
+    async fn read_stream(
+        &self,
+        r: pb::ReadStreamRequest,
+        stderr: bool,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
+        let max = usize::try_from(r.max_bytes).unwrap_or(usize::MAX);
+        let (data, eof) = self
+            .inner
+            .containers
+            .read(&r.container_id, stderr, max)
+            .await
+            .map_err(status)?;
+        let mut resp = pb::ReadStreamResponse::new();
+        resp.data = data;
+        resp.eof = eof;
+        Ok(resp)
     }
 }
 

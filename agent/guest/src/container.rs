@@ -1,0 +1,325 @@
+//! Containers inside the VM, run by youki's libcontainer from OCI specs.
+//!
+//! Each container gets a bundle under /run/vc/bundles/<id> (its config.json
+//! pointing at the rootfs in the shared filesystem), libcontainer state
+//! under /run/vc/containers, and pipes for stdout and stderr that the host
+//! drains with ReadStdout / ReadStderr.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Component, Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use libcontainer::{
+    container::{builder::ContainerBuilder, Container},
+    signal::Signal,
+    syscall::syscall::SyscallType,
+};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use tokio::{io::AsyncReadExt, net::unix::pipe};
+
+use crate::{reaper::Reaper, storage::Storage};
+
+const BUNDLES: &str = "/run/vc/bundles";
+
+/// libcontainer's create changes the whole process's working directory
+/// while it sets up sockets: one create at a time.
+static CREATE: Mutex<()> = Mutex::new(());
+const STATE: &str = "/run/vc/containers";
+
+/// Why a container call failed; becomes a ttrpc status.
+#[derive(Debug)]
+pub enum Failure {
+    InvalidArgument(String),
+    NotFound(String),
+    AlreadyExists(String),
+    FailedPrecondition(String),
+    Internal(String),
+}
+
+type Result<T> = std::result::Result<T, Failure>;
+
+struct Entry {
+    container: Container,
+    stdout: Option<Arc<tokio::sync::Mutex<pipe::Receiver>>>,
+    stderr: Option<Arc<tokio::sync::Mutex<pipe::Receiver>>>,
+}
+
+#[derive(Clone)]
+pub struct Containers {
+    entries: Arc<Mutex<HashMap<String, Arc<Mutex<Entry>>>>>,
+    storage: Storage,
+    reaper: Reaper,
+}
+
+impl std::fmt::Debug for Containers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Containers")
+    }
+}
+
+/// Container IDs become directory names.
+fn check_id(id: &str) -> Result<()> {
+    let mut chars = id.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && id.len() <= 128
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::InvalidArgument(format!(
+            "invalid container ID {id:?}"
+        )))
+    }
+}
+
+/// A path relative to the shared filesystem, without `..` or a root.
+fn shared_path(rel: &str) -> Result<PathBuf> {
+    let rel_path = Path::new(rel);
+    if rel.is_empty()
+        || !rel_path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(Failure::InvalidArgument(format!(
+            "rootfs {rel:?} must be a relative path inside the shared filesystem"
+        )));
+    }
+    Ok(Path::new(agent::SHARED_FS_GUEST_PATH).join(rel_path))
+}
+
+/// A pipe whose read end is non-blocking (for tokio) and write end blocking
+/// (for the container).
+fn pipe_pair() -> Result<(pipe::Receiver, OwnedFd)> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| Failure::Internal(format!("pipe: {e}")))?;
+    fcntl(read.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+        .map_err(|e| Failure::Internal(format!("fcntl: {e}")))?;
+    let receiver =
+        pipe::Receiver::from_owned_fd(read).map_err(|e| Failure::Internal(format!("pipe: {e}")))?;
+    Ok((receiver, write))
+}
+
+impl Containers {
+    pub fn new(storage: Storage, reaper: Reaper) -> Self {
+        Self {
+            entries: Arc::default(),
+            storage,
+            reaper,
+        }
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Mutex<Entry>>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Failure::NotFound(format!("container {id} not found")))
+    }
+
+    pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<()> {
+        check_id(id)?;
+        let rootfs = shared_path(rootfs)?;
+        if self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+        {
+            return Err(Failure::AlreadyExists(format!(
+                "container {id} already exists"
+            )));
+        }
+        self.storage
+            .shared()
+            .await
+            .map_err(Failure::FailedPrecondition)?;
+        if !rootfs.is_dir() {
+            return Err(Failure::InvalidArgument(format!(
+                "rootfs {} is not a directory in the guest",
+                rootfs.display()
+            )));
+        }
+        let mut spec: serde_json::Value = serde_json::from_slice(spec_json)
+            .map_err(|e| Failure::InvalidArgument(format!("OCI spec is not valid JSON: {e}")))?;
+        let root = spec
+            .as_object_mut()
+            .ok_or_else(|| Failure::InvalidArgument("OCI spec must be a JSON object".into()))?
+            .entry("root")
+            .or_insert_with(|| serde_json::json!({}));
+        root["path"] = serde_json::Value::String(rootfs.display().to_string());
+        let bundle = Path::new(BUNDLES).join(id);
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| Failure::Internal(format!("mkdir bundle: {e}")))?;
+        std::fs::create_dir_all(STATE)
+            .map_err(|e| Failure::Internal(format!("mkdir state: {e}")))?;
+        let config = serde_json::to_vec(&spec).map_err(|e| Failure::Internal(e.to_string()))?;
+        std::fs::write(bundle.join("config.json"), config)
+            .map_err(|e| Failure::Internal(format!("write config: {e}")))?;
+
+        let (stdout_r, stdout_w) = pipe_pair()?;
+        let (stderr_r, stderr_w) = pipe_pair()?;
+        let devnull = std::fs::File::open("/dev/null")
+            .map_err(|e| Failure::Internal(format!("/dev/null: {e}")))?;
+        let id_owned = id.to_string();
+        let bundle_for_build = bundle.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
+            ContainerBuilder::new(id_owned, SyscallType::default())
+                .with_root_path(STATE)
+                .map(|b| {
+                    b.with_stdin(OwnedFd::from(devnull))
+                        .with_stdout(stdout_w)
+                        .with_stderr(stderr_w)
+                        .as_init(&bundle_for_build)
+                        .with_systemd(false)
+                        // The guest's root is the initramfs (rootfs), which
+                        // pivot_root(2) cannot move: enter the container's
+                        // root with MS_MOVE + chroot instead.
+                        .with_no_pivot(true)
+                        .with_detach(true)
+                })
+                .and_then(|b| b.build())
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("create task: {e}")))?;
+        let container = match built {
+            Ok(c) => c,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                let _ = std::fs::remove_dir_all(Path::new(STATE).join(id));
+                return Err(Failure::InvalidArgument(format!(
+                    "cannot create container {id}: {err}"
+                )));
+            }
+        };
+        let entry = Entry {
+            container,
+            stdout: Some(Arc::new(tokio::sync::Mutex::new(stdout_r))),
+            stderr: Some(Arc::new(tokio::sync::Mutex::new(stderr_r))),
+        };
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), Arc::new(Mutex::new(entry)));
+        Ok(())
+    }
+
+    pub async fn start(&self, id: &str) -> Result<()> {
+        let entry = self.get(id)?;
+        tokio::task::spawn_blocking(move || {
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            if !e.container.can_start() {
+                return Err(Failure::FailedPrecondition(format!(
+                    "container {} cannot be started: it is {:?}",
+                    e.container.id(),
+                    e.container.status()
+                )));
+            }
+            e.container
+                .start()
+                .map_err(|err| Failure::Internal(format!("start: {err}")))
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("start task: {e}")))?
+    }
+
+    pub async fn signal(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let entry = self.get(id)?;
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
+        tokio::task::spawn_blocking(move || {
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            e.container
+                .kill(sig, all)
+                .map_err(|err| Failure::FailedPrecondition(format!("signal: {err}")))
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("signal task: {e}")))?
+    }
+
+    pub async fn wait(&self, id: &str) -> Result<i32> {
+        let entry = self.get(id)?;
+        let pid = entry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .container
+            .pid()
+            .ok_or_else(|| Failure::FailedPrecondition(format!("container {id} has no process")))?;
+        Ok(self.reaper.wait(pid.as_raw()).await)
+    }
+
+    pub async fn remove(&self, id: &str, force: bool) -> Result<()> {
+        let entry = self.get(id)?;
+        tokio::task::spawn_blocking(move || {
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            e.stdout = None;
+            e.stderr = None;
+            e.container
+                .delete(force)
+                .map_err(|err| Failure::FailedPrecondition(format!("remove: {err}")))
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("remove task: {e}")))??;
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let _ = std::fs::remove_dir_all(Path::new(BUNDLES).join(id));
+        Ok(())
+    }
+
+    /// Up to `max` bytes of stdout (or stderr); empty with `eof` at the end.
+    pub async fn read(&self, id: &str, stderr: bool, max: usize) -> Result<(Vec<u8>, bool)> {
+        let entry = self.get(id)?;
+        let stream = {
+            let e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            if stderr {
+                e.stderr.clone()
+            } else {
+                e.stdout.clone()
+            }
+        };
+        let Some(stream) = stream else {
+            return Ok((Vec::new(), true));
+        };
+        let mut buf = vec![0u8; max.clamp(1, 1 << 20)];
+        let n = stream
+            .lock()
+            .await
+            .read(&mut buf)
+            .await
+            .map_err(|e| Failure::Internal(format!("read: {e}")))?;
+        buf.truncate(n);
+        Ok((buf, n == 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rootfs_paths_stay_inside_the_shared_fs() {
+        assert_eq!(
+            shared_path("c1/rootfs").ok(),
+            Some(PathBuf::from("/run/vc/shared/c1/rootfs"))
+        );
+        for bad in ["", "/etc", "../x", "c1/../../x", "./c1"] {
+            assert!(shared_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn container_ids() {
+        assert!(check_id("c1").is_ok());
+        for bad in ["", "../x", "a/b", ".x"] {
+            assert!(check_id(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! DeleteContainer: remove a stopped (or never started) container from the
+//! guest and its rootfs bind mount from the host.
+
+use crate::{container::ContainerState, mounts, sandbox::Runtime, Error, Result};
+
+impl Runtime {
+    pub async fn delete_container(&self, sandbox_id: &str, id: &str) -> Result<()> {
+        let mut s = self.locked(sandbox_id).await?;
+        let idx = s.container_index(id)?;
+        let state = s.record.containers[idx].state;
+        if state == ContainerState::Running {
+            return Err(Error::ContainerWrongState {
+                id: id.into(),
+                action: "delete",
+                state,
+                hint: " (stop it first)",
+            });
+        }
+        if let Some(vm) = s.vm.clone() {
+            if s.record.state.vm_expected() {
+                let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+                match agent.remove_container(id, true).await {
+                    Ok(()) => {}
+                    // The guest forgot it already (e.g. removed before a crash).
+                    Err(e) if e.code == Some(crate::agent::AgentCode::NotFound) => {}
+                    Err(e) => return Err(Error::from_agent(id, "remove", e)),
+                }
+            }
+        }
+        let container_dir = self.run_dir(sandbox_id).join("shared").join(id);
+        mounts::remove_tree(&container_dir)?;
+        s.record.containers.remove(idx);
+        self.inner.store.save(&s.record)?;
+        tracing::info!(sandbox = %sandbox_id, container = %id, "container deleted");
+        Ok(())
+    }
+}

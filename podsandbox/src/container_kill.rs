@@ -1,0 +1,146 @@
+//! KillContainer, WaitContainer and StopContainer (signal, grace, SIGKILL).
+
+use std::time::Duration;
+
+use crate::{
+    container::{ContainerState, ContainerStatus},
+    container_start::copier_key,
+    sandbox::Runtime,
+    Error, Result,
+};
+
+impl Runtime {
+    /// Sends `signal` to the container's process (or all its processes).
+    pub async fn kill_container(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        let s = self.locked(sandbox_id).await?;
+        let idx = s.container_index(id)?;
+        let state = s.record.containers[idx].state;
+        if state != ContainerState::Running {
+            return Err(Error::ContainerWrongState {
+                id: id.into(),
+                action: "signal",
+                state,
+                hint: "",
+            });
+        }
+        let vm = s.vm()?.clone();
+        let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+        agent
+            .signal_container(id, signal, all)
+            .await
+            .map_err(|e| Error::from_agent(id, "signal", e))
+    }
+
+    /// Waits for the container's process to exit (holding no lock while it
+    /// runs), then for its output to reach the log; returns the exit status.
+    pub async fn wait_container(&self, sandbox_id: &str, id: &str) -> Result<i32> {
+        let (agent, state, exit) = {
+            let s = self.locked(sandbox_id).await?;
+            let idx = s.container_index(id)?;
+            let vm = s.vm()?.clone();
+            let c = &s.record.containers[idx];
+            (
+                self.agent(sandbox_id, vm.as_ref()).await?,
+                c.state,
+                c.exit_code,
+            )
+        };
+        match (state, exit) {
+            (ContainerState::Stopped, Some(code)) => return Ok(code),
+            (ContainerState::Created, _) => {
+                return Err(Error::ContainerWrongState {
+                    id: id.into(),
+                    action: "wait for",
+                    state,
+                    hint: " (start it first)",
+                })
+            }
+            _ => {}
+        }
+        let code = agent
+            .wait_container(id)
+            .await
+            .map_err(|e| Error::from_agent(id, "wait", e))?;
+        let copiers = self
+            .inner
+            .copiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&copier_key(sandbox_id, id));
+        for task in copiers.into_iter().flatten() {
+            let _ = task.await;
+        }
+        let mut s = self.locked(sandbox_id).await?;
+        if let Ok(idx) = s.container_index(id) {
+            s.record.containers[idx].state = ContainerState::Stopped;
+            s.record.containers[idx].exit_code = Some(code);
+            self.inner.store.save(&s.record)?;
+        }
+        Ok(code)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns the exit status.
+    pub async fn stop_container(&self, sandbox_id: &str, id: &str, grace: Duration) -> Result<i32> {
+        let status = self.container_status(sandbox_id, id).await?;
+        match status.state {
+            ContainerState::Stopped => return Ok(status.exit_code.unwrap_or(0)),
+            ContainerState::Created => {
+                return Err(Error::ContainerWrongState {
+                    id: id.into(),
+                    action: "stop",
+                    state: status.state,
+                    hint: "",
+                })
+            }
+            ContainerState::Running => {}
+        }
+        self.kill_container(
+            sandbox_id,
+            id,
+            nix::sys::signal::Signal::SIGTERM as u32,
+            false,
+        )
+        .await?;
+        match tokio::time::timeout(grace, self.wait_container(sandbox_id, id)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.kill_container(
+                    sandbox_id,
+                    id,
+                    nix::sys::signal::Signal::SIGKILL as u32,
+                    true,
+                )
+                .await?;
+                self.wait_container(sandbox_id, id).await
+            }
+        }
+    }
+
+    pub async fn container_status(&self, sandbox_id: &str, id: &str) -> Result<ContainerStatus> {
+        let record = self.inner.store.load(sandbox_id)?;
+        record
+            .containers
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.status(sandbox_id))
+            .ok_or_else(|| Error::ContainerNotFound {
+                sandbox: sandbox_id.into(),
+                id: id.into(),
+            })
+    }
+
+    pub async fn list_containers(&self, sandbox_id: &str) -> Result<Vec<ContainerStatus>> {
+        let record = self.inner.store.load(sandbox_id)?;
+        Ok(record
+            .containers
+            .iter()
+            .map(|c| c.status(sandbox_id))
+            .collect())
+    }
+}

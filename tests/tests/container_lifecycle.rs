@@ -1,0 +1,197 @@
+//! Containers in a real pod VM: processes from OCI specs, run by the agent
+//! with libcontainer, their output in CRI log files on the host.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::Path;
+
+use podsandbox::{
+    container::{ContainerConfig, ContainerState},
+    ErrorKind, Runtime, SandboxConfig,
+};
+use tests::TestEnv;
+
+fn log_records(path: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut p = l.splitn(4, ' ');
+            let ts = p.next().unwrap_or("");
+            assert!(
+                ts.ends_with('Z') && ts.contains('T'),
+                "timestamp {ts:?} in {l:?}"
+            );
+            (
+                p.next().unwrap_or("").to_string(),
+                p.next().unwrap_or("").to_string(),
+                p.next().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_run_exit_log_and_take_signals() {
+    let env = TestEnv::new();
+    let rt = Runtime::new(env.config.clone()).expect("runtime");
+    rt.create_sandbox(SandboxConfig {
+        id: "pod".into(),
+        memory_mib: Some(512),
+        ..Default::default()
+    })
+    .await
+    .expect("create sandbox");
+    rt.start_sandbox("pod").await.expect("start sandbox");
+    let rootfs = tests::busybox_rootfs(env.dir.path());
+    let container = |id: &str, args: &[&str]| ContainerConfig {
+        id: id.into(),
+        rootfs: rootfs.clone(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        log_path: Some(env.dir.path().join(format!("{id}.log"))),
+        ..Default::default()
+    };
+
+    // echo hello → a CRI log line, exit 0.
+    let created = match rt
+        .create_container("pod", container("hello", &["/bin/echo", "hello"]))
+        .await
+    {
+        Ok(c) => c,
+        Err(err) => panic!(
+            "create: {}\nguest console:\n{}",
+            err.chain(),
+            std::fs::read_to_string(env.run_dir("pod").join("console.log")).unwrap_or_default()
+        ),
+    };
+    assert_eq!(created.state, ContainerState::Created);
+    assert_eq!(
+        rt.start_container("pod", "hello")
+            .await
+            .expect("start")
+            .state,
+        ContainerState::Running
+    );
+    assert_eq!(rt.wait_container("pod", "hello").await.expect("wait"), 0);
+    assert_eq!(
+        log_records(&env.dir.path().join("hello.log")),
+        [("stdout".into(), "F".into(), "hello".into())]
+    );
+    let status = rt.container_status("pod", "hello").await.expect("status");
+    assert_eq!(
+        (status.state, status.exit_code),
+        (ContainerState::Stopped, Some(0))
+    );
+
+    // An exit code passes through; stderr is its own stream; output just
+    // before exit is not lost.
+    rt.create_container(
+        "pod",
+        container(
+            "three",
+            &["/bin/sh", "-c", "echo oops >&2; printf tail; exit 3"],
+        ),
+    )
+    .await
+    .expect("create");
+    rt.start_container("pod", "three").await.expect("start");
+    assert_eq!(rt.wait_container("pod", "three").await.expect("wait"), 3);
+    let records = log_records(&env.dir.path().join("three.log"));
+    assert!(
+        records.contains(&("stderr".into(), "F".into(), "oops".into())),
+        "{records:?}"
+    );
+    assert!(
+        records.contains(&("stdout".into(), "F".into(), "tail".into())),
+        "{records:?}"
+    );
+
+    // A signal reaches the process: TERM to a shell that handles it.
+    rt.create_container(
+        "pod",
+        container(
+            "term",
+            &[
+                "/bin/sh",
+                "-c",
+                "trap 'exit 143' TERM; echo ready; while :; do sleep 1; done",
+            ],
+        ),
+    )
+    .await
+    .expect("create");
+    rt.start_container("pod", "term").await.expect("start");
+    for _ in 0..200 {
+        if !log_records(&env.dir.path().join("term.log")).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    rt.kill_container("pod", "term", 15, false)
+        .await
+        .expect("kill TERM");
+    assert_eq!(rt.wait_container("pod", "term").await.expect("wait"), 143);
+
+    // SIGKILL ends anything: 128 + 9.
+    rt.create_container("pod", container("sleeper", &["/bin/sleep", "1000"]))
+        .await
+        .expect("create");
+    rt.start_container("pod", "sleeper").await.expect("start");
+    let err = rt
+        .delete_container("pod", "sleeper")
+        .await
+        .expect_err("delete while running");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    rt.kill_container("pod", "sleeper", 9, true)
+        .await
+        .expect("kill -9");
+    assert_eq!(
+        rt.wait_container("pod", "sleeper").await.expect("wait"),
+        137
+    );
+
+    // Bad input.
+    let err = rt
+        .create_container("pod", container("hello", &["/bin/true"]))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    let err = rt
+        .create_container("pod", container("noargs", &[]))
+        .await
+        .expect_err("no args");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let mut missing = container("nofs", &["/bin/true"]);
+    missing.rootfs = env.dir.path().join("no-such-rootfs");
+    assert_eq!(
+        rt.create_container("pod", missing)
+            .await
+            .expect_err("rootfs")
+            .kind(),
+        ErrorKind::InvalidArgument
+    );
+    let err = rt
+        .start_container("pod", "ghost")
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err = rt
+        .start_container("pod", "hello")
+        .await
+        .expect_err("started twice");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+
+    for id in ["hello", "three", "term", "sleeper"] {
+        rt.delete_container("pod", id)
+            .await
+            .expect("delete container");
+    }
+    assert!(rt.list_containers("pod").await.expect("list").is_empty());
+    rt.stop_sandbox("pod").await.expect("stop");
+    rt.delete_sandbox("pod").await.expect("delete");
+    assert!(
+        rootfs.join("bin/busybox").exists(),
+        "the rootfs source survives"
+    );
+    env.assert_nothing_left("pod");
+}
