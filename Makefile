@@ -21,10 +21,12 @@ host: deps
 	$(CARGO) build --workspace --bins
 
 # The agent is PID 1 of an initramfs with no libc: link it statically
-# (glibc, crt-static). Its own target dir keeps these flags from rebuilding
+# (glibc, crt-static), libseccomp included (without LIBSECCOMP_LINK_TYPE
+# the binary links but crashes in its C start-up). Its own target dir keeps these flags from rebuilding
 # the host artefacts.
 guest: deps
 	RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \
+		LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 		$(CARGO) build --release -p vc-agent \
 		--target $(GUEST_TARGET) --target-dir target/guest
 	hack/build-guest.sh $(AGENT_BIN)

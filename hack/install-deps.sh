@@ -16,6 +16,7 @@ packages=(
   kmod                 # depmod, to resolve guest module dependencies
   binutils             # readelf, to check the agent and the kernel ELF
   libc6-dev            # static glibc for the vc-agent build
+  libseccomp-dev       # static libseccomp.a: the agent applies seccomp profiles
   python3              # small build helpers (module resolution)
 )
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// What a caller asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ContainerConfig {
     pub id: String,
     /// A host directory holding the container's root filesystem.
@@ -31,6 +31,8 @@ pub struct ContainerConfig {
     pub readonly_rootfs: bool,
     /// Where the host writes stdout and stderr in the CRI log format.
     pub log_path: Option<PathBuf>,
+    /// An OCI `linux.seccomp` profile, applied by the guest.
+    pub seccomp: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +113,14 @@ const DEFAULT_CAPS: &[&str] = &[
 /// namespaces (the VM's network), the usual API filesystems, masked and
 /// read-only paths as runc's defaults have them. `root.path` is set by the agent.
 pub fn oci_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
+    let mut spec = base_spec(config, sandbox_id);
+    if let Some(profile) = &config.seccomp {
+        spec["linux"]["seccomp"] = profile.clone();
+    }
+    spec
+}
+
+fn base_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
     let (uid, gid) = config.user.unwrap_or((0, 0));
     let mut env = config.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -194,5 +204,14 @@ mod tests {
             "no network namespace: the pod shares the VM's"
         );
         assert_eq!(spec["linux"]["cgroupsPath"], "/vc/c1");
+        assert!(spec["linux"].get("seccomp").is_none());
+        let with = ContainerConfig {
+            seccomp: Some(json!({"defaultAction": "SCMP_ACT_ALLOW"})),
+            ..cfg
+        };
+        assert_eq!(
+            oci_spec(&with, "pod1")["linux"]["seccomp"]["defaultAction"],
+            "SCMP_ACT_ALLOW"
+        );
     }
 }

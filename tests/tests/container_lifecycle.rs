@@ -150,6 +150,31 @@ async fn containers_run_exit_log_and_take_signals() {
         137
     );
 
+    // A seccomp profile is enforced in the guest: mkdir fails under one
+    // that denies it, and works without.
+    let deny_mkdir = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }],
+    });
+    let mut confined = container("confined", &["/bin/sh", "-c", "mkdir /tmp/x"]);
+    confined.seccomp = Some(deny_mkdir);
+    rt.create_container("pod", confined).await.expect("create");
+    rt.start_container("pod", "confined").await.expect("start");
+    assert_eq!(rt.wait_container("pod", "confined").await.expect("wait"), 1);
+    let records = log_records(&env.dir.path().join("confined.log"));
+    assert!(
+        records
+            .iter()
+            .any(|r| r.0 == "stderr" && r.2.contains("Operation not permitted")),
+        "{records:?}"
+    );
+    rt.create_container("pod", container("free", &["/bin/sh", "-c", "mkdir /tmp/x"]))
+        .await
+        .expect("create");
+    rt.start_container("pod", "free").await.expect("start");
+    assert_eq!(rt.wait_container("pod", "free").await.expect("wait"), 0);
+
     // Bad input.
     let err = rt
         .create_container("pod", container("hello", &["/bin/true"]))
@@ -181,7 +206,7 @@ async fn containers_run_exit_log_and_take_signals() {
         .expect_err("started twice");
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
 
-    for id in ["hello", "three", "term", "sleeper"] {
+    for id in ["hello", "three", "term", "sleeper", "confined", "free"] {
         rt.delete_container("pod", id)
             .await
             .expect("delete container");
