@@ -66,14 +66,32 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
         rootfs: &str,
     ) -> Result<(), AgentError>;
     async fn start_container(&self, id: &str) -> Result<(), AgentError>;
-    async fn signal_container(&self, id: &str, signal: u32, all: bool) -> Result<(), AgentError>;
-    /// Blocks until the container's init process exits; its exit status.
-    async fn wait_container(&self, id: &str) -> Result<i32, AgentError>;
+    /// Signals a process of container `id`: its init when `exec_id` is
+    /// empty, else that exec; `all`: every process of the container.
+    async fn signal_container(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError>;
+    /// Blocks until the process exits; its exit status.
+    async fn wait_container(&self, id: &str, exec_id: &str) -> Result<i32, AgentError>;
+    /// Starts another process in a running container.
+    async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[String],
+        env: &[String],
+        cwd: &str,
+    ) -> Result<(), AgentError>;
     async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError>;
     /// Blocks until output is there; `None` at the end of the stream.
     async fn read_output(
         &self,
         id: &str,
+        exec_id: &str,
         stream: crate::container_log::Stream,
     ) -> Result<Option<Vec<u8>>, AgentError>;
 }

@@ -181,9 +181,16 @@ impl AgentClient for TtrpcAgent {
             .map(drop)
     }
 
-    async fn signal_container(&self, id: &str, signal: u32, all: bool) -> Result<(), AgentError> {
+    async fn signal_container(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
         let mut req = pb::SignalProcessRequest::new();
         req.container_id = id.into();
+        req.exec_id = exec_id.into();
         req.signal = signal;
         req.all = all;
         self.agent
@@ -193,9 +200,10 @@ impl AgentClient for TtrpcAgent {
             .map(drop)
     }
 
-    async fn wait_container(&self, id: &str) -> Result<i32, AgentError> {
+    async fn wait_container(&self, id: &str, exec_id: &str) -> Result<i32, AgentError> {
         let mut req = pb::ContainerRequest::new();
         req.container_id = id.into();
+        req.exec_id = exec_id.into();
         let resp = self
             .agent
             .wait_process(ctx(NO_DEADLINE), &req)
@@ -215,9 +223,36 @@ impl AgentClient for TtrpcAgent {
             .map(drop)
     }
 
-    async fn read_output(&self, id: &str, stream: Stream) -> Result<Option<Vec<u8>>, AgentError> {
+    async fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[String],
+        env: &[String],
+        cwd: &str,
+    ) -> Result<(), AgentError> {
+        let mut req = pb::ExecProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.args = args.to_vec();
+        req.env = env.to_vec();
+        req.cwd = cwd.into();
+        self.agent
+            .exec_process(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+
+    async fn read_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: Stream,
+    ) -> Result<Option<Vec<u8>>, AgentError> {
         let mut req = pb::ReadStreamRequest::new();
         req.container_id = id.into();
+        req.exec_id = exec_id.into();
         req.max_bytes = READ_CHUNK;
         let resp = match stream {
             Stream::Stdout => self.agent.read_stdout(ctx(NO_DEADLINE), &req).await,

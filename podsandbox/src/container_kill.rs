@@ -32,7 +32,7 @@ impl Runtime {
         let vm = s.vm()?.clone();
         let agent = self.agent(sandbox_id, vm.as_ref()).await?;
         agent
-            .signal_container(id, signal, all)
+            .signal_container(id, "", signal, all)
             .await
             .map_err(|e| Error::from_agent(id, "signal", e))
     }
@@ -64,7 +64,7 @@ impl Runtime {
             _ => {}
         }
         let code = agent
-            .wait_container(id)
+            .wait_container(id, "")
             .await
             .map_err(|e| Error::from_agent(id, "wait", e))?;
         let copiers = self

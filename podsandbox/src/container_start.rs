@@ -36,7 +36,7 @@ impl Runtime {
                 tasks.push(tokio::spawn(async move {
                     let mut out = log.stream(stream);
                     loop {
-                        match agent.read_output(&cid, stream).await {
+                        match agent.read_output(&cid, "", stream).await {
                             Ok(Some(data)) => {
                                 if let Err(err) = out.push(&data) {
                                     tracing::warn!(container = %cid, "log write: {err}");

@@ -68,6 +68,8 @@ pub enum Error {
         state: crate::container::ContainerState,
         hint: &'static str,
     },
+    #[error("exec in container {id} did not finish within {secs}s; it was killed")]
+    ExecTimeout { id: String, secs: f64 },
     #[error("container {id}: the agent refused {call}: {detail}")]
     AgentRefused {
         id: String,
@@ -134,6 +136,7 @@ impl Error {
             Error::InvalidContainer { .. } => ErrorKind::InvalidArgument,
             Error::ContainerWrongState { .. } => ErrorKind::FailedPrecondition,
             Error::AgentRefused { kind, .. } => *kind,
+            Error::ExecTimeout { .. } => ErrorKind::DeadlineExceeded,
         }
     }
 

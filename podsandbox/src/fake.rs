@@ -184,6 +184,7 @@ impl AgentClient for FakeDialer {
     async fn signal_container(
         &self,
         _id: &str,
+        _exec: &str,
         _signal: u32,
         _all: bool,
     ) -> Result<(), AgentError> {
@@ -193,7 +194,21 @@ impl AgentClient for FakeDialer {
             .push("signal_container");
         Ok(())
     }
-    async fn wait_container(&self, _id: &str) -> Result<i32, AgentError> {
+    async fn exec_process(
+        &self,
+        _id: &str,
+        _exec: &str,
+        _args: &[String],
+        _env: &[String],
+        _cwd: &str,
+    ) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("exec_process");
+        Ok(())
+    }
+    async fn wait_container(&self, _id: &str, _exec: &str) -> Result<i32, AgentError> {
         self.calls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -210,6 +225,7 @@ impl AgentClient for FakeDialer {
     async fn read_output(
         &self,
         _id: &str,
+        _exec: &str,
         _stream: crate::container_log::Stream,
     ) -> Result<Option<Vec<u8>>, AgentError> {
         Ok(None)

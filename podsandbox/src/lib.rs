@@ -22,6 +22,7 @@ pub mod config;
 pub mod container;
 mod container_create;
 mod container_delete;
+pub mod container_exec;
 mod container_kill;
 pub mod container_log;
 mod container_start;

@@ -137,6 +137,51 @@ async fn containers_run_exit_log_and_take_signals() {
         .await
         .expect("create");
     rt.start_container("pod", "sleeper").await.expect("start");
+
+    // Exec while the main process runs: output, exit codes, a timeout.
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let ls = rt
+        .exec_sync("pod", "sleeper", args(&["/bin/ls", "/"]), None)
+        .await
+        .expect("exec ls");
+    assert_eq!(ls.exit_code, 0);
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        listing.lines().any(|l| l == "bin") && listing.lines().any(|l| l == "proc"),
+        "{listing}"
+    );
+    let five = rt
+        .exec_sync(
+            "pod",
+            "sleeper",
+            args(&["/bin/sh", "-c", "echo err >&2; exit 5"]),
+            None,
+        )
+        .await
+        .expect("exec exit 5");
+    assert_eq!(
+        (
+            five.exit_code,
+            five.stderr.as_slice(),
+            five.stdout.as_slice()
+        ),
+        (5, &b"err\n"[..], &b""[..])
+    );
+    let err = rt
+        .exec_sync(
+            "pod",
+            "sleeper",
+            args(&["/bin/sleep", "100"]),
+            Some(std::time::Duration::from_secs(1)),
+        )
+        .await
+        .expect_err("timeout");
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    let err = rt
+        .exec_sync("pod", "hello", args(&["/bin/true"]), None)
+        .await
+        .expect_err("stopped container");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     let err = rt
         .delete_container("pod", "sleeper")
         .await

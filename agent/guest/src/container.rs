@@ -41,10 +41,33 @@ pub enum Failure {
 
 type Result<T> = std::result::Result<T, Failure>;
 
+type Output = Option<Arc<tokio::sync::Mutex<pipe::Receiver>>>;
+
+/// A process started by ExecProcess.
+struct Exec {
+    pid: i32,
+    stdout: Output,
+    stderr: Output,
+}
+
 struct Entry {
     container: Container,
-    stdout: Option<Arc<tokio::sync::Mutex<pipe::Receiver>>>,
-    stderr: Option<Arc<tokio::sync::Mutex<pipe::Receiver>>>,
+    stdout: Output,
+    stderr: Output,
+    execs: HashMap<String, Exec>,
+}
+
+impl Entry {
+    /// The output streams of the init process (`exec_id` empty) or an exec.
+    fn streams(&self, exec_id: &str) -> Result<(Output, Output)> {
+        if exec_id.is_empty() {
+            return Ok((self.stdout.clone(), self.stderr.clone()));
+        }
+        self.execs
+            .get(exec_id)
+            .map(|e| (e.stdout.clone(), e.stderr.clone()))
+            .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))
+    }
 }
 
 #[derive(Clone)]
@@ -200,6 +223,7 @@ impl Containers {
             container,
             stdout: Some(Arc::new(tokio::sync::Mutex::new(stdout_r))),
             stderr: Some(Arc::new(tokio::sync::Mutex::new(stderr_r))),
+            execs: HashMap::new(),
         };
         self.entries
             .lock()
@@ -227,8 +251,25 @@ impl Containers {
         .map_err(|e| Failure::Internal(format!("start task: {e}")))?
     }
 
-    pub async fn signal(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let entry = self.get(id)?;
+        if !exec_id.is_empty() {
+            let pid = entry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .execs
+                .get(exec_id)
+                .map(|e| e.pid)
+                .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))?;
+            let sig = i32::try_from(signal)
+                .ok()
+                .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
+                .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
+            return match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+                Err(e) => Err(Failure::Internal(format!("kill: {e}"))),
+            };
+        }
         let sig = i32::try_from(signal)
             .ok()
             .and_then(|s| Signal::try_from(s).ok())
@@ -243,8 +284,25 @@ impl Containers {
         .map_err(|e| Failure::Internal(format!("signal task: {e}")))?
     }
 
-    pub async fn wait(&self, id: &str) -> Result<i32> {
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32> {
         let entry = self.get(id)?;
+        if !exec_id.is_empty() {
+            let pid = entry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .execs
+                .get(exec_id)
+                .map(|e| e.pid)
+                .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))?;
+            let status = self.reaper.wait(pid).await;
+            // Its output ends with it; forget it once waited for.
+            entry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .execs
+                .remove(exec_id);
+            return Ok(status);
+        }
         let pid = entry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -274,15 +332,90 @@ impl Containers {
         Ok(())
     }
 
+    /// Starts `args` in the running container `id` as process `exec_id`.
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: Vec<String>,
+        env: Vec<String>,
+        cwd: String,
+    ) -> Result<()> {
+        check_id(exec_id)?;
+        if args.is_empty() {
+            return Err(Failure::InvalidArgument("exec: no command".into()));
+        }
+        let entry = self.get(id)?;
+        if entry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .execs
+            .contains_key(exec_id)
+        {
+            return Err(Failure::AlreadyExists(format!(
+                "exec {exec_id} already exists"
+            )));
+        }
+        let (stdout_r, stdout_w) = pipe_pair()?;
+        let (stderr_r, stderr_w) = pipe_pair()?;
+        let devnull = std::fs::File::open("/dev/null")
+            .map_err(|e| Failure::Internal(format!("/dev/null: {e}")))?;
+        let env: HashMap<String, String> = env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let id_owned = id.to_string();
+        let pid = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
+            ContainerBuilder::new(id_owned, SyscallType::default())
+                .with_root_path(STATE)
+                .map(|b| {
+                    b.with_stdin(OwnedFd::from(devnull))
+                        .with_stdout(stdout_w)
+                        .with_stderr(stderr_w)
+                        .as_tenant()
+                        .with_container_args(args)
+                        .with_env(env)
+                        .with_cwd((!cwd.is_empty()).then(|| PathBuf::from(cwd)))
+                        .with_detach(true)
+                })
+                .and_then(|b| b.build())
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("exec task: {e}")))?
+        .map_err(|err| {
+            Failure::FailedPrecondition(format!("cannot exec in container {id}: {err}"))
+        })?;
+        let exec = Exec {
+            pid: pid.as_raw(),
+            stdout: Some(Arc::new(tokio::sync::Mutex::new(stdout_r))),
+            stderr: Some(Arc::new(tokio::sync::Mutex::new(stderr_r))),
+        };
+        entry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .execs
+            .insert(exec_id.to_string(), exec);
+        Ok(())
+    }
+
     /// Up to `max` bytes of stdout (or stderr); empty with `eof` at the end.
-    pub async fn read(&self, id: &str, stderr: bool, max: usize) -> Result<(Vec<u8>, bool)> {
+    pub async fn read(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+        max: usize,
+    ) -> Result<(Vec<u8>, bool)> {
         let entry = self.get(id)?;
         let stream = {
             let e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            let (out, err) = e.streams(exec_id)?;
             if stderr {
-                e.stderr.clone()
+                err
             } else {
-                e.stdout.clone()
+                out
             }
         };
         let Some(stream) = stream else {

@@ -143,6 +143,19 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(pb::Empty::new())
     }
 
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ExecProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .exec(&r.container_id, &r.exec_id, r.args, r.env, r.cwd)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
     async fn signal_process(
         &self,
         _: &TtrpcContext,
@@ -150,7 +163,7 @@ impl agent_ttrpc::Agent for AgentService {
     ) -> ttrpc::Result<pb::Empty> {
         self.inner
             .containers
-            .signal(&r.container_id, r.signal, r.all)
+            .signal(&r.container_id, &r.exec_id, r.signal, r.all)
             .await
             .map_err(status)?;
         Ok(pb::Empty::new())
@@ -164,7 +177,7 @@ impl agent_ttrpc::Agent for AgentService {
         let exit = self
             .inner
             .containers
-            .wait(&r.container_id)
+            .wait(&r.container_id, &r.exec_id)
             .await
             .map_err(status)?;
         let mut resp = pb::WaitProcessResponse::new();
@@ -212,7 +225,7 @@ impl AgentService {
         let (data, eof) = self
             .inner
             .containers
-            .read(&r.container_id, stderr, max)
+            .read(&r.container_id, &r.exec_id, stderr, max)
             .await
             .map_err(status)?;
         let mut resp = pb::ReadStreamResponse::new();
