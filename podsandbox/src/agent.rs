@@ -75,8 +75,13 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
         signal: u32,
         all: bool,
     ) -> Result<(), AgentError>;
-    /// Blocks until the process exits; its exit status.
-    async fn wait_container(&self, id: &str, exec_id: &str) -> Result<i32, AgentError>;
+    /// Blocks until the process exits: its exit status and, for a
+    /// container's init killed by the OOM killer, "OOMKilled".
+    async fn wait_container(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(i32, Option<String>), AgentError>;
     /// Starts another process in a running container.
     async fn exec_process(
         &self,

@@ -200,7 +200,11 @@ impl AgentClient for TtrpcAgent {
             .map(drop)
     }
 
-    async fn wait_container(&self, id: &str, exec_id: &str) -> Result<i32, AgentError> {
+    async fn wait_container(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(i32, Option<String>), AgentError> {
         let mut req = pb::ContainerRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
@@ -209,7 +213,10 @@ impl AgentClient for TtrpcAgent {
             .wait_process(ctx(NO_DEADLINE), &req)
             .await
             .map_err(rpc_error)?;
-        Ok(resp.exit_status)
+        Ok((
+            resp.exit_status,
+            Some(resp.reason).filter(|r| !r.is_empty()),
+        ))
     }
 
     async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {

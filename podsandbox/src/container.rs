@@ -33,6 +33,8 @@ pub struct ContainerConfig {
     pub log_path: Option<PathBuf>,
     /// An OCI `linux.seccomp` profile, applied by the guest.
     pub seccomp: Option<Value>,
+    /// cgroup memory.max; the OOM killer ends the container beyond it.
+    pub memory_limit_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +64,9 @@ pub struct ContainerRecord {
     pub rootfs_mount: PathBuf,
     pub log_path: Option<PathBuf>,
     pub exit_code: Option<i32>,
+    /// Why it ended, when the guest knows ("OOMKilled").
+    #[serde(default)]
+    pub reason: Option<String>,
     pub created_at: u64,
 }
 
@@ -75,6 +80,8 @@ pub struct ContainerStatus {
     pub exit_code: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub created_at: u64,
 }
 
@@ -86,6 +93,7 @@ impl ContainerRecord {
             state: self.state,
             exit_code: self.exit_code,
             log_path: self.log_path.clone(),
+            reason: self.reason.clone(),
             created_at: self.created_at,
         }
     }
@@ -116,6 +124,9 @@ pub fn oci_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
     let mut spec = base_spec(config, sandbox_id);
     if let Some(profile) = &config.seccomp {
         spec["linux"]["seccomp"] = profile.clone();
+    }
+    if let Some(limit) = config.memory_limit_bytes {
+        spec["linux"]["resources"] = json!({ "memory": { "limit": limit } });
     }
     spec
 }
@@ -205,6 +216,15 @@ mod tests {
         );
         assert_eq!(spec["linux"]["cgroupsPath"], "/vc/c1");
         assert!(spec["linux"].get("seccomp").is_none());
+        assert!(spec["linux"].get("resources").is_none());
+        let limited = ContainerConfig {
+            memory_limit_bytes: Some(32 << 20),
+            ..cfg.clone()
+        };
+        assert_eq!(
+            oci_spec(&limited, "pod1")["linux"]["resources"]["memory"]["limit"],
+            32 << 20
+        );
         let with = ContainerConfig {
             seccomp: Some(json!({"defaultAction": "SCMP_ACT_ALLOW"})),
             ..cfg

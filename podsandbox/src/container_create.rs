@@ -88,6 +88,7 @@ impl Runtime {
             rootfs_mount: target,
             log_path: config.log_path.clone(),
             exit_code: None,
+            reason: None,
             created_at: now_secs(),
         };
         let status = record.status(sandbox_id);

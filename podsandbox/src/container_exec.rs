@@ -97,7 +97,7 @@ async fn collect(agent: Arc<dyn AgentClient>, id: &str, exec_id: &str) -> Result
         }
     };
     let (stdout, stderr) = tokio::try_join!(drain(Stream::Stdout), drain(Stream::Stderr))?;
-    let exit_code = agent
+    let (exit_code, _) = agent
         .wait_container(id, exec_id)
         .await
         .map_err(|e| Error::from_agent(id, "wait", e))?;

@@ -63,7 +63,7 @@ impl Runtime {
             }
             _ => {}
         }
-        let code = agent
+        let (code, reason) = agent
             .wait_container(id, "")
             .await
             .map_err(|e| Error::from_agent(id, "wait", e))?;
@@ -80,6 +80,7 @@ impl Runtime {
         if let Ok(idx) = s.container_index(id) {
             s.record.containers[idx].state = ContainerState::Stopped;
             s.record.containers[idx].exit_code = Some(code);
+            s.record.containers[idx].reason = reason;
             self.inner.store.save(&s.record)?;
         }
         Ok(code)

@@ -208,12 +208,16 @@ impl AgentClient for FakeDialer {
             .push("exec_process");
         Ok(())
     }
-    async fn wait_container(&self, _id: &str, _exec: &str) -> Result<i32, AgentError> {
+    async fn wait_container(
+        &self,
+        _id: &str,
+        _exec: &str,
+    ) -> Result<(i32, Option<String>), AgentError> {
         self.calls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push("wait_container");
-        Ok(0)
+        Ok((0, None))
     }
     async fn remove_container(&self, _id: &str, _force: bool) -> Result<(), AgentError> {
         self.calls

@@ -52,6 +52,8 @@ struct Exec {
 
 struct Entry {
     container: Container,
+    /// The container's cgroup directory (from the spec's cgroupsPath).
+    cgroup: Option<PathBuf>,
     stdout: Output,
     stderr: Output,
     execs: HashMap<String, Exec>,
@@ -174,6 +176,10 @@ impl Containers {
             .entry("root")
             .or_insert_with(|| serde_json::json!({}));
         root["path"] = serde_json::Value::String(rootfs.display().to_string());
+        let cgroup = spec["linux"]["cgroupsPath"]
+            .as_str()
+            .filter(|p| p.starts_with('/') && !p.contains(".."))
+            .map(|p| Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')));
         let bundle = Path::new(BUNDLES).join(id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| Failure::Internal(format!("mkdir bundle: {e}")))?;
@@ -221,6 +227,7 @@ impl Containers {
         };
         let entry = Entry {
             container,
+            cgroup,
             stdout: Some(Arc::new(tokio::sync::Mutex::new(stdout_r))),
             stderr: Some(Arc::new(tokio::sync::Mutex::new(stderr_r))),
             execs: HashMap::new(),
@@ -310,6 +317,22 @@ impl Containers {
             .pid()
             .ok_or_else(|| Failure::FailedPrecondition(format!("container {id} has no process")))?;
         Ok(self.reaper.wait(pid.as_raw()).await)
+    }
+
+    /// Whether the kernel's OOM killer has killed a process of the
+    /// container (its cgroup's memory.events).
+    pub fn oom_killed(&self, id: &str) -> bool {
+        let Ok(entry) = self.get(id) else {
+            return false;
+        };
+        let cgroup = entry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cgroup
+            .clone();
+        cgroup
+            .and_then(|dir| std::fs::read_to_string(dir.join("memory.events")).ok())
+            .is_some_and(|events| oom_kills(&events) > 0)
     }
 
     pub async fn remove(&self, id: &str, force: bool) -> Result<()> {
@@ -433,9 +456,25 @@ impl Containers {
     }
 }
 
+/// The `oom_kill` count of a cgroup v2 memory.events file.
+fn oom_kills(events: &str) -> u64 {
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_events() {
+        let text = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(oom_kills(text), 1);
+        assert_eq!(oom_kills("oom 0\n"), 0);
+    }
 
     #[test]
     fn rootfs_paths_stay_inside_the_shared_fs() {

@@ -182,6 +182,9 @@ impl agent_ttrpc::Agent for AgentService {
             .map_err(status)?;
         let mut resp = pb::WaitProcessResponse::new();
         resp.exit_status = exit;
+        if r.exec_id.is_empty() && self.inner.containers.oom_killed(&r.container_id) {
+            resp.reason = "OOMKilled".into();
+        }
         Ok(resp)
     }
 
