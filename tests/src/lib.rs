@@ -269,7 +269,7 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))
         .expect("busybox-static is installed by hack/install-deps.sh");
     for applet in [
-        "sh", "echo", "sleep", "ls", "cat", "id", "true", "false", "hostname", "kill",
+        "sh", "echo", "sleep", "ls", "cat", "id", "true", "false", "hostname", "kill", "dd",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
     }
