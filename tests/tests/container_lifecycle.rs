@@ -220,6 +220,46 @@ async fn containers_run_exit_log_and_take_signals() {
     rt.start_container("pod", "free").await.expect("start");
     assert_eq!(rt.wait_container("pod", "free").await.expect("wait"), 0);
 
+    // Within its memory limit a container runs (the limit applies to the
+    // workload, not to the runtime's set-up in the guest)...
+    let mut small = container("small", &["/bin/echo", "fits"]);
+    small.memory_limit_bytes = Some(32 << 20);
+    rt.create_container("pod", small).await.expect("create");
+    rt.start_container("pod", "small").await.expect("start");
+    assert_eq!(rt.wait_container("pod", "small").await.expect("wait"), 0);
+    assert_eq!(
+        rt.container_status("pod", "small")
+            .await
+            .expect("status")
+            .reason,
+        None
+    );
+
+    // ...beyond it the OOM killer ends it, and we say so.
+    let mut hungry = container(
+        "hungry",
+        &[
+            "/bin/dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+        ],
+    );
+    hungry.memory_limit_bytes = Some(32 << 20);
+    rt.create_container("pod", hungry).await.expect("create");
+    rt.start_container("pod", "hungry").await.expect("start");
+    assert_eq!(rt.wait_container("pod", "hungry").await.expect("wait"), 137);
+    let status = rt.container_status("pod", "hungry").await.expect("status");
+    assert_eq!(status.reason.as_deref(), Some("OOMKilled"));
+    assert_eq!(
+        rt.container_status("pod", "three")
+            .await
+            .expect("status")
+            .reason,
+        None
+    );
+
     // Bad input.
     let err = rt
         .create_container("pod", container("hello", &["/bin/true"]))
@@ -251,7 +291,9 @@ async fn containers_run_exit_log_and_take_signals() {
         .expect_err("started twice");
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
 
-    for id in ["hello", "three", "term", "sleeper", "confined", "free"] {
+    for id in [
+        "hello", "three", "term", "sleeper", "confined", "free", "small", "hungry",
+    ] {
         rt.delete_container("pod", id)
             .await
             .expect("delete container");
