@@ -220,6 +220,66 @@ async fn containers_run_exit_log_and_take_signals() {
     rt.start_container("pod", "free").await.expect("start");
     assert_eq!(rt.wait_container("pod", "free").await.expect("wait"), 0);
 
+    // Isolation as the spec asks: a user, a read-only rootfs, masked paths,
+    // the capabilities a container is not given.
+    let mut as_user = container("user", &["/bin/id"]);
+    as_user.user = Some((1000, 1000));
+    rt.create_container("pod", as_user).await.expect("create");
+    rt.start_container("pod", "user").await.expect("start");
+    assert_eq!(rt.wait_container("pod", "user").await.expect("wait"), 0);
+    let id_line = log_records(&env.dir.path().join("user.log"));
+    assert!(
+        id_line.iter().any(|r| r.2.starts_with("uid=1000 gid=1000")),
+        "{id_line:?}"
+    );
+    let mut frozen = container("ro", &["/bin/sh", "-c", "echo x > /written"]);
+    frozen.readonly_rootfs = true;
+    rt.create_container("pod", frozen).await.expect("create");
+    rt.start_container("pod", "ro").await.expect("start");
+    assert_ne!(rt.wait_container("pod", "ro").await.expect("wait"), 0);
+    let records = log_records(&env.dir.path().join("ro.log"));
+    assert!(
+        records
+            .iter()
+            .any(|r| r.2.contains("Read-only file system")),
+        "{records:?}"
+    );
+    assert!(!rootfs.join("written").exists());
+    rt.create_container("pod", container("probe", &["/bin/sleep", "1000"]))
+        .await
+        .expect("create");
+    rt.start_container("pod", "probe").await.expect("start");
+    let kcore = rt
+        .exec_sync("pod", "probe", args(&["/bin/cat", "/proc/kcore"]), None)
+        .await
+        .expect("exec");
+    assert_eq!(
+        (kcore.exit_code, kcore.stdout.len()),
+        (0, 0),
+        "masked: reads empty"
+    );
+    let renamed = rt
+        .exec_sync("pod", "probe", args(&["/bin/hostname", "other"]), None)
+        .await
+        .expect("exec");
+    assert_ne!(
+        renamed.exit_code, 0,
+        "no CAP_SYS_ADMIN: sethostname is refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&renamed.stderr).contains("not permitted"),
+        "{renamed:?}"
+    );
+    let name = rt
+        .exec_sync("pod", "probe", args(&["/bin/hostname"]), None)
+        .await
+        .expect("exec");
+    assert_eq!(name.stdout, b"pod\n", "the pod's hostname");
+    rt.kill_container("pod", "probe", 9, true)
+        .await
+        .expect("kill");
+    assert_eq!(rt.wait_container("pod", "probe").await.expect("wait"), 137);
+
     // Within its memory limit a container runs (the limit applies to the
     // workload, not to the runtime's set-up in the guest)...
     let mut small = container("small", &["/bin/echo", "fits"]);
@@ -292,7 +352,8 @@ async fn containers_run_exit_log_and_take_signals() {
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
 
     for id in [
-        "hello", "three", "term", "sleeper", "confined", "free", "small", "hungry",
+        "hello", "three", "term", "sleeper", "confined", "free", "small", "hungry", "user", "ro",
+        "probe",
     ] {
         rt.delete_container("pod", id)
             .await
