@@ -280,6 +280,48 @@ async fn containers_run_exit_log_and_take_signals() {
         .expect("kill");
     assert_eq!(rt.wait_container("pod", "probe").await.expect("wait"), 137);
 
+    // Two containers of one pod share the network (127.0.0.1), not their
+    // files or processes.
+    let rootfs_b = tests::busybox_rootfs(&env.dir.path().join("b"));
+    rt.create_container(
+        "pod",
+        container(
+            "server",
+            &["/bin/sh", "-c", "echo mine > /tmp/a-only; nc -l -p 8080"],
+        ),
+    )
+    .await
+    .expect("create");
+    rt.start_container("pod", "server").await.expect("start");
+    let mut client = container(
+        "client",
+        &[
+            "/bin/sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
+             echo hi-over-loopback | nc 127.0.0.1 8080 && break; sleep 0.5; done; ls /tmp; ps",
+        ],
+    );
+    client.rootfs = rootfs_b.clone();
+    rt.create_container("pod", client).await.expect("create");
+    rt.start_container("pod", "client").await.expect("start");
+    assert_eq!(rt.wait_container("pod", "server").await.expect("wait"), 0);
+    assert_eq!(rt.wait_container("pod", "client").await.expect("wait"), 0);
+    let server_log = log_records(&env.dir.path().join("server.log"));
+    assert!(
+        server_log.iter().any(|r| r.2 == "hi-over-loopback"),
+        "{server_log:?}"
+    );
+    let client_log = log_records(&env.dir.path().join("client.log"));
+    assert!(
+        !client_log.iter().any(|r| r.2.contains("a-only")),
+        "files stay apart: {client_log:?}"
+    );
+    assert!(
+        !client_log.iter().any(|r| r.2.contains("nc -l")),
+        "processes stay apart: {client_log:?}"
+    );
+
     // Within its memory limit a container runs (the limit applies to the
     // workload, not to the runtime's set-up in the guest)...
     let mut small = container("small", &["/bin/echo", "fits"]);
@@ -351,11 +393,10 @@ async fn containers_run_exit_log_and_take_signals() {
         .expect_err("started twice");
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
 
-    for id in [
-        "hello", "three", "term", "sleeper", "confined", "free", "small", "hungry", "user", "ro",
-        "probe",
-    ] {
-        rt.delete_container("pod", id)
+    let all = rt.list_containers("pod").await.expect("list");
+    assert_eq!(all.len(), 13, "{all:?}");
+    for c in all {
+        rt.delete_container("pod", &c.id)
             .await
             .expect("delete container");
     }

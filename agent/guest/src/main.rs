@@ -66,6 +66,9 @@ fn main() -> ExitCode {
 async fn run() -> anyhow::Result<()> {
     let loaded = init::load_modules(init::BOOT_MODULES)?;
     tracing::debug!(loaded, "boot modules loaded");
+    if let Err(err) = init::loopback_up() {
+        tracing::warn!("loopback: {err:#}");
+    }
     let reaper = reaper::Reaper::spawn()?;
     let (modules_done, modules_loaded) = tokio::sync::watch::channel(false);
     let containers = container::Containers::new(storage::Storage::new(modules_loaded), reaper);
