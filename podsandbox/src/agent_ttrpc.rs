@@ -219,6 +219,17 @@ impl AgentClient for TtrpcAgent {
         ))
     }
 
+    async fn freeze_container(&self, id: &str, pause: bool) -> Result<(), AgentError> {
+        let mut req = pb::ContainerRequest::new();
+        req.container_id = id.into();
+        let done = if pause {
+            self.agent.pause_container(ctx(CONTAINER_CALL), &req).await
+        } else {
+            self.agent.resume_container(ctx(CONTAINER_CALL), &req).await
+        };
+        done.map_err(rpc_error).map(drop)
+    }
+
     async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError> {
         let mut req = pb::RemoveContainerRequest::new();
         req.container_id = id.into();

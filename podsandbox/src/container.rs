@@ -4,6 +4,9 @@
 //! ```text
 //!   create          start            exit / kill
 //! ─────────► created ─────► running ─────────────► stopped ──► (deleted)
+//!                            │   ▲
+//!                      pause ▼   │ resume
+//!                            paused
 //! ```
 //!
 //! The rootfs is a host directory, bind-mounted into the sandbox's shared
@@ -42,6 +45,7 @@ pub struct ContainerConfig {
 pub enum ContainerState {
     Created,
     Running,
+    Paused,
     Stopped,
 }
 
@@ -50,6 +54,7 @@ impl std::fmt::Display for ContainerState {
         f.pad(match self {
             ContainerState::Created => "created",
             ContainerState::Running => "running",
+            ContainerState::Paused => "paused",
             ContainerState::Stopped => "stopped",
         })
     }

@@ -8,7 +8,7 @@ impl Runtime {
         let mut s = self.locked(sandbox_id).await?;
         let idx = s.container_index(id)?;
         let state = s.record.containers[idx].state;
-        if state == ContainerState::Running {
+        if matches!(state, ContainerState::Running | ContainerState::Paused) {
             return Err(Error::ContainerWrongState {
                 id: id.into(),
                 action: "delete",

@@ -21,7 +21,7 @@ impl Runtime {
         let s = self.locked(sandbox_id).await?;
         let idx = s.container_index(id)?;
         let state = s.record.containers[idx].state;
-        if state != ContainerState::Running {
+        if !matches!(state, ContainerState::Running | ContainerState::Paused) {
             return Err(Error::ContainerWrongState {
                 id: id.into(),
                 action: "signal",
@@ -98,6 +98,10 @@ impl Runtime {
                     state: status.state,
                     hint: "",
                 })
+            }
+            // A frozen process cannot act on TERM: thaw it first.
+            ContainerState::Paused => {
+                self.resume_container(sandbox_id, id).await?;
             }
             ContainerState::Running => {}
         }

@@ -219,6 +219,13 @@ impl AgentClient for FakeDialer {
             .push("wait_container");
         Ok((0, None))
     }
+    async fn freeze_container(&self, _id: &str, _pause: bool) -> Result<(), AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("freeze_container");
+        Ok(())
+    }
     async fn remove_container(&self, _id: &str, _force: bool) -> Result<(), AgentError> {
         self.calls
             .lock()

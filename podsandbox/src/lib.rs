@@ -25,6 +25,7 @@ mod container_delete;
 pub mod container_exec;
 mod container_kill;
 pub mod container_log;
+mod container_pause;
 mod container_start;
 mod error;
 #[cfg(any(test, feature = "testing"))]

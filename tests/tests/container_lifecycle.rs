@@ -33,6 +33,13 @@ fn log_records(path: &Path) -> Vec<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_run_exit_log_and_take_signals() {
+    // A wedged agent call must fail the test, not hang CI.
+    tokio::time::timeout(std::time::Duration::from_secs(600), scenario())
+        .await
+        .expect("the container scenario did not finish within 10 minutes");
+}
+
+async fn scenario() {
     let env = TestEnv::new();
     let rt = Runtime::new(env.config.clone()).expect("runtime");
     rt.create_sandbox(SandboxConfig {
@@ -280,6 +287,71 @@ async fn containers_run_exit_log_and_take_signals() {
         .expect("kill");
     assert_eq!(rt.wait_container("pod", "probe").await.expect("wait"), 137);
 
+    // Pause freezes every process of a container; resume thaws them.
+    rt.create_container(
+        "pod",
+        container(
+            "ticker",
+            &["/bin/sh", "-c", "while :; do echo tick; sleep 0.1; done"],
+        ),
+    )
+    .await
+    .expect("create");
+    rt.start_container("pod", "ticker").await.expect("start");
+    let ticks = || log_records(&env.dir.path().join("ticker.log")).len();
+    let grows_past = |n: usize| async move {
+        for _ in 0..400 {
+            if ticks() > n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the ticker's log did not grow past {n} lines in 20 s");
+    };
+    grows_past(2).await;
+    assert_eq!(
+        rt.pause_container("pod", "ticker")
+            .await
+            .expect("pause")
+            .state,
+        ContainerState::Paused
+    );
+    // Let output written before the freeze drain: wait for a quiet half second.
+    let mut frozen_at = ticks();
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = ticks();
+        if now == frozen_at {
+            break;
+        }
+        frozen_at = now;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(ticks(), frozen_at, "no output while paused");
+    let err = rt
+        .exec_sync("pod", "ticker", args(&["/bin/true"]), None)
+        .await
+        .expect_err("exec while paused");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(
+        rt.resume_container("pod", "ticker")
+            .await
+            .expect("resume")
+            .state,
+        ContainerState::Running
+    );
+    grows_past(frozen_at).await;
+    rt.pause_container("pod", "ticker")
+        .await
+        .expect("pause again");
+    // Stopping a paused container thaws it first; the shell dies of TERM... as
+    // PID 1 of its namespace it ignores TERM, so the grace ends in KILL.
+    let code = rt
+        .stop_container("pod", "ticker", std::time::Duration::from_millis(500))
+        .await
+        .expect("stop");
+    assert_eq!(code, 137);
+
     // Two containers of one pod share the network (127.0.0.1), not their
     // files or processes.
     let rootfs_b = tests::busybox_rootfs(&env.dir.path().join("b"));
@@ -394,7 +466,7 @@ async fn containers_run_exit_log_and_take_signals() {
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
 
     let all = rt.list_containers("pod").await.expect("list");
-    assert_eq!(all.len(), 13, "{all:?}");
+    assert_eq!(all.len(), 14, "{all:?}");
     for c in all {
         rt.delete_container("pod", &c.id)
             .await

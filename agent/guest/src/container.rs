@@ -319,6 +319,27 @@ impl Containers {
         Ok(self.reaper.wait(pid.as_raw()).await)
     }
 
+    /// Freezes (`pause`) or thaws the container's processes.
+    pub async fn freeze(&self, id: &str, pause: bool) -> Result<()> {
+        let entry = self.get(id)?;
+        tokio::task::spawn_blocking(move || {
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            let done = if pause {
+                e.container.pause()
+            } else {
+                e.container.resume()
+            };
+            done.map_err(|err| {
+                Failure::FailedPrecondition(format!(
+                    "{}: {err}",
+                    if pause { "pause" } else { "resume" }
+                ))
+            })
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("freeze task: {e}")))?
+    }
+
     /// Whether the kernel's OOM killer has killed a process of the
     /// container (its cgroup's memory.events).
     pub fn oom_killed(&self, id: &str) -> bool {

@@ -156,6 +156,32 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(pb::Empty::new())
     }
 
+    async fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .freeze(&r.container_id, true)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .freeze(&r.container_id, false)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
     async fn signal_process(
         &self,
         _: &TtrpcContext,
