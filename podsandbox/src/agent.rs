@@ -92,6 +92,10 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
         cwd: &str,
     ) -> Result<(), AgentError>;
     async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError>;
+    async fn stats_container(
+        &self,
+        id: &str,
+    ) -> Result<crate::container::ContainerStats, AgentError>;
     /// Freezes (`pause`) or thaws all processes of a container.
     async fn freeze_container(&self, id: &str, pause: bool) -> Result<(), AgentError>;
     /// Blocks until output is there; `None` at the end of the stream.

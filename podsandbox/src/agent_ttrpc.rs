@@ -219,6 +219,29 @@ impl AgentClient for TtrpcAgent {
         ))
     }
 
+    async fn stats_container(
+        &self,
+        id: &str,
+    ) -> Result<crate::container::ContainerStats, AgentError> {
+        let mut req = pb::ContainerRequest::new();
+        req.container_id = id.into();
+        let r = self
+            .agent
+            .stats_container(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)?;
+        Ok(crate::container::ContainerStats {
+            cpu_usage_usec: r.cpu_usage_usec,
+            memory_usage_bytes: r.memory_usage_bytes,
+            memory_anon_bytes: r.memory_anon_bytes,
+            memory_file_bytes: r.memory_file_bytes,
+            memory_limit_bytes: r.memory_limit_bytes,
+            pids_current: r.pids_current,
+            io_read_bytes: r.io_read_bytes,
+            io_write_bytes: r.io_write_bytes,
+        })
+    }
+
     async fn freeze_container(&self, id: &str, pause: bool) -> Result<(), AgentError> {
         let mut req = pb::ContainerRequest::new();
         req.container_id = id.into();

@@ -104,6 +104,20 @@ impl ContainerRecord {
     }
 }
 
+/// A container's resource usage, from its cgroup in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    pub cpu_usage_usec: u64,
+    pub memory_usage_bytes: u64,
+    pub memory_anon_bytes: u64,
+    pub memory_file_bytes: u64,
+    /// 0 when unlimited.
+    pub memory_limit_bytes: u64,
+    pub pids_current: u64,
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+}
+
 /// The capabilities a container process keeps by default (Docker's set).
 const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",

@@ -1,5 +1,5 @@
-//! PauseContainer and ResumeContainer: freeze and thaw a container's
-//! processes (cgroup v2 freezer in the guest).
+//! PauseContainer, ResumeContainer and StatsContainer: the container's
+//! cgroup in the guest (v2 freezer; cpu, memory, pids and io counters).
 
 use crate::{
     container::{ContainerState, ContainerStatus},
@@ -8,6 +8,31 @@ use crate::{
 };
 
 impl Runtime {
+    /// Resource usage of a running (or paused) container.
+    pub async fn stats_container(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+    ) -> Result<crate::container::ContainerStats> {
+        let s = self.locked(sandbox_id).await?;
+        let idx = s.container_index(id)?;
+        let state = s.record.containers[idx].state;
+        if !matches!(state, ContainerState::Running | ContainerState::Paused) {
+            return Err(Error::ContainerWrongState {
+                id: id.into(),
+                action: "get stats of",
+                state,
+                hint: "",
+            });
+        }
+        let vm = s.vm()?.clone();
+        let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+        agent
+            .stats_container(id)
+            .await
+            .map_err(|e| Error::from_agent(id, "stats", e))
+    }
+
     pub async fn pause_container(&self, sandbox_id: &str, id: &str) -> Result<ContainerStatus> {
         self.freeze_container(sandbox_id, id, true).await
     }

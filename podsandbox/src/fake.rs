@@ -219,6 +219,12 @@ impl AgentClient for FakeDialer {
             .push("wait_container");
         Ok((0, None))
     }
+    async fn stats_container(
+        &self,
+        _id: &str,
+    ) -> Result<crate::container::ContainerStats, AgentError> {
+        Ok(crate::container::ContainerStats::default())
+    }
     async fn freeze_container(&self, _id: &str, _pause: bool) -> Result<(), AgentError> {
         self.calls
             .lock()

@@ -341,6 +341,13 @@ async fn scenario() {
         ContainerState::Running
     );
     grows_past(frozen_at).await;
+    let stats = rt.stats_container("pod", "ticker").await.expect("stats");
+    assert!(stats.pids_current >= 1, "{stats:?}");
+    assert!(
+        stats.memory_usage_bytes > 0 && stats.cpu_usage_usec > 0,
+        "{stats:?}"
+    );
+    assert_eq!(stats.memory_limit_bytes, 0, "no limit asked: {stats:?}");
     rt.pause_container("pod", "ticker")
         .await
         .expect("pause again");

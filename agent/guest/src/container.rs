@@ -319,6 +319,26 @@ impl Containers {
         Ok(self.reaper.wait(pid.as_raw()).await)
     }
 
+    /// Resource usage from the container's cgroup.
+    pub fn stats(&self, id: &str) -> Result<CgroupStats> {
+        let entry = self.get(id)?;
+        let dir = entry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cgroup
+            .clone()
+            .ok_or_else(|| Failure::FailedPrecondition(format!("container {id} has no cgroup")))?;
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        Ok(parse_stats(
+            &read("cpu.stat"),
+            &read("memory.current"),
+            &read("memory.stat"),
+            &read("memory.max"),
+            &read("pids.current"),
+            &read("io.stat"),
+        ))
+    }
+
     /// Freezes (`pause`) or thaws the container's processes.
     pub async fn freeze(&self, id: &str, pause: bool) -> Result<()> {
         let entry = self.get(id)?;
@@ -477,6 +497,58 @@ impl Containers {
     }
 }
 
+/// A container's usage, from cgroup v2 files.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CgroupStats {
+    pub cpu_usage_usec: u64,
+    pub memory_usage_bytes: u64,
+    pub memory_anon_bytes: u64,
+    pub memory_file_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub pids_current: u64,
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+}
+
+/// `key value` lines (cpu.stat, memory.stat): the value of `key`.
+fn keyed(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn parse_stats(
+    cpu: &str,
+    mem_current: &str,
+    mem_stat: &str,
+    mem_max: &str,
+    pids: &str,
+    io: &str,
+) -> CgroupStats {
+    // io.stat: "8:0 rbytes=1 wbytes=2 rios=3 ..." per device.
+    let io_sum = |field: &str| -> u64 {
+        io.split_whitespace()
+            .filter_map(|kv| {
+                kv.strip_prefix(field)?
+                    .strip_prefix('=')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    CgroupStats {
+        cpu_usage_usec: keyed(cpu, "usage_usec"),
+        memory_usage_bytes: mem_current.trim().parse().unwrap_or(0),
+        memory_anon_bytes: keyed(mem_stat, "anon"),
+        memory_file_bytes: keyed(mem_stat, "file"),
+        memory_limit_bytes: mem_max.trim().parse().unwrap_or(0), // "max" → 0
+        pids_current: pids.trim().parse().unwrap_or(0),
+        io_read_bytes: io_sum("rbytes"),
+        io_write_bytes: io_sum("wbytes"),
+    }
+}
+
 /// The `oom_kill` count of a cgroup v2 memory.events file.
 fn oom_kills(events: &str) -> u64 {
     events
@@ -489,6 +561,30 @@ fn oom_kills(events: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_stats_parse() {
+        let st = parse_stats(
+            "usage_usec 1234\nuser_usec 1000\n",
+            "4096\n",
+            "anon 100\nfile 200\nanon_thp 0\n",
+            "max\n",
+            "3\n",
+            "254:0 rbytes=10 wbytes=20 rios=1 wios=2\n254:16 rbytes=5 wbytes=0\n",
+        );
+        assert_eq!(st.cpu_usage_usec, 1234);
+        assert_eq!(
+            (
+                st.memory_usage_bytes,
+                st.memory_anon_bytes,
+                st.memory_file_bytes
+            ),
+            (4096, 100, 200)
+        );
+        assert_eq!(st.memory_limit_bytes, 0);
+        assert_eq!(st.pids_current, 3);
+        assert_eq!((st.io_read_bytes, st.io_write_bytes), (15, 20));
+    }
 
     #[test]
     fn memory_events() {
