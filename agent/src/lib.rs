@@ -49,6 +49,16 @@ pub const API_VERSION: u32 = 1;
 /// guest's connection to the unix socket `<uds>_<port>`.
 pub const AGENT_READY_PORT: u32 = 1025;
 
+/// Whether `id` is a valid sandbox, container or exec ID: 1-128 characters
+/// of `[A-Za-z0-9_.-]`, starting with a letter or digit. IDs become file
+/// names on the host and in the guest, so both sides check the same rule.
+pub fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && id.len() <= 128
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 /// The mount tag of the sandbox's shared directory (virtio-fs or 9p).
 pub const SHARED_FS_TAG: &str = "vcshared";
 

@@ -41,21 +41,10 @@ impl Runtime {
                 detail: "exec: no command".into(),
             });
         }
-        let agent = {
-            let s = self.locked(sandbox_id).await?;
-            let idx = s.container_index(id)?;
-            let state = s.record.containers[idx].state;
-            if state != ContainerState::Running {
-                return Err(Error::ContainerWrongState {
-                    id: id.into(),
-                    action: "exec in",
-                    state,
-                    hint: "",
-                });
-            }
-            let vm = s.vm()?.clone();
-            self.agent(sandbox_id, vm.as_ref()).await?
-        };
+        // The lock is held only to check the state: the exec may run long.
+        let (_, _, agent) = self
+            .container_agent(sandbox_id, id, "exec in", &[ContainerState::Running])
+            .await?;
         let exec_id = next_exec_id();
         agent
             .exec_process(id, &exec_id, &args, &[DEFAULT_PATH.to_string()], "")

@@ -18,19 +18,14 @@ impl Runtime {
         signal: u32,
         all: bool,
     ) -> Result<()> {
-        let s = self.locked(sandbox_id).await?;
-        let idx = s.container_index(id)?;
-        let state = s.record.containers[idx].state;
-        if !matches!(state, ContainerState::Running | ContainerState::Paused) {
-            return Err(Error::ContainerWrongState {
-                id: id.into(),
-                action: "signal",
-                state,
-                hint: "",
-            });
-        }
-        let vm = s.vm()?.clone();
-        let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+        let (_lock, _, agent) = self
+            .container_agent(
+                sandbox_id,
+                id,
+                "signal",
+                &[ContainerState::Running, ContainerState::Paused],
+            )
+            .await?;
         agent
             .signal_container(id, "", signal, all)
             .await

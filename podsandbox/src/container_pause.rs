@@ -14,19 +14,14 @@ impl Runtime {
         sandbox_id: &str,
         id: &str,
     ) -> Result<crate::container::ContainerStats> {
-        let s = self.locked(sandbox_id).await?;
-        let idx = s.container_index(id)?;
-        let state = s.record.containers[idx].state;
-        if !matches!(state, ContainerState::Running | ContainerState::Paused) {
-            return Err(Error::ContainerWrongState {
-                id: id.into(),
-                action: "get stats of",
-                state,
-                hint: "",
-            });
-        }
-        let vm = s.vm()?.clone();
-        let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+        let (_lock, _, agent) = self
+            .container_agent(
+                sandbox_id,
+                id,
+                "get stats of",
+                &[ContainerState::Running, ContainerState::Paused],
+            )
+            .await?;
         agent
             .stats_container(id)
             .await
@@ -47,24 +42,14 @@ impl Runtime {
         id: &str,
         pause: bool,
     ) -> Result<ContainerStatus> {
-        let mut s = self.locked(sandbox_id).await?;
-        let idx = s.container_index(id)?;
-        let state = s.record.containers[idx].state;
         let (from, to, action) = if pause {
             (ContainerState::Running, ContainerState::Paused, "pause")
         } else {
             (ContainerState::Paused, ContainerState::Running, "resume")
         };
-        if state != from {
-            return Err(Error::ContainerWrongState {
-                id: id.into(),
-                action,
-                state,
-                hint: "",
-            });
-        }
-        let vm = s.vm()?.clone();
-        let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+        let (mut s, idx, agent) = self
+            .container_agent(sandbox_id, id, action, &[from])
+            .await?;
         agent
             .freeze_container(id, pause)
             .await

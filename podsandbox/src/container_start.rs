@@ -10,19 +10,9 @@ use crate::{
 
 impl Runtime {
     pub async fn start_container(&self, sandbox_id: &str, id: &str) -> Result<ContainerStatus> {
-        let mut s = self.locked(sandbox_id).await?;
-        let vm = s.vm()?.clone();
-        let idx = s.container_index(id)?;
-        let state = s.record.containers[idx].state;
-        if state != ContainerState::Created {
-            return Err(Error::ContainerWrongState {
-                id: id.into(),
-                action: "start",
-                state,
-                hint: "",
-            });
-        }
-        let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+        let (mut s, idx, agent) = self
+            .container_agent(sandbox_id, id, "start", &[ContainerState::Created])
+            .await?;
         // Drain the output before the process can fill its pipes.
         if let Some(path) = s.record.containers[idx].log_path.clone() {
             let log = LogFile::open(&path).map_err(|source| Error::Io {

@@ -258,6 +258,32 @@ impl Runtime {
             })
     }
 
+    /// Under the sandbox's lock: container `id` must be in one of `allowed`
+    /// states to `action` it. Returns the lock, the container's index in the
+    /// record and a connection to the agent.
+    pub(crate) async fn container_agent(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+        action: &'static str,
+        allowed: &[crate::container::ContainerState],
+    ) -> Result<(Locked, usize, Arc<dyn AgentClient>)> {
+        let s = self.locked(sandbox_id).await?;
+        let idx = s.container_index(id)?;
+        let state = s.record.containers[idx].state;
+        if !allowed.contains(&state) {
+            return Err(Error::ContainerWrongState {
+                id: id.into(),
+                action,
+                state,
+                hint: "",
+            });
+        }
+        let vm = s.vm()?.clone();
+        let agent = self.agent(sandbox_id, vm.as_ref()).await?;
+        Ok((s, idx, agent))
+    }
+
     /// Builds the status of a record (no agent call).
     pub(crate) fn summary(record: &SandboxRecord) -> SandboxStatus {
         let vm = record.vm.as_ref();
@@ -346,10 +372,7 @@ impl Sandbox {
 
 /// IDs become directory names: keep them to a safe alphabet.
 pub(crate) fn valid_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && id.len() <= 128
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    agent::valid_id(id)
 }
 
 pub(crate) fn check_id(id: &str) -> Result<()> {

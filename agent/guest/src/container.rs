@@ -85,18 +85,12 @@ impl std::fmt::Debug for Containers {
     }
 }
 
-/// Container IDs become directory names.
+/// Container and exec IDs become directory names.
 fn check_id(id: &str) -> Result<()> {
-    let mut chars = id.chars();
-    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && id.len() <= 128
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
+    if agent::valid_id(id) {
         Ok(())
     } else {
-        Err(Failure::InvalidArgument(format!(
-            "invalid container ID {id:?}"
-        )))
+        Err(Failure::InvalidArgument(format!("invalid ID {id:?}")))
     }
 }
 
@@ -113,6 +107,32 @@ fn shared_path(rel: &str) -> Result<PathBuf> {
         )));
     }
     Ok(Path::new(agent::SHARED_FS_GUEST_PATH).join(rel_path))
+}
+
+/// The stdio of a process libcontainer starts: stdin from /dev/null, stdout
+/// and stderr into pipes whose read ends the host drains.
+struct ChildStdio {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+fn stdio_pipes() -> Result<(Output, Output, ChildStdio)> {
+    let (stdout_r, stdout) = pipe_pair()?;
+    let (stderr_r, stderr) = pipe_pair()?;
+    let stdin = std::fs::File::open("/dev/null")
+        .map_err(|e| Failure::Internal(format!("/dev/null: {e}")))?
+        .into();
+    let wrap = |r| Some(Arc::new(tokio::sync::Mutex::new(r)));
+    Ok((
+        wrap(stdout_r),
+        wrap(stderr_r),
+        ChildStdio {
+            stdin,
+            stdout,
+            stderr,
+        },
+    ))
 }
 
 /// A pipe whose read end is non-blocking (for tokio) and write end blocking
@@ -189,10 +209,7 @@ impl Containers {
         std::fs::write(bundle.join("config.json"), config)
             .map_err(|e| Failure::Internal(format!("write config: {e}")))?;
 
-        let (stdout_r, stdout_w) = pipe_pair()?;
-        let (stderr_r, stderr_w) = pipe_pair()?;
-        let devnull = std::fs::File::open("/dev/null")
-            .map_err(|e| Failure::Internal(format!("/dev/null: {e}")))?;
+        let (stdout_r, stderr_r, stdio) = stdio_pipes()?;
         let id_owned = id.to_string();
         let bundle_for_build = bundle.clone();
         let built = tokio::task::spawn_blocking(move || {
@@ -200,9 +217,9 @@ impl Containers {
             ContainerBuilder::new(id_owned, SyscallType::default())
                 .with_root_path(STATE)
                 .map(|b| {
-                    b.with_stdin(OwnedFd::from(devnull))
-                        .with_stdout(stdout_w)
-                        .with_stderr(stderr_w)
+                    b.with_stdin(stdio.stdin)
+                        .with_stdout(stdio.stdout)
+                        .with_stderr(stdio.stderr)
                         .as_init(&bundle_for_build)
                         .with_systemd(false)
                         // The guest's root is the initramfs (rootfs), which
@@ -228,8 +245,8 @@ impl Containers {
         let entry = Entry {
             container,
             cgroup,
-            stdout: Some(Arc::new(tokio::sync::Mutex::new(stdout_r))),
-            stderr: Some(Arc::new(tokio::sync::Mutex::new(stderr_r))),
+            stdout: stdout_r,
+            stderr: stderr_r,
             execs: HashMap::new(),
         };
         self.entries
@@ -420,10 +437,7 @@ impl Containers {
                 "exec {exec_id} already exists"
             )));
         }
-        let (stdout_r, stdout_w) = pipe_pair()?;
-        let (stderr_r, stderr_w) = pipe_pair()?;
-        let devnull = std::fs::File::open("/dev/null")
-            .map_err(|e| Failure::Internal(format!("/dev/null: {e}")))?;
+        let (stdout_r, stderr_r, stdio) = stdio_pipes()?;
         let env: HashMap<String, String> = env
             .iter()
             .filter_map(|kv| kv.split_once('='))
@@ -435,9 +449,9 @@ impl Containers {
             ContainerBuilder::new(id_owned, SyscallType::default())
                 .with_root_path(STATE)
                 .map(|b| {
-                    b.with_stdin(OwnedFd::from(devnull))
-                        .with_stdout(stdout_w)
-                        .with_stderr(stderr_w)
+                    b.with_stdin(stdio.stdin)
+                        .with_stdout(stdio.stdout)
+                        .with_stderr(stdio.stderr)
                         .as_tenant()
                         .with_container_args(args)
                         .with_env(env)
@@ -453,8 +467,8 @@ impl Containers {
         })?;
         let exec = Exec {
             pid: pid.as_raw(),
-            stdout: Some(Arc::new(tokio::sync::Mutex::new(stdout_r))),
-            stderr: Some(Arc::new(tokio::sync::Mutex::new(stderr_r))),
+            stdout: stdout_r,
+            stderr: stderr_r,
         };
         entry
             .lock()
