@@ -12,6 +12,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use agent::protocol::agent as pb;
 use libcontainer::{
     container::{builder::ContainerBuilder, Container},
     signal::Signal,
@@ -117,6 +118,18 @@ struct ChildStdio {
     stderr: OwnedFd,
 }
 
+/// A libcontainer builder for container `id` with our state root and `stdio`.
+fn builder(
+    id: String,
+    stdio: ChildStdio,
+) -> std::result::Result<ContainerBuilder, libcontainer::error::LibcontainerError> {
+    Ok(ContainerBuilder::new(id, SyscallType::default())
+        .with_root_path(STATE)?
+        .with_stdin(stdio.stdin)
+        .with_stdout(stdio.stdout)
+        .with_stderr(stdio.stderr))
+}
+
 fn stdio_pipes() -> Result<(Output, Output, ChildStdio)> {
     let (stdout_r, stdout) = pipe_pair()?;
     let (stderr_r, stderr) = pipe_pair()?;
@@ -214,13 +227,9 @@ impl Containers {
         let bundle_for_build = bundle.clone();
         let built = tokio::task::spawn_blocking(move || {
             let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-            ContainerBuilder::new(id_owned, SyscallType::default())
-                .with_root_path(STATE)
+            builder(id_owned, stdio)
                 .map(|b| {
-                    b.with_stdin(stdio.stdin)
-                        .with_stdout(stdio.stdout)
-                        .with_stderr(stdio.stderr)
-                        .as_init(&bundle_for_build)
+                    b.as_init(&bundle_for_build)
                         .with_systemd(false)
                         // The guest's root is the initramfs (rootfs), which
                         // pivot_root(2) cannot move: enter the container's
@@ -337,7 +346,7 @@ impl Containers {
     }
 
     /// Resource usage from the container's cgroup.
-    pub fn stats(&self, id: &str) -> Result<CgroupStats> {
+    pub fn stats(&self, id: &str) -> Result<pb::StatsContainerResponse> {
         let entry = self.get(id)?;
         let dir = entry
             .lock()
@@ -446,13 +455,9 @@ impl Containers {
         let id_owned = id.to_string();
         let pid = tokio::task::spawn_blocking(move || {
             let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-            ContainerBuilder::new(id_owned, SyscallType::default())
-                .with_root_path(STATE)
+            builder(id_owned, stdio)
                 .map(|b| {
-                    b.with_stdin(stdio.stdin)
-                        .with_stdout(stdio.stdout)
-                        .with_stderr(stdio.stderr)
-                        .as_tenant()
+                    b.as_tenant()
                         .with_container_args(args)
                         .with_env(env)
                         .with_cwd((!cwd.is_empty()).then(|| PathBuf::from(cwd)))
@@ -511,19 +516,6 @@ impl Containers {
     }
 }
 
-/// A container's usage, from cgroup v2 files.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct CgroupStats {
-    pub cpu_usage_usec: u64,
-    pub memory_usage_bytes: u64,
-    pub memory_anon_bytes: u64,
-    pub memory_file_bytes: u64,
-    pub memory_limit_bytes: u64,
-    pub pids_current: u64,
-    pub io_read_bytes: u64,
-    pub io_write_bytes: u64,
-}
-
 /// `key value` lines (cpu.stat, memory.stat): the value of `key`.
 fn keyed(text: &str, key: &str) -> u64 {
     text.lines()
@@ -539,7 +531,7 @@ fn parse_stats(
     mem_max: &str,
     pids: &str,
     io: &str,
-) -> CgroupStats {
+) -> pb::StatsContainerResponse {
     // io.stat: "8:0 rbytes=1 wbytes=2 rios=3 ..." per device.
     let io_sum = |field: &str| -> u64 {
         io.split_whitespace()
@@ -551,16 +543,16 @@ fn parse_stats(
             })
             .sum()
     };
-    CgroupStats {
-        cpu_usage_usec: keyed(cpu, "usage_usec"),
-        memory_usage_bytes: mem_current.trim().parse().unwrap_or(0),
-        memory_anon_bytes: keyed(mem_stat, "anon"),
-        memory_file_bytes: keyed(mem_stat, "file"),
-        memory_limit_bytes: mem_max.trim().parse().unwrap_or(0), // "max" → 0
-        pids_current: pids.trim().parse().unwrap_or(0),
-        io_read_bytes: io_sum("rbytes"),
-        io_write_bytes: io_sum("wbytes"),
-    }
+    let mut st = pb::StatsContainerResponse::new();
+    st.cpu_usage_usec = keyed(cpu, "usage_usec");
+    st.memory_usage_bytes = mem_current.trim().parse().unwrap_or(0);
+    st.memory_anon_bytes = keyed(mem_stat, "anon");
+    st.memory_file_bytes = keyed(mem_stat, "file");
+    st.memory_limit_bytes = mem_max.trim().parse().unwrap_or(0); // "max" → 0
+    st.pids_current = pids.trim().parse().unwrap_or(0);
+    st.io_read_bytes = io_sum("rbytes");
+    st.io_write_bytes = io_sum("wbytes");
+    st
 }
 
 /// The `oom_kill` count of a cgroup v2 memory.events file.

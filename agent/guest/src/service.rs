@@ -161,21 +161,7 @@ impl agent_ttrpc::Agent for AgentService {
         _: &TtrpcContext,
         r: pb::ContainerRequest,
     ) -> ttrpc::Result<pb::StatsContainerResponse> {
-        let st = self
-            .inner
-            .containers
-            .stats(&r.container_id)
-            .map_err(status)?;
-        let mut resp = pb::StatsContainerResponse::new();
-        resp.cpu_usage_usec = st.cpu_usage_usec;
-        resp.memory_usage_bytes = st.memory_usage_bytes;
-        resp.memory_anon_bytes = st.memory_anon_bytes;
-        resp.memory_file_bytes = st.memory_file_bytes;
-        resp.memory_limit_bytes = st.memory_limit_bytes;
-        resp.pids_current = st.pids_current;
-        resp.io_read_bytes = st.io_read_bytes;
-        resp.io_write_bytes = st.io_write_bytes;
-        Ok(resp)
+        self.inner.containers.stats(&r.container_id).map_err(status)
     }
 
     async fn pause_container(
