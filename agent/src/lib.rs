@@ -37,7 +37,7 @@ pub use ttrpc;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision; bumped when the host needs to know a call exists.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 /// The host port the agent connects to once it serves, to say so.
 ///

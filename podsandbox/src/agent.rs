@@ -59,11 +59,16 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
 
     /// Creates a container from an OCI spec (JSON) whose rootfs is
     /// `rootfs`, a path relative to the shared filesystem.
+    ///
+    /// `stdin` keeps the init process's stdin open for writing;
+    /// `sandbox_pidns` puts it in the sandbox-wide PID namespace.
     async fn create_container(
         &self,
         id: &str,
         oci_spec: Vec<u8>,
         rootfs: &str,
+        stdin: bool,
+        sandbox_pidns: bool,
     ) -> Result<(), AgentError>;
     async fn start_container(&self, id: &str) -> Result<(), AgentError>;
     /// Signals a process of container `id`: its init when `exec_id` is
@@ -82,14 +87,13 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
         id: &str,
         exec_id: &str,
     ) -> Result<(i32, Option<String>), AgentError>;
-    /// Starts another process in a running container.
+    /// Starts another process in a running container: the container's
+    /// process with these args (environment entries override by key).
     async fn exec_process(
         &self,
         id: &str,
         exec_id: &str,
-        args: &[String],
-        env: &[String],
-        cwd: &str,
+        process: &crate::container_exec::ExecConfig,
     ) -> Result<(), AgentError>;
     async fn remove_container(&self, id: &str, force: bool) -> Result<(), AgentError>;
     async fn stats_container(
@@ -105,6 +109,24 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
         exec_id: &str,
         stream: crate::container_log::Stream,
     ) -> Result<Option<Vec<u8>>, AgentError>;
+    /// Writes all of `data` to a process's stdin.
+    async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<(), AgentError>;
+    /// The process reads end-of-file.
+    async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError>;
+    /// The window size of a process's terminal.
+    async fn resize_terminal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), AgentError>;
+    async fn list_processes(
+        &self,
+        id: &str,
+    ) -> Result<Vec<crate::container::ProcessInfo>, AgentError>;
+    /// New cgroup limits: an OCI `linux.resources` object (JSON).
+    async fn update_container(&self, id: &str, resources: Vec<u8>) -> Result<(), AgentError>;
 }
 
 /// Opens connections to agents.

@@ -11,6 +11,8 @@ use hypervisor::VsockChannel;
 
 use crate::{
     agent::{AgentClient, AgentCode, AgentDialer, AgentError, GuestDetails},
+    container::ProcessInfo,
+    container_exec::ExecConfig,
     container_log::Stream,
 };
 
@@ -159,11 +161,15 @@ impl AgentClient for TtrpcAgent {
         id: &str,
         oci_spec: Vec<u8>,
         rootfs: &str,
+        stdin: bool,
+        sandbox_pidns: bool,
     ) -> Result<(), AgentError> {
         let mut req = pb::CreateContainerRequest::new();
         req.container_id = id.into();
         req.oci_spec = oci_spec;
         req.rootfs_shared_path = rootfs.into();
+        req.stdin = stdin;
+        req.sandbox_pidns = sandbox_pidns;
         self.agent
             .create_container(ctx(CONTAINER_CALL), &req)
             .await
@@ -268,16 +274,16 @@ impl AgentClient for TtrpcAgent {
         &self,
         id: &str,
         exec_id: &str,
-        args: &[String],
-        env: &[String],
-        cwd: &str,
+        process: &ExecConfig,
     ) -> Result<(), AgentError> {
         let mut req = pb::ExecProcessRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
-        req.args = args.to_vec();
-        req.env = env.to_vec();
-        req.cwd = cwd.into();
+        req.args = process.args.clone();
+        req.env = process.env.clone();
+        req.cwd = process.cwd.clone().unwrap_or_default();
+        req.terminal = process.tty;
+        req.stdin = process.stdin;
         self.agent
             .exec_process(ctx(CONTAINER_CALL), &req)
             .await
@@ -305,5 +311,81 @@ impl AgentClient for TtrpcAgent {
         } else {
             Some(resp.data)
         })
+    }
+
+    async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<(), AgentError> {
+        // Large writes go in pieces: a ttrpc message has a size limit.
+        for chunk in data.chunks(READ_CHUNK as usize) {
+            let mut req = pb::WriteStreamRequest::new();
+            req.container_id = id.into();
+            req.exec_id = exec_id.into();
+            req.data = chunk.to_vec();
+            // Blocks while the process does not read: no deadline.
+            self.agent
+                .write_stdin(ctx(NO_DEADLINE), &req)
+                .await
+                .map_err(rpc_error)?;
+        }
+        Ok(())
+    }
+
+    async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let mut req = pb::ContainerRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        self.agent
+            .close_stdin(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+
+    async fn resize_terminal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), AgentError> {
+        let mut req = pb::TtyWinResizeRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.rows = rows.into();
+        req.cols = cols.into();
+        self.agent
+            .tty_win_resize(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+
+    async fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, AgentError> {
+        let mut req = pb::ContainerRequest::new();
+        req.container_id = id.into();
+        let resp = self
+            .agent
+            .list_processes(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)?;
+        Ok(resp
+            .processes
+            .into_iter()
+            .map(|p| ProcessInfo {
+                pid: p.pid,
+                args: p.args,
+                uid: p.uid,
+            })
+            .collect())
+    }
+
+    async fn update_container(&self, id: &str, resources: Vec<u8>) -> Result<(), AgentError> {
+        let mut req = pb::UpdateContainerRequest::new();
+        req.container_id = id.into();
+        req.resources = resources;
+        self.agent
+            .update_container(ctx(CONTAINER_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
     }
 }

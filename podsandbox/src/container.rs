@@ -36,8 +36,94 @@ pub struct ContainerConfig {
     pub log_path: Option<PathBuf>,
     /// An OCI `linux.seccomp` profile, applied by the guest.
     pub seccomp: Option<Value>,
-    /// cgroup memory.max; the OOM killer ends the container beyond it.
-    pub memory_limit_bytes: Option<u64>,
+    /// cgroup limits (cpu, memory, pids).
+    pub resources: Resources,
+    /// A terminal for the process (stdout then carries stderr too).
+    pub tty: bool,
+    /// Keep stdin open for [`crate::ProcessIo::write_stdin`].
+    pub stdin: bool,
+    /// Host paths shared into the VM and bind-mounted into the container.
+    pub mounts: Vec<Mount>,
+    /// Share the sandbox-wide PID namespace with the other containers that
+    /// ask for it (CRI `NamespaceMode::POD`) instead of having one's own.
+    pub share_pid_namespace: bool,
+    /// Capabilities added to and dropped from the default set
+    /// (`CAP_NET_RAW` or `NET_RAW`; `ALL` drops all).
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub no_new_privileges: bool,
+    /// POSIX rlimits: (`RLIMIT_NOFILE`, soft, hard).
+    pub rlimits: Vec<(String, u64, u64)>,
+}
+
+/// A host path mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// An absolute host path: a directory or a file.
+    pub source: PathBuf,
+    /// Where it appears in the container.
+    pub destination: String,
+    pub readonly: bool,
+}
+
+/// cgroup limits of a container; `None` leaves a limit as it is (unset at
+/// creation).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// memory.max in bytes; the OOM killer ends the container beyond it.
+    pub memory_limit_bytes: Option<i64>,
+    /// Relative CPU weight (cgroup v1 shares, 2..262144).
+    pub cpu_shares: Option<u64>,
+    /// CPU time per period in µs (with `cpu_period`).
+    pub cpu_quota: Option<i64>,
+    pub cpu_period: Option<u64>,
+    /// CPUs the container may run on ("0-1").
+    pub cpuset_cpus: Option<String>,
+    /// Most processes at once.
+    pub pids_limit: Option<i64>,
+}
+
+impl Resources {
+    /// The OCI `linux.resources` object.
+    pub fn to_oci(&self) -> Value {
+        let mut r = json!({});
+        if let Some(limit) = self.memory_limit_bytes {
+            r["memory"] = json!({ "limit": limit });
+        }
+        let mut cpu = serde_json::Map::new();
+        if let Some(v) = self.cpu_shares {
+            cpu.insert("shares".into(), json!(v));
+        }
+        if let Some(v) = self.cpu_quota {
+            cpu.insert("quota".into(), json!(v));
+        }
+        if let Some(v) = self.cpu_period {
+            cpu.insert("period".into(), json!(v));
+        }
+        if let Some(v) = &self.cpuset_cpus {
+            cpu.insert("cpus".into(), json!(v));
+        }
+        if !cpu.is_empty() {
+            r["cpu"] = Value::Object(cpu);
+        }
+        if let Some(limit) = self.pids_limit {
+            r["pids"] = json!({ "limit": limit });
+        }
+        r
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A process in a container, as ProcessListContainer reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// In the guest's PID namespace.
+    pub pid: i32,
+    pub args: Vec<String>,
+    pub uid: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +159,9 @@ pub struct ContainerRecord {
     #[serde(default)]
     pub reason: Option<String>,
     pub created_at: u64,
+    /// Its stdio is a terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// What a caller sees.
@@ -136,22 +225,135 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
+/// Every capability the guest kernel knows (for `add: ALL`).
+const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
 /// The OCI runtime spec for `config`: its own mount, PID, IPC and UTS
 /// namespaces (the VM's network), the usual API filesystems, masked and
 /// read-only paths as runc's defaults have them. `root.path` is set by the agent.
-pub fn oci_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
+///
+/// `mount_sources` are the guest paths of `config.mounts`, in order.
+pub fn oci_spec(config: &ContainerConfig, sandbox_id: &str, mount_sources: &[String]) -> Value {
     let mut spec = base_spec(config, sandbox_id);
+    if let Some(mounts) = spec["mounts"].as_array_mut() {
+        mounts.extend(bind_mounts(config, mount_sources));
+    }
+    // Only when set: libcontainer 0.7 reads a present `false` as true for
+    // seccomp ordering (it would install the profile after dropping
+    // CAP_SYS_ADMIN, without no_new_privs, and fail).
+    if config.no_new_privileges {
+        spec["process"]["noNewPrivileges"] = Value::Bool(true);
+    }
+    if !config.rlimits.is_empty() {
+        spec["process"]["rlimits"] = config
+            .rlimits
+            .iter()
+            .map(|(kind, soft, hard)| json!({ "type": kind, "soft": soft, "hard": hard }))
+            .collect();
+    }
     if let Some(profile) = &config.seccomp {
         spec["linux"]["seccomp"] = profile.clone();
     }
-    if let Some(limit) = config.memory_limit_bytes {
-        spec["linux"]["resources"] = json!({ "memory": { "limit": limit } });
+    if !config.resources.is_empty() {
+        spec["linux"]["resources"] = config.resources.to_oci();
     }
     spec
 }
 
+/// The capability set: the defaults, less `drop`, plus `add`.
+fn capabilities(add: &[String], drop: &[String]) -> Vec<String> {
+    let norm = |c: &String| {
+        let c = c.to_ascii_uppercase();
+        if c == "ALL" || c.starts_with("CAP_") {
+            c
+        } else {
+            format!("CAP_{c}")
+        }
+    };
+    let drop: Vec<String> = drop.iter().map(norm).collect();
+    let mut caps: Vec<String> = if drop.iter().any(|c| c == "ALL") {
+        Vec::new()
+    } else {
+        DEFAULT_CAPS
+            .iter()
+            .map(|c| c.to_string())
+            .filter(|c| !drop.contains(c))
+            .collect()
+    };
+    for c in add.iter().map(norm) {
+        if c == "ALL" {
+            return ALL_CAPS.iter().map(|c| c.to_string()).collect();
+        }
+        if !caps.contains(&c) {
+            caps.push(c);
+        }
+    }
+    caps
+}
+
+/// Bind mounts of the container's shared mount sources: `shared` are their
+/// paths as the guest sees them.
+fn bind_mounts(config: &ContainerConfig, shared: &[String]) -> Vec<Value> {
+    config
+        .mounts
+        .iter()
+        .zip(shared)
+        .map(|(m, source)| {
+            json!({
+                "destination": m.destination,
+                "type": "bind",
+                "source": source,
+                "options": ["rbind", "rprivate", if m.readonly { "ro" } else { "rw" }],
+            })
+        })
+        .collect()
+}
+
 fn base_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
     let (uid, gid) = config.user.unwrap_or((0, 0));
+    let caps = capabilities(&config.cap_add, &config.cap_drop);
     let mut env = config.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(
@@ -162,17 +364,16 @@ fn base_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
     json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": config.tty,
             "user": { "uid": uid, "gid": gid },
             "args": config.args,
             "env": env,
             "cwd": config.cwd.clone().unwrap_or_else(|| "/".into()),
             "capabilities": {
-                "bounding": DEFAULT_CAPS,
-                "effective": DEFAULT_CAPS,
-                "permitted": DEFAULT_CAPS,
+                "bounding": caps,
+                "effective": caps,
+                "permitted": caps,
             },
-            "noNewPrivileges": true,
         },
         "root": { "path": "rootfs", "readonly": config.readonly_rootfs },
         "hostname": sandbox_id.chars().take(63).collect::<String>(),
@@ -212,7 +413,7 @@ mod tests {
             readonly_rootfs: true,
             ..Default::default()
         };
-        let spec = oci_spec(&cfg, "pod1");
+        let spec = oci_spec(&cfg, "pod1", &[]);
         assert_eq!(spec["process"]["args"], json!(["/bin/echo", "hello"]));
         assert_eq!(spec["process"]["user"], json!({"uid": 1000, "gid": 1000}));
         assert_eq!(spec["process"]["cwd"], "/");
@@ -237,11 +438,14 @@ mod tests {
         assert!(spec["linux"].get("seccomp").is_none());
         assert!(spec["linux"].get("resources").is_none());
         let limited = ContainerConfig {
-            memory_limit_bytes: Some(32 << 20),
+            resources: Resources {
+                memory_limit_bytes: Some(32 << 20),
+                ..Default::default()
+            },
             ..cfg.clone()
         };
         assert_eq!(
-            oci_spec(&limited, "pod1")["linux"]["resources"]["memory"]["limit"],
+            oci_spec(&limited, "pod1", &[])["linux"]["resources"]["memory"]["limit"],
             32 << 20
         );
         let with = ContainerConfig {
@@ -249,8 +453,67 @@ mod tests {
             ..cfg
         };
         assert_eq!(
-            oci_spec(&with, "pod1")["linux"]["seccomp"]["defaultAction"],
+            oci_spec(&with, "pod1", &[])["linux"]["seccomp"]["defaultAction"],
             "SCMP_ACT_ALLOW"
+        );
+    }
+
+    #[test]
+    fn capabilities_add_and_drop() {
+        let caps = capabilities(
+            &["sys_admin".into()],
+            &["NET_RAW".into(), "CAP_KILL".into()],
+        );
+        assert!(caps.contains(&"CAP_SYS_ADMIN".to_string()));
+        assert!(!caps.contains(&"CAP_NET_RAW".to_string()));
+        assert!(!caps.contains(&"CAP_KILL".to_string()));
+        assert!(caps.contains(&"CAP_CHOWN".to_string()));
+        assert_eq!(capabilities(&[], &["ALL".into()]), Vec::<String>::new());
+        assert_eq!(
+            capabilities(&["CAP_CHOWN".into()], &["all".into()]),
+            ["CAP_CHOWN"]
+        );
+        assert_eq!(capabilities(&["ALL".into()], &[]).len(), ALL_CAPS.len());
+    }
+
+    #[test]
+    fn mounts_rlimits_tty_and_resources_reach_the_spec() {
+        let cfg = ContainerConfig {
+            id: "c1".into(),
+            args: vec!["sh".into()],
+            tty: true,
+            no_new_privileges: true,
+            mounts: vec![Mount {
+                source: "/srv/data".into(),
+                destination: "/data".into(),
+                readonly: true,
+            }],
+            rlimits: vec![("RLIMIT_NOFILE".into(), 512, 1024)],
+            resources: Resources {
+                cpu_quota: Some(50_000),
+                cpu_period: Some(100_000),
+                pids_limit: Some(64),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let spec = oci_spec(&cfg, "pod1", &["/run/vc/shared/c1/mounts/0".into()]);
+        assert_eq!(spec["process"]["terminal"], true);
+        assert_eq!(spec["process"]["noNewPrivileges"], true);
+        assert_eq!(
+            spec["process"]["rlimits"],
+            json!([{ "type": "RLIMIT_NOFILE", "soft": 512, "hard": 1024 }])
+        );
+        let data = spec["mounts"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["destination"] == "/data"))
+            .cloned()
+            .expect("the bind mount");
+        assert_eq!(data["source"], "/run/vc/shared/c1/mounts/0");
+        assert_eq!(data["options"], json!(["rbind", "rprivate", "ro"]));
+        assert_eq!(
+            spec["linux"]["resources"],
+            json!({ "cpu": { "quota": 50_000, "period": 100_000 }, "pids": { "limit": 64 } })
         );
     }
 }

@@ -1,10 +1,15 @@
 //! CreateContainer: bind the rootfs into the shared directory and have the
 //! agent create the container (its process waits for StartContainer).
 
-use std::os::unix::fs::DirBuilderExt;
+use std::{
+    os::unix::fs::DirBuilderExt,
+    path::{Component, Path},
+};
 
 use crate::{
-    container::{oci_spec, ContainerConfig, ContainerRecord, ContainerState, ContainerStatus},
+    container::{
+        oci_spec, ContainerConfig, ContainerRecord, ContainerState, ContainerStatus, Mount,
+    },
     mounts,
     sandbox::{check_id, now_secs, Runtime},
     state::SandboxState,
@@ -36,6 +41,9 @@ impl Runtime {
                 "rootfs {} is not an absolute path to a directory",
                 config.rootfs.display()
             )));
+        }
+        for m in &config.mounts {
+            self.check_mount(m).map_err(invalid)?;
         }
         let mut s = self.locked(sandbox_id).await?;
         if !matches!(s.record.state, SandboxState::Ready | SandboxState::Running) {
@@ -69,15 +77,23 @@ impl Runtime {
             let _ = mounts::remove_tree(&container_dir);
             return Err(err);
         }
-        let spec = serde_json::to_vec(&oci_spec(&config, sandbox_id))
-            .map_err(|e| invalid(format!("cannot encode the OCI spec: {e}")))?;
-        let created = match self.agent(sandbox_id, vm.as_ref()).await {
-            Ok(agent) => agent
-                .create_container(&cid, spec, &shared_rel)
+        let created = async {
+            let sources = self.share_mounts(&config, &container_dir)?;
+            let spec = serde_json::to_vec(&oci_spec(&config, sandbox_id, &sources))
+                .map_err(|e| invalid(format!("cannot encode the OCI spec: {e}")))?;
+            self.agent(sandbox_id, vm.as_ref())
+                .await?
+                .create_container(
+                    &cid,
+                    spec,
+                    &shared_rel,
+                    config.stdin,
+                    config.share_pid_namespace,
+                )
                 .await
-                .map_err(|e| Error::from_agent(&cid, "create", e)),
-            Err(err) => Err(err),
-        };
+                .map_err(|e| Error::from_agent(&cid, "create", e))
+        }
+        .await;
         if let Err(err) = created {
             let _ = mounts::remove_tree(&container_dir);
             return Err(err);
@@ -90,11 +106,84 @@ impl Runtime {
             exit_code: None,
             reason: None,
             created_at: now_secs(),
+            tty: config.tty,
         };
         let status = record.status(sandbox_id);
         s.record.containers.push(record);
         self.inner.store.save(&s.record)?;
+        drop(s);
+        self.spawn_container_monitor(sandbox_id, &cid);
         tracing::info!(sandbox = %sandbox_id, container = %cid, "container created");
         Ok(status)
+    }
+}
+
+impl Runtime {
+    /// A mount source must be an existing absolute host path, with no `..`,
+    /// and not inside the runtime's own state or run directory; its
+    /// destination an absolute container path.
+    fn check_mount(&self, m: &Mount) -> std::result::Result<(), String> {
+        let src = &m.source;
+        if !src.is_absolute() || src.components().any(|c| c == Component::ParentDir) {
+            return Err(format!(
+                "mount source {} must be an absolute path without '..'",
+                src.display()
+            ));
+        }
+        if !m.destination.starts_with('/') || m.destination.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "mount destination {:?} must be an absolute path without '..'",
+                m.destination
+            ));
+        }
+        let real = src
+            .canonicalize()
+            .map_err(|e| format!("mount source {}: {e}", src.display()))?;
+        let config = self.config();
+        for own in [&config.state_dir, &config.run_dir] {
+            let own = own.canonicalize().unwrap_or_else(|_| own.clone());
+            if real.starts_with(&own) || own.starts_with(&real) {
+                return Err(format!(
+                    "mount source {} overlaps the runtime's own directory {}",
+                    src.display(),
+                    own.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bind-mounts each mount source into the container's directory of the
+    /// shared filesystem (read-only ones read-only on the host already);
+    /// returns their paths as the guest sees them.
+    fn share_mounts(&self, config: &ContainerConfig, container_dir: &Path) -> Result<Vec<String>> {
+        let mut guest = Vec::new();
+        for (i, m) in config.mounts.iter().enumerate() {
+            let target = container_dir.join("mounts").join(i.to_string());
+            let made = if m.source.is_dir() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&target)
+            } else {
+                std::fs::create_dir_all(container_dir.join("mounts"))
+                    .and_then(|()| std::fs::File::create(&target).map(drop))
+            };
+            made.map_err(|source| Error::Io {
+                action: "create",
+                path: target.clone(),
+                source,
+            })?;
+            mounts::bind(&m.source, &target)?;
+            if m.readonly {
+                mounts::remount_readonly(&target)?;
+            }
+            guest.push(format!(
+                "{}/{}/mounts/{i}",
+                agent::SHARED_FS_GUEST_PATH,
+                config.id
+            ));
+        }
+        Ok(guest)
     }
 }

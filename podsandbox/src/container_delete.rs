@@ -31,6 +31,7 @@ impl Runtime {
         mounts::remove_tree(&container_dir)?;
         s.record.containers.remove(idx);
         self.inner.store.save(&s.record)?;
+        self.forget_monitor(sandbox_id, id);
         tracing::info!(sandbox = %sandbox_id, container = %id, "container deleted");
         Ok(())
     }

@@ -1,22 +1,42 @@
-//! ExecSync: run another process in a running container and collect its
-//! output and exit status (CRI ExecSync; the streaming Exec builds on the
-//! same agent calls).
+//! EnterContainer and ExecSync: run another process in a running container,
+//! streamed ([`Runtime::exec`], CRI Exec) or collected with its exit status
+//! ([`Runtime::exec_sync`], CRI ExecSync).
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    sync::Arc,
     time::Duration,
 };
 
 use crate::{
-    agent::AgentClient, container::ContainerState, container_log::Stream, sandbox::Runtime, Error,
-    Result,
+    container::ContainerState, container_io::ProcessIo, container_log::Stream, sandbox::Runtime,
+    Error, Result,
 };
 
 /// Output kept per stream; the rest is dropped (CRI caps ExecSync output too).
 pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
 
-const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// A process to run in a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecConfig {
+    pub args: Vec<String>,
+    /// `KEY=value`, added to (or replacing keys of) the container's own.
+    pub env: Vec<String>,
+    /// The container's working directory when `None`.
+    pub cwd: Option<String>,
+    /// A terminal for stdio (stdout then carries stderr too).
+    pub tty: bool,
+    /// Keep stdin open for [`ProcessIo::write_stdin`].
+    pub stdin: bool,
+}
+
+impl ExecConfig {
+    pub fn command(args: Vec<String>) -> Self {
+        Self {
+            args,
+            ..Default::default()
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecResult {
@@ -26,16 +46,10 @@ pub struct ExecResult {
 }
 
 impl Runtime {
-    /// Runs `args` in container `id` and waits for it, at most `timeout`
-    /// (then the process is killed and the call fails with DeadlineExceeded).
-    pub async fn exec_sync(
-        &self,
-        sandbox_id: &str,
-        id: &str,
-        args: Vec<String>,
-        timeout: Option<Duration>,
-    ) -> Result<ExecResult> {
-        if args.is_empty() {
+    /// Starts a process in running container `id` and hands back its stdio
+    /// and exit (the seed's EnterContainer).
+    pub async fn exec(&self, sandbox_id: &str, id: &str, process: ExecConfig) -> Result<ProcessIo> {
+        if process.args.is_empty() {
             return Err(Error::InvalidContainer {
                 id: id.into(),
                 detail: "exec: no command".into(),
@@ -47,17 +61,30 @@ impl Runtime {
             .await?;
         let exec_id = next_exec_id();
         agent
-            .exec_process(id, &exec_id, &args, &[DEFAULT_PATH.to_string()], "")
+            .exec_process(id, &exec_id, &process)
             .await
             .map_err(|e| Error::from_agent(id, "exec", e))?;
-        let run = collect(agent.clone(), id, &exec_id);
+        Ok(ProcessIo::new(agent, id, &exec_id, process.tty))
+    }
+
+    /// Runs `args` in container `id` and waits for it, at most `timeout`
+    /// (then the process is killed and the call fails with DeadlineExceeded).
+    pub async fn exec_sync(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+        args: Vec<String>,
+        timeout: Option<Duration>,
+    ) -> Result<ExecResult> {
+        let process = self.exec(sandbox_id, id, ExecConfig::command(args)).await?;
+        let run = collect(&process);
         match timeout {
             None => run.await,
             Some(limit) => match tokio::time::timeout(limit, run).await {
                 Ok(result) => result,
                 Err(_) => {
-                    let _ = agent.signal_container(id, &exec_id, 9, false).await;
-                    let _ = agent.wait_container(id, &exec_id).await;
+                    let _ = process.signal(9).await;
+                    let _ = process.wait().await;
                     Err(Error::ExecTimeout {
                         id: id.into(),
                         secs: limit.as_secs_f64(),
@@ -69,27 +96,17 @@ impl Runtime {
 }
 
 /// Drains both streams to their end, then reaps the exit status.
-async fn collect(agent: Arc<dyn AgentClient>, id: &str, exec_id: &str) -> Result<ExecResult> {
-    let drain = |stream| {
-        let agent = agent.clone();
-        async move {
-            let mut out = Vec::new();
-            while let Some(chunk) = agent
-                .read_output(id, exec_id, stream)
-                .await
-                .map_err(|e| Error::from_agent(id, "read", e))?
-            {
-                let room = MAX_EXEC_OUTPUT.saturating_sub(out.len());
-                out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            }
-            Ok::<_, Error>(out)
+async fn collect(process: &ProcessIo) -> Result<ExecResult> {
+    let drain = |stream| async move {
+        let mut out = Vec::new();
+        while let Some(chunk) = process.read(stream).await? {
+            let room = MAX_EXEC_OUTPUT.saturating_sub(out.len());
+            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
         }
+        Ok::<_, Error>(out)
     };
     let (stdout, stderr) = tokio::try_join!(drain(Stream::Stdout), drain(Stream::Stderr))?;
-    let (exit_code, _) = agent
-        .wait_container(id, exec_id)
-        .await
-        .map_err(|e| Error::from_agent(id, "wait", e))?;
+    let exit_code = process.wait().await?;
     Ok(ExecResult {
         exit_code,
         stdout,

@@ -4,10 +4,12 @@ use std::time::Duration;
 
 use crate::{
     container::{ContainerState, ContainerStatus},
-    container_start::copier_key,
     sandbox::Runtime,
     Error, Result,
 };
+
+/// How long a waiter gives the container's monitor to record an exit.
+const MONITOR_GRACE: Duration = Duration::from_secs(10);
 
 impl Runtime {
     /// Sends `signal` to the container's process (or all its processes).
@@ -33,7 +35,8 @@ impl Runtime {
     }
 
     /// Waits for the container's process to exit (holding no lock while it
-    /// runs), then for its output to reach the log; returns the exit status.
+    /// runs), then for its monitor to have put its output in the log and
+    /// recorded the exit; returns the exit status.
     pub async fn wait_container(&self, sandbox_id: &str, id: &str) -> Result<i32> {
         let (agent, state, exit) = {
             let s = self.locked(sandbox_id).await?;
@@ -61,23 +64,18 @@ impl Runtime {
         let (code, reason) = agent
             .wait_container(id, "")
             .await
-            .map_err(|e| Error::from_agent(id, "wait", e))?;
-        let copiers = self
-            .inner
-            .copiers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&copier_key(sandbox_id, id));
-        for task in copiers.into_iter().flatten() {
-            let _ = task.await;
+            .map_err(|e| Error::from_agent(id, "wait for", e))?;
+        // The monitor records the exit once the output is in the log; give
+        // it that time, then record it here if no monitor did.
+        let deadline = tokio::time::Instant::now() + MONITOR_GRACE;
+        while tokio::time::Instant::now() < deadline {
+            let status = self.container_status(sandbox_id, id).await?;
+            if status.state == ContainerState::Stopped {
+                return Ok(status.exit_code.unwrap_or(code));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let mut s = self.locked(sandbox_id).await?;
-        if let Ok(idx) = s.container_index(id) {
-            s.record.containers[idx].state = ContainerState::Stopped;
-            s.record.containers[idx].exit_code = Some(code);
-            s.record.containers[idx].reason = reason;
-            self.inner.store.save(&s.record)?;
-        }
+        self.record_exit(sandbox_id, id, code, reason).await?;
         Ok(code)
     }
 

@@ -1,9 +1,8 @@
-//! StartContainer: run the created container's process and copy its output
-//! into the CRI log file (from this process, for as long as it lives).
+//! StartContainer: run the created container's process (its monitor,
+//! started at creation, is already draining its output).
 
 use crate::{
     container::{ContainerState, ContainerStatus},
-    container_log::{LogFile, Stream},
     sandbox::Runtime,
     Error, Result,
 };
@@ -13,43 +12,6 @@ impl Runtime {
         let (mut s, idx, agent) = self
             .container_agent(sandbox_id, id, "start", &[ContainerState::Created])
             .await?;
-        // Drain the output before the process can fill its pipes.
-        if let Some(path) = s.record.containers[idx].log_path.clone() {
-            let log = LogFile::open(&path).map_err(|source| Error::Io {
-                action: "open log",
-                path: path.clone(),
-                source,
-            })?;
-            let mut tasks = Vec::new();
-            for stream in [Stream::Stdout, Stream::Stderr] {
-                let (agent, log, cid) = (agent.clone(), log.clone(), id.to_string());
-                tasks.push(tokio::spawn(async move {
-                    let mut out = log.stream(stream);
-                    loop {
-                        match agent.read_output(&cid, "", stream).await {
-                            Ok(Some(data)) => {
-                                if let Err(err) = out.push(&data) {
-                                    tracing::warn!(container = %cid, "log write: {err}");
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(err) => {
-                                tracing::debug!(container = %cid, "log copy ends: {err}");
-                                break;
-                            }
-                        }
-                    }
-                    if let Err(err) = out.finish() {
-                        tracing::warn!(container = %cid, "log write: {err}");
-                    }
-                }));
-            }
-            self.inner
-                .copiers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(copier_key(sandbox_id, id), tasks);
-        }
         agent
             .start_container(id)
             .await
@@ -59,8 +21,4 @@ impl Runtime {
         tracing::info!(sandbox = %sandbox_id, container = %id, "container running");
         Ok(s.record.containers[idx].status(sandbox_id))
     }
-}
-
-pub(crate) fn copier_key(sandbox_id: &str, id: &str) -> String {
-    format!("{sandbox_id}/{id}")
 }

@@ -106,6 +106,13 @@ impl FakeDialer {
     pub fn calls(&self) -> Vec<&'static str> {
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    fn record(&self, call: &'static str) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(call);
+    }
 }
 
 #[async_trait]
@@ -167,6 +174,8 @@ impl AgentClient for FakeDialer {
         _id: &str,
         _spec: Vec<u8>,
         _rootfs: &str,
+        _stdin: bool,
+        _sandbox_pidns: bool,
     ) -> Result<(), AgentError> {
         self.calls
             .lock()
@@ -198,9 +207,7 @@ impl AgentClient for FakeDialer {
         &self,
         _id: &str,
         _exec: &str,
-        _args: &[String],
-        _env: &[String],
-        _cwd: &str,
+        _process: &crate::container_exec::ExecConfig,
     ) -> Result<(), AgentError> {
         self.calls
             .lock()
@@ -246,5 +253,33 @@ impl AgentClient for FakeDialer {
         _stream: crate::container_log::Stream,
     ) -> Result<Option<Vec<u8>>, AgentError> {
         Ok(None)
+    }
+    async fn write_stdin(&self, _id: &str, _exec: &str, _data: &[u8]) -> Result<(), AgentError> {
+        self.record("write_stdin");
+        Ok(())
+    }
+    async fn close_stdin(&self, _id: &str, _exec: &str) -> Result<(), AgentError> {
+        self.record("close_stdin");
+        Ok(())
+    }
+    async fn resize_terminal(
+        &self,
+        _id: &str,
+        _exec: &str,
+        _rows: u16,
+        _cols: u16,
+    ) -> Result<(), AgentError> {
+        self.record("resize_terminal");
+        Ok(())
+    }
+    async fn list_processes(
+        &self,
+        _id: &str,
+    ) -> Result<Vec<crate::container::ProcessInfo>, AgentError> {
+        Ok(Vec::new())
+    }
+    async fn update_container(&self, _id: &str, _resources: Vec<u8>) -> Result<(), AgentError> {
+        self.record("update_container");
+        Ok(())
     }
 }

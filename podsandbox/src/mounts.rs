@@ -33,6 +33,23 @@ pub fn bind(source: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes the bind mount at `target` read-only (a bind mount takes its own
+/// flags only through a remount).
+pub fn remount_readonly(target: &Path) -> Result<()> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::Io {
+        action: "remount read-only",
+        path: target.to_path_buf(),
+        source: std::io::Error::from(e),
+    })
+}
+
 /// Mount points at or below `dir`, deepest first.
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {

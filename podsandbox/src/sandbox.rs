@@ -96,9 +96,11 @@ pub(crate) struct RuntimeInner {
     pub(crate) store: Store,
     pub(crate) vms: Arc<dyn VmFactory>,
     pub(crate) dialer: Arc<dyn AgentDialer>,
-    /// Tasks copying containers' output to their logs, by "sandbox/container".
-    pub(crate) copiers:
-        std::sync::Mutex<std::collections::HashMap<String, Vec<tokio::task::JoinHandle<()>>>>,
+    /// In-process container monitors, by "sandbox/container".
+    pub(crate) monitors:
+        std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Whether monitors run here (else in processes of their own).
+    pub(crate) in_process_monitors: std::sync::atomic::AtomicBool,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -131,7 +133,8 @@ impl Runtime {
                 store,
                 vms,
                 dialer,
-                copiers: Default::default(),
+                monitors: Default::default(),
+                in_process_monitors: std::sync::atomic::AtomicBool::new(true),
             }),
         })
     }

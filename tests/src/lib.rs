@@ -268,9 +268,17 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))
         .expect("busybox-static is installed by hack/install-deps.sh");
-    for applet in [
-        "sh", "echo", "sleep", "ls", "cat", "id", "true", "false", "hostname", "kill", "dd",
-    ] {
+    // Every applet this busybox has, as /bin/<applet>.
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    let applets = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        applets.lines().any(|a| a == "sh"),
+        "busybox applets: {applets}"
+    );
+    for applet in applets.lines().filter(|a| !a.is_empty() && *a != "busybox") {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");

@@ -404,7 +404,7 @@ async fn scenario() {
     // Within its memory limit a container runs (the limit applies to the
     // workload, not to the runtime's set-up in the guest)...
     let mut small = container("small", &["/bin/echo", "fits"]);
-    small.memory_limit_bytes = Some(32 << 20);
+    small.resources.memory_limit_bytes = Some(32 << 20);
     rt.create_container("pod", small).await.expect("create");
     rt.start_container("pod", "small").await.expect("start");
     assert_eq!(rt.wait_container("pod", "small").await.expect("wait"), 0);
@@ -427,7 +427,7 @@ async fn scenario() {
             "count=1",
         ],
     );
-    hungry.memory_limit_bytes = Some(32 << 20);
+    hungry.resources.memory_limit_bytes = Some(32 << 20);
     rt.create_container("pod", hungry).await.expect("create");
     rt.start_container("pod", "hungry").await.expect("start");
     assert_eq!(rt.wait_container("pod", "hungry").await.expect("wait"), 137);

@@ -180,3 +180,147 @@ fn bad_input_is_a_one_line_error() {
     assert_eq!(list, Value::Array(vec![]), "no failed create left a record");
     assert!(env.processes().is_empty());
 }
+
+#[test]
+fn containers_one_call_at_a_time() {
+    let env = TestEnv::new();
+    let v = Virtc::new(&env);
+    let rootfs = tests::busybox_rootfs(env.dir.path());
+    let rootfs = rootfs.to_str().expect("utf-8 path");
+    v.ok(&["sandbox", "create", "c1"]);
+    v.ok(&["sandbox", "start", "c1"]);
+
+    // A container that exits on its own: its monitor (a process of its own,
+    // virtc having exited) puts the output in the log and records the exit.
+    let created = v.ok(&[
+        "container",
+        "create",
+        "c1",
+        "hello",
+        "--rootfs",
+        rootfs,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hello; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(created.trim(), "hello created");
+    assert_eq!(
+        v.ok(&["container", "start", "c1", "hello"]).trim(),
+        "hello running"
+    );
+    let status = |id: &str| -> Value {
+        serde_json::from_str(&v.ok(&["container", "status", "c1", id, "--json"])).expect("JSON")
+    };
+    let mut st = status("hello");
+    for _ in 0..400 {
+        if st["state"] == "stopped" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        st = status("hello");
+    }
+    assert_eq!(
+        (&st["state"], &st["exit_code"]),
+        (&"stopped".into(), &3.into()),
+        "{st}"
+    );
+    let logs = v.run(&["container", "logs", "c1", "hello"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "hello\n");
+    assert_eq!(String::from_utf8_lossy(&logs.stderr), "oops\n");
+
+    // Exec into a running one: exit status, stdin, a terminal.
+    v.ok(&[
+        "container",
+        "create",
+        "c1",
+        "svc",
+        "--rootfs",
+        rootfs,
+        "--",
+        "/bin/sleep",
+        "1000",
+    ]);
+    v.ok(&["container", "start", "c1", "svc"]);
+    let seven = v.run(&[
+        "container",
+        "exec",
+        "c1",
+        "svc",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(
+        seven.status.code(),
+        Some(7),
+        "the exit status passes through"
+    );
+    let mut cat = Command::new(tests::workspace_bin("virtc"))
+        .arg("--config")
+        .arg(&v.config)
+        .args(["container", "exec", "-i", "c1", "svc", "--", "/bin/cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("virtc exec -i");
+    {
+        use std::io::Write as _;
+        let mut stdin = cat.stdin.take().expect("stdin");
+        stdin.write_all(b"piped through\n").expect("write");
+    }
+    let out = cat.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped through\n");
+    let tty = v.ok(&["container", "exec", "-t", "c1", "svc", "--", "/bin/tty"]);
+    assert!(tty.contains("/dev/pts/"), "{tty:?}");
+    let ps = v.ok(&["container", "ps", "c1", "svc"]);
+    assert!(ps.contains("/bin/sleep 1000"), "{ps}");
+    let stats: Value =
+        serde_json::from_str(&v.ok(&["container", "stats", "c1", "svc", "--json"])).expect("JSON");
+    assert!(
+        stats["pids_current"].as_u64().is_some_and(|n| n >= 1),
+        "{stats}"
+    );
+    v.ok(&["container", "update", "c1", "svc", "--memory", "67108864"]);
+    let stats: Value =
+        serde_json::from_str(&v.ok(&["container", "stats", "c1", "svc", "--json"])).expect("JSON");
+    assert_eq!(stats["memory_limit_bytes"], 67108864, "{stats}");
+    // PID 1 of its namespace ignores TERM: the grace ends in KILL.
+    assert_eq!(
+        v.ok(&["container", "stop", "c1", "svc", "--timeout", "1"])
+            .trim(),
+        "svc stopped: exit 137"
+    );
+    assert_eq!(status("svc")["exit_code"], 137);
+
+    let err = v.fails(&["container", "start", "c1", "ghost"]);
+    assert!(err.contains("ghost") && err.contains("not found"), "{err}");
+    let err = v.fails(&[
+        "container",
+        "create",
+        "c1",
+        "nofs",
+        "--rootfs",
+        "/nonexistent",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(err.contains("/nonexistent"), "{err}");
+    let usage = v.run(&["container", "create", "c1", "noargs", "--rootfs", rootfs]);
+    assert!(!usage.status.success());
+    assert!(
+        String::from_utf8_lossy(&usage.stderr).contains("<COMMAND>"),
+        "clap names the missing command"
+    );
+
+    v.ok(&["container", "delete", "c1", "hello"]);
+    v.ok(&["container", "delete", "c1", "svc"]);
+    let list: Value =
+        serde_json::from_str(&v.ok(&["container", "list", "c1", "--json"])).expect("JSON");
+    assert_eq!(list, Value::Array(vec![]));
+    v.ok(&["sandbox", "stop", "c1"]);
+    v.ok(&["sandbox", "delete", "c1"]);
+    env.assert_nothing_left("c1");
+}

@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashMap,
-    os::fd::{AsRawFd, OwnedFd},
     path::{Component, Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -15,13 +14,18 @@ use std::{
 use agent::protocol::agent as pb;
 use libcontainer::{
     container::{builder::ContainerBuilder, Container},
+    oci_spec::runtime::{LinuxSeccomp, Spec},
     signal::Signal,
     syscall::syscall::SyscallType,
+    workload::{default::DefaultExecutor, Executor, ExecutorError, ExecutorValidationError},
 };
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use tokio::{io::AsyncReadExt, net::unix::pipe};
 
-use crate::{reaper::Reaper, storage::Storage};
+use crate::{
+    pidns::PidNamespace,
+    reaper::Reaper,
+    stdio::{self, ChildStdio, ProcessIo},
+    storage::Storage,
+};
 
 const BUNDLES: &str = "/run/vc/bundles";
 
@@ -42,34 +46,55 @@ pub enum Failure {
 
 type Result<T> = std::result::Result<T, Failure>;
 
-type Output = Option<Arc<tokio::sync::Mutex<pipe::Receiver>>>;
+type Exit = Arc<tokio::sync::OnceCell<i32>>;
 
 /// A process started by ExecProcess.
 struct Exec {
     pid: i32,
-    stdout: Output,
-    stderr: Output,
+    io: ProcessIo,
+    exit: Exit,
+}
+
+/// An exec is forgotten once it was waited for and its output read to the
+/// end (callers may do these in either order).
+fn forget_finished(e: &mut Entry, exec_id: &str) {
+    if e.execs
+        .get(exec_id)
+        .is_some_and(|x| x.exit.initialized() && x.io.stdout.is_none() && x.io.stderr.is_none())
+    {
+        e.execs.remove(exec_id);
+    }
 }
 
 struct Entry {
     container: Container,
     /// The container's cgroup directory (from the spec's cgroupsPath).
     cgroup: Option<PathBuf>,
-    stdout: Output,
-    stderr: Output,
+    /// The spec's `process`: the template of every exec.
+    process: serde_json::Value,
+    /// The spec's seccomp profile, which execs get too.
+    seccomp: Option<LinuxSeccomp>,
+    io: ProcessIo,
+    exit: Exit,
     execs: HashMap<String, Exec>,
 }
 
 impl Entry {
-    /// The output streams of the init process (`exec_id` empty) or an exec.
-    fn streams(&self, exec_id: &str) -> Result<(Output, Output)> {
+    /// The stdio of the init process (`exec_id` empty) or an exec.
+    fn io(&mut self, exec_id: &str) -> Result<&mut ProcessIo> {
         if exec_id.is_empty() {
-            return Ok((self.stdout.clone(), self.stderr.clone()));
+            return Ok(&mut self.io);
         }
         self.execs
-            .get(exec_id)
-            .map(|e| (e.stdout.clone(), e.stderr.clone()))
+            .get_mut(exec_id)
+            .map(|e| &mut e.io)
             .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))
+    }
+
+    fn cgroup(&self) -> Result<PathBuf> {
+        self.cgroup.clone().ok_or_else(|| {
+            Failure::FailedPrecondition(format!("container {} has no cgroup", self.container.id()))
+        })
     }
 }
 
@@ -78,6 +103,7 @@ pub struct Containers {
     entries: Arc<Mutex<HashMap<String, Arc<Mutex<Entry>>>>>,
     storage: Storage,
     reaper: Reaper,
+    pidns: PidNamespace,
 }
 
 impl std::fmt::Debug for Containers {
@@ -110,54 +136,82 @@ fn shared_path(rel: &str) -> Result<PathBuf> {
     Ok(Path::new(agent::SHARED_FS_GUEST_PATH).join(rel_path))
 }
 
-/// The stdio of a process libcontainer starts: stdin from /dev/null, stdout
-/// and stderr into pipes whose read ends the host drains.
-struct ChildStdio {
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-}
-
-/// A libcontainer builder for container `id` with our state root and `stdio`.
+/// A libcontainer builder for container `id` with our state root and
+/// either pipes or a console socket.
 fn builder(
     id: String,
-    stdio: ChildStdio,
+    stdio: Option<ChildStdio>,
+    console: Option<PathBuf>,
 ) -> std::result::Result<ContainerBuilder, libcontainer::error::LibcontainerError> {
-    Ok(ContainerBuilder::new(id, SyscallType::default())
+    let builder = ContainerBuilder::new(id, SyscallType::default())
         .with_root_path(STATE)?
-        .with_stdin(stdio.stdin)
-        .with_stdout(stdio.stdout)
-        .with_stderr(stdio.stderr))
+        .with_console_socket(console);
+    Ok(match stdio {
+        Some(stdio) => builder
+            .with_stdin(stdio.stdin)
+            .with_stdout(stdio.stdout)
+            .with_stderr(stdio.stderr),
+        None => builder,
+    })
 }
 
-fn stdio_pipes() -> Result<(Output, Output, ChildStdio)> {
-    let (stdout_r, stdout) = pipe_pair()?;
-    let (stderr_r, stderr) = pipe_pair()?;
-    let stdin = std::fs::File::open("/dev/null")
-        .map_err(|e| Failure::Internal(format!("/dev/null: {e}")))?
-        .into();
-    let wrap = |r| Some(Arc::new(tokio::sync::Mutex::new(r)));
-    Ok((
-        wrap(stdout_r),
-        wrap(stderr_r),
-        ChildStdio {
-            stdin,
-            stdout,
-            stderr,
-        },
-    ))
+/// Bind mounts may only take their source from the shared filesystem (what
+/// the host chose to share), resolved in the guest so that no symlink leads
+/// out of it; other mount types keep their source (`proc`, `tmpfs`, ...).
+fn check_mounts(spec: &mut serde_json::Value) -> Result<()> {
+    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Ok(());
+    };
+    for m in mounts {
+        let is_bind = m["type"].as_str() == Some("bind")
+            || m["options"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
+        if !is_bind {
+            continue;
+        }
+        let source = m["source"].as_str().unwrap_or_default().to_string();
+        let resolved = shared_source(&source)?;
+        m["source"] = serde_json::Value::String(resolved.display().to_string());
+    }
+    Ok(())
 }
 
-/// A pipe whose read end is non-blocking (for tokio) and write end blocking
-/// (for the container).
-fn pipe_pair() -> Result<(pipe::Receiver, OwnedFd)> {
-    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| Failure::Internal(format!("pipe: {e}")))?;
-    fcntl(read.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-        .map_err(|e| Failure::Internal(format!("fcntl: {e}")))?;
-    let receiver =
-        pipe::Receiver::from_owned_fd(read).map_err(|e| Failure::Internal(format!("pipe: {e}")))?;
-    Ok((receiver, write))
+/// `source` if it lies in the shared filesystem once resolved.
+fn shared_source(source: &str) -> Result<PathBuf> {
+    let outside = || {
+        Failure::InvalidArgument(format!(
+            "bind mount source {source:?} is outside the sandbox's shared directory {}",
+            agent::SHARED_FS_GUEST_PATH
+        ))
+    };
+    let root = Path::new(agent::SHARED_FS_GUEST_PATH);
+    let rel = Path::new(source)
+        .strip_prefix(root)
+        .map_err(|_| outside())?;
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(outside());
+    }
+    let resolved = std::fs::canonicalize(source)
+        .map_err(|e| Failure::InvalidArgument(format!("bind mount source {source:?}: {e}")))?;
+    if !resolved.starts_with(root) || resolved == root {
+        return Err(outside());
+    }
+    Ok(resolved)
+}
+
+/// The cgroup controllers containers may be limited by, enabled for the
+/// children of the root and of `/vc` (where container cgroups live).
+fn enable_controllers() {
+    for dir in ["/sys/fs/cgroup", "/sys/fs/cgroup/vc"] {
+        let _ = std::fs::create_dir_all(dir);
+        for c in ["cpu", "cpuset", "io", "memory", "pids"] {
+            let _ = std::fs::write(
+                Path::new(dir).join("cgroup.subtree_control"),
+                format!("+{c}"),
+            );
+        }
+    }
 }
 
 impl Containers {
@@ -166,6 +220,7 @@ impl Containers {
             entries: Arc::default(),
             storage,
             reaper,
+            pidns: PidNamespace::default(),
         }
     }
 
@@ -178,7 +233,14 @@ impl Containers {
             .ok_or_else(|| Failure::NotFound(format!("container {id} not found")))
     }
 
-    pub async fn create(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<()> {
+    pub async fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        stdin: bool,
+        sandbox_pidns: bool,
+    ) -> Result<()> {
         check_id(id)?;
         let rootfs = shared_path(rootfs)?;
         if self
@@ -209,6 +271,26 @@ impl Containers {
             .entry("root")
             .or_insert_with(|| serde_json::json!({}));
         root["path"] = serde_json::Value::String(rootfs.display().to_string());
+        check_mounts(&mut spec)?;
+        if sandbox_pidns {
+            let holder = self.pidns.holder().await?;
+            let path = format!("/proc/{holder}/ns/pid");
+            let namespaces = spec["linux"]["namespaces"].as_array_mut().ok_or_else(|| {
+                Failure::InvalidArgument("OCI spec has no linux.namespaces".into())
+            })?;
+            namespaces.retain(|n| n["type"] != "pid");
+            namespaces.push(serde_json::json!({ "type": "pid", "path": path }));
+        }
+        let terminal = spec["process"]["terminal"].as_bool().unwrap_or(false);
+        let process = spec["process"].clone();
+        let seccomp =
+            match spec["linux"].get("seccomp") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(profile) => Some(serde_json::from_value(profile.clone()).map_err(|e| {
+                    Failure::InvalidArgument(format!("invalid seccomp profile: {e}"))
+                })?),
+            };
+        enable_controllers();
         let cgroup = spec["linux"]["cgroupsPath"]
             .as_str()
             .filter(|p| p.starts_with('/') && !p.contains(".."))
@@ -222,12 +304,12 @@ impl Containers {
         std::fs::write(bundle.join("config.json"), config)
             .map_err(|e| Failure::Internal(format!("write config: {e}")))?;
 
-        let (stdout_r, stderr_r, stdio) = stdio_pipes()?;
+        let (pending, console, stdio) = stdio::prepare(terminal, stdin)?;
         let id_owned = id.to_string();
         let bundle_for_build = bundle.clone();
         let built = tokio::task::spawn_blocking(move || {
             let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-            builder(id_owned, stdio)
+            builder(id_owned, stdio, console)
                 .map(|b| {
                     b.as_init(&bundle_for_build)
                         .with_systemd(false)
@@ -241,21 +323,24 @@ impl Containers {
         })
         .await
         .map_err(|e| Failure::Internal(format!("create task: {e}")))?;
-        let container = match built {
+        let built = built
+            .map_err(|err| Failure::InvalidArgument(format!("cannot create container {id}: {err}")))
+            .and_then(|container| Ok((container, pending.finish()?)));
+        let (container, io) = match built {
             Ok(c) => c,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&bundle);
                 let _ = std::fs::remove_dir_all(Path::new(STATE).join(id));
-                return Err(Failure::InvalidArgument(format!(
-                    "cannot create container {id}: {err}"
-                )));
+                return Err(err);
             }
         };
         let entry = Entry {
             container,
             cgroup,
-            stdout: stdout_r,
-            stderr: stderr_r,
+            process,
+            seccomp,
+            io,
+            exit: Exit::default(),
             execs: HashMap::new(),
         };
         self.entries
@@ -317,43 +402,42 @@ impl Containers {
         .map_err(|e| Failure::Internal(format!("signal task: {e}")))?
     }
 
+    /// The exit status of the init process or an exec; any number of
+    /// callers may wait, each gets the status.
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32> {
         let entry = self.get(id)?;
+        let (pid, exit) = {
+            let e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            if exec_id.is_empty() {
+                let pid = e.container.pid().ok_or_else(|| {
+                    Failure::FailedPrecondition(format!("container {id} has no process"))
+                })?;
+                (pid.as_raw(), e.exit.clone())
+            } else {
+                let x = e
+                    .execs
+                    .get(exec_id)
+                    .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))?;
+                (x.pid, x.exit.clone())
+            }
+        };
+        let status = *exit.get_or_init(|| self.reaper.wait(pid)).await;
         if !exec_id.is_empty() {
-            let pid = entry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .execs
-                .get(exec_id)
-                .map(|e| e.pid)
-                .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))?;
-            let status = self.reaper.wait(pid).await;
-            // Its output ends with it; forget it once waited for.
-            entry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .execs
-                .remove(exec_id);
-            return Ok(status);
+            forget_finished(
+                &mut entry.lock().unwrap_or_else(|e| e.into_inner()),
+                exec_id,
+            );
         }
-        let pid = entry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .container
-            .pid()
-            .ok_or_else(|| Failure::FailedPrecondition(format!("container {id} has no process")))?;
-        Ok(self.reaper.wait(pid.as_raw()).await)
+        Ok(status)
     }
 
     /// Resource usage from the container's cgroup.
     pub fn stats(&self, id: &str) -> Result<pb::StatsContainerResponse> {
-        let entry = self.get(id)?;
-        let dir = entry
+        let dir = self
+            .get(id)?
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .cgroup
-            .clone()
-            .ok_or_else(|| Failure::FailedPrecondition(format!("container {id} has no cgroup")))?;
+            .cgroup()?;
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         Ok(parse_stats(
             &read("cpu.stat"),
@@ -406,8 +490,8 @@ impl Containers {
         let entry = self.get(id)?;
         tokio::task::spawn_blocking(move || {
             let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
-            e.stdout = None;
-            e.stderr = None;
+            e.io = ProcessIo::default();
+            e.execs.clear();
             e.container
                 .delete(force)
                 .map_err(|err| Failure::FailedPrecondition(format!("remove: {err}")))
@@ -422,64 +506,64 @@ impl Containers {
         Ok(())
     }
 
-    /// Starts `args` in the running container `id` as process `exec_id`.
-    pub async fn exec(
-        &self,
-        id: &str,
-        exec_id: &str,
-        args: Vec<String>,
-        env: Vec<String>,
-        cwd: String,
-    ) -> Result<()> {
-        check_id(exec_id)?;
-        if args.is_empty() {
+    /// Starts `args` in the running container `id` as process `exec_id`:
+    /// the container's process (user, capabilities, limits, environment)
+    /// with these args, extra environment and working directory.
+    pub async fn exec(&self, id: &str, r: pb::ExecProcessRequest) -> Result<()> {
+        let exec_id = r.exec_id.clone();
+        check_id(&exec_id)?;
+        if r.args.is_empty() {
             return Err(Failure::InvalidArgument("exec: no command".into()));
         }
         let entry = self.get(id)?;
-        if entry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .execs
-            .contains_key(exec_id)
-        {
-            return Err(Failure::AlreadyExists(format!(
-                "exec {exec_id} already exists"
-            )));
-        }
-        let (stdout_r, stderr_r, stdio) = stdio_pipes()?;
-        let env: HashMap<String, String> = env
-            .iter()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let (process, seccomp) = {
+            let e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            if e.execs.contains_key(&exec_id) {
+                return Err(Failure::AlreadyExists(format!(
+                    "exec {exec_id} already exists"
+                )));
+            }
+            (exec_process(&e.process, &r), e.seccomp.clone())
+        };
+        let path = Path::new(BUNDLES)
+            .join(id)
+            .join(format!("exec-{exec_id}.json"));
+        let json = serde_json::to_vec(&process).map_err(|e| Failure::Internal(e.to_string()))?;
+        std::fs::write(&path, json)
+            .map_err(|e| Failure::Internal(format!("write exec process: {e}")))?;
+        let (pending, console, stdio) = stdio::prepare(r.terminal, r.stdin)?;
         let id_owned = id.to_string();
-        let pid = tokio::task::spawn_blocking(move || {
+        let process_path = path.clone();
+        let built = tokio::task::spawn_blocking(move || {
             let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-            builder(id_owned, stdio)
+            builder(id_owned, stdio, console)
                 .map(|b| {
-                    b.as_tenant()
-                        .with_container_args(args)
-                        .with_env(env)
-                        .with_cwd((!cwd.is_empty()).then(|| PathBuf::from(cwd)))
+                    b.with_executor(SeccompExecutor(seccomp))
+                        .as_tenant()
+                        .with_process(Some(process_path))
                         .with_detach(true)
                 })
                 .and_then(|b| b.build())
         })
         .await
-        .map_err(|e| Failure::Internal(format!("exec task: {e}")))?
-        .map_err(|err| {
+        .map_err(|e| Failure::Internal(format!("exec task: {e}")));
+        let _ = std::fs::remove_file(&path);
+        let pid = built?.map_err(|err| {
             Failure::FailedPrecondition(format!("cannot exec in container {id}: {err}"))
         })?;
-        let exec = Exec {
-            pid: pid.as_raw(),
-            stdout: stdout_r,
-            stderr: stderr_r,
-        };
+        let io = pending.finish()?;
         entry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .execs
-            .insert(exec_id.to_string(), exec);
+            .insert(
+                exec_id,
+                Exec {
+                    pid: pid.as_raw(),
+                    io,
+                    exit: Exit::default(),
+                },
+            );
         Ok(())
     }
 
@@ -491,29 +575,266 @@ impl Containers {
         stderr: bool,
         max: usize,
     ) -> Result<(Vec<u8>, bool)> {
-        let entry = self.get(id)?;
         let stream = {
-            let e = entry.lock().unwrap_or_else(|e| e.into_inner());
-            let (out, err) = e.streams(exec_id)?;
+            let entry = self.get(id)?;
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            let io = e.io(exec_id)?;
             if stderr {
-                err
+                io.stderr.clone()
             } else {
-                out
+                io.stdout.clone()
             }
         };
         let Some(stream) = stream else {
             return Ok((Vec::new(), true));
         };
         let mut buf = vec![0u8; max.clamp(1, 1 << 20)];
-        let n = stream
-            .lock()
-            .await
-            .read(&mut buf)
-            .await
-            .map_err(|e| Failure::Internal(format!("read: {e}")))?;
+        let n = stream.read(&mut buf).await?;
         buf.truncate(n);
+        if n == 0 {
+            // The end: later reads answer at once, and a waited-for exec
+            // can be forgotten.
+            if let Ok(entry) = self.get(id) {
+                let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+                if let Ok(io) = e.io(exec_id) {
+                    if stderr {
+                        io.stderr = None;
+                    } else {
+                        io.stdout = None;
+                    }
+                }
+                if !exec_id.is_empty() {
+                    forget_finished(&mut e, exec_id);
+                }
+            }
+        }
         Ok((buf, n == 0))
     }
+
+    /// Writes all of `data` to the process's stdin.
+    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
+        let stdin = {
+            let entry = self.get(id)?;
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            e.io(exec_id)?.stdin.clone()
+        };
+        let stdin = stdin.ok_or_else(|| {
+            Failure::FailedPrecondition(format!(
+                "{}: stdin is not open (not asked for at creation, or closed)",
+                process_name(id, exec_id)
+            ))
+        })?;
+        stdin.write_all(data).await
+    }
+
+    /// Closes the agent's end of stdin: the process reads EOF (with a
+    /// terminal: the line discipline's end-of-file, ^D).
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let entry = self.get(id)?;
+        let (stdin, terminal) = {
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            let io = e.io(exec_id)?;
+            (io.stdin.take(), io.terminal.is_some())
+        };
+        if let (Some(stdin), true) = (stdin, terminal) {
+            stdin.write_all(&[4]).await?;
+        }
+        Ok(())
+    }
+
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+        let entry = self.get(id)?;
+        let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+        e.io(exec_id)?.resize(clamp(rows), clamp(cols))
+    }
+
+    /// The processes in the container's cgroup.
+    pub fn processes(&self, id: &str) -> Result<Vec<pb::ProcessInfo>> {
+        let dir = self
+            .get(id)?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cgroup()?;
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        Ok(procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .map(process_info)
+            .collect())
+    }
+
+    /// Applies an OCI `linux.resources` object to the container's cgroup.
+    pub fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        let resources: serde_json::Value = serde_json::from_slice(resources)
+            .map_err(|e| Failure::InvalidArgument(format!("resources are not valid JSON: {e}")))?;
+        let dir = self
+            .get(id)?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cgroup()?;
+        let writes = cgroup_writes(&resources)?;
+        for (file, value) in writes {
+            std::fs::write(dir.join(file), &value).map_err(|e| {
+                Failure::FailedPrecondition(format!("cannot set {file} to {value:?}: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs an exec's payload under the container's seccomp profile.
+///
+/// libcontainer 0.7 gives a tenant (exec) process the container's
+/// namespaces, cgroup, user and capabilities but not `linux.seccomp`; runc
+/// applies it. This executor installs the profile as the last step before
+/// execve. Capabilities are already dropped there, so where installing needs
+/// no_new_privs the process gets it (stricter than runc, never looser).
+#[derive(Clone)]
+struct SeccompExecutor(Option<LinuxSeccomp>);
+
+impl Executor for SeccompExecutor {
+    fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        if let Some(profile) = &self.0 {
+            let first = libcontainer::seccomp::initialize_seccomp(profile);
+            if first.is_err() {
+                nix::sys::prctl::set_no_new_privs()
+                    .map_err(|e| ExecutorError::Other(format!("no_new_privs: {e}")))?;
+                libcontainer::seccomp::initialize_seccomp(profile)
+                    .map_err(|e| ExecutorError::Other(format!("seccomp: {e}")))?;
+            }
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> std::result::Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
+fn process_name(id: &str, exec_id: &str) -> String {
+    if exec_id.is_empty() {
+        format!("container {id}")
+    } else {
+        format!("exec {exec_id} of container {id}")
+    }
+}
+
+/// The container's `process` with an exec's args, environment, working
+/// directory and stdio.
+fn exec_process(template: &serde_json::Value, r: &pb::ExecProcessRequest) -> serde_json::Value {
+    let mut p = template.clone();
+    let mut env: Vec<String> = p["env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for kv in &r.env {
+        let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
+        env.push(kv.clone());
+    }
+    p["args"] = serde_json::json!(r.args);
+    p["env"] = serde_json::json!(env);
+    p["terminal"] = serde_json::Value::Bool(r.terminal);
+    if !r.cwd.is_empty() {
+        p["cwd"] = serde_json::Value::String(r.cwd.clone());
+    }
+    p
+}
+
+fn process_info(pid: i32) -> pb::ProcessInfo {
+    let mut info = pb::ProcessInfo::new();
+    info.pid = pid;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    info.args = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if info.args.is_empty() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        info.args = vec![format!("[{}]", comm.trim())];
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    info.uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    info
+}
+
+/// cgroup v2 files and values for an OCI `linux.resources` object (the
+/// conversions runc and crun use).
+fn cgroup_writes(r: &serde_json::Value) -> Result<Vec<(&'static str, String)>> {
+    let int = |v: &serde_json::Value, what: &str| -> Result<Option<i64>> {
+        match v {
+            serde_json::Value::Null => Ok(None),
+            v => v.as_i64().map(Some).ok_or_else(|| {
+                Failure::InvalidArgument(format!("{what} must be an integer, not {v}"))
+            }),
+        }
+    };
+    let limit = |n: i64| {
+        if n < 0 {
+            "max".to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    let mut out = Vec::new();
+    let mem = &r["memory"];
+    let mem_limit = int(&mem["limit"], "memory.limit")?;
+    if let Some(n) = mem_limit {
+        out.push(("memory.max", limit(n)));
+    }
+    if let Some(n) = int(&mem["reservation"], "memory.reservation")? {
+        out.push(("memory.low", limit(n)));
+    }
+    if let Some(swap) = int(&mem["swap"], "memory.swap")? {
+        // OCI's swap is memory + swap; cgroup v2 counts swap alone.
+        let value = match (swap, mem_limit) {
+            (s, _) if s < 0 => "max".to_string(),
+            (s, Some(l)) if l >= 0 => (s - l).max(0).to_string(),
+            (s, _) => s.to_string(),
+        };
+        out.push(("memory.swap.max", value));
+    }
+    let cpu = &r["cpu"];
+    if let Some(shares) = int(&cpu["shares"], "cpu.shares")? {
+        if shares > 0 {
+            let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
+            out.push(("cpu.weight", weight.to_string()));
+        }
+    }
+    let quota = int(&cpu["quota"], "cpu.quota")?;
+    let period = int(&cpu["period"], "cpu.period")?;
+    if quota.is_some() || period.is_some() {
+        let q = quota
+            .filter(|q| *q > 0)
+            .map_or("max".into(), |q| q.to_string());
+        out.push((
+            "cpu.max",
+            format!("{q} {}", period.filter(|p| *p > 0).unwrap_or(100_000)),
+        ));
+    }
+    if let Some(cpus) = cpu["cpus"].as_str().filter(|c| !c.is_empty()) {
+        out.push(("cpuset.cpus", cpus.to_string()));
+    }
+    if let Some(mems) = cpu["mems"].as_str().filter(|m| !m.is_empty()) {
+        out.push(("cpuset.mems", mems.to_string()));
+    }
+    if let Some(n) = int(&r["pids"]["limit"], "pids.limit")? {
+        out.push((
+            "pids.max",
+            if n <= 0 { "max".into() } else { n.to_string() },
+        ));
+    }
+    Ok(out)
 }
 
 /// `key value` lines (cpu.stat, memory.stat): the value of `key`.
@@ -608,6 +929,91 @@ mod tests {
         for bad in ["", "/etc", "../x", "c1/../../x", "./c1"] {
             assert!(shared_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn resources_become_cgroup_v2_files() {
+        let r = serde_json::json!({
+            "memory": { "limit": 67108864, "swap": 134217728 },
+            "cpu": { "shares": 1024, "quota": 50000, "period": 100000, "cpus": "0" },
+            "pids": { "limit": 20 },
+        });
+        let writes = cgroup_writes(&r).expect("valid");
+        let get = |f: &str| writes.iter().find(|w| w.0 == f).map(|w| w.1.as_str());
+        assert_eq!(get("memory.max"), Some("67108864"));
+        assert_eq!(
+            get("memory.swap.max"),
+            Some("67108864"),
+            "swap counts alone"
+        );
+        assert_eq!(get("cpu.weight"), Some("39"), "runc's shares → weight");
+        assert_eq!(get("cpu.max"), Some("50000 100000"));
+        assert_eq!(get("cpuset.cpus"), Some("0"));
+        assert_eq!(get("pids.max"), Some("20"));
+        let unlimited = cgroup_writes(&serde_json::json!({
+            "memory": { "limit": -1 }, "cpu": { "quota": -1 }, "pids": { "limit": 0 },
+        }))
+        .expect("valid");
+        assert_eq!(
+            unlimited,
+            [
+                ("memory.max", "max".to_string()),
+                ("cpu.max", "max 100000".to_string()),
+                ("pids.max", "max".to_string()),
+            ]
+        );
+        assert!(cgroup_writes(&serde_json::json!({}))
+            .expect("empty")
+            .is_empty());
+        assert!(cgroup_writes(&serde_json::json!({ "memory": { "limit": "lots" } })).is_err());
+    }
+
+    #[test]
+    fn execs_start_from_the_container_process() {
+        let template = serde_json::json!({
+            "args": ["/bin/sleep", "1000"],
+            "env": ["PATH=/bin", "A=1"],
+            "cwd": "/",
+            "user": { "uid": 1000, "gid": 1000 },
+            "terminal": false,
+        });
+        let mut r = pb::ExecProcessRequest::new();
+        r.args = vec!["/bin/sh".into()];
+        r.env = vec!["A=2".into(), "B=3".into()];
+        r.terminal = true;
+        let p = exec_process(&template, &r);
+        assert_eq!(p["args"], serde_json::json!(["/bin/sh"]));
+        assert_eq!(p["env"], serde_json::json!(["PATH=/bin", "A=2", "B=3"]));
+        assert_eq!(p["user"]["uid"], 1000, "the container's user");
+        assert_eq!(p["terminal"], true);
+        assert_eq!(p["cwd"], "/");
+        r.cwd = "/tmp".into();
+        assert_eq!(exec_process(&template, &r)["cwd"], "/tmp");
+    }
+
+    #[test]
+    fn bind_sources_must_come_from_the_shared_fs() {
+        for bad in [
+            "/etc",
+            "/run/vc/shared",
+            "/run/vc/shared/../../etc",
+            "/run/vc/sharedx/a",
+            "relative",
+        ] {
+            let err = shared_source(bad).expect_err(bad);
+            assert!(
+                matches!(&err, Failure::InvalidArgument(m) if m.contains("outside")),
+                "{bad}: {err:?}"
+            );
+        }
+        let mut spec = serde_json::json!({ "mounts": [
+            { "destination": "/proc", "type": "proc", "source": "proc" },
+            { "destination": "/x", "type": "bind", "source": "/etc", "options": ["rbind"] },
+        ]});
+        assert!(
+            check_mounts(&mut spec).is_err(),
+            "a bind of /etc is refused"
+        );
     }
 
     #[test]

@@ -10,8 +10,10 @@
 mod container;
 mod init;
 mod notify;
+mod pidns;
 mod reaper;
 mod service;
+mod stdio;
 mod storage;
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
@@ -19,6 +21,9 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use agent::protocol::agent_ttrpc;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(pidns::HOLDER_ARG) {
+        return pidns::run_holder();
+    }
     if std::process::id() != 1 {
         eprintln!("vc-agent: must run as PID 1 inside a VM (the guest image's /init)");
         return ExitCode::from(2);

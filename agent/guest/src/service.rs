@@ -124,9 +124,15 @@ impl agent_ttrpc::Agent for AgentService {
         r: pb::CreateContainerRequest,
     ) -> ttrpc::Result<pb::Empty> {
         let c = &self.inner.containers;
-        c.create(&r.container_id, &r.oci_spec, &r.rootfs_shared_path)
-            .await
-            .map_err(status)?;
+        c.create(
+            &r.container_id,
+            &r.oci_spec,
+            &r.rootfs_shared_path,
+            r.stdin,
+            r.sandbox_pidns,
+        )
+        .await
+        .map_err(status)?;
         Ok(pb::Empty::new())
     }
 
@@ -150,7 +156,7 @@ impl agent_ttrpc::Agent for AgentService {
     ) -> ttrpc::Result<pb::Empty> {
         self.inner
             .containers
-            .exec(&r.container_id, &r.exec_id, r.args, r.env, r.cwd)
+            .exec(&r.container_id.clone(), r)
             .await
             .map_err(status)?;
         Ok(pb::Empty::new())
@@ -249,6 +255,72 @@ impl agent_ttrpc::Agent for AgentService {
         r: pb::ReadStreamRequest,
     ) -> ttrpc::Result<pb::ReadStreamResponse> {
         self.read_stream(r, true).await
+    }
+
+    async fn write_stdin(
+        &self,
+        _: &TtrpcContext,
+        r: pb::WriteStreamRequest,
+    ) -> ttrpc::Result<pb::WriteStreamResponse> {
+        self.inner
+            .containers
+            .write_stdin(&r.container_id, &r.exec_id, &r.data)
+            .await
+            .map_err(status)?;
+        let mut resp = pb::WriteStreamResponse::new();
+        resp.len = u32::try_from(r.data.len()).unwrap_or(u32::MAX);
+        Ok(resp)
+    }
+
+    async fn close_stdin(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .close_stdin(&r.container_id, &r.exec_id)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _: &TtrpcContext,
+        r: pb::TtyWinResizeRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .resize(&r.container_id, &r.exec_id, r.rows, r.cols)
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        r: pb::ContainerRequest,
+    ) -> ttrpc::Result<pb::ListProcessesResponse> {
+        let mut resp = pb::ListProcessesResponse::new();
+        resp.processes = self
+            .inner
+            .containers
+            .processes(&r.container_id)
+            .map_err(status)?;
+        Ok(resp)
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        r: pb::UpdateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        self.inner
+            .containers
+            .update(&r.container_id, &r.resources)
+            .map_err(status)?;
+        Ok(pb::Empty::new())
     }
 }
 

@@ -15,6 +15,8 @@ macro_rules! out {
     }};
 }
 
+mod container;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "virtc",
@@ -40,6 +42,9 @@ enum Command {
     /// Sandbox lifecycle.
     #[command(subcommand)]
     Sandbox(SandboxCmd),
+    /// Containers in a sandbox.
+    #[command(subcommand)]
+    Container(container::ContainerCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,7 +101,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             // One line: multi-line details (console tails) are joined.
             let text = format!("{err:#}");
@@ -111,7 +116,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    // What a helper process (a container's monitor) needs to find the same runtime.
+    let mut passthrough = Vec::new();
+    for (flag, value) in [
+        ("--config", &cli.config),
+        ("--state-dir", &cli.state_dir),
+        ("--run-dir", &cli.run_dir),
+    ] {
+        if let Some(v) = value {
+            passthrough.push(flag.to_string());
+            passthrough.push(v.display().to_string());
+        }
+    }
     let mut config = RuntimeConfig::load(cli.config.as_deref()).map_err(chain)?;
     if let Some(dir) = cli.state_dir {
         config.state_dir = dir;
@@ -120,7 +137,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config.run_dir = dir;
     }
     let rt = Runtime::new(config).map_err(chain)?;
-    let Command::Sandbox(cmd) = cli.command;
+    let cmd = match cli.command {
+        Command::Sandbox(cmd) => cmd,
+        Command::Container(cmd) => return container::run(&rt, cmd, &passthrough).await,
+    };
     match cmd {
         SandboxCmd::Create { id, vcpus, memory } => {
             let status = rt
@@ -175,7 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 fn chain(err: podsandbox::Error) -> anyhow::Error {

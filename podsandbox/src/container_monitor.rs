@@ -1,0 +1,158 @@
+//! The container monitor: for the whole life of a container's init process,
+//! copy its output into the CRI log file (or drain it when there is none, so
+//! the process never blocks on a full pipe), then record its exit in the
+//! sandbox's state once the last byte is in the log.
+//!
+//! A long-lived caller (vcrid) runs one monitor task per container, started
+//! at creation. A short-lived one (`virtc`, one process per call) calls
+//! [`Runtime::monitor_externally`] and runs [`Runtime::monitor_container`]
+//! in a process of its own, the way containerd runs a shim.
+
+use std::time::Duration;
+
+use crate::{
+    container::ContainerState,
+    container_log::{LogFile, Stream},
+    sandbox::Runtime,
+    Error, Result,
+};
+
+/// After the process exits, how long output may still trickle in (from a
+/// child it left behind that holds the pipe) before the copy stops.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(5);
+
+impl Runtime {
+    /// Copies the output of container `id` to its log until the process
+    /// exits, then records the exit; returns the exit status.
+    pub async fn monitor_container(&self, sandbox_id: &str, id: &str) -> Result<i32> {
+        let (agent, log_path) = {
+            let s = self.locked(sandbox_id).await?;
+            let idx = s.container_index(id)?;
+            let vm = s.vm()?.clone();
+            (
+                self.agent(sandbox_id, vm.as_ref()).await?,
+                s.record.containers[idx].log_path.clone(),
+            )
+        };
+        let log = match &log_path {
+            Some(path) => Some(LogFile::open(path).map_err(|source| Error::Io {
+                action: "open log",
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let mut copies = Vec::new();
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let (agent, log, cid) = (agent.clone(), log.clone(), id.to_string());
+            copies.push(tokio::spawn(async move {
+                let mut out = log.as_ref().map(|l| l.stream(stream));
+                loop {
+                    match agent.read_output(&cid, "", stream).await {
+                        Ok(Some(data)) => {
+                            if let Some(Err(err)) = out.as_mut().map(|o| o.push(&data)) {
+                                tracing::warn!(container = %cid, "log write: {err}");
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::debug!(container = %cid, "log copy ends: {err}");
+                            break;
+                        }
+                    }
+                }
+                if let Some(Err(err)) = out.map(|o| o.finish()) {
+                    tracing::warn!(container = %cid, "log write: {err}");
+                }
+            }));
+        }
+        let waited = agent.wait_container(id, "").await;
+        for mut copy in copies {
+            if tokio::time::timeout(DRAIN_AFTER_EXIT, &mut copy)
+                .await
+                .is_err()
+            {
+                copy.abort();
+            }
+        }
+        let (code, reason) = waited.map_err(|e| Error::from_agent(id, "wait for", e))?;
+        self.record_exit(sandbox_id, id, code, reason).await?;
+        Ok(code)
+    }
+
+    /// Has the monitor of every container run outside this process (see
+    /// the module's doc).
+    pub fn monitor_externally(&self) {
+        self.inner
+            .in_process_monitors
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Starts the in-process monitor of a new container, unless monitors
+    /// run elsewhere.
+    pub(crate) fn spawn_container_monitor(&self, sandbox_id: &str, id: &str) {
+        if !self
+            .inner
+            .in_process_monitors
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let (rt, sid, cid) = (self.clone(), sandbox_id.to_string(), id.to_string());
+        let task = tokio::spawn(async move {
+            if let Err(err) = rt.monitor_container(&sid, &cid).await {
+                tracing::debug!(sandbox = %sid, container = %cid, "monitor ends: {err}");
+            }
+        });
+        if let Some(old) = self
+            .inner
+            .monitors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(monitor_key(sandbox_id, id), task)
+        {
+            old.abort();
+        }
+    }
+
+    /// Stops the in-process monitor of a container that goes away.
+    pub(crate) fn forget_monitor(&self, sandbox_id: &str, id: &str) {
+        if let Some(task) = self
+            .inner
+            .monitors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&monitor_key(sandbox_id, id))
+        {
+            task.abort();
+        }
+    }
+
+    /// Marks the container stopped with its exit status (first writer wins).
+    pub(crate) async fn record_exit(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+        code: i32,
+        reason: Option<String>,
+    ) -> Result<()> {
+        let mut s = self.locked(sandbox_id).await?;
+        let Ok(idx) = s.container_index(id) else {
+            return Ok(()); // deleted meanwhile
+        };
+        let c = &mut s.record.containers[idx];
+        if c.state == ContainerState::Stopped {
+            return Ok(());
+        }
+        c.state = ContainerState::Stopped;
+        c.exit_code = Some(code);
+        c.reason = reason;
+        self.inner.store.save(&s.record)?;
+        tracing::info!(sandbox = %sandbox_id, container = %id, code, "container exited");
+        Ok(())
+    }
+}
+
+fn monitor_key(sandbox_id: &str, id: &str) -> String {
+    format!("{sandbox_id}/{id}")
+}

@@ -1,0 +1,60 @@
+//! UpdateContainer (new cgroup limits) and ProcessListContainer.
+
+use crate::{
+    container::{ContainerState, ProcessInfo, Resources},
+    sandbox::Runtime,
+    Error, Result,
+};
+
+impl Runtime {
+    /// Applies new limits to a created, running or paused container; limits
+    /// left `None` stay as they are.
+    pub async fn update_container(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+        resources: &Resources,
+    ) -> Result<()> {
+        let (_lock, _, agent) = self
+            .container_agent(
+                sandbox_id,
+                id,
+                "update",
+                &[
+                    ContainerState::Created,
+                    ContainerState::Running,
+                    ContainerState::Paused,
+                ],
+            )
+            .await?;
+        let json =
+            serde_json::to_vec(&resources.to_oci()).map_err(|e| Error::InvalidContainer {
+                id: id.into(),
+                detail: format!("cannot encode the resources: {e}"),
+            })?;
+        agent
+            .update_container(id, json)
+            .await
+            .map_err(|e| Error::from_agent(id, "update", e))
+    }
+
+    /// The processes in the container's cgroup.
+    pub async fn process_list(&self, sandbox_id: &str, id: &str) -> Result<Vec<ProcessInfo>> {
+        let (_lock, _, agent) = self
+            .container_agent(
+                sandbox_id,
+                id,
+                "list the processes of",
+                &[
+                    ContainerState::Created,
+                    ContainerState::Running,
+                    ContainerState::Paused,
+                ],
+            )
+            .await?;
+        agent
+            .list_processes(id)
+            .await
+            .map_err(|e| Error::from_agent(id, "list the processes of", e))
+    }
+}
