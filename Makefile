@@ -43,6 +43,7 @@ test: build
 
 bench: build
 	hack/bench-boot.py
+	$(CARGO) run --profile release-unwind -p tests --example bench_containers
 
 run: build
 	@echo "vcrid (the CRI server) is not built yet: it arrives with issue 6." >&2

@@ -18,6 +18,7 @@ packages=(
   libc6-dev            # static glibc for the vc-agent build
   libseccomp-dev       # static libseccomp.a: the agent applies seccomp profiles
   python3              # small build helpers (module resolution)
+  runc                 # the container benchmark's baseline (make bench)
 )
 
 # Cargo-installed helpers: name version binary.

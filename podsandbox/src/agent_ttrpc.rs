@@ -21,8 +21,8 @@ use crate::{
 const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Container management calls (create runs the guest's OCI runtime).
 const CONTAINER_CALL: Duration = Duration::from_secs(60);
-/// Bytes per ReadStdout/ReadStderr round trip.
-const READ_CHUNK: u32 = 64 * 1024;
+/// Bytes per ReadStdout/ReadStderr round trip (the guest's pipes hold 1 MiB).
+const READ_CHUNK: u32 = 1 << 20;
 
 /// Dials the agent port through the VM's vsock channel.
 #[derive(Debug, Default, Clone, Copy)]

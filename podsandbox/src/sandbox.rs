@@ -99,6 +99,10 @@ pub(crate) struct RuntimeInner {
     /// In-process container monitors, by "sandbox/container".
     pub(crate) monitors:
         std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Agent connections by sandbox, with the PIDs of the VM they reach.
+    #[allow(clippy::type_complexity)]
+    pub(crate) agents:
+        std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, Arc<dyn AgentClient>)>>,
     /// Whether monitors run here (else in processes of their own).
     pub(crate) in_process_monitors: std::sync::atomic::AtomicBool,
 }
@@ -134,6 +138,7 @@ impl Runtime {
                 vms,
                 dialer,
                 monitors: Default::default(),
+                agents: Default::default(),
                 in_process_monitors: std::sync::atomic::AtomicBool::new(true),
             }),
         })
@@ -239,18 +244,32 @@ impl Runtime {
         self.inner.store.save(record)
     }
 
-    /// Opens a connection to a sandbox's agent.
+    /// A connection to a sandbox's agent: the one this runtime already has
+    /// to that VM (by its PIDs, so a new boot never gets an old connection),
+    /// else a new one. ttrpc multiplexes calls, so one connection serves all.
     pub(crate) async fn agent(
         &self,
         id: &str,
         vm: &dyn Hypervisor,
     ) -> Result<Arc<dyn AgentClient>> {
+        let key = (id.to_string(), vm.pids());
+        if let Some(client) = self
+            .inner
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key.0)
+            .filter(|(pids, _)| *pids == key.1)
+        {
+            return Ok(client.1.clone());
+        }
         let channel = vm.vsock().ok_or_else(|| Error::Agent {
             id: id.into(),
             call: "dial",
             detail: "the VM has no vsock channel".into(),
         })?;
-        self.inner
+        let client = self
+            .inner
             .dialer
             .dial(&channel)
             .await
@@ -258,7 +277,22 @@ impl Runtime {
                 id: id.into(),
                 call: "dial",
                 detail: e.detail,
-            })
+            })?;
+        self.inner
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.0, (key.1, client.clone()));
+        Ok(client)
+    }
+
+    /// Drops the cached agent connection of a sandbox whose VM is going.
+    pub(crate) fn forget_agent(&self, id: &str) {
+        self.inner
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Under the sandbox's lock: container `id` must be in one of `allowed`

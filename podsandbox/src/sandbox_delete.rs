@@ -11,6 +11,7 @@ impl Sandbox {
         let mut s = rt.locked(self.id()).await?;
         s.transition(Action::Delete)?;
         s.stop_vm(Duration::from_secs(2)).await?;
+        rt.forget_agent(self.id());
         // Container rootfs bind mounts are detached first: removing the
         // tree through them would delete the sources' files.
         crate::mounts::remove_tree(&rt.run_dir(self.id()))?;

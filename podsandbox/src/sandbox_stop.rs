@@ -34,6 +34,7 @@ impl Sandbox {
             }
         }
         s.stop_vm(Duration::from_secs(2)).await?;
+        rt.forget_agent(self.id());
         // Containers end with their VM.
         for c in &mut s.record.containers {
             c.state = crate::container::ContainerState::Stopped;

@@ -191,6 +191,11 @@ async fn interactive() {
         "both sleeps in one namespace: {listing}"
     );
     create_start(container("loner", &["/bin/sleep", "1000"])).await;
+    // Not the init of its PID namespace, a plain process dies of TERM: 143.
+    rt.kill_container("pod", "peer", 15, false)
+        .await
+        .expect("TERM");
+    assert_eq!(rt.wait_container("pod", "peer").await.expect("wait"), 143);
     let ps = rt
         .exec_sync("pod", "loner", args(&["/bin/ps"]), None)
         .await
@@ -325,6 +330,18 @@ async fn interactive() {
         );
     }
     assert!(!env.run_dir("pod").join("shared/bad").exists());
+
+    // A spec the guest cannot honour: refused by the guest, nothing left.
+    let mut odd = container("odd", &["/bin/true"]);
+    odd.rlimits = vec![("RLIMIT_BOGUS".into(), 1, 1)];
+    let err = rt
+        .create_container("pod", odd)
+        .await
+        .expect_err("bad rlimit");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{}", err.chain());
+    assert!(err.chain().contains("RLIMIT_BOGUS"), "{}", err.chain());
+    assert!(!env.run_dir("pod").join("shared/odd").exists());
+    assert!(rt.container_status("pod", "odd").await.is_err());
 
     for c in rt.list_containers("pod").await.expect("list") {
         if c.state == podsandbox::container::ContainerState::Running {

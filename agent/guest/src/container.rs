@@ -271,6 +271,11 @@ impl Containers {
             .entry("root")
             .or_insert_with(|| serde_json::json!({}));
         root["path"] = serde_json::Value::String(rootfs.display().to_string());
+        // Parse it as libcontainer will, to name what it cannot honour
+        // (libcontainer itself only says "oci spec error").
+        serde_json::from_value::<Spec>(spec.clone()).map_err(|e| {
+            Failure::InvalidArgument(format!("the OCI spec cannot be honoured: {e}"))
+        })?;
         check_mounts(&mut spec)?;
         if sandbox_pidns {
             let holder = self.pidns.holder().await?;

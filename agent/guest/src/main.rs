@@ -44,6 +44,7 @@ fn main() -> ExitCode {
     });
     tracing_subscriber::fmt()
         .with_writer(writer)
+        .with_env_filter(log_filter())
         .with_ansi(false)
         .without_time()
         .with_target(false)
@@ -66,6 +67,22 @@ fn main() -> ExitCode {
     // PID 1 must never return: that panics the kernel. Power off instead so
     // the host sees the VM exit and reads the reason from the console.
     init::power_off();
+}
+
+/// What the agent logs to the console: `vc.log=<filter>` on the kernel
+/// command line (tracing's EnvFilter syntax), else the agent's own info and
+/// everyone's errors. The console is an emulated UART: a chatty library
+/// (libcontainer logs several lines per container and exec) costs
+/// milliseconds per call.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    const DEFAULT: &str = "error,vc_agent=info";
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let wanted = cmdline
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("vc.log="))
+        .unwrap_or(DEFAULT);
+    tracing_subscriber::EnvFilter::try_new(wanted)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT))
 }
 
 async fn run() -> anyhow::Result<()> {
