@@ -19,6 +19,15 @@ packages=(
   libseccomp-dev       # static libseccomp.a: the agent applies seccomp profiles
   python3              # small build helpers (module resolution)
   runc                 # the container benchmark's baseline (make bench)
+  docker-registry      # image tests push to and pull from a real registry on loopback
+  skopeo               # the image benchmark's baseline (copy) and test image pushes
+  umoci                # the image benchmark's baseline (unpack)
+  e2fsprogs            # mkfs.ext4 -d: block-device rootfs images
+  qemu-utils           # qemu-img: per-container qcow2 overlays over a block image
+  containernetworking-plugins  # CNI plugins (bridge, host-local, portmap, loopback) in /usr/lib/cni
+  iproute2             # ip and tc, for tests that inspect namespaces and filters
+  iptables             # the portmap and bridge plugins program iptables
+  util-linux           # nsenter and unshare for tests
 )
 
 # Cargo-installed helpers: name version binary.
