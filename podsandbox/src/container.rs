@@ -275,8 +275,8 @@ const ALL_CAPS: &[&str] = &[
 /// read-only paths as runc's defaults have them. `root.path` is set by the agent.
 ///
 /// `mount_sources` are the guest paths of `config.mounts`, in order.
-pub fn oci_spec(config: &ContainerConfig, sandbox_id: &str, mount_sources: &[String]) -> Value {
-    let mut spec = base_spec(config, sandbox_id);
+pub fn oci_spec(config: &ContainerConfig, hostname: &str, mount_sources: &[String]) -> Value {
+    let mut spec = base_spec(config, hostname);
     if let Some(mounts) = spec["mounts"].as_array_mut() {
         mounts.extend(bind_mounts(config, mount_sources));
     }
@@ -351,7 +351,7 @@ fn bind_mounts(config: &ContainerConfig, shared: &[String]) -> Vec<Value> {
         .collect()
 }
 
-fn base_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
+fn base_spec(config: &ContainerConfig, hostname: &str) -> Value {
     let (uid, gid) = config.user.unwrap_or((0, 0));
     let caps = capabilities(&config.cap_add, &config.cap_drop);
     let mut env = config.env.clone();
@@ -376,7 +376,7 @@ fn base_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
             },
         },
         "root": { "path": "rootfs", "readonly": config.readonly_rootfs },
-        "hostname": sandbox_id.chars().take(63).collect::<String>(),
+        "hostname": hostname.chars().take(63).collect::<String>(),
         "mounts": [
             { "destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"] },
             { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
