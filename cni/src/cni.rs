@@ -18,6 +18,10 @@ pub const DEFAULT_BIN_DIRS: &[&str] = &["/opt/cni/bin", "/usr/lib/cni"];
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/virtcontainers/cni-cache";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IFNAME: &str = "eth0";
+/// Plugins [`Cni::check`] should not ask by default: Debian's portmap 1.1.1
+/// fails CHECK on a correct IPv4-only setup ("could not check ipv6 dnat:
+/// chain CNI-DN-… not found").
+pub const CHECK_SKIP_DEFAULT: &[&str] = &["portmap"];
 
 /// Where configs, plugins and the cache live, and how long a plugin may run.
 #[derive(Debug, Clone)]

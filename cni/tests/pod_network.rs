@@ -217,3 +217,29 @@ async fn the_none_model_gives_no_tap_and_two_pods_get_their_own_ips() {
     net.teardown("ph2").await.unwrap();
     env.assert_clean();
 }
+
+#[tokio::test]
+async fn teardown_after_the_netns_vanished_releases_the_ip() {
+    // A host reboot empties /run: the netns is gone, the cache is not.
+    // (Debian's bridge 1.1.1 finds ipMasq rules through the device in the
+    // netns, so with ipMasq they would stay: see the README.)
+    let env = TestEnv::new("i", 9);
+    let mut bridge = env.bridge_plugin();
+    bridge["ipMasq"] = json!(false);
+    env.write_conf(
+        "10-test.conflist",
+        &json!({"cniVersion": "1.0.0", "name": env.net, "plugins": [bridge, {"type": "loopback"}]}),
+    );
+    let net = pod_network(&env, InterworkingModel::TcFilter);
+    let mut req = request("pi");
+    req.port_mappings.clear();
+    let status = net.setup(&req).await.unwrap();
+    assert_eq!(env.ipam_allocations().len(), 1);
+    cni::netns::remove_path(&status.netns).unwrap();
+    net.teardown("pi").await.unwrap();
+    assert_eq!(
+        net.status("pi").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    env.assert_clean();
+}
