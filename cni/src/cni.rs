@@ -570,6 +570,32 @@ mod tests {
     }
 
     #[test]
+    fn capability_map_holds_only_what_is_set() {
+        assert!(CapabilityArgs::default().to_map().is_empty());
+        let caps = CapabilityArgs {
+            ip_ranges: vec![vec![IpRange {
+                subnet: "10.1.0.0/16".into(),
+                range_start: None,
+                range_end: None,
+                gateway: Some("10.1.0.1".into()),
+            }]],
+            dns: Some(DnsCapability {
+                servers: vec!["10.0.0.10".into()],
+                searches: vec![],
+                options: vec![],
+            }),
+            ..Default::default()
+        };
+        let m = caps.to_map();
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m["ipRanges"],
+            json!([[{"subnet": "10.1.0.0/16", "gateway": "10.1.0.1"}]])
+        );
+        assert_eq!(m["dns"]["servers"], json!(["10.0.0.10"]));
+    }
+
+    #[test]
     fn stdin_sets_name_version_prev_result_and_declared_capabilities_only() {
         let list = NetworkConfigList::from_value(
             Path::new("/x.conflist"),

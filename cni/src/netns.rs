@@ -27,10 +27,18 @@ impl NetNs {
         crate::valid_name("netns name", name)?;
         std::fs::create_dir_all(dir).map_err(CniError::io("create netns dir", dir))?;
         let path = dir.join(name);
-        if path.exists() {
-            return Err(CniError::NetnsExists { path });
+        // create_new: of two racing creators, one wins.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CniError::NetnsExists { path })
+            }
+            Err(e) => return Err(CniError::io("create netns mount point", &path)(e)),
         }
-        File::create(&path).map_err(CniError::io("create netns mount point", &path))?;
         let target = path.clone();
         let made = std::thread::Builder::new()
             .name("netns-create".into())

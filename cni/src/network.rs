@@ -73,6 +73,11 @@ pub trait NetworkPlugin: Send + Sync + fmt::Debug {
     async fn status(&self, sandbox_id: &str) -> Result<NetworkStatus>;
 }
 
+/// Where pod netns mount points go by default (tmpfs: gone after a reboot).
+pub const DEFAULT_NETNS_DIR: &str = "/run/virtcontainers/netns";
+/// Where each pod's [`NetworkStatus`] is kept by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/virtcontainers/network";
+
 /// The real [`NetworkPlugin`].
 #[derive(Debug, Clone)]
 pub struct PodNetwork {
