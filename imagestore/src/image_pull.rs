@@ -2,7 +2,7 @@
 //! config and layers (up to N in parallel, each blob once), unpack each layer
 //! into its snapshot, record the image.
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 
 use crate::digest::{chain_ids, Digest};
 use crate::error::{ImageError, Result};
@@ -106,20 +106,35 @@ impl ImageStore {
             .max_concurrent_downloads
             .unwrap_or(DEFAULT_PARALLEL)
             .max(1);
+        // On the first failure no further layer starts, but those in flight are
+        // awaited, so no half-written temp file or snapshot outlives the pull.
+        let failed = std::sync::atomic::AtomicBool::new(false);
         let mut jobs = Vec::with_capacity(layers.len());
         for (i, desc) in layers.iter().enumerate() {
-            jobs.push(self.pull_layer(
+            let failed = &failed;
+            let job = self.pull_layer(
                 &session,
                 desc,
                 compressions[i],
                 &config.rootfs.diff_ids[i],
                 &chains[i],
-            ));
+            );
+            jobs.push(async move {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let res = job.await;
+                if res.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                res
+            });
         }
-        futures::stream::iter(jobs)
+        let results: Vec<Result<()>> = futures::stream::iter(jobs)
             .buffer_unordered(parallel)
-            .try_collect::<Vec<()>>()
-            .await?;
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
         // Manifests are stored last: a stored manifest means a complete image.
         self.content
             .put(&manifest_digest, &manifest_bytes, &r.to_string())

@@ -31,43 +31,50 @@ impl ImageStore {
         ));
         std::fs::create_dir(&tmp).map_err(|e| ImageError::io("create", &tmp, e))?;
         let blob = self.content.path(layer);
-        let (layer_s, tmp2) = (layer.to_string(), tmp.clone());
-        let res = tokio::task::spawn_blocking(move || {
-            let f =
-                std::fs::File::open(&blob).map_err(|e| ImageError::io("open blob", &blob, e))?;
-            crate::unpack::unpack_layer(f, compression, &tmp2, &layer_s)
+        let (layer, diff_id, dst) = (layer.clone(), diff_id.clone(), dir.clone());
+        // Everything, cleanup included, runs in the blocking task: if the pull is
+        // dropped meanwhile, the task still finishes or removes its temp dir.
+        tokio::task::spawn_blocking(move || {
+            let res = unpack_verified(&blob, compression, &tmp, &layer, &diff_id).and_then(|()| {
+                std::fs::rename(&tmp, &dst)
+                    .map_err(|e| ImageError::io("rename into place", &dst, e))?;
+                crate::util::fsync_dir(&snapshots)
+            });
+            if res.is_err() {
+                let _ = remove_dir(&tmp);
+            }
+            res
         })
         .await
         .map_err(|_| ImageError::Task {
-            what: format!("unpack of {layer}"),
-        })
-        .and_then(|r| r)
-        .and_then(|actual| {
-            if &actual == diff_id {
-                Ok(())
-            } else {
-                Err(ImageError::DiffIdMismatch {
-                    layer: layer.to_string(),
-                    expected: diff_id.to_string(),
-                    actual: actual.to_string(),
-                })
-            }
-        })
-        .and_then(|()| {
-            std::fs::rename(&tmp, &dir)
-                .map_err(|e| ImageError::io("rename into place", &dir, e))?;
-            crate::util::fsync_dir(&snapshots)
-        });
-        if res.is_err() {
-            let _ = remove_dir(&tmp);
-        }
-        res.map(|()| dir)
+            what: format!("unpack into {}", dir.display()),
+        })??;
+        Ok(dir)
     }
 
     pub(crate) fn remove_snapshot(&self, chain_id: &Digest) -> Result<()> {
         let dir = self.snapshot_path(chain_id);
         remove_dir(&dir).map_err(|e| ImageError::io("remove snapshot", dir, e))
     }
+}
+
+fn unpack_verified(
+    blob: &std::path::Path,
+    compression: Compression,
+    tmp: &std::path::Path,
+    layer: &Digest,
+    diff_id: &Digest,
+) -> Result<()> {
+    let f = std::fs::File::open(blob).map_err(|e| ImageError::io("open blob", blob, e))?;
+    let actual = crate::unpack::unpack_layer(f, compression, tmp, layer.as_str())?;
+    if &actual != diff_id {
+        return Err(ImageError::DiffIdMismatch {
+            layer: layer.to_string(),
+            expected: diff_id.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Removes a directory tree without following symlinks; absent is fine.
