@@ -1,0 +1,114 @@
+//! The image store: one root directory holding
+//!
+//! ```text
+//! <root>/metadata.json                 images and container rootfs records
+//! <root>/blobs/sha256/<hex>            verified content (manifests, configs, layers)
+//! <root>/snapshots/<chain id hex>/     one unpacked layer each, overlay lowerdirs
+//! <root>/blockimages/<image hex>.ext4  flattened image, backing file of qcow2 overlays
+//! <root>/containers/<cid>/             upper/ work/ rootfs/ or rootfs.qcow2
+//! ```
+//!
+//! The operations live one per file: `image_pull.rs`, `image_list.rs`,
+//! `image_remove.rs`, `image_fs_info.rs`, `rootfs.rs`, `block.rs`.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::StoreConfig;
+use crate::content::ContentStore;
+use crate::digest::Digest;
+use crate::error::{ImageError, Result};
+use crate::locks::KeyedLocks;
+use crate::manifest::Platform;
+use crate::metadata::Metadata;
+use crate::registry::RegistryClient;
+
+/// The real image store.
+#[derive(Debug)]
+pub struct ImageStore {
+    pub(crate) root: PathBuf,
+    pub(crate) config: StoreConfig,
+    pub(crate) client: RegistryClient,
+    pub(crate) content: ContentStore,
+    pub(crate) meta: Metadata,
+    /// One unpack per chain ID at a time.
+    pub(crate) snapshot_locks: KeyedLocks,
+    /// One block-image build per image at a time; one rootfs per container.
+    pub(crate) image_locks: KeyedLocks,
+    /// Pulls and rootfs preparation hold it shared; removal (which frees blobs and
+    /// snapshots) holds it exclusively, so nothing in use is freed under a pull.
+    pub(crate) gc: tokio::sync::RwLock<()>,
+    pub(crate) platform: Platform,
+}
+
+impl ImageStore {
+    /// Opens (creating if needed) the store at `config.root`; images pulled
+    /// before a restart are there again.
+    pub fn open(config: StoreConfig) -> Result<Self> {
+        let root = config.root.clone();
+        for d in ["snapshots", "containers", "blockimages"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(|e| ImageError::io("create", &p, e))?;
+        }
+        remove_temp_entries(&root.join("snapshots"))?;
+        remove_temp_entries(&root.join("blockimages"))?;
+        Ok(ImageStore {
+            content: ContentStore::open(&root)?,
+            meta: Metadata::open(&root)?,
+            client: RegistryClient::new(config.registries.clone())?,
+            root,
+            config,
+            snapshot_locks: KeyedLocks::default(),
+            image_locks: KeyedLocks::default(),
+            gc: tokio::sync::RwLock::new(()),
+            platform: Platform::host(),
+        })
+    }
+
+    /// Pull images for another platform than the host's (index selection).
+    pub fn with_platform(mut self, platform: Platform) -> Self {
+        self.platform = platform;
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a stored blob lives (for tests and tools).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.content.path(digest)
+    }
+
+    /// Where the unpacked layer of a chain ID lives.
+    pub fn snapshot_path(&self, chain_id: &Digest) -> PathBuf {
+        self.root.join("snapshots").join(chain_id.hex())
+    }
+
+    pub(crate) fn container_dir(&self, container_id: &str) -> Result<PathBuf> {
+        if !crate::util::valid_container_id(container_id) {
+            return Err(ImageError::InvalidContainerId {
+                container_id: container_id.to_string(),
+            });
+        }
+        Ok(self.root.join("containers").join(container_id))
+    }
+}
+
+/// Half-done unpacks and builds (names starting with `.`) from before a crash.
+fn remove_temp_entries(dir: &Path) -> Result<()> {
+    let rd = std::fs::read_dir(dir).map_err(|e| ImageError::io("read", dir, e))?;
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with('.') {
+            let p = e.path();
+            // A stale build mount point may still be mounted.
+            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+            let res = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            res.map_err(|e| ImageError::io("remove stale", &p, e))?;
+        }
+    }
+    Ok(())
+}
