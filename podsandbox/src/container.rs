@@ -162,6 +162,11 @@ pub struct ContainerRecord {
     /// Its stdio is a terminal.
     #[serde(default)]
     pub tty: bool,
+    /// When its process started / ended, in ns since the Unix epoch.
+    #[serde(default)]
+    pub started_at_ns: Option<i64>,
+    #[serde(default)]
+    pub finished_at_ns: Option<i64>,
 }
 
 /// What a caller sees.
@@ -177,6 +182,27 @@ pub struct ContainerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub created_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ns: Option<i64>,
+}
+
+/// A container's process has ended (broadcast by [`crate::Runtime::subscribe_exits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerExit {
+    pub sandbox_id: String,
+    pub id: String,
+    pub exit_code: i32,
+    pub finished_at_ns: i64,
+}
+
+/// Now, in ns since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 impl ContainerRecord {
@@ -189,6 +215,8 @@ impl ContainerRecord {
             log_path: self.log_path.clone(),
             reason: self.reason.clone(),
             created_at: self.created_at,
+            started_at_ns: self.started_at_ns,
+            finished_at_ns: self.finished_at_ns,
         }
     }
 }

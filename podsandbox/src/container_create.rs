@@ -113,6 +113,8 @@ impl Runtime {
             reason: None,
             created_at: now_secs(),
             tty: config.tty,
+            started_at_ns: None,
+            finished_at_ns: None,
         };
         let status = record.status(sandbox_id);
         s.record.containers.push(record);

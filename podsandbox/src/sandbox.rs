@@ -118,6 +118,11 @@ pub(crate) struct RuntimeInner {
         std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, Arc<dyn AgentClient>)>>,
     /// Whether monitors run here (else in processes of their own).
     pub(crate) in_process_monitors: std::sync::atomic::AtomicBool,
+    /// Log files open in in-process monitors, by "sandbox/container".
+    pub(crate) logs:
+        std::sync::Mutex<std::collections::HashMap<String, crate::container_log::LogFile>>,
+    /// Container exits recorded by in-process monitors.
+    pub(crate) exits: tokio::sync::broadcast::Sender<crate::container::ContainerExit>,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -153,6 +158,8 @@ impl Runtime {
                 monitors: Default::default(),
                 agents: Default::default(),
                 in_process_monitors: std::sync::atomic::AtomicBool::new(true),
+                exits: tokio::sync::broadcast::channel(256).0,
+                logs: Default::default(),
             }),
         })
     }
