@@ -105,12 +105,6 @@ pub enum CniError {
         #[source]
         source: std::io::Error,
     },
-    #[error("`{command}` in {netns} failed: {stderr}")]
-    Command {
-        command: String,
-        netns: PathBuf,
-        stderr: String,
-    },
     #[error("no network state for pod sandbox {id}")]
     PodNotFound { id: String },
     #[error("pod sandbox {id} already has a network")]
@@ -150,12 +144,9 @@ impl CniError {
             InvalidArgument { .. } => ErrorKind::InvalidArgument,
             NetnsExists { .. } | PodExists { .. } => ErrorKind::AlreadyExists,
             NetnsNotFound { .. } | PodNotFound { .. } => ErrorKind::NotFound,
-            Netns { .. }
-            | Device { .. }
-            | Command { .. }
-            | Io { .. }
-            | Decode { .. }
-            | Thread { .. } => ErrorKind::Internal,
+            Netns { .. } | Device { .. } | Io { .. } | Decode { .. } | Thread { .. } => {
+                ErrorKind::Internal
+            }
             Injected { .. } => ErrorKind::Unavailable,
         }
     }

@@ -18,6 +18,7 @@ mod exec;
 pub mod fake;
 pub mod interworking;
 mod link;
+mod netlink;
 pub mod netns;
 pub mod network;
 pub mod result;
@@ -36,7 +37,7 @@ pub use exec::Command;
 pub use interworking::{
     open_tap, tap_name_for, Endpoint, Interworking, InterworkingModel, NoInterworking, TcFilter,
 };
-pub use link::RouteInfo;
+pub use link::{ingress_filter_actions, RouteInfo};
 pub use netns::NetNs;
 pub use network::{
     pod_netns, InterfaceInfo, NetworkPlugin, NetworkStatus, PodNetwork, PodNetworkRequest,

@@ -140,12 +140,7 @@ impl PodNetwork {
         tokio::task::spawn_blocking(move || -> Result<_> {
             let endpoint = model.attach(&ns2, &dev)?;
             let path = ns2.path().to_path_buf();
-            let read = ns2.run(|| {
-                Ok((
-                    link::link_info(&path, &dev)?,
-                    link::routes(&path, &[dev.as_str()])?,
-                ))
-            });
+            let read = ns2.run(|| Ok((link::link_info(&path, &dev)?, link::routes(&path, &dev)?)));
             match read {
                 Ok((info, routes)) => Ok((endpoint, info, routes)),
                 Err(e) => {
