@@ -262,3 +262,25 @@ wait"#,
     ns.remove().unwrap();
     env.assert_clean();
 }
+
+#[tokio::test]
+async fn spec_0_3_1_lists_add_and_del_without_prev_result() {
+    let env = TestEnv::new("j", 10);
+    env.write_conf("10-test.conf", &{
+        let mut p = env.bridge_plugin();
+        p["cniVersion"] = json!("0.3.1");
+        p["name"] = json!(env.net);
+        p
+    });
+    let ns = NetNs::create(&env.netns_dir(), "pj").unwrap();
+    let rt = RuntimeConf::for_pod("pj", ns.path(), &pod());
+    let cni = env.cni();
+    let added = cni.add(&rt).await.unwrap();
+    assert_eq!(added.result.cni_version, "0.3.1");
+    assert_eq!(added.result.pod_ips().len(), 1);
+    // CHECK does not exist before 0.4.0: nothing is run, nothing fails.
+    cni.check(&rt, &[]).await.unwrap();
+    cni.del(&rt).await.unwrap();
+    ns.remove().unwrap();
+    env.assert_clean();
+}
