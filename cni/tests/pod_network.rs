@@ -243,3 +243,47 @@ async fn teardown_after_the_netns_vanished_releases_the_ip() {
     );
     env.assert_clean();
 }
+
+#[tokio::test]
+async fn dual_stack_pod_ips_come_back_v4_first_with_v6_routes() {
+    let env = TestEnv::new("k", 11);
+    let mut list = env.default_list();
+    let v6 = format!("fd12:3:{}::/64", env.octet);
+    list["plugins"][0]["ipam"]["ranges"] = json!([[{"subnet": env.subnet()}], [{"subnet": v6}]]);
+    list["plugins"][0]["ipam"]["routes"] = json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]);
+    env.write_conf("10-default.conflist", &list);
+    let net = pod_network(&env, InterworkingModel::TcFilter);
+    let mut req = request("pk");
+    req.port_mappings.clear();
+    let status = net.setup(&req).await.unwrap();
+    assert_eq!(status.pod_ips.len(), 2, "{:?}", status.pod_ips);
+    assert!(
+        status.pod_ips[0].is_ipv4() && status.pod_ips[1].is_ipv6(),
+        "{:?}",
+        status.pod_ips
+    );
+    let ips = &status.interfaces[0].ips;
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    assert!(ips[0].is_ipv4() && !ips[1].is_ipv4());
+    assert_eq!(ips[1].prefix_len, 64);
+    assert!(
+        status
+            .routes
+            .iter()
+            .any(|r| r.dest.to_string() == "::/0" && r.gateway.is_some()),
+        "{:?}",
+        status.routes
+    );
+    assert!(status
+        .routes
+        .iter()
+        .all(|r| !r.dest.to_string().starts_with("fe80")));
+    assert!(
+        env.iptables_lines()
+            .iter()
+            .any(|l| l.starts_with("ip6tables-save")),
+        "ipMasq makes IPv6 rules too"
+    );
+    net.teardown("pk").await.unwrap();
+    env.assert_clean();
+}

@@ -134,16 +134,19 @@ impl TestEnv {
 
     /// iptables lines (all tables) that mention this test's network.
     pub fn iptables_lines(&self) -> Vec<String> {
-        let out = Command::new("iptables-save")
-            .output()
-            .expect("iptables-save");
         let needle = format!("name: \\\"{}\\\"", self.net);
         let needle2 = format!("name: \"{}\"", self.net);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(&needle) || l.contains(&needle2))
-            .map(str::to_string)
-            .collect()
+        let mut lines = Vec::new();
+        for save in ["iptables-save", "ip6tables-save"] {
+            let out = Command::new(save).output().expect(save);
+            lines.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains(&needle) || l.contains(&needle2))
+                    .map(|l| format!("{save}: {l}")),
+            );
+        }
+        lines
     }
 
     /// Interfaces enslaved to the test's bridge (the host ends of veths).
@@ -216,8 +219,15 @@ impl Drop for TestEnv {
 /// chains those rules lived in or jumped to.
 pub fn purge_iptables(net: &str) {
     let tags = [format!("name: \"{net}\""), format!("name: \\\"{net}\\\"")];
-    for table in ["nat", "filter", "mangle"] {
-        let Ok(out) = Command::new("iptables").args(["-t", table, "-S"]).output() else {
+    for (ipt, table) in [
+        ("iptables", "nat"),
+        ("iptables", "filter"),
+        ("iptables", "mangle"),
+        ("ip6tables", "nat"),
+        ("ip6tables", "filter"),
+        ("ip6tables", "mangle"),
+    ] {
+        let Ok(out) = Command::new(ipt).args(["-t", table, "-S"]).output() else {
             continue;
         };
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -239,18 +249,14 @@ pub fn purge_iptables(net: &str) {
                     }
                 }
             }
-            let del = format!("iptables -t {table} -D {}", &line[3..]);
+            let del = format!("{ipt} -t {table} -D {}", &line[3..]);
             let _ = Command::new("sh").args(["-c", &del]).output();
         }
         chains.sort();
         chains.dedup();
         for c in chains {
-            let _ = Command::new("iptables")
-                .args(["-t", table, "-F", &c])
-                .output();
-            let _ = Command::new("iptables")
-                .args(["-t", table, "-X", &c])
-                .output();
+            let _ = Command::new(ipt).args(["-t", table, "-F", &c]).output();
+            let _ = Command::new(ipt).args(["-t", table, "-X", &c]).output();
         }
     }
 }
