@@ -122,6 +122,8 @@ pub enum CniError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{path} has state version {version}, this runtime reads version 1")]
+    StateVersion { path: PathBuf, version: u32 },
     #[error("a worker thread for {what} panicked or could not start")]
     Thread { what: String },
     #[error("{what} failed in the fake network plugin (failing on demand)")]
@@ -147,6 +149,7 @@ impl CniError {
             Netns { .. } | Device { .. } | Io { .. } | Decode { .. } | Thread { .. } => {
                 ErrorKind::Internal
             }
+            StateVersion { .. } => ErrorKind::FailedPrecondition,
             Injected { .. } => ErrorKind::Unavailable,
         }
     }

@@ -62,6 +62,15 @@ pub struct NetworkStatus {
     pub pod_ips: Vec<IpAddr>,
 }
 
+const STATE_VERSION: u32 = 1;
+
+/// `<state dir>/<sandbox id>.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    status: NetworkStatus,
+}
+
 /// The seam the CRI server uses.
 #[async_trait]
 pub trait NetworkPlugin: Send + Sync + fmt::Debug {
@@ -238,7 +247,11 @@ impl PodNetwork {
 
     fn write_state(&self, status: &NetworkStatus) -> Result<()> {
         let path = self.state_path(&status.sandbox_id);
-        let bytes = serde_json::to_vec_pretty(status).map_err(|source| CniError::Decode {
+        let file = StateFile {
+            version: STATE_VERSION,
+            status: status.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|source| CniError::Decode {
             path: path.clone(),
             source,
         })?;
@@ -248,9 +261,20 @@ impl PodNetwork {
     fn read_state(&self, sandbox_id: &str) -> Result<Option<NetworkStatus>> {
         let path = self.state_path(sandbox_id);
         match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|source| CniError::Decode { path, source }),
+            Ok(b) => {
+                let file: StateFile =
+                    serde_json::from_slice(&b).map_err(|source| CniError::Decode {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if file.version != STATE_VERSION {
+                    return Err(CniError::StateVersion {
+                        path,
+                        version: file.version,
+                    });
+                }
+                Ok(Some(file.status))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CniError::io("read pod network state", path)(e)),
         }

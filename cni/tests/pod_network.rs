@@ -127,28 +127,17 @@ async fn tcfilter_pod_setup_redirects_veth_traffic_to_the_tap_and_teardown_leave
         ErrorKind::AlreadyExists
     );
 
-    // The redirect: what the host sends toward the pod IP arrives on the tap.
-    let fd = open_tap(&ns, "tap0_vc", false).unwrap();
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
-    let mut tap_file = File::from(fd);
-    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-    let IpAddr::V4(v4) = pod_ip else {
-        panic!("v4 expected")
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = false;
-    let mut buf = [0u8; 2048];
-    while !seen && Instant::now() < deadline {
-        let _ = sock.send_to(b"hello", (pod_ip, 9));
-        std::thread::sleep(Duration::from_millis(100));
-        while let Ok(n) = tap_file.read(&mut buf) {
-            if buf[..n].windows(4).any(|w| w == v4.octets()) {
-                seen = true;
-            }
-        }
+    // The redirect: what the host sends toward the pod IP arrives on the tap,
+    // as plain Ethernet frames, or behind a 10-byte virtio_net_hdr with vnet_hdr.
+    for (vnet_hdr, offset) in [(false, 0usize), (true, 10)] {
+        let frame =
+            frame_toward(&ns, pod_ip, vnet_hdr).expect("a frame toward the pod IP on the tap");
+        let ethertype = u16::from_be_bytes([frame[offset + 12], frame[offset + 13]]);
+        assert!(
+            ethertype == 0x0806 || ethertype == 0x0800,
+            "vnet_hdr={vnet_hdr}: ethertype {ethertype:#06x} at {offset}+12"
+        );
     }
-    assert!(seen, "no frame toward {pod_ip} arrived on the tap");
-    drop(tap_file);
 
     // Detach alone removes the filters, qdiscs and the tap; attach again.
     TcFilter.detach(&ns, "eth0").unwrap();
@@ -286,4 +275,28 @@ async fn dual_stack_pod_ips_come_back_v4_first_with_v6_routes() {
     );
     net.teardown("pk").await.unwrap();
     env.assert_clean();
+}
+
+/// Open the tap, send UDP toward `pod_ip` from the host until a frame that
+/// names it comes out of the tap (bounded by 10 s), and return that frame.
+fn frame_toward(ns: &NetNs, pod_ip: IpAddr, vnet_hdr: bool) -> Option<Vec<u8>> {
+    let fd = open_tap(ns, "tap0_vc", vnet_hdr).unwrap();
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+    let mut tap_file = File::from(fd);
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let IpAddr::V4(v4) = pod_ip else {
+        panic!("v4 expected")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let _ = sock.send_to(b"hello", (pod_ip, 9));
+        std::thread::sleep(Duration::from_millis(100));
+        while let Ok(n) = tap_file.read(&mut buf) {
+            if buf[..n].windows(4).any(|w| w == v4.octets()) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+    None
 }
