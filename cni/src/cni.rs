@@ -440,19 +440,19 @@ impl Cni {
         prev: Option<&Value>,
         cause: CniError,
     ) -> CniError {
-        tracing::warn!(container = %rt.container_id, error = %cause, "CNI ADD failed; deleting what was added");
+        tracing::info!(container = %rt.container_id, "CNI ADD failed; deleting what was added");
         match self.del_list(list, rt, prev).await {
             Ok(()) => match self.remove_cache(rt) {
                 Ok(()) => cause,
                 Err(e) => CniError::RollbackFailed {
-                    command: "ADD",
+                    command: "CNI ADD",
                     container_id: rt.container_id.clone(),
                     del_error: e.to_string(),
                     source: Box::new(cause),
                 },
             },
             Err(e) => CniError::RollbackFailed {
-                command: "ADD",
+                command: "CNI ADD",
                 container_id: rt.container_id.clone(),
                 del_error: e.to_string(),
                 source: Box::new(cause),
@@ -476,8 +476,11 @@ impl Cni {
         let mut first_err = None;
         for index in (0..list.plugins.len()).rev() {
             if let Err(e) = self.run_plugin(list, index, Command::Del, rt, prev).await {
-                tracing::warn!(plugin = %list.plugins[index].plugin_type, error = %e, "CNI DEL failed");
-                first_err.get_or_insert(e);
+                match first_err {
+                    // Only the first error is returned: log the later ones.
+                    Some(_) => tracing::warn!(error = %e, "CNI DEL failed too"),
+                    None => first_err = Some(e),
+                }
             }
         }
         match first_err {

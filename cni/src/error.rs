@@ -72,7 +72,7 @@ pub enum CniError {
         command: &'static str,
         reason: String,
     },
-    #[error("CNI {command} of {container_id} failed, and so did the clean-up DEL: {del_error}")]
+    #[error("{command} of {container_id} failed, and so did its clean-up: {del_error}")]
     RollbackFailed {
         command: &'static str,
         container_id: String,

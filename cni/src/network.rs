@@ -179,20 +179,24 @@ impl PodNetwork {
         let rt = self.runtime_conf(req);
         let added = match self.cni.add(&rt).await {
             Ok(a) => a,
+            // ADD already DELeted what it added (or says it could not).
             Err(e) => {
-                if let Err(undo) = Self::remove_netns(ns.path().to_path_buf()).await {
-                    tracing::warn!(error = %undo, "removing the netns after a failed CNI ADD");
-                }
-                return Err(e);
+                return Err(match Self::remove_netns(ns.path().to_path_buf()).await {
+                    Ok(()) => e,
+                    Err(undo) => CniError::RollbackFailed {
+                        command: "setup",
+                        container_id: rt.container_id.clone(),
+                        del_error: undo.to_string(),
+                        source: Box::new(e),
+                    },
+                })
             }
         };
         let connected = self.connect(&ns, &rt.if_name).await;
         let (endpoint, info, routes) = match connected {
             Ok(c) => c,
-            Err(e) => {
-                self.rollback_cni(&rt, &ns).await;
-                return Err(e);
-            }
+            // connect() undoes its own interworking steps.
+            Err(e) => return Err(self.rollback(&rt, &ns, false, e).await),
         };
         let gateway = added
             .result
@@ -227,21 +231,46 @@ impl PodNetwork {
             pod_ips,
         };
         if let Err(e) = self.write_state(&status) {
-            let model = self.model.clone();
-            let (ns2, dev) = (ns.clone(), rt.if_name.clone());
-            let _ = tokio::task::spawn_blocking(move || model.detach(&ns2, &dev)).await;
-            self.rollback_cni(&rt, &ns).await;
-            return Err(e);
+            return Err(self.rollback(&rt, &ns, true, e).await);
         }
         Ok(status)
     }
 
-    async fn rollback_cni(&self, rt: &RuntimeConf, ns: &NetNs) {
-        if let Err(undo) = self.cni.del(rt).await {
-            tracing::warn!(error = %undo, "CNI DEL while rolling back pod network setup");
+    /// Undo a half-done setup: interworking (if `detach`), CNI DEL, netns.
+    /// Returns `cause`, or [`CniError::RollbackFailed`] when a step failed
+    /// (then `teardown(id)` finishes the job from the CNI cache).
+    async fn rollback(
+        &self,
+        rt: &RuntimeConf,
+        ns: &NetNs,
+        detach: bool,
+        cause: CniError,
+    ) -> CniError {
+        let mut failed: Vec<String> = Vec::new();
+        if detach {
+            let model = self.model.clone();
+            let (ns2, dev) = (ns.clone(), rt.if_name.clone());
+            match tokio::task::spawn_blocking(move || model.detach(&ns2, &dev)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push(e.to_string()),
+                Err(_) => failed.push("the detach worker panicked".into()),
+            }
         }
-        if let Err(undo) = Self::remove_netns(ns.path().to_path_buf()).await {
-            tracing::warn!(error = %undo, "removing the netns while rolling back pod network setup");
+        if let Err(e) = self.cni.del(rt).await {
+            failed.push(e.to_string());
+        }
+        if let Err(e) = Self::remove_netns(ns.path().to_path_buf()).await {
+            failed.push(e.to_string());
+        }
+        if failed.is_empty() {
+            cause
+        } else {
+            CniError::RollbackFailed {
+                command: "setup",
+                container_id: rt.container_id.clone(),
+                del_error: failed.join("; "),
+                source: Box::new(cause),
+            }
         }
     }
 
@@ -315,17 +344,17 @@ impl NetworkPlugin for PodNetwork {
             match detached {
                 Ok(()) | Err(CniError::NetnsNotFound { .. }) => {}
                 Err(e) => {
-                    first_err.get_or_insert(e);
+                    keep_first(&mut first_err, e);
                 }
             }
         }
         if self.cni.has_cached(&rt) {
             if let Err(e) = self.cni.del(&rt).await {
-                first_err.get_or_insert(e);
+                keep_first(&mut first_err, e);
             }
         }
         if let Err(e) = Self::remove_netns(netns_path).await {
-            first_err.get_or_insert(e);
+            keep_first(&mut first_err, e);
         }
         if let Some(e) = first_err {
             return Err(e);
@@ -346,6 +375,14 @@ impl NetworkPlugin for PodNetwork {
             .ok_or_else(|| CniError::PodNotFound {
                 id: sandbox_id.to_string(),
             })
+    }
+}
+
+/// Keep the first error to return; log the later ones (not returned).
+fn keep_first(slot: &mut Option<CniError>, e: CniError) {
+    match slot {
+        Some(_) => tracing::warn!(error = %e, "pod network teardown step failed too"),
+        None => *slot = Some(e),
     }
 }
 
