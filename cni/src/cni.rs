@@ -367,10 +367,9 @@ impl Cni {
             find_plugin(&p.plugin_type, &self.cfg.bin_dirs)?;
         }
         if self.has_cached(rt) {
-            return Err(CniError::InvalidArgument {
-                what: "container id",
-                value: rt.container_id.clone(),
-                reason: format!("already attached on {} (DEL it first)", rt.if_name),
+            return Err(CniError::AlreadyAttached {
+                container_id: rt.container_id.clone(),
+                if_name: rt.if_name.clone(),
             });
         }
         let mut entry = CacheEntry {
@@ -516,13 +515,10 @@ impl Cni {
     /// setup). Spec versions before 0.4.0 and `disableCheck` lists skip CHECK.
     pub async fn check(&self, rt: &RuntimeConf, skip: &[&str]) -> Result<()> {
         rt.validate()?;
-        let entry = self
-            .read_cache(rt)?
-            .ok_or_else(|| CniError::InvalidArgument {
-                what: "container id",
-                value: rt.container_id.clone(),
-                reason: format!("no cached ADD on {}", rt.if_name),
-            })?;
+        let entry = self.read_cache(rt)?.ok_or_else(|| CniError::NotAttached {
+            container_id: rt.container_id.clone(),
+            if_name: rt.if_name.clone(),
+        })?;
         let list = NetworkConfigList::from_value(&self.cache_path(rt), entry.config)?;
         if !at_least_040(&list.cni_version) || list.disable_check {
             return Ok(());

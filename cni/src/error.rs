@@ -86,6 +86,16 @@ pub enum CniError {
         value: String,
         reason: String,
     },
+    #[error("container {container_id} is already attached on {if_name} (DEL it first)")]
+    AlreadyAttached {
+        container_id: String,
+        if_name: String,
+    },
+    #[error("container {container_id} has no cached CNI ADD on {if_name}")]
+    NotAttached {
+        container_id: String,
+        if_name: String,
+    },
     #[error("network namespace {path} already exists")]
     NetnsExists { path: PathBuf },
     #[error("network namespace {path} does not exist")]
@@ -144,8 +154,10 @@ impl CniError {
             PluginFailed { .. } | PluginSpawn { .. } | BadResult { .. } => ErrorKind::Unavailable,
             RollbackFailed { source, .. } => source.kind(),
             InvalidArgument { .. } => ErrorKind::InvalidArgument,
-            NetnsExists { .. } | PodExists { .. } => ErrorKind::AlreadyExists,
-            NetnsNotFound { .. } | PodNotFound { .. } => ErrorKind::NotFound,
+            NetnsExists { .. } | PodExists { .. } | AlreadyAttached { .. } => {
+                ErrorKind::AlreadyExists
+            }
+            NetnsNotFound { .. } | PodNotFound { .. } | NotAttached { .. } => ErrorKind::NotFound,
             Netns { .. } | Device { .. } | Io { .. } | Decode { .. } | Thread { .. } => {
                 ErrorKind::Internal
             }

@@ -95,7 +95,7 @@ async fn bridge_add_check_del_and_the_host_reaches_the_pod() {
     // A second ADD of the same attachment is refused, not run.
     assert_eq!(
         cni.add(&rt).await.unwrap_err().kind(),
-        ErrorKind::InvalidArgument
+        ErrorKind::AlreadyExists
     );
 
     cni.del(&rt).await.unwrap();
