@@ -40,7 +40,8 @@ pub use interworking::{
 pub use link::{ingress_filter_actions, RouteInfo};
 pub use netns::NetNs;
 pub use network::{
-    pod_netns, InterfaceInfo, NetworkPlugin, NetworkStatus, PodNetwork, PodNetworkRequest,
+    open_pod_taps, pod_netns, InterfaceInfo, NetworkPlugin, NetworkStatus, PodNetwork,
+    PodNetworkRequest, DEFAULT_NETNS_DIR, DEFAULT_STATE_DIR,
 };
 pub use result::{CniResult, Dns, IpNet};
 

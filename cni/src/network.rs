@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -389,4 +390,16 @@ fn keep_first(slot: &mut Option<CniError>, e: CniError) {
 /// The netns of a set-up pod, for [`crate::open_tap`].
 pub fn pod_netns(status: &NetworkStatus) -> Result<NetNs> {
     NetNs::open(status.netns.clone())
+}
+
+/// Open every tap of a set-up pod for the hypervisor, in interface order
+/// (interfaces without a tap are skipped): `(guest interface name, fd)`.
+pub fn open_pod_taps(status: &NetworkStatus, vnet_hdr: bool) -> Result<Vec<(String, OwnedFd)>> {
+    let ns = pod_netns(status)?;
+    status
+        .interfaces
+        .iter()
+        .filter_map(|i| i.tap_name.as_deref().map(|tap| (i.guest_name.clone(), tap)))
+        .map(|(guest, tap)| Ok((guest, crate::open_tap(&ns, tap, vnet_hdr)?)))
+        .collect()
 }

@@ -139,6 +139,11 @@ async fn tcfilter_pod_setup_redirects_veth_traffic_to_the_tap_and_teardown_leave
         );
     }
 
+    let taps = cni::open_pod_taps(&status, true).unwrap();
+    assert_eq!(taps.len(), 1);
+    assert_eq!(taps[0].0, "eth0");
+    drop(taps);
+
     // Detach alone removes the filters, qdiscs and the tap; attach again.
     TcFilter.detach(&ns, "eth0").unwrap();
     assert_eq!(common::links_in(&ns), vec!["eth0".to_string()]);
