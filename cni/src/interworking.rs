@@ -77,8 +77,25 @@ pub fn tap_name_for(veth: &str) -> String {
 
 /// Open the tap `tap_name` in `netns` for the hypervisor (`-netdev tap,fd=N`).
 /// `vnet_hdr` must match what the hypervisor is told (`vnet_hdr=on|off`).
+///
+/// A single-queue tap takes one fd at a time (`EBUSY` otherwise). A process
+/// forked elsewhere in this process holds a copy of a just-closed fd until it
+/// execs, so `EBUSY` is retried for up to a second before it is returned.
 pub fn open_tap(netns: &NetNs, tap_name: &str, vnet_hdr: bool) -> Result<OwnedFd> {
-    netns.run(|| tap::attach(tap_name, vnet_hdr))
+    netns.run(|| {
+        let mut tries = 0;
+        loop {
+            match tap::attach(tap_name, vnet_hdr) {
+                Err(CniError::Device { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && tries < 20 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    })
 }
 
 /// The default model.

@@ -253,6 +253,11 @@ wait"#,
         .collect();
     assert_eq!(ids.len(), 2);
     for pid in ids {
+        // SIGKILL is delivered when the process next runs: wait (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !common::process_gone(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(
             common::process_gone(pid),
             "plugin process {pid} survived the timeout"

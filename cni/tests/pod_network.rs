@@ -231,6 +231,12 @@ async fn teardown_after_the_netns_vanished_releases_the_ip() {
     assert_eq!(env.ipam_allocations().len(), 1);
     cni::netns::remove_path(&status.netns).unwrap();
     net.teardown("pi").await.unwrap();
+    // The kernel destroys an unreferenced netns (and with it the veth pair)
+    // asynchronously: wait for that, bounded, before checking.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.bridge_ports().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         net.status("pi").await.unwrap_err().kind(),
         ErrorKind::NotFound
@@ -285,7 +291,8 @@ async fn dual_stack_pod_ips_come_back_v4_first_with_v6_routes() {
 /// Open the tap, send UDP toward `pod_ip` from the host until a frame that
 /// names it comes out of the tap (bounded by 10 s), and return that frame.
 fn frame_toward(ns: &NetNs, pod_ip: IpAddr, vnet_hdr: bool) -> Option<Vec<u8>> {
-    let fd = open_tap(ns, "tap0_vc", vnet_hdr).unwrap();
+    let fd = open_tap(ns, "tap0_vc", vnet_hdr)
+        .unwrap_or_else(|e| panic!("open_tap vnet_hdr={vnet_hdr}: {e:?} / {e}"));
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
     let mut tap_file = File::from(fd);
     let sock = UdpSocket::bind("0.0.0.0:0").unwrap();

@@ -100,11 +100,20 @@ impl TestEnv {
     }
 
     /// A shell-script plugin in the test's bin dir.
+    ///
+    /// The executable is written by `install`, not by this process: a write
+    /// fd of ours would be inherited by processes other tests fork meanwhile
+    /// and make exec fail with ETXTBSY until they exec.
     pub fn script_plugin(&self, name: &str, body: &str) {
-        use std::os::unix::fs::PermissionsExt;
-        let path = self.bin_dir().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let src = self.dir.path().join(format!("{name}.src"));
+        std::fs::write(&src, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        let status = Command::new("install")
+            .arg("-m755")
+            .arg(&src)
+            .arg(self.bin_dir().join(name))
+            .status()
+            .expect("install");
+        assert!(status.success(), "install {name}");
     }
 
     pub fn cni_config(&self, timeout: Duration) -> CniConfig {
