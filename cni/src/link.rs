@@ -51,6 +51,34 @@ pub(crate) fn link_info(netns: &Path, dev: &str) -> Result<LinkInfo> {
     })
 }
 
+/// A static ARP / NDP entry of the pod's namespace, for the guest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NeighbourInfo {
+    pub ip: IpAddr,
+    pub mac: String,
+    pub device: String,
+}
+
+/// The permanent neighbour entries on `dev` (plugins such as some CNI
+/// network providers install them; the bridge plugin does not).
+pub(crate) fn neighbours(netns: &Path, dev: &str) -> Result<Vec<NeighbourInfo>> {
+    let mut nl = rtnl(netns)?;
+    let link = nl
+        .require_link(dev)
+        .map_err(dev_err(netns, dev, "read link"))?;
+    let entries =
+        nl.permanent_neighbours(link.index)
+            .map_err(dev_err(netns, dev, "read neighbours"))?;
+    Ok(entries
+        .into_iter()
+        .map(|(ip, mac)| NeighbourInfo {
+            ip,
+            mac,
+            device: dev.to_string(),
+        })
+        .collect())
+}
+
 /// A route of the pod's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RouteInfo {

@@ -11,6 +11,9 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteScope, RouteType,
 };
@@ -134,13 +137,7 @@ impl Rtnl {
                 for a in l.attributes {
                     match a {
                         LinkAttribute::Mtu(m) => link.mtu = m,
-                        LinkAttribute::Address(bytes) => {
-                            link.mac = bytes
-                                .iter()
-                                .map(|b| format!("{b:02x}"))
-                                .collect::<Vec<_>>()
-                                .join(":")
-                        }
+                        LinkAttribute::Address(bytes) => link.mac = format_mac(&bytes),
                         _ => {}
                     }
                 }
@@ -259,6 +256,41 @@ impl Rtnl {
         Ok(out)
     }
 
+    /// Permanent (static) neighbour entries on `index`: (IP, MAC).
+    pub fn permanent_neighbours(&mut self, index: u32) -> io::Result<Vec<(IpAddr, String)>> {
+        let replies = self.request(
+            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        let mut out = Vec::new();
+        for r in replies {
+            let RouteNetlinkMessage::NewNeighbour(n) = r else {
+                continue;
+            };
+            if n.header.ifindex != index || n.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        ip = Some(IpAddr::V4(*v4))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        ip = Some(IpAddr::V6(*v6))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(b) => mac = Some(format_mac(b)),
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((ip, mac));
+            }
+        }
+        Ok(out)
+    }
+
     fn ingress_qdisc(index: u32) -> TcMessage {
         let mut m = TcMessage::with_index(index as i32);
         m.header.handle = TcHandle {
@@ -366,6 +398,14 @@ impl Rtnl {
         }
         Ok(kinds)
     }
+}
+
+fn format_mac(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {

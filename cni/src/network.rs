@@ -17,7 +17,7 @@ use crate::cni::{
 };
 use crate::error::{CniError, Result};
 use crate::interworking::{Endpoint, Interworking};
-use crate::link::{self, RouteInfo};
+use crate::link::{self, NeighbourInfo, RouteInfo};
 use crate::netns::{self, NetNs};
 use crate::result::{Dns, IpNet};
 
@@ -58,6 +58,9 @@ pub struct NetworkStatus {
     pub network_name: String,
     pub interfaces: Vec<InterfaceInfo>,
     pub routes: Vec<RouteInfo>,
+    /// Static ARP / NDP entries of the netns, for the guest.
+    #[serde(default)]
+    pub neighbours: Vec<NeighbourInfo>,
     pub dns: Dns,
     /// IPv4 first, then IPv6.
     pub pod_ips: Vec<IpAddr>,
@@ -87,6 +90,14 @@ pub trait NetworkPlugin: Send + Sync + fmt::Debug {
 pub const DEFAULT_NETNS_DIR: &str = "/run/virtcontainers/netns";
 /// Where each pod's [`NetworkStatus`] is kept by default.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/virtcontainers/network";
+
+/// What connecting a veth produced.
+struct Connected {
+    endpoint: Option<Endpoint>,
+    info: link::LinkInfo,
+    routes: Vec<RouteInfo>,
+    neighbours: Vec<NeighbourInfo>,
+}
 
 /// The real [`NetworkPlugin`].
 #[derive(Debug, Clone)]
@@ -139,20 +150,27 @@ impl PodNetwork {
         rt
     }
 
-    async fn connect(
-        &self,
-        ns: &NetNs,
-        if_name: &str,
-    ) -> Result<(Option<Endpoint>, link::LinkInfo, Vec<RouteInfo>)> {
+    async fn connect(&self, ns: &NetNs, if_name: &str) -> Result<Connected> {
         let model = self.model.clone();
         let ns2 = ns.clone();
         let dev = if_name.to_string();
         tokio::task::spawn_blocking(move || -> Result<_> {
             let endpoint = model.attach(&ns2, &dev)?;
             let path = ns2.path().to_path_buf();
-            let read = ns2.run(|| Ok((link::link_info(&path, &dev)?, link::routes(&path, &dev)?)));
+            let read = ns2.run(|| {
+                Ok((
+                    link::link_info(&path, &dev)?,
+                    link::routes(&path, &dev)?,
+                    link::neighbours(&path, &dev)?,
+                ))
+            });
             match read {
-                Ok((info, routes)) => Ok((endpoint, info, routes)),
+                Ok((info, routes, neighbours)) => Ok(Connected {
+                    endpoint,
+                    info,
+                    routes,
+                    neighbours,
+                }),
                 Err(e) => {
                     if let Err(undo) = model.detach(&ns2, &dev) {
                         tracing::warn!(error = %undo, "undoing interworking after a failed read");
@@ -194,7 +212,12 @@ impl PodNetwork {
             }
         };
         let connected = self.connect(&ns, &rt.if_name).await;
-        let (endpoint, info, routes) = match connected {
+        let Connected {
+            endpoint,
+            info,
+            routes,
+            neighbours,
+        } = match connected {
             Ok(c) => c,
             // connect() undoes its own interworking steps.
             Err(e) => return Err(self.rollback(&rt, &ns, false, e).await),
@@ -228,6 +251,7 @@ impl PodNetwork {
                 gateway,
             }],
             routes,
+            neighbours,
             dns: added.result.dns,
             pod_ips,
         };

@@ -312,3 +312,42 @@ fn frame_toward(ns: &NetNs, pod_ip: IpAddr, vnet_hdr: bool) -> Option<Vec<u8>> {
     }
     None
 }
+
+#[tokio::test]
+async fn static_neighbours_of_the_netns_come_back_for_the_guest() {
+    let env = TestEnv::new("m", 13);
+    // A chained plugin that installs a permanent ARP entry and passes the
+    // previous result on.
+    env.script_plugin(
+        "vc-neigh",
+        r#"[ "$CNI_COMMAND" = ADD ] || { cat >/dev/null; exit 0; }
+exec python3 -c '
+import json, os, subprocess, sys
+conf = json.load(sys.stdin)
+subprocess.run(["nsenter", "--net=" + os.environ["CNI_NETNS"], "ip", "neigh", "add",
+                "10.123.13.50", "lladdr", "02:00:00:00:13:50", "dev", os.environ["CNI_IFNAME"],
+                "nud", "permanent"], check=True)
+print(json.dumps(conf["prevResult"]))
+'"#,
+    );
+    let mut bridge = env.bridge_plugin();
+    bridge["ipMasq"] = json!(false);
+    env.write_conf(
+        "10-test.conflist",
+        &json!({"cniVersion": "1.0.0", "name": env.net, "plugins": [bridge, {"type": "vc-neigh"}]}),
+    );
+    let net = pod_network(&env, InterworkingModel::TcFilter);
+    let mut req = request("pm");
+    req.port_mappings.clear();
+    let status = net.setup(&req).await.unwrap();
+    assert_eq!(
+        status.neighbours,
+        vec![cni::NeighbourInfo {
+            ip: "10.123.13.50".parse().unwrap(),
+            mac: "02:00:00:00:13:50".into(),
+            device: "eth0".into(),
+        }]
+    );
+    net.teardown("pm").await.unwrap();
+    env.assert_clean();
+}
