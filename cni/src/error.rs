@@ -57,7 +57,7 @@ pub enum CniError {
         command: &'static str,
         code: u32,
         msg: String,
-        /// Empty, or ": <details>".
+        /// Empty, or `": <details>"`.
         details: String,
     },
     #[error("CNI plugin {plugin} {command} did not finish within {timeout:?}; its process group was killed")]
