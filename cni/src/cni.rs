@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{at_least_040, NetworkConfigList};
 use crate::error::{CniError, Result};
-use crate::exec::{find_plugin, invoke, Command, Invocation};
+use crate::exec::{find_plugin, invoke, CniCommand, Invocation};
 use crate::result::CniResult;
 
 pub const DEFAULT_CONF_DIR: &str = "/etc/cni/net.d";
@@ -332,7 +332,7 @@ impl Cni {
         &self,
         list: &NetworkConfigList,
         index: usize,
-        command: Command,
+        command: CniCommand,
         rt: &RuntimeConf,
         prev: Option<&Value>,
     ) -> Result<Vec<u8>> {
@@ -388,7 +388,7 @@ impl Cni {
         let mut prev: Option<Value> = None;
         for index in 0..list.plugins.len() {
             let step = self
-                .run_plugin(&list, index, Command::Add, rt, prev.as_ref())
+                .run_plugin(&list, index, CniCommand::Add, rt, prev.as_ref())
                 .await
                 .and_then(|out| {
                     let plugin = &list.plugins[index].plugin_type;
@@ -474,7 +474,10 @@ impl Cni {
         };
         let mut first_err = None;
         for index in (0..list.plugins.len()).rev() {
-            if let Err(e) = self.run_plugin(list, index, Command::Del, rt, prev).await {
+            if let Err(e) = self
+                .run_plugin(list, index, CniCommand::Del, rt, prev)
+                .await
+            {
                 match first_err {
                     // Only the first error is returned: log the later ones.
                     Some(_) => tracing::warn!(error = %e, "CNI DEL failed too"),
@@ -535,7 +538,7 @@ impl Cni {
             if skip.contains(&list.plugins[index].plugin_type.as_str()) {
                 continue;
             }
-            self.run_plugin(&list, index, Command::Check, &rt_used, prev.as_ref())
+            self.run_plugin(&list, index, CniCommand::Check, &rt_used, prev.as_ref())
                 .await?;
         }
         Ok(())

@@ -33,7 +33,7 @@ pub use crate::cni::{
 };
 pub use config::{NetworkConfigList, PluginConfig};
 pub use error::{CniError, ErrorKind, Result};
-pub use exec::Command;
+pub use exec::CniCommand;
 pub use interworking::{
     open_tap, tap_name_for, Endpoint, Interworking, InterworkingModel, NoInterworking, TcFilter,
 };
