@@ -253,12 +253,12 @@ async fn two_pods_serve_talk_and_leave_nothing() {
         a_ip.starts_with(&format!("10.211.{}.", env.subnet_octet)),
         "{a_ip}"
     );
-    let web = start(
+    let web = Box::pin(start(
         &mut rt,
         &a,
         &a_cfg,
         container_config(&image, "httpd", &["/bin/sh", "-c", "mkdir -p /www && echo hello-from-a > /www/index.html && echo serving && exec httpd -f -p 80 -h /www"]),
-    )
+    ))
     .await;
     let log = env.dir.path().join("logs/web-a/httpd/0.log");
     let text = wait_for_log(&log, "serving").await;
@@ -319,12 +319,12 @@ async fn two_pods_serve_talk_and_leave_nothing() {
     // Pod B reaches pod A.
     let b_cfg = pod_config(&env, "client-b", 0);
     let b = run_pod(&mut rt, b_cfg.clone()).await;
-    let client = start(
+    let client = Box::pin(start(
         &mut rt,
         &b,
         &b_cfg,
         container_config(&image, "client", &["sleep", "3600"]),
-    )
+    ))
     .await;
     let out = exec(
         &mut rt,
