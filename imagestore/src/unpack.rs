@@ -153,15 +153,11 @@ impl Unpacker<'_> {
         }
     }
 
-    /// Opens a directory of the layer, resolved inside the layer root.
+    /// Opens a directory of the layer, resolved inside the layer root: symlinks,
+    /// the last component included, resolve as if the layer root were `/`.
     fn open_in_root(&self, comps: &[Vec<u8>]) -> rustix::io::Result<OwnedFd> {
-        rustix::fs::openat2(
-            &self.root,
-            os(&join(comps)),
-            DIR_FLAGS,
-            Mode::empty(),
-            RESOLVE,
-        )
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+        rustix::fs::openat2(&self.root, os(&join(comps)), flags, Mode::empty(), RESOLVE)
     }
 
     /// Opens (creating missing directories, root-owned 0755) the parent of an entry.
@@ -176,7 +172,9 @@ impl Unpacker<'_> {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => {
                     match rustix::fs::mkdirat(&fd, os(&comps[i - 1]), Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
+                        Ok(()) => {}
+                        // A dangling symlink: refuse rather than guess where it points.
+                        Err(Errno::EXIST) => return Err(Errno::LOOP),
                         Err(e) => return Err(e),
                     }
                     self.open_in_root(&comps[..i])?
@@ -205,9 +203,11 @@ impl Unpacker<'_> {
             }
             return Ok(());
         };
-        let parent = self
-            .parent(parent_comps)
-            .map_err(|e| self.err(&name, e.into()))?;
+        let parent = self.parent(parent_comps).map_err(|e| match e {
+            Errno::LOOP => self.hostile(&name, "a parent is a dangling symlink"),
+            Errno::NOTDIR => self.hostile(&name, "a parent is not a directory"),
+            e => self.err(&name, e.into()),
+        })?;
 
         if base.as_slice() == OPAQUE {
             return rustix::fs::fsetxattr(
@@ -416,9 +416,10 @@ impl Meta {
     fn of<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Self> {
         let h = entry.header();
         let mut m = Meta {
-            uid: u32::try_from(h.uid()?).unwrap_or(u32::MAX),
-            gid: u32::try_from(h.gid()?).unwrap_or(u32::MAX),
-            mode: h.mode()? & 0o7777,
+            // Empty numeric fields are zero, as Go's archive/tar reads them.
+            uid: u32::try_from(h.uid().unwrap_or(0)).unwrap_or(u32::MAX),
+            gid: u32::try_from(h.gid().unwrap_or(0)).unwrap_or(u32::MAX),
+            mode: h.mode().unwrap_or(0o644) & 0o7777,
             mtime: h.mtime().unwrap_or(0),
             xattrs: Vec::new(),
         };
@@ -493,5 +494,35 @@ mod tests {
         );
         assert_eq!(components(b"a/../../b"), None);
         assert_eq!(components(b"./"), Some(vec![]));
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, link, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn symlink_to_root_is_followed_inside_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = tar_of(&[
+            ("evil", tar::EntryType::Symlink, "/", b""),
+            ("evil/x/y", tar::EntryType::Regular, "", b"data"),
+            ("up", tar::EntryType::Symlink, "../../..", b""),
+            ("up/z", tar::EntryType::Regular, "", b"z"),
+        ]);
+        let d = unpack_layer(&tar[..], Compression::None, dir.path(), "test").unwrap();
+        assert_eq!(d, Digest::of(&tar));
+        assert_eq!(std::fs::read(dir.path().join("x/y")).unwrap(), b"data");
+        assert_eq!(std::fs::read(dir.path().join("z")).unwrap(), b"z");
     }
 }

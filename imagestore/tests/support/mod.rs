@@ -405,6 +405,9 @@ pub fn layer(entries: &[E], comp: Comp) -> TestLayer {
                 h.set_device_major(*maj).unwrap();
                 h.set_device_minor(*min).unwrap();
                 h.set_mode(0o666);
+                h.set_uid(0);
+                h.set_gid(0);
+                h.set_mtime(1_700_000_000);
                 h.set_size(0);
                 h.set_cksum();
                 b.append(&h, &[][..]).unwrap();
