@@ -11,6 +11,9 @@ use std::process::Command;
 use imagestore::{ErrorKind, ImageError, ImageStore};
 use support::*;
 
+/// (name, entries, None = refused / Some((path inside the layer, content)) = contained)
+type HostileCase<'a> = (&'a str, Vec<E>, Option<(String, &'a [u8])>);
+
 fn getxattr(path: &std::path::Path, name: &str) -> Vec<u8> {
     let mut buf = vec![0u8; 256];
     let n = rustix::fs::lgetxattr(path, name, &mut buf[..]).unwrap();
@@ -188,7 +191,7 @@ async fn hostile_layers_are_refused_or_contained() {
     use tar::EntryType::{Link, Regular, Symlink};
     let up = "../../../../../../../../..";
     // (name, entries, None = refused / Some((path inside the layer, content)) = contained)
-    let cases: Vec<(&str, Vec<E>, Option<(String, &[u8])>)> = vec![
+    let cases: Vec<HostileCase> = vec![
         (
             "dotdot",
             vec![raw(&format!("{up}{h}/escaped"), Regular, "", b"pwned")],
