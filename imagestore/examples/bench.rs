@@ -37,12 +37,18 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 fn big_image() -> TestImage {
     let mut layers = Vec::new();
     for l in 0..5u64 {
-        let mut entries = vec![E::Dir(Box::leak(format!("layer{l}").into_boxed_str()), 0o755, 0)];
+        let mut entries = vec![E::Dir(
+            Box::leak(format!("layer{l}").into_boxed_str()),
+            0o755,
+            0,
+        )];
         for f in 0..20u64 {
             let data = if f % 2 == 0 {
                 noise(l * 100 + f + 1, 2 << 20)
             } else {
-                format!("line {l} {f} of some compressible text\n").repeat((2 << 20) / 32).into_bytes()
+                format!("line {l} {f} of some compressible text\n")
+                    .repeat((2 << 20) / 32)
+                    .into_bytes()
             };
             let p: &'static str = Box::leak(format!("layer{l}/file{f}").into_boxed_str());
             entries.push(E::File(p, 0o644, 0, data));
@@ -76,7 +82,10 @@ fn skopeo_umoci(reference: &str, work: &std::path::Path) -> Duration {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let reg = Registry::start().await;
     let busybox = TestImage::new(vec![layer(&busybox_entries(), Comp::Gzip)]);
     reg.push_image("bench/busybox", "1", &busybox).await;
@@ -91,7 +100,10 @@ async fn main() {
         compressed >> 20
     );
 
-    for (name, repo) in [("busybox", "bench/busybox"), ("200MB/5 layers", "bench/big")] {
+    for (name, repo) in [
+        ("busybox", "bench/busybox"),
+        ("200MB/5 layers", "bench/big"),
+    ] {
         let reference = format!("{}/{repo}:1", reg.host());
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..runs {
@@ -119,7 +131,10 @@ async fn main() {
     for _ in 0..runs {
         let sd = StoreDir::new();
         let store = ImageStore::open(sd.config()).unwrap();
-        let image = store.pull_image(&format!("{}/bench/big:1", reg.host()), None).await.unwrap();
+        let image = store
+            .pull_image(&format!("{}/bench/big:1", reg.host()), None)
+            .await
+            .unwrap();
         let t = Instant::now();
         store.prepare_block_rootfs(&image.id, "c1").await.unwrap();
         builds.push(t.elapsed());

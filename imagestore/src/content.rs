@@ -70,6 +70,9 @@ impl ContentStore {
             return Ok(());
         }
         let tmp = self.temp_path(digest);
+        // Removes the temp file on error and when the pull is dropped mid-download;
+        // after the rename it is gone and this does nothing.
+        let _tmp_guard = RemoveOnDrop(tmp.clone());
         let res = async {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
@@ -83,9 +86,6 @@ impl ContentStore {
             self.commit(&tmp, digest).await
         }
         .await;
-        if res.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         res
     }
 
@@ -104,6 +104,9 @@ impl ContentStore {
         }
         let (resp, url) = session.blob(digest).await?;
         let tmp = self.temp_path(digest);
+        // Removes the temp file on error and when the pull is dropped mid-download;
+        // after the rename it is gone and this does nothing.
+        let _tmp_guard = RemoveOnDrop(tmp.clone());
         let res = async {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
@@ -140,9 +143,6 @@ impl ContentStore {
             self.commit(&tmp, digest).await
         }
         .await;
-        if res.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         res.map(|()| true)
     }
 
@@ -166,5 +166,13 @@ impl ContentStore {
             .await
             .map_err(|e| ImageError::io("rename into place", &dst, e))?;
         crate::util::fsync_dir(&self.dir)
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
