@@ -337,3 +337,81 @@ async fn concurrent_pulls_download_each_blob_once_and_restart_keeps_images() {
     );
     store.remove_rootfs("after-restart").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_with_bearer_tokens() {
+    let reg = Registry::start().await;
+    let img = TestImage::new(vec![layer(
+        &[E::File("t", 0o644, 0, b"t".to_vec())],
+        Comp::Gzip,
+    )]);
+    let pushed = reg.push_image("private/tok", "1", &img).await;
+    let proxy = TokenProxy::start(reg.base(), "bob", "builder").await;
+    let reference = format!("{}/private/tok:1", proxy.host());
+    let count = || {
+        proxy
+            .token_requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+
+    let cases = [
+        ("anonymous", None, false),
+        (
+            "wrong password",
+            Some(AuthConfig {
+                username: "bob".into(),
+                password: "x".into(),
+                ..Default::default()
+            }),
+            false,
+        ),
+        (
+            "basic for a token",
+            Some(AuthConfig {
+                username: "bob".into(),
+                password: "builder".into(),
+                ..Default::default()
+            }),
+            true,
+        ),
+        (
+            "identity token",
+            Some(AuthConfig {
+                identity_token: PROXY_REFRESH.into(),
+                ..Default::default()
+            }),
+            true,
+        ),
+        (
+            "registry token",
+            Some(AuthConfig {
+                registry_token: PROXY_TOKEN.into(),
+                ..Default::default()
+            }),
+            true,
+        ),
+    ];
+    for (name, auth, ok) in cases {
+        let sd = StoreDir::new();
+        let store = ImageStore::open(sd.config()).unwrap();
+        let before = count();
+        let res = store.pull_image(&reference, auth).await;
+        match res {
+            Ok(image) => {
+                assert!(ok, "{name} must fail");
+                assert_eq!(image.id, pushed.config.to_string(), "{name}");
+            }
+            Err(e) => {
+                assert!(!ok, "{name}: {e}");
+                assert!(matches!(e, ImageError::Unauthorized { .. }), "{name}: {e}");
+            }
+        }
+        let asked = count() - before;
+        match name {
+            "registry token" => assert_eq!(asked, 0, "a registry token is used as is"),
+            "anonymous" => assert_eq!(asked, 1),
+            // One token per pull session, reused for every blob.
+            _ => assert_eq!(asked, 1, "{name}"),
+        }
+    }
+}
