@@ -108,9 +108,11 @@ impl ContentStore {
         // after the rename it is gone and this does nothing.
         let _tmp_guard = RemoveOnDrop(tmp.clone());
         let res = async {
-            let mut f = tokio::fs::File::create(&tmp)
+            let f = tokio::fs::File::create(&tmp)
                 .await
                 .map_err(|e| ImageError::io("create", &tmp, e))?;
+            // Each tokio file write is a blocking-pool hop: write in large pieces.
+            let mut f = tokio::io::BufWriter::with_capacity(1 << 20, f);
             let mut hasher = Sha256::new();
             let mut written: u64 = 0;
             let mut stream = resp.bytes_stream();
@@ -137,7 +139,11 @@ impl ContentStore {
                     url: url.clone(),
                 });
             }
-            f.sync_all()
+            f.flush()
+                .await
+                .map_err(|e| ImageError::io("write", &tmp, e))?;
+            f.get_ref()
+                .sync_all()
                 .await
                 .map_err(|e| ImageError::io("fsync", &tmp, e))?;
             self.commit(&tmp, digest).await
