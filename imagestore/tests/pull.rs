@@ -415,3 +415,29 @@ async fn pull_with_bearer_tokens() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_layers_mount_beyond_one_page_of_options() {
+    let reg = Registry::start().await;
+    let names: Vec<&'static str> = (0..60)
+        .map(|i| &*Box::leak(format!("f{i}").into_boxed_str()))
+        .collect();
+    let layers = names
+        .iter()
+        .map(|n| layer(&[E::File(n, 0o644, 0, n.as_bytes().to_vec())], Comp::Gzip))
+        .collect();
+    reg.push_image("test/many", "1", &TestImage::new(layers))
+        .await;
+    let sd = StoreDir::new();
+    let store = ImageStore::open(sd.config()).unwrap();
+    let image = store
+        .pull_image(&format!("{}/test/many:1", reg.host()), None)
+        .await
+        .unwrap();
+    assert_eq!(image.chain_ids.len(), 60);
+    let rootfs = store.prepare_rootfs(&image.id, "many").await.unwrap();
+    for n in &names {
+        assert_eq!(std::fs::read(rootfs.join(n)).unwrap(), n.as_bytes());
+    }
+    store.remove_rootfs("many").await.unwrap();
+}
