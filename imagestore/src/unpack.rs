@@ -233,6 +233,10 @@ impl Unpacker<'_> {
             )
             .map_err(|e| self.err(&name, e.into()));
         }
+        if base.starts_with(b".wh..wh.") {
+            // AUFS metadata (`.wh..wh.plnk`, `.wh..wh.aufs`): not content, as in Docker.
+            return Ok(());
+        }
         if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
                 return Err(self.hostile(&name, "whiteout of nothing"));
@@ -534,10 +538,12 @@ mod tests {
             ("evil/x/y", tar::EntryType::Regular, "", b"data"),
             ("up", tar::EntryType::Symlink, "../../..", b""),
             ("up/z", tar::EntryType::Regular, "", b"z"),
+            (".wh..wh.plnk", tar::EntryType::Directory, "", b""),
         ]);
         let d = unpack_layer(&tar[..], Compression::None, dir.path(), "test").unwrap();
         assert_eq!(d, Digest::of(&tar));
         assert_eq!(std::fs::read(dir.path().join("x/y")).unwrap(), b"data");
         assert_eq!(std::fs::read(dir.path().join("z")).unwrap(), b"z");
+        assert!(!dir.path().join(".wh.plnk").exists() && !dir.path().join(".wh..wh.plnk").exists());
     }
 }
