@@ -97,6 +97,40 @@ async fn multi_layer_rootfs_matches_the_model_as_overlay_and_block_image() {
 
     let rootfs = store.prepare_rootfs(&image.id, "multi").await.unwrap();
     assert_eq!(read_tree(&rootfs), want);
+    // An independent unpacker agrees: skopeo copy + umoci unpack of the same image.
+    let work = tempfile::tempdir().unwrap();
+    let oci = format!("oci:{}:x", work.path().join("oci").display());
+    let st = Command::new("skopeo")
+        // Debian's umoci reads no zstd: let skopeo recompress with gzip.
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-compress-format=gzip",
+            "--dest-compress",
+        ])
+        .arg(format!("docker://{}/test/multi:1", reg.host()))
+        .arg(&oci)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let bundle = work.path().join("bundle");
+    let st = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:x", work.path().join("oci").display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert_eq!(read_tree(&bundle.join("rootfs")), read_tree(&rootfs));
     for (a, b) in [("data/orig", "data/link"), ("big/blob", "big/blob2")] {
         assert_eq!(
             std::fs::metadata(rootfs.join(a)).unwrap().ino(),
