@@ -317,10 +317,25 @@ async fn concurrent_pulls_download_each_blob_once_and_restart_keeps_images() {
         before.used_bytes > 1_000_000 / 4 && before.inodes_used > 8,
         "{before:?}"
     );
+    // One store per root.
+    let second = ImageStore::open(sd.config()).unwrap_err();
+    assert!(matches!(second, ImageError::RootInUse { .. }), "{second}");
     drop(store);
+    // Leftovers of a crash between writing content and recording it are swept at open.
+    let orphan_blob = sd.dir.path().join("blobs/sha256").join("ab".repeat(32));
+    let orphan_snapshot = sd.dir.path().join("snapshots").join("cd".repeat(32));
+    std::fs::write(&orphan_blob, b"orphan").unwrap();
+    std::fs::create_dir_all(orphan_snapshot.join("etc")).unwrap();
 
     let store = ImageStore::open(sd.config()).unwrap();
+    assert!(!orphan_blob.exists() && !orphan_snapshot.exists());
     let image = store.image_status(&reference).unwrap();
+    for c in &image.chain_ids {
+        assert!(
+            store.snapshot_path(c).is_dir(),
+            "recorded snapshots survive the sweep"
+        );
+    }
     assert_eq!(image.id, pushed.config.to_string());
     // A re-pull after the restart fetches nothing again.
     store.pull_image(&reference, None).await.unwrap();
