@@ -28,6 +28,7 @@ packages=(
   iproute2             # ip and tc, for tests that inspect namespaces and filters
   iptables             # the portmap and bridge plugins program iptables
   util-linux           # nsenter and unshare for tests
+  protobuf-compiler    # protoc, for the CRI protocol (k8s-cri) and the agent API
 )
 
 # Cargo-installed helpers: name version binary.

@@ -37,7 +37,11 @@ pub use ttrpc;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision; bumped when the host needs to know a call exists.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
+
+/// Where the agent writes the pod's hostname, hosts and resolv.conf files
+/// (SetSandboxFiles); containers bind-mount them from here.
+pub const SANDBOX_FILES_GUEST_PATH: &str = "/run/vc/sandbox";
 
 /// The host port the agent connects to once it serves, to say so.
 ///

@@ -1,2 +1,22 @@
-//! The CRI server `vcrid`: RuntimeService and ImageService over gRPC. Not built yet (issue 6).
+//! vcrid: the CRI server of virtcontainers. Every pod is a VM
+//! (`podsandbox`), its images come from `imagestore`, its network from `cni`.
+//!
+//! Layout: `runtime/` holds the RuntimeService (one file per RPC), `image/`
+//! the ImageService, `store` the CRI metadata vcrid persists, `error` the
+//! one mapping of failures to gRPC codes, `server` the shared state and the
+//! socket, `check` the host readiness report of `vcrid check`.
 #![forbid(unsafe_code)]
+
+pub mod check;
+pub mod config;
+pub mod error;
+mod image;
+mod rpc_log;
+mod runtime;
+pub mod server;
+mod store;
+
+pub use config::Config;
+pub use error::CriError;
+pub use runtime::{RUNTIME_API_VERSION, RUNTIME_NAME};
+pub use server::{serve, Cri};

@@ -22,6 +22,14 @@ pub enum HypervisorError {
     MemoryTooLarge { got: u32, max: u32 },
     #[error("vcpus must be between 1 and {max} (the configured maximum), got {got}")]
     BadVcpus { got: u32, max: u32 },
+    #[error("NIC {index}: MAC address {mac:?} is not six hex octets (aa:bb:cc:dd:ee:ff)")]
+    BadMac { index: usize, mac: String },
+    #[error("NIC {index}: cannot duplicate the tap descriptor")]
+    TapFd {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error("socket path {path} is longer than the 107 bytes a unix socket allows; use a shorter run dir")]
@@ -73,7 +81,7 @@ impl HypervisorError {
     pub fn kind(&self) -> ErrorKind {
         use HypervisorError::*;
         match self {
-            MemoryTooSmall { .. } | MemoryTooLarge { .. } | BadVcpus { .. } => {
+            MemoryTooSmall { .. } | MemoryTooLarge { .. } | BadVcpus { .. } | BadMac { .. } => {
                 ErrorKind::InvalidArgument
             }
             MissingFile { .. }
@@ -83,6 +91,7 @@ impl HypervisorError {
             StartupFailed { .. } | StartupTimeout { .. } => ErrorKind::Unavailable,
             UnknownHypervisor { .. }
             | Spawn { .. }
+            | TapFd { .. }
             | Qmp { .. }
             | QmpIo { .. }
             | Io { .. }

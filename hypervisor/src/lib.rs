@@ -14,7 +14,12 @@ pub mod fake;
 pub mod process;
 pub mod qemu;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    os::fd::{AsRawFd, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -36,6 +41,43 @@ pub struct VmConfig {
     /// A host directory the guest mounts by `tag` (container rootfs and
     /// volumes travel through it), over the configured [`SharedFs`].
     pub shared: Option<SharedDir>,
+    /// Network interfaces, in guest order (eth0 first).
+    pub nics: Vec<Nic>,
+}
+
+/// A network interface of the VM, backed by a tap device the caller opened
+/// (typically inside the pod's network namespace, next to the CNI's veth).
+/// QEMU receives a duplicate of the descriptor at boot; the caller may close
+/// its own afterwards.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// An open `/dev/net/tun` descriptor attached to a tap (IFF_TAP | IFF_NO_PI).
+    pub tap: Arc<OwnedFd>,
+    /// The guest NIC's MAC address ("aa:bb:cc:dd:ee:ff"): the veth's, so the
+    /// guest takes its place on the pod network.
+    pub mac: String,
+    /// Announced to the guest driver (virtio `host_mtu`); 0 leaves it out.
+    pub mtu: u32,
+}
+
+impl PartialEq for Nic {
+    fn eq(&self, other: &Self) -> bool {
+        self.tap.as_raw_fd() == other.tap.as_raw_fd()
+            && self.mac == other.mac
+            && self.mtu == other.mtu
+    }
+}
+
+impl Eq for Nic {}
+
+/// Whether `mac` is six colon-separated hex octets (QEMU takes nothing else,
+/// and the value goes into its command line).
+pub fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// A host directory shared into the guest.

@@ -2,11 +2,13 @@
 //! for them: a PID plus the start time the kernel recorded for it.
 
 use std::{
+    os::fd::OwnedFd,
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
 };
 
+use command_fds::{CommandFdExt, FdMapping};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +112,17 @@ impl ProcessRef {
 /// stdout and stderr appended to `log`. The child is not waited for here:
 /// tokio reaps it when it exits while this process lives.
 pub fn spawn_detached(program: &Path, args: &[String], log: &Path) -> Result<ProcessRef> {
+    spawn_detached_with_fds(program, args, log, Vec::new())
+}
+
+/// [`spawn_detached`], and the child also gets each `(fd, number)` of `fds`
+/// as descriptor `number` (the parent's copies close when this returns).
+pub fn spawn_detached_with_fds(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    fds: Vec<(OwnedFd, i32)>,
+) -> Result<ProcessRef> {
     let io_err = |source| HypervisorError::Io {
         action: "open log",
         path: log.to_path_buf(),
@@ -121,7 +134,21 @@ pub fn spawn_detached(program: &Path, args: &[String], log: &Path) -> Result<Pro
         .open(log)
         .map_err(io_err)?;
     let err = out.try_clone().map_err(io_err)?;
-    let child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    command
+        .fd_mappings(
+            fds.into_iter()
+                .map(|(parent_fd, child_fd)| FdMapping {
+                    parent_fd,
+                    child_fd,
+                })
+                .collect(),
+        )
+        .map_err(|e| HypervisorError::Spawn {
+            program: program.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)

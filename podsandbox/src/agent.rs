@@ -7,6 +7,8 @@ use async_trait::async_trait;
 use hypervisor::VsockChannel;
 use serde::{Deserialize, Serialize};
 
+use crate::network::{NetInterface, NetRoute, SandboxFiles};
+
 /// What the agent reports about its guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestDetails {
@@ -127,6 +129,16 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<crate::container::ProcessInfo>, AgentError>;
     /// New cgroup limits: an OCI `linux.resources` object (JSON).
     async fn update_container(&self, id: &str, resources: Vec<u8>) -> Result<(), AgentError>;
+
+    /// Gives the guest NIC with the interface's MAC its name, MTU and
+    /// addresses, and brings it up; returns what the guest then reports.
+    async fn update_interface(&self, nic: &NetInterface) -> Result<NetInterface, AgentError>;
+    /// Replaces the guest's routes; returns the table as it then stands.
+    async fn update_routes(&self, routes: &[NetRoute]) -> Result<Vec<NetRoute>, AgentError>;
+    async fn list_interfaces(&self) -> Result<Vec<NetInterface>, AgentError>;
+    async fn list_routes(&self) -> Result<Vec<NetRoute>, AgentError>;
+    /// The pod's hostname, hosts and resolv.conf for its containers.
+    async fn set_sandbox_files(&self, files: &SandboxFiles) -> Result<(), AgentError>;
 }
 
 /// Opens connections to agents.

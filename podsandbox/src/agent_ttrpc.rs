@@ -14,7 +14,11 @@ use crate::{
     container::ProcessInfo,
     container_exec::ExecConfig,
     container_log::Stream,
+    network::{NetInterface, NetRoute, SandboxFiles},
 };
+
+/// Network calls run netlink round trips in the guest.
+const NETWORK_CALL: Duration = Duration::from_secs(20);
 
 /// Containers' calls block (wait, read) as long as the container runs; the
 /// transport's deadline must not cut them short.
@@ -387,5 +391,99 @@ impl AgentClient for TtrpcAgent {
             .await
             .map_err(rpc_error)
             .map(drop)
+    }
+
+    async fn update_interface(&self, nic: &NetInterface) -> Result<NetInterface, AgentError> {
+        let mut iface = pb::Interface::new();
+        iface.name = nic.name.clone();
+        iface.hw_addr = nic.mac.clone();
+        iface.mtu = nic.mtu;
+        for ip in &nic.ips {
+            let (address, len) = ip.split_once('/').unwrap_or((ip.as_str(), ""));
+            let mut a = pb::IPAddress::new();
+            a.address = address.to_string();
+            a.prefix_len = len
+                .parse()
+                .map_err(|_| AgentError::new(format!("address {ip:?} has no prefix length")))?;
+            iface.ip_addresses.push(a);
+        }
+        let mut req = pb::UpdateInterfaceRequest::new();
+        req.interface = Some(iface).into();
+        self.agent
+            .update_interface(ctx(NETWORK_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(|i| interface_from(&i))
+    }
+
+    async fn update_routes(&self, routes: &[NetRoute]) -> Result<Vec<NetRoute>, AgentError> {
+        let mut req = pb::UpdateRoutesRequest::new();
+        req.routes = routes
+            .iter()
+            .map(|r| {
+                let mut route = pb::Route::new();
+                route.dest = r.dest.clone();
+                route.gateway = r.gateway.clone();
+                route.device = r.device.clone();
+                route.source = r.source.clone();
+                route
+            })
+            .collect();
+        self.agent
+            .update_routes(ctx(NETWORK_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(|r| r.routes.iter().map(route_from).collect())
+    }
+
+    async fn list_interfaces(&self) -> Result<Vec<NetInterface>, AgentError> {
+        self.agent
+            .list_interfaces(ctx(NETWORK_CALL), &pb::Empty::new())
+            .await
+            .map_err(rpc_error)
+            .map(|r| r.interfaces.iter().map(interface_from).collect())
+    }
+
+    async fn list_routes(&self) -> Result<Vec<NetRoute>, AgentError> {
+        self.agent
+            .list_routes(ctx(NETWORK_CALL), &pb::Empty::new())
+            .await
+            .map_err(rpc_error)
+            .map(|r| r.routes.iter().map(route_from).collect())
+    }
+
+    async fn set_sandbox_files(&self, files: &SandboxFiles) -> Result<(), AgentError> {
+        let mut req = pb::SetSandboxFilesRequest::new();
+        req.hostname = files.hostname.clone();
+        req.hosts = files.hosts.clone();
+        req.resolv_conf = files.resolv_conf.clone();
+        self.agent
+            .set_sandbox_files(ctx(NETWORK_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
+}
+
+fn interface_from(i: &pb::Interface) -> NetInterface {
+    NetInterface {
+        name: i.name.clone(),
+        mac: i.hw_addr.clone(),
+        mtu: i.mtu,
+        ips: i
+            .ip_addresses
+            .iter()
+            .map(|a| format!("{}/{}", a.address, a.prefix_len))
+            .collect(),
+        tap: None,
+    }
+}
+
+fn route_from(r: &pb::Route) -> NetRoute {
+    NetRoute {
+        dest: r.dest.clone(),
+        gateway: r.gateway.clone(),
+        device: r.device.clone(),
+        source: r.source.clone(),
     }
 }

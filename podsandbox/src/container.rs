@@ -162,6 +162,11 @@ pub struct ContainerRecord {
     /// Its stdio is a terminal.
     #[serde(default)]
     pub tty: bool,
+    /// When its process started / ended, in ns since the Unix epoch.
+    #[serde(default)]
+    pub started_at_ns: Option<i64>,
+    #[serde(default)]
+    pub finished_at_ns: Option<i64>,
 }
 
 /// What a caller sees.
@@ -177,6 +182,27 @@ pub struct ContainerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub created_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at_ns: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ns: Option<i64>,
+}
+
+/// A container's process has ended (broadcast by [`crate::Runtime::subscribe_exits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerExit {
+    pub sandbox_id: String,
+    pub id: String,
+    pub exit_code: i32,
+    pub finished_at_ns: i64,
+}
+
+/// Now, in ns since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 impl ContainerRecord {
@@ -189,6 +215,8 @@ impl ContainerRecord {
             log_path: self.log_path.clone(),
             reason: self.reason.clone(),
             created_at: self.created_at,
+            started_at_ns: self.started_at_ns,
+            finished_at_ns: self.finished_at_ns,
         }
     }
 }
@@ -275,8 +303,8 @@ const ALL_CAPS: &[&str] = &[
 /// read-only paths as runc's defaults have them. `root.path` is set by the agent.
 ///
 /// `mount_sources` are the guest paths of `config.mounts`, in order.
-pub fn oci_spec(config: &ContainerConfig, sandbox_id: &str, mount_sources: &[String]) -> Value {
-    let mut spec = base_spec(config, sandbox_id);
+pub fn oci_spec(config: &ContainerConfig, hostname: &str, mount_sources: &[String]) -> Value {
+    let mut spec = base_spec(config, hostname);
     if let Some(mounts) = spec["mounts"].as_array_mut() {
         mounts.extend(bind_mounts(config, mount_sources));
     }
@@ -351,7 +379,7 @@ fn bind_mounts(config: &ContainerConfig, shared: &[String]) -> Vec<Value> {
         .collect()
 }
 
-fn base_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
+fn base_spec(config: &ContainerConfig, hostname: &str) -> Value {
     let (uid, gid) = config.user.unwrap_or((0, 0));
     let caps = capabilities(&config.cap_add, &config.cap_drop);
     let mut env = config.env.clone();
@@ -376,7 +404,7 @@ fn base_spec(config: &ContainerConfig, sandbox_id: &str) -> Value {
             },
         },
         "root": { "path": "rootfs", "readonly": config.readonly_rootfs },
-        "hostname": sandbox_id.chars().take(63).collect::<String>(),
+        "hostname": hostname.chars().take(63).collect::<String>(),
         "mounts": [
             { "destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"] },
             { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },

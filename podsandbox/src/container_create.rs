@@ -61,6 +61,12 @@ impl Runtime {
             });
         }
         let vm = s.vm()?.clone();
+        // Records from before hostnames were kept have none: the ID then.
+        let hostname = if s.record.hostname.is_empty() {
+            sandbox_id.to_string()
+        } else {
+            s.record.hostname.clone()
+        };
         let shared_rel = format!("{cid}/rootfs");
         let target = self.run_dir(sandbox_id).join("shared").join(&shared_rel);
         std::fs::DirBuilder::new()
@@ -79,7 +85,7 @@ impl Runtime {
         }
         let created = async {
             let sources = self.share_mounts(&config, &container_dir)?;
-            let spec = serde_json::to_vec(&oci_spec(&config, sandbox_id, &sources))
+            let spec = serde_json::to_vec(&oci_spec(&config, &hostname, &sources))
                 .map_err(|e| invalid(format!("cannot encode the OCI spec: {e}")))?;
             self.agent(sandbox_id, vm.as_ref())
                 .await?
@@ -107,6 +113,8 @@ impl Runtime {
             reason: None,
             created_at: now_secs(),
             tty: config.tty,
+            started_at_ns: None,
+            finished_at_ns: None,
         };
         let status = record.status(sandbox_id);
         s.record.containers.push(record);

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use crate::{
-    container::ContainerState,
+    container::{ContainerExit, ContainerState},
     container_log::{LogFile, Stream},
     sandbox::Runtime,
     Error, Result,
@@ -42,6 +42,13 @@ impl Runtime {
             })?),
             None => None,
         };
+        if let Some(log) = &log {
+            self.inner
+                .logs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(monitor_key(sandbox_id, id), log.clone());
+        }
         let mut copies = Vec::new();
         for stream in [Stream::Stdout, Stream::Stderr] {
             let (agent, log, cid) = (agent.clone(), log.clone(), id.to_string());
@@ -75,6 +82,11 @@ impl Runtime {
                 copy.abort();
             }
         }
+        self.inner
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&monitor_key(sandbox_id, id));
         let (code, reason) = waited.map_err(|e| Error::from_agent(id, "wait for", e))?;
         self.record_exit(sandbox_id, id, code, reason).await?;
         Ok(code)
@@ -144,12 +156,75 @@ impl Runtime {
         if c.state == ContainerState::Stopped {
             return Ok(());
         }
+        let finished_at_ns = crate::container::now_ns();
         c.state = ContainerState::Stopped;
         c.exit_code = Some(code);
         c.reason = reason;
+        c.finished_at_ns = Some(finished_at_ns);
         self.inner.store.save(&s.record)?;
+        drop(s);
         tracing::info!(sandbox = %sandbox_id, container = %id, code, "container exited");
+        // Nobody listening is fine.
+        let _ = self.inner.exits.send(ContainerExit {
+            sandbox_id: sandbox_id.into(),
+            id: id.into(),
+            exit_code: code,
+            finished_at_ns,
+        });
         Ok(())
+    }
+
+    /// Reopens the log file of a running container whose monitor runs in
+    /// this process (CRI ReopenContainerLog, after kubelet rotated it).
+    pub async fn reopen_container_log(&self, sandbox_id: &str, id: &str) -> Result<()> {
+        let status = self.container_status(sandbox_id, id).await?;
+        let log = self
+            .inner
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&monitor_key(sandbox_id, id))
+            .cloned();
+        match (status.state, log) {
+            (ContainerState::Running | ContainerState::Paused, Some(log)) => {
+                log.reopen().map_err(|source| Error::Io {
+                    action: "reopen log",
+                    path: status.log_path.unwrap_or_default(),
+                    source,
+                })
+            }
+            (state, _) => Err(Error::ContainerWrongState {
+                id: id.into(),
+                action: "reopen the log of",
+                state,
+                hint: " (only a running container's log can be reopened)",
+            }),
+        }
+    }
+
+    /// Exits of containers whose monitor runs in this process, as they are
+    /// recorded.
+    pub fn subscribe_exits(&self) -> tokio::sync::broadcast::Receiver<ContainerExit> {
+        self.inner.exits.subscribe()
+    }
+
+    /// Starts in-process monitors for every container that has not exited,
+    /// in every sandbox whose VM runs: what a restarted long-lived caller
+    /// does to pick up log copying and exit recording where it stopped.
+    pub async fn resume_monitors(&self) -> Result<usize> {
+        let mut resumed = 0;
+        for sandbox in self.list_sandboxes().await? {
+            if !sandbox.state.vm_expected() {
+                continue;
+            }
+            for c in self.list_containers(&sandbox.id).await? {
+                if c.state != ContainerState::Stopped {
+                    self.spawn_container_monitor(&sandbox.id, &c.id);
+                    resumed += 1;
+                }
+            }
+        }
+        Ok(resumed)
     }
 }
 

@@ -17,6 +17,7 @@ impl Runtime {
             .await
             .map_err(|e| Error::from_agent(id, "start", e))?;
         s.record.containers[idx].state = ContainerState::Running;
+        s.record.containers[idx].started_at_ns = Some(crate::container::now_ns());
         self.inner.store.save(&s.record)?;
         tracing::info!(sandbox = %sandbox_id, container = %id, "container running");
         Ok(s.record.containers[idx].status(sandbox_id))

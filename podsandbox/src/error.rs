@@ -55,6 +55,8 @@ pub enum Error {
         call: &'static str,
         detail: String,
     },
+    #[error("invalid sandbox network: {detail}")]
+    InvalidNetwork { detail: String },
     #[error("container {id} not found in sandbox {sandbox}")]
     ContainerNotFound { sandbox: String, id: String },
     #[error("container {id} already exists in sandbox {sandbox}")]
@@ -130,7 +132,7 @@ impl Error {
             Error::VmExitedDuringBoot { .. } | Error::Agent { .. } => ErrorKind::Unavailable,
             Error::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
             Error::Io { .. } | Error::CorruptState { .. } => ErrorKind::Internal,
-            Error::Config { .. } => ErrorKind::InvalidArgument,
+            Error::Config { .. } | Error::InvalidNetwork { .. } => ErrorKind::InvalidArgument,
             Error::ContainerNotFound { .. } => ErrorKind::NotFound,
             Error::ContainerExists { .. } => ErrorKind::AlreadyExists,
             Error::InvalidContainer { .. } => ErrorKind::InvalidArgument,

@@ -17,6 +17,7 @@ use hypervisor::{
 
 use crate::{
     agent::{AgentClient, AgentDialer, AgentError, GuestDetails},
+    network::{NetInterface, NetRoute, SandboxFiles},
     VmFactory,
 };
 
@@ -280,6 +281,29 @@ impl AgentClient for FakeDialer {
     }
     async fn update_container(&self, _id: &str, _resources: Vec<u8>) -> Result<(), AgentError> {
         self.record("update_container");
+        Ok(())
+    }
+    async fn update_interface(&self, nic: &NetInterface) -> Result<NetInterface, AgentError> {
+        self.record("update_interface");
+        Ok(NetInterface {
+            tap: None,
+            ..nic.clone()
+        })
+    }
+    async fn update_routes(&self, routes: &[NetRoute]) -> Result<Vec<NetRoute>, AgentError> {
+        self.record("update_routes");
+        Ok(routes.to_vec())
+    }
+    async fn list_interfaces(&self) -> Result<Vec<NetInterface>, AgentError> {
+        self.record("list_interfaces");
+        Ok(Vec::new())
+    }
+    async fn list_routes(&self) -> Result<Vec<NetRoute>, AgentError> {
+        self.record("list_routes");
+        Ok(Vec::new())
+    }
+    async fn set_sandbox_files(&self, _files: &SandboxFiles) -> Result<(), AgentError> {
+        self.record("set_sandbox_files");
         Ok(())
     }
 }

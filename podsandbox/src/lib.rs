@@ -34,6 +34,7 @@ mod error;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 mod mounts;
+pub mod network;
 mod sandbox;
 mod sandbox_create;
 mod sandbox_delete;
@@ -49,5 +50,6 @@ pub use agent_ttrpc::TtrpcDialer;
 pub use config::RuntimeConfig;
 pub use container_io::ProcessIo;
 pub use error::{Error, ErrorKind, Result};
+pub use network::{DnsConfig, NetInterface, NetRoute, SandboxFiles, SandboxNetwork, TapFd};
 pub use sandbox::{Runtime, Sandbox, SandboxConfig, SandboxStatus, VmFactory};
 pub use state::SandboxState;

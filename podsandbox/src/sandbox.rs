@@ -25,6 +25,12 @@ pub struct SandboxConfig {
     pub vcpus: Option<u32>,
     /// Memory in MiB; the configured default when `None`.
     pub memory_mib: Option<u32>,
+    /// The pod's host name; the sandbox ID (up to 63 characters) when `None`.
+    pub hostname: Option<String>,
+    /// NICs (taps the caller opened) and routes; none: loopback only.
+    pub network: crate::network::SandboxNetwork,
+    /// The pod's resolv.conf; `None` keeps each image's own.
+    pub dns: Option<crate::network::DnsConfig>,
 }
 
 /// What a caller sees.
@@ -47,6 +53,13 @@ pub struct SandboxStatus {
     /// The agent's view of the guest, when it answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestDetails>,
+    pub hostname: String,
+    /// The pod's IPs, IPv4 first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// The network the guest was given.
+    #[serde(default)]
+    pub network: crate::network::SandboxNetwork,
 }
 
 /// Makes and finds VMs; the seam where tests put a fake hypervisor.
@@ -105,6 +118,11 @@ pub(crate) struct RuntimeInner {
         std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, Arc<dyn AgentClient>)>>,
     /// Whether monitors run here (else in processes of their own).
     pub(crate) in_process_monitors: std::sync::atomic::AtomicBool,
+    /// Log files open in in-process monitors, by "sandbox/container".
+    pub(crate) logs:
+        std::sync::Mutex<std::collections::HashMap<String, crate::container_log::LogFile>>,
+    /// Container exits recorded by in-process monitors.
+    pub(crate) exits: tokio::sync::broadcast::Sender<crate::container::ContainerExit>,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -140,6 +158,8 @@ impl Runtime {
                 monitors: Default::default(),
                 agents: Default::default(),
                 in_process_monitors: std::sync::atomic::AtomicBool::new(true),
+                exits: tokio::sync::broadcast::channel(256).0,
+                logs: Default::default(),
             }),
         })
     }
@@ -339,6 +359,14 @@ impl Runtime {
             created_at: record.created_at,
             reason: record.reason.clone(),
             guest: None,
+            hostname: record.hostname.clone(),
+            ips: record
+                .network
+                .pod_ips()
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect(),
+            network: record.network.clone(),
         }
     }
 }

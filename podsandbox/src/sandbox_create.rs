@@ -11,6 +11,7 @@ use hypervisor::{Hypervisor, VmConfig};
 
 use crate::{
     agent::AgentClient,
+    network::{NetInterface, SandboxFiles, SandboxNetwork},
     sandbox::{check_id, now_secs, Runtime, SandboxConfig, SandboxStatus},
     state::{Action, SandboxState},
     store::{SandboxRecord, RECORD_VERSION},
@@ -23,6 +24,12 @@ const DIAL_RETRY: Duration = Duration::from_millis(10);
 impl Runtime {
     pub async fn create_sandbox(&self, config: SandboxConfig) -> Result<SandboxStatus> {
         check_id(&config.id)?;
+        config.network.validate()?;
+        let hostname = config
+            .hostname
+            .clone()
+            .unwrap_or_else(|| config.id.chars().take(63).collect());
+        let files = SandboxFiles::new(&hostname, &config.network.pod_ips(), config.dns.as_ref())?;
         let id = config.id.clone();
         let hv = &self.inner.config.hypervisor;
         let mut record = SandboxRecord {
@@ -35,6 +42,19 @@ impl Runtime {
             reason: None,
             vm: None,
             containers: Vec::new(),
+            hostname,
+            network: SandboxNetwork {
+                interfaces: config
+                    .network
+                    .interfaces
+                    .iter()
+                    .map(|n| NetInterface {
+                        tap: None,
+                        ..n.clone()
+                    })
+                    .collect(),
+                routes: config.network.routes.clone(),
+            },
         };
         let store = &self.inner.store;
         store.reserve(&id)?;
@@ -45,7 +65,7 @@ impl Runtime {
                 return Err(err);
             }
         };
-        let vm = match self.boot(&mut record).await {
+        let vm = match self.boot(&mut record, &config.network, &files).await {
             Ok(vm) => vm,
             Err((err, vm)) => {
                 self.unwind(&id, vm.as_deref()).await;
@@ -71,6 +91,8 @@ impl Runtime {
     async fn boot(
         &self,
         record: &mut SandboxRecord,
+        network: &SandboxNetwork,
+        files: &SandboxFiles,
     ) -> std::result::Result<Arc<dyn Hypervisor>, (Error, Option<Arc<dyn Hypervisor>>)> {
         let id = record.id.clone();
         self.inner.store.save(record).map_err(|e| (e, None))?;
@@ -116,6 +138,17 @@ impl Runtime {
             vcpus: record.vcpus,
             memory_mib: record.memory_mib,
             run_dir,
+            nics: network
+                .interfaces
+                .iter()
+                .filter_map(|n| {
+                    n.tap.as_ref().map(|tap| hypervisor::Nic {
+                        tap: tap.0.clone(),
+                        mac: n.mac.clone(),
+                        mtu: n.mtu,
+                    })
+                })
+                .collect(),
         };
         let vm = self
             .inner
@@ -138,8 +171,12 @@ impl Runtime {
         if let Err(err) = self.inner.store.save(record) {
             return Err((err, Some(vm)));
         }
-        match self.wait_for_agent(&id, vm.as_ref()).await {
-            Ok(_) => Ok(vm),
+        let agent = match self.wait_for_agent(&id, vm.as_ref()).await {
+            Ok(agent) => agent,
+            Err(err) => return Err((err, Some(vm))),
+        };
+        match configure_guest(&id, agent.as_ref(), network, files).await {
+            Ok(()) => Ok(vm),
             Err(err) => Err((err, Some(vm))),
         }
     }
@@ -251,6 +288,38 @@ impl Runtime {
             }
         });
     }
+}
+
+/// Gives the guest the pod's interfaces, routes and /etc files.
+async fn configure_guest(
+    id: &str,
+    agent: &dyn AgentClient,
+    network: &SandboxNetwork,
+    files: &SandboxFiles,
+) -> Result<()> {
+    let failed = |call: &'static str| {
+        move |e: crate::AgentError| Error::Agent {
+            id: id.into(),
+            call,
+            detail: e.detail,
+        }
+    };
+    for nic in &network.interfaces {
+        agent
+            .update_interface(nic)
+            .await
+            .map_err(failed("UpdateInterface"))?;
+    }
+    if !network.routes.is_empty() {
+        agent
+            .update_routes(&network.routes)
+            .await
+            .map_err(failed("UpdateRoutes"))?;
+    }
+    agent
+        .set_sandbox_files(files)
+        .await
+        .map_err(failed("SetSandboxFiles"))
 }
 
 fn agent_timeout(id: &str, timeout: Duration, last_error: String, vm: &dyn Hypervisor) -> Error {

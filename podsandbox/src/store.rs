@@ -38,6 +38,12 @@ pub struct SandboxRecord {
     /// The sandbox's containers, in creation order.
     #[serde(default)]
     pub containers: Vec<crate::container::ContainerRecord>,
+    /// The pod's host name (containers' UTS name and /etc/hostname).
+    #[serde(default)]
+    pub hostname: String,
+    /// The network the guest was given (without the taps).
+    #[serde(default)]
+    pub network: crate::network::SandboxNetwork,
 }
 
 /// Holds a sandbox's lock until dropped.
@@ -144,6 +150,8 @@ impl Store {
                         reason: None,
                         vm: None,
                         containers: Vec::new(),
+                        hostname: String::new(),
+                        network: Default::default(),
                     });
                 }
                 return Err(Error::NotFound { id: id.into() });
@@ -250,6 +258,8 @@ mod tests {
             reason: None,
             vm: None,
             containers: Vec::new(),
+            hostname: String::new(),
+            network: Default::default(),
         }
     }
 

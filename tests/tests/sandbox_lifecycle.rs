@@ -14,6 +14,7 @@ async fn a_pod_is_a_vm_from_create_to_delete() {
         id: "life".into(),
         vcpus: Some(1),
         memory_mib: Some(256),
+        ..Default::default()
     };
 
     let created = rt.create_sandbox(cfg).await.expect("create");

@@ -177,6 +177,36 @@ fn check_mounts(spec: &mut serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// The pod's hostname, hosts and resolv.conf (SetSandboxFiles), bound
+/// read-only into a container unless its spec mounts something there itself
+/// (kubelet brings its own /etc/hosts).
+fn add_sandbox_file_mounts(spec: &mut serde_json::Value, files: &[(&str, PathBuf)]) {
+    if files.is_empty() {
+        return;
+    }
+    let Some(obj) = spec.as_object_mut() else {
+        return;
+    };
+    let mounts = obj.entry("mounts").or_insert_with(|| serde_json::json!([]));
+    let Some(mounts) = mounts.as_array_mut() else {
+        return;
+    };
+    for (dest, source) in files {
+        if mounts
+            .iter()
+            .any(|m| m["destination"].as_str() == Some(dest))
+        {
+            continue;
+        }
+        mounts.push(serde_json::json!({
+            "destination": dest,
+            "type": "bind",
+            "source": source.display().to_string(),
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+        }));
+    }
+}
+
 /// `source` if it lies in the shared filesystem once resolved.
 fn shared_source(source: &str) -> Result<PathBuf> {
     let outside = || {
@@ -277,6 +307,7 @@ impl Containers {
             Failure::InvalidArgument(format!("the OCI spec cannot be honoured: {e}"))
         })?;
         check_mounts(&mut spec)?;
+        add_sandbox_file_mounts(&mut spec, &crate::network::sandbox_file_mounts());
         if sandbox_pidns {
             let holder = self.pidns.holder().await?;
             let path = format!("/proc/{holder}/ns/pid");
@@ -1019,6 +1050,34 @@ mod tests {
             check_mounts(&mut spec).is_err(),
             "a bind of /etc is refused"
         );
+    }
+
+    #[test]
+    fn sandbox_files_are_bound_unless_the_spec_mounts_there() {
+        let mut spec = serde_json::json!({ "mounts": [
+            { "destination": "/etc/hosts", "type": "bind", "source": "/run/vc/shared/h" },
+        ]});
+        let files = [
+            ("/etc/hosts", PathBuf::from("/run/vc/sandbox/hosts")),
+            (
+                "/etc/resolv.conf",
+                PathBuf::from("/run/vc/sandbox/resolv.conf"),
+            ),
+        ];
+        add_sandbox_file_mounts(&mut spec, &files);
+        let mounts = spec["mounts"].as_array().expect("mounts");
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(
+            mounts[0]["source"], "/run/vc/shared/h",
+            "the spec's own wins"
+        );
+        assert_eq!(mounts[1]["destination"], "/etc/resolv.conf");
+        assert_eq!(mounts[1]["source"], "/run/vc/sandbox/resolv.conf");
+        assert!(mounts[1]["options"]
+            .as_array()
+            .expect("options")
+            .iter()
+            .any(|o| o == "ro"));
     }
 
     #[test]

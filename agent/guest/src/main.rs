@@ -9,6 +9,7 @@
 
 mod container;
 mod init;
+mod network;
 mod notify;
 mod pidns;
 mod reaper;

@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use ttrpc::asynchronous::TtrpcContext;
 
-use crate::container::{Containers, Failure};
+use crate::{
+    container::{Containers, Failure},
+    network,
+};
 
 /// One state shared by both services.
 #[derive(Clone, Debug)]
@@ -43,6 +46,16 @@ impl AgentService {
     pub async fn wait_shutdown(&self) {
         self.inner.shutdown.notified().await;
     }
+}
+
+/// Runs a blocking (netlink, file) job off the async workers.
+async fn blocking<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> ttrpc::Result<T> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(internal)?
+        .map_err(status)
 }
 
 fn internal(err: impl std::fmt::Display) -> ttrpc::Error {
@@ -87,6 +100,60 @@ impl agent_ttrpc::Health for AgentService {
 
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
+    async fn update_interface(
+        &self,
+        _: &TtrpcContext,
+        r: pb::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<pb::Interface> {
+        let want = r.interface.into_option().unwrap_or_default();
+        blocking(move || network::update_interface(&want)).await
+    }
+
+    async fn update_routes(
+        &self,
+        _: &TtrpcContext,
+        r: pb::UpdateRoutesRequest,
+    ) -> ttrpc::Result<pb::Routes> {
+        let routes = blocking(move || network::update_routes(&r.routes)).await?;
+        let mut resp = pb::Routes::new();
+        resp.routes = routes;
+        Ok(resp)
+    }
+
+    async fn list_interfaces(
+        &self,
+        _: &TtrpcContext,
+        _: pb::Empty,
+    ) -> ttrpc::Result<pb::Interfaces> {
+        let mut resp = pb::Interfaces::new();
+        resp.interfaces = blocking(network::list_interfaces).await?;
+        Ok(resp)
+    }
+
+    async fn list_routes(&self, _: &TtrpcContext, _: pb::Empty) -> ttrpc::Result<pb::Routes> {
+        let mut resp = pb::Routes::new();
+        resp.routes = blocking(network::list_routes).await?;
+        Ok(resp)
+    }
+
+    async fn add_arp_neighbors(
+        &self,
+        _: &TtrpcContext,
+        r: pb::AddArpNeighborsRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        blocking(move || network::add_neighbors(&r.neighbors)).await?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn set_sandbox_files(
+        &self,
+        _: &TtrpcContext,
+        r: pb::SetSandboxFilesRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        blocking(move || network::set_sandbox_files(&r)).await?;
+        Ok(pb::Empty::new())
+    }
+
     async fn get_guest_details(
         &self,
         _: &TtrpcContext,

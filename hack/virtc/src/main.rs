@@ -148,6 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     id,
                     vcpus,
                     memory_mib: memory,
+                    ..Default::default()
                 })
                 .await
                 .map_err(chain)?;

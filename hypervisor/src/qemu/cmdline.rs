@@ -65,6 +65,15 @@ pub enum SharedDevice {
     NineP { path: PathBuf, tag: String },
 }
 
+/// A NIC on the command line: a tap QEMU inherited as descriptor `fd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicArg {
+    pub fd: i32,
+    /// Already validated ([`crate::valid_mac`]).
+    pub mac: String,
+    pub mtu: u32,
+}
+
 /// Everything the command line depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec<'a> {
@@ -82,6 +91,7 @@ pub struct Spec<'a> {
     pub paths: &'a RunPaths,
     pub vsock: VsockDevice,
     pub shared: Option<SharedDevice>,
+    pub nics: Vec<NicArg>,
 }
 
 /// Kernel parameters that every guest gets. `quiet` keeps the slow emulated
@@ -266,6 +276,30 @@ fn shared_fs_args(spec: &Spec<'_>) -> Vec<String> {
     }
 }
 
+fn nic_args(spec: &Spec<'_>) -> Vec<String> {
+    let device = if spec.machine == MachineType::Microvm {
+        "virtio-net-device"
+    } else {
+        "virtio-net-pci"
+    };
+    spec.nics
+        .iter()
+        .enumerate()
+        .flat_map(|(i, nic)| {
+            let mut dev = format!("{device},id=nic{i},netdev=net{i},mac={}", nic.mac);
+            if nic.mtu > 0 {
+                dev.push_str(&format!(",host_mtu={}", nic.mtu));
+            }
+            [
+                "-netdev".to_string(),
+                format!("tap,id=net{i},fd={}", nic.fd),
+                "-device".to_string(),
+                dev,
+            ]
+        })
+        .collect()
+}
+
 /// The whole argument list (without the program).
 pub fn build(spec: &Spec<'_>) -> Vec<String> {
     [
@@ -277,6 +311,7 @@ pub fn build(spec: &Spec<'_>) -> Vec<String> {
         qmp_args,
         vsock_args,
         shared_fs_args,
+        nic_args,
     ]
     .iter()
     .flat_map(|piece| piece(spec))
@@ -313,6 +348,7 @@ mod tests {
                 socket: paths.vhost_vsock.clone(),
             },
             shared: None,
+            nics: Vec::new(),
         }
     }
 
@@ -393,6 +429,42 @@ mod tests {
         assert!(cmdline.starts_with("console=ttyS0 quiet panic=1"));
         assert!(cmdline.ends_with(" loglevel=7"));
         assert!(!cmdline.contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn nics_are_taps_by_descriptor_with_mac_and_mtu() {
+        let paths = RunPaths::new(Path::new("/r"));
+        let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        assert!(!build(&s).iter().any(|a| a == "-netdev"));
+        s.nics = vec![
+            NicArg {
+                fd: 3,
+                mac: "0a:58:0a:58:00:05".into(),
+                mtu: 1450,
+            },
+            NicArg {
+                fd: 4,
+                mac: "0a:58:0a:58:00:06".into(),
+                mtu: 0,
+            },
+        ];
+        let args = build(&s);
+        assert!(has_pair(&args, "-netdev", "tap,id=net0,fd=3"));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-net-pci,id=nic0,netdev=net0,mac=0a:58:0a:58:00:05,host_mtu=1450"
+        ));
+        assert!(has_pair(&args, "-netdev", "tap,id=net1,fd=4"));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-net-pci,id=nic1,netdev=net1,mac=0a:58:0a:58:00:06"
+        ));
+        s.machine = MachineType::Microvm;
+        assert!(build(&s)
+            .iter()
+            .any(|a| a.starts_with("virtio-net-device,id=nic0,")));
     }
 
     #[test]

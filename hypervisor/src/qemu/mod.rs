@@ -16,13 +16,13 @@ use serde_json::Value;
 
 use self::{
     accel::{HostFacts, Resolved},
-    cmdline::{RunPaths, SharedDevice, Spec, VsockDevice},
+    cmdline::{NicArg, RunPaths, SharedDevice, Spec, VsockDevice},
     qmp::Qmp,
 };
 use crate::{
     process::{self, ProcessRef},
-    HypervisorConfig, HypervisorError, Result, SharedDir, SharedFs, VmConfig, VmState, VmStatus,
-    VsockBackend, VsockChannel,
+    HypervisorConfig, HypervisorError, Nic, Result, SharedDir, SharedFs, VmConfig, VmState,
+    VmStatus, VsockBackend, VsockChannel,
 };
 
 /// The `hypervisor` value in persisted state.
@@ -32,6 +32,8 @@ pub const NAME: &str = "qemu";
 const QMP_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the vsock device may take to create its control socket.
 const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The descriptor number QEMU sees its first tap at (after stdio).
+const FIRST_NIC_FD: i32 = 3;
 /// Guest memory below this cannot hold the kernel and agent.
 const MIN_MEMORY_MIB: u32 = 64;
 /// Console lines quoted in errors.
@@ -43,6 +45,8 @@ pub struct Qemu {
     paths: RunPaths,
     /// The directory to share, for boot only (a restored VM has it already).
     shared: Option<SharedDir>,
+    /// Network interfaces, for boot only.
+    nics: Vec<Nic>,
     state: Mutex<VmState>,
 }
 
@@ -59,6 +63,7 @@ impl Qemu {
         let accel = accel::resolve(config.accel, host_facts())?;
         let paths = RunPaths::new(&vm.run_dir);
         let shared = vm.shared.clone();
+        let nics = vm.nics.clone();
         let state = VmState {
             hypervisor: NAME.into(),
             id: vm.id,
@@ -75,6 +80,7 @@ impl Qemu {
             config: config.clone(),
             paths,
             shared,
+            nics,
             state: Mutex::new(state),
         })
     }
@@ -84,6 +90,7 @@ impl Qemu {
             config: config.clone(),
             paths: RunPaths::new(&state.run_dir),
             shared: None,
+            nics: Vec::new(),
             state: Mutex::new(state),
         }
     }
@@ -255,10 +262,33 @@ impl Qemu {
             paths: &self.paths,
             vsock,
             shared,
+            nics: self
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, nic)| NicArg {
+                    fd: FIRST_NIC_FD + i as i32,
+                    mac: nic.mac.clone(),
+                    mtu: nic.mtu,
+                })
+                .collect(),
         };
         let args = cmdline::build(&spec);
+        // QEMU gets each tap as fd FIRST_NIC_FD + i.
+        let fds = self
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(index, nic)| {
+                nic.tap
+                    .try_clone()
+                    .map(|fd| (fd, FIRST_NIC_FD + index as i32))
+                    .map_err(|source| HypervisorError::TapFd { index, source })
+            })
+            .collect::<Result<Vec<_>>>()?;
         tracing::debug!(id = %state.id, args = ?args, "starting QEMU");
-        let vmm = process::spawn_detached(&self.config.qemu_path, &args, &self.paths.log)?;
+        let vmm =
+            process::spawn_detached_with_fds(&self.config.qemu_path, &args, &self.paths.log, fds)?;
         let deadline = Instant::now() + QMP_READY_TIMEOUT;
         loop {
             if !vmm.is_alive() {
@@ -339,6 +369,14 @@ fn validate(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
             got: vm.memory_mib,
             max: config.max_memory_mib,
         });
+    }
+    for (index, nic) in vm.nics.iter().enumerate() {
+        if !crate::valid_mac(&nic.mac) {
+            return Err(HypervisorError::BadMac {
+                index,
+                mac: nic.mac.clone(),
+            });
+        }
     }
     let max = config.max_vcpus();
     if vm.vcpus == 0 || vm.vcpus > max {
@@ -521,6 +559,7 @@ mod tests {
             memory_mib,
             run_dir: dir.join("run"),
             shared: None,
+            nics: Vec::new(),
         }
     }
 
@@ -547,6 +586,15 @@ mod tests {
         assert!(err.to_string().starts_with("guest kernel "), "{err}");
         assert!(err.to_string().ends_with("/nope does not exist"), "{err}");
         assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
+        let mut bad_mac = vm(dir.path(), 1, 256);
+        bad_mac.nics.push(crate::Nic {
+            tap: std::sync::Arc::new(std::fs::File::open("/dev/null").expect("open").into()),
+            mac: "0a:58:0a:58:00:05,romfile=/etc/shadow".into(),
+            mtu: 0,
+        });
+        let err = validate(&cfg, &bad_mac).expect_err("bad mac");
+        assert!(err.to_string().starts_with("NIC 0: MAC address"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
         let long = VmConfig {
             run_dir: PathBuf::from(format!("/{}", "x".repeat(100))),
             ..vm(dir.path(), 1, 256)

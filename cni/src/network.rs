@@ -1,0 +1,336 @@
+//! The pod network: a netns, the CNI ADD into it, and the interworking that
+//! hands the VM a tap. `setup` rolls every earlier step back on failure;
+//! `teardown` runs every step even when one fails, and keeps the pod's state
+//! file until all succeeded, so a retry finishes the job.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::cni::{
+    Bandwidth, CapabilityArgs, Cni, DnsCapability, PodIdentity, PortMapping, RuntimeConf,
+};
+use crate::error::{CniError, Result};
+use crate::interworking::{Endpoint, Interworking};
+use crate::link::{self, RouteInfo};
+use crate::netns::{self, NetNs};
+use crate::result::{Dns, IpNet};
+
+/// What the CRI server asks for one pod sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodNetworkRequest {
+    pub sandbox_id: String,
+    pub pod: PodIdentity,
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
+    #[serde(default)]
+    pub bandwidth: Option<Bandwidth>,
+    #[serde(default)]
+    pub dns: Option<DnsCapability>,
+}
+
+/// One network interface the guest should configure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceInfo {
+    /// The tap in the pod netns to hand to the hypervisor (`None` with the
+    /// `none` interworking model).
+    pub tap_name: Option<String>,
+    /// The interface name in the guest (the veth's name, e.g. `eth0`).
+    pub guest_name: String,
+    /// The veth's MAC: the guest interface takes it.
+    pub mac: String,
+    pub mtu: u32,
+    /// Addresses with prefix length, IPv4 first.
+    pub ips: Vec<IpNet>,
+    pub gateway: Option<IpAddr>,
+}
+
+/// Everything the VM and PodSandboxStatus need about a pod's network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    pub sandbox_id: String,
+    pub netns: PathBuf,
+    pub network_name: String,
+    pub interfaces: Vec<InterfaceInfo>,
+    pub routes: Vec<RouteInfo>,
+    pub dns: Dns,
+    /// IPv4 first, then IPv6.
+    pub pod_ips: Vec<IpAddr>,
+}
+
+/// The seam the CRI server uses.
+#[async_trait]
+pub trait NetworkPlugin: Send + Sync + fmt::Debug {
+    /// Create the pod's netns, attach it to the network and connect it for the VM.
+    async fn setup(&self, req: &PodNetworkRequest) -> Result<NetworkStatus>;
+    /// Undo [`setup`](Self::setup); idempotent.
+    async fn teardown(&self, sandbox_id: &str) -> Result<()>;
+    /// The status [`setup`](Self::setup) returned.
+    async fn status(&self, sandbox_id: &str) -> Result<NetworkStatus>;
+}
+
+/// Where pod netns mount points go by default (tmpfs: gone after a reboot).
+pub const DEFAULT_NETNS_DIR: &str = "/run/virtcontainers/netns";
+/// Where each pod's [`NetworkStatus`] is kept by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/virtcontainers/network";
+
+/// The real [`NetworkPlugin`].
+#[derive(Debug, Clone)]
+pub struct PodNetwork {
+    cni: Cni,
+    netns_dir: PathBuf,
+    state_dir: PathBuf,
+    model: Arc<dyn Interworking>,
+}
+
+fn blocking_err(what: &str) -> impl FnOnce(tokio::task::JoinError) -> CniError + '_ {
+    move |_| CniError::Thread {
+        what: what.to_string(),
+    }
+}
+
+impl PodNetwork {
+    /// Netns mount points go in `netns_dir`, per-pod state in `state_dir`.
+    pub fn new(
+        cni: Cni,
+        netns_dir: PathBuf,
+        state_dir: PathBuf,
+        model: Box<dyn Interworking>,
+    ) -> Self {
+        Self {
+            cni,
+            netns_dir,
+            state_dir,
+            model: Arc::from(model),
+        }
+    }
+
+    pub fn netns_path(&self, sandbox_id: &str) -> PathBuf {
+        self.netns_dir.join(sandbox_id)
+    }
+
+    fn state_path(&self, sandbox_id: &str) -> PathBuf {
+        self.state_dir.join(format!("{sandbox_id}.json"))
+    }
+
+    fn runtime_conf(&self, req: &PodNetworkRequest) -> RuntimeConf {
+        let mut rt =
+            RuntimeConf::for_pod(&req.sandbox_id, &self.netns_path(&req.sandbox_id), &req.pod);
+        rt.capabilities = CapabilityArgs {
+            port_mappings: req.port_mappings.clone(),
+            bandwidth: req.bandwidth.clone(),
+            ip_ranges: Vec::new(),
+            dns: req.dns.clone(),
+        };
+        rt
+    }
+
+    async fn connect(
+        &self,
+        ns: &NetNs,
+        if_name: &str,
+    ) -> Result<(Option<Endpoint>, link::LinkInfo, Vec<RouteInfo>)> {
+        let model = self.model.clone();
+        let ns2 = ns.clone();
+        let dev = if_name.to_string();
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let endpoint = model.attach(&ns2, &dev)?;
+            let path = ns2.path().to_path_buf();
+            let read = ns2.run(|| {
+                Ok((
+                    link::link_info(&path, &dev)?,
+                    link::routes(&path, &[dev.as_str()])?,
+                ))
+            });
+            match read {
+                Ok((info, routes)) => Ok((endpoint, info, routes)),
+                Err(e) => {
+                    if let Err(undo) = model.detach(&ns2, &dev) {
+                        tracing::warn!(error = %undo, "undoing interworking after a failed read");
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(blocking_err("connecting the pod netns"))?
+    }
+
+    async fn remove_netns(path: PathBuf) -> Result<()> {
+        tokio::task::spawn_blocking(move || netns::remove_path(&path))
+            .await
+            .map_err(blocking_err("removing the pod netns"))?
+    }
+
+    async fn setup_inner(&self, req: &PodNetworkRequest) -> Result<NetworkStatus> {
+        let id = req.sandbox_id.clone();
+        let dir = self.netns_dir.clone();
+        let ns = tokio::task::spawn_blocking(move || NetNs::create(&dir, &id))
+            .await
+            .map_err(blocking_err("creating the pod netns"))??;
+        let rt = self.runtime_conf(req);
+        let added = match self.cni.add(&rt).await {
+            Ok(a) => a,
+            Err(e) => {
+                if let Err(undo) = Self::remove_netns(ns.path().to_path_buf()).await {
+                    tracing::warn!(error = %undo, "removing the netns after a failed CNI ADD");
+                }
+                return Err(e);
+            }
+        };
+        let connected = self.connect(&ns, &rt.if_name).await;
+        let (endpoint, info, routes) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                self.rollback_cni(&rt, &ns).await;
+                return Err(e);
+            }
+        };
+        let gateway = added
+            .result
+            .sandbox_interface(&rt.if_name)
+            .and_then(|(idx, _)| {
+                let mine = added
+                    .result
+                    .ips
+                    .iter()
+                    .filter(|ip| !matches!(ip.interface, Some(i) if i != idx));
+                let gws: Vec<IpAddr> = mine.filter_map(|ip| ip.gateway).collect();
+                gws.iter().find(|g| g.is_ipv4()).or(gws.first()).copied()
+            });
+        let mut pod_ips = added.result.pod_ips();
+        if pod_ips.is_empty() {
+            pod_ips = info.addrs.iter().map(|a| a.addr).collect();
+        }
+        let status = NetworkStatus {
+            sandbox_id: req.sandbox_id.clone(),
+            netns: ns.path().to_path_buf(),
+            network_name: added.network_name,
+            interfaces: vec![InterfaceInfo {
+                tap_name: endpoint.map(|e| e.tap_name),
+                guest_name: rt.if_name.clone(),
+                mac: info.mac,
+                mtu: info.mtu,
+                ips: info.addrs,
+                gateway,
+            }],
+            routes,
+            dns: added.result.dns,
+            pod_ips,
+        };
+        if let Err(e) = self.write_state(&status) {
+            let model = self.model.clone();
+            let (ns2, dev) = (ns.clone(), rt.if_name.clone());
+            let _ = tokio::task::spawn_blocking(move || model.detach(&ns2, &dev)).await;
+            self.rollback_cni(&rt, &ns).await;
+            return Err(e);
+        }
+        Ok(status)
+    }
+
+    async fn rollback_cni(&self, rt: &RuntimeConf, ns: &NetNs) {
+        if let Err(undo) = self.cni.del(rt).await {
+            tracing::warn!(error = %undo, "CNI DEL while rolling back pod network setup");
+        }
+        if let Err(undo) = Self::remove_netns(ns.path().to_path_buf()).await {
+            tracing::warn!(error = %undo, "removing the netns while rolling back pod network setup");
+        }
+    }
+
+    fn write_state(&self, status: &NetworkStatus) -> Result<()> {
+        let path = self.state_path(&status.sandbox_id);
+        let bytes = serde_json::to_vec_pretty(status).map_err(|source| CniError::Decode {
+            path: path.clone(),
+            source,
+        })?;
+        crate::write_atomic(&path, &bytes)
+    }
+
+    fn read_state(&self, sandbox_id: &str) -> Result<Option<NetworkStatus>> {
+        let path = self.state_path(sandbox_id);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| CniError::Decode { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CniError::io("read pod network state", path)(e)),
+        }
+    }
+}
+
+#[async_trait]
+impl NetworkPlugin for PodNetwork {
+    async fn setup(&self, req: &PodNetworkRequest) -> Result<NetworkStatus> {
+        crate::valid_name("sandbox id", &req.sandbox_id)?;
+        if self.state_path(&req.sandbox_id).exists() {
+            return Err(CniError::PodExists {
+                id: req.sandbox_id.clone(),
+            });
+        }
+        self.setup_inner(req).await
+    }
+
+    async fn teardown(&self, sandbox_id: &str) -> Result<()> {
+        crate::valid_name("sandbox id", sandbox_id)?;
+        let state = self.read_state(sandbox_id)?;
+        let netns_path = state
+            .as_ref()
+            .map(|s| s.netns.clone())
+            .unwrap_or_else(|| self.netns_path(sandbox_id));
+        let rt = RuntimeConf::for_pod(sandbox_id, &netns_path, &PodIdentity::default());
+        let mut first_err: Option<CniError> = None;
+
+        if netns_path.exists() {
+            let model = self.model.clone();
+            let dev = rt.if_name.clone();
+            let path = netns_path.clone();
+            let detached =
+                tokio::task::spawn_blocking(move || model.detach(&NetNs::open(path)?, &dev))
+                    .await
+                    .map_err(blocking_err("detaching the pod netns"))
+                    .and_then(|r| r);
+            match detached {
+                Ok(()) | Err(CniError::NetnsNotFound { .. }) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if self.cni.has_cached(&rt) {
+            if let Err(e) = self.cni.del(&rt).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Err(e) = Self::remove_netns(netns_path).await {
+            first_err.get_or_insert(e);
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        match std::fs::remove_file(self.state_path(sandbox_id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CniError::io(
+                "remove pod network state",
+                self.state_path(sandbox_id),
+            )(e)),
+        }
+    }
+
+    async fn status(&self, sandbox_id: &str) -> Result<NetworkStatus> {
+        crate::valid_name("sandbox id", sandbox_id)?;
+        self.read_state(sandbox_id)?
+            .ok_or_else(|| CniError::PodNotFound {
+                id: sandbox_id.to_string(),
+            })
+    }
+}
+
+/// The netns of a set-up pod, for [`crate::open_tap`].
+pub fn pod_netns(status: &NetworkStatus) -> Result<NetNs> {
+    NetNs::open(status.netns.clone())
+}

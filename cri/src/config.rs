@@ -1,0 +1,311 @@
+//! `vcrid`'s configuration: `/etc/vcrid/config.toml` unless told otherwise.
+//! Every field has a default that works on a host prepared by
+//! `hack/install-deps.sh` with the guest image from `make build`.
+//!
+//! ```toml
+//! listen = "unix:///run/vcrid/vcrid.sock"
+//! state_dir = "/var/lib/vcrid"
+//! run_dir = "/run/vcrid"
+//!
+//! [hypervisor]            # podsandbox's hypervisor section
+//! accel = "auto"
+//! default_memory_mib = 256
+//!
+//! [agent]
+//! dial_timeout_ms = 30000
+//!
+//! [network]
+//! conf_dir = "/etc/cni/net.d"
+//! bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+//! plugin_timeout_secs = 30
+//! interworking = "tcfilter"   # or "none"
+//! write_default_conflist = true
+//!
+//! [images]
+//! rootfs = "shared-dir"       # or "block"
+//! [images.registries.hosts."docker.io"]
+//! mirrors = ["http://127.0.0.1:5000"]
+//!
+//! [streaming]
+//! address = "127.0.0.1:0"
+//!
+//! [annotations]
+//! # Annotations a pod may set to override hypervisor settings; none by default.
+//! allowed = []                # e.g. ["io.virtcontainers.vcpus", "io.virtcontainers.memory_mib"]
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use hypervisor::HypervisorConfig;
+use podsandbox::{config::AgentConfig, RuntimeConfig};
+use serde::{Deserialize, Serialize};
+
+/// Where the config lives when none is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vcrid/config.toml";
+/// The socket kubelet is pointed at.
+pub const DEFAULT_LISTEN: &str = "unix:///run/vcrid/vcrid.sock";
+
+/// Pod annotations that may override hypervisor settings, when allowed.
+pub const ANNOTATION_VCPUS: &str = "io.virtcontainers.vcpus";
+pub const ANNOTATION_MEMORY_MIB: &str = "io.virtcontainers.memory_mib";
+/// Every annotation vcrid understands (others are kept, never interpreted).
+pub const KNOWN_ANNOTATIONS: &[&str] = &[ANNOTATION_VCPUS, ANNOTATION_MEMORY_MIB];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `unix:///path` of the gRPC socket.
+    pub listen: String,
+    pub state_dir: PathBuf,
+    /// Keep it short: unix socket paths of each pod must fit in 107 bytes.
+    pub run_dir: PathBuf,
+    pub hypervisor: HypervisorConfig,
+    pub agent: AgentConfig,
+    pub network: NetworkConfig,
+    pub images: ImagesConfig,
+    pub streaming: StreamingConfig,
+    pub annotations: AnnotationsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub conf_dir: PathBuf,
+    pub bin_dirs: Vec<PathBuf>,
+    pub plugin_timeout_secs: u64,
+    pub interworking: Interworking,
+    /// Write a bridge conflist into `conf_dir` when it has none.
+    pub write_default_conflist: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interworking {
+    #[default]
+    Tcfilter,
+    None,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesConfig {
+    pub rootfs: RootfsKind,
+    pub registries: imagestore::RegistryConfig,
+}
+
+impl PartialEq for ImagesConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.rootfs == other.rootfs
+            && serde_json::to_value(&self.registries).ok()
+                == serde_json::to_value(&other.registries).ok()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootfsKind {
+    /// A host overlayfs directory shared over virtio-fs.
+    #[default]
+    SharedDir,
+    /// A copy-on-write disk per container.
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// Loopback only by default: kubelet runs on the same node.
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnnotationsConfig {
+    /// Which of [`KNOWN_ANNOTATIONS`] a pod may use.
+    pub allowed: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            state_dir: PathBuf::from("/var/lib/vcrid"),
+            run_dir: PathBuf::from("/run/vcrid"),
+            hypervisor: HypervisorConfig::default(),
+            agent: AgentConfig::default(),
+            network: NetworkConfig::default(),
+            images: ImagesConfig::default(),
+            streaming: StreamingConfig::default(),
+            annotations: AnnotationsConfig::default(),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            conf_dir: PathBuf::from(cni::cni::DEFAULT_CONF_DIR),
+            bin_dirs: cni::cni::DEFAULT_BIN_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+            plugin_timeout_secs: 30,
+            interworking: Interworking::default(),
+            write_default_conflist: true,
+        }
+    }
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+/// A config file that cannot be used, naming it.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {detail}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub detail: String,
+}
+
+impl Config {
+    /// Reads `path`, or [`DEFAULT_CONFIG_PATH`] if it exists, or defaults;
+    /// then fills in the guest image if the file left it empty.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Self::default(),
+        };
+        let mut runtime = config.runtime();
+        runtime.fill_guest_image();
+        config.hypervisor = runtime.hypervisor;
+        config.check().map_err(|detail| ConfigError {
+            path: path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH)).into(),
+            detail,
+        })?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|detail| ConfigError {
+            path: path.into(),
+            detail,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.socket_path()?;
+        for a in &self.annotations.allowed {
+            if !KNOWN_ANNOTATIONS.contains(&a.as_str()) {
+                return Err(format!(
+                    "annotations.allowed: {a:?} is not an annotation vcrid knows ({})",
+                    KNOWN_ANNOTATIONS.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket path from `listen` (only `unix://` is served).
+    pub fn socket_path(&self) -> Result<PathBuf, String> {
+        match self.listen.strip_prefix("unix://") {
+            Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
+            _ => Err(format!(
+                "listen {:?} must be unix:///absolute/path",
+                self.listen
+            )),
+        }
+    }
+
+    /// podsandbox's view: its state lives under `state_dir/sandboxes`.
+    pub fn runtime(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            state_dir: self.state_dir.clone(),
+            run_dir: self.run_dir.clone(),
+            hypervisor: self.hypervisor.clone(),
+            agent: self.agent.clone(),
+        }
+    }
+
+    /// CRI metadata (names, labels, log paths) of pods and containers.
+    pub fn cri_dir(&self) -> PathBuf {
+        self.state_dir.join("cri")
+    }
+
+    pub fn image_root(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
+    pub fn cni(&self) -> cni::CniConfig {
+        cni::CniConfig {
+            conf_dir: self.network.conf_dir.clone(),
+            bin_dirs: self.network.bin_dirs.clone(),
+            cache_dir: self.state_dir.join("cni-cache"),
+            timeout: Duration::from_secs(self.network.plugin_timeout_secs.max(1)),
+        }
+    }
+
+    pub fn netns_dir(&self) -> PathBuf {
+        self.run_dir.join("netns")
+    }
+
+    pub fn network_state_dir(&self) -> PathBuf {
+        self.state_dir.join("network")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::parse("").expect("parse"), Config::default());
+        assert_eq!(
+            Config::default().socket_path().expect("path"),
+            PathBuf::from("/run/vcrid/vcrid.sock")
+        );
+    }
+
+    #[test]
+    fn sections_override_and_mistakes_are_named() {
+        let c = Config::parse(
+            "listen = \"unix:///tmp/v.sock\"\n[network]\ninterworking = \"none\"\n[images]\nrootfs = \"block\"\n[images.registries.hosts.\"docker.io\"]\nmirrors = [\"http://127.0.0.1:5000\"]\n[annotations]\nallowed = [\"io.virtcontainers.vcpus\"]\n",
+        )
+        .expect("parse");
+        assert_eq!(c.network.interworking, Interworking::None);
+        assert_eq!(c.images.rootfs, RootfsKind::Block);
+        assert_eq!(
+            c.images.registries.hosts["docker.io"].mirrors,
+            vec!["http://127.0.0.1:5000".to_string()]
+        );
+        let err = Config::parse("listen = \"tcp://0.0.0.0:1\"\n").expect_err("tcp");
+        assert!(err.contains("unix:///"), "{err}");
+        let err = Config::parse("[annotations]\nallowed = [\"io.katacontainers.kernel\"]\n")
+            .expect_err("unknown annotation");
+        assert!(err.contains("io.katacontainers.kernel"), "{err}");
+        let err = Config::parse("[network]\nconfdir = \"/x\"\n").expect_err("unknown key");
+        assert!(err.contains("confdir"), "{err}");
+    }
+}

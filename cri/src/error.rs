@@ -1,0 +1,150 @@
+//! Errors of the CRI server, and their gRPC codes: the one place where any
+//! failure becomes a `tonic::Status`.
+
+use std::path::PathBuf;
+
+use tonic::{Code, Status};
+
+pub type Result<T, E = CriError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    /// A request field is missing or malformed.
+    #[error("{field}: {detail}")]
+    InvalidArgument { field: String, detail: String },
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    /// A pod or container name is taken (kubelet retries with a new attempt).
+    #[error("{what} name {name:?} is reserved for {id}")]
+    NameReserved {
+        what: &'static str,
+        name: String,
+        id: String,
+    },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error(transparent)]
+    Sandbox(#[from] podsandbox::Error),
+    #[error(transparent)]
+    Image(#[from] imagestore::ImageError),
+    #[error(transparent)]
+    Network(#[from] cni::CniError),
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CriError {
+    pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        CriError::InvalidArgument {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            CriError::InvalidArgument { .. } => Code::InvalidArgument,
+            CriError::NotFound { .. } => Code::NotFound,
+            CriError::NameReserved { .. } => Code::AlreadyExists,
+            CriError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CriError::Unimplemented(_) => Code::Unimplemented,
+            CriError::Sandbox(e) => match e.kind() {
+                podsandbox::ErrorKind::NotFound => Code::NotFound,
+                podsandbox::ErrorKind::AlreadyExists => Code::AlreadyExists,
+                podsandbox::ErrorKind::InvalidArgument => Code::InvalidArgument,
+                podsandbox::ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+                podsandbox::ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+                podsandbox::ErrorKind::Unavailable => Code::Unavailable,
+                podsandbox::ErrorKind::Internal => Code::Internal,
+            },
+            CriError::Image(e) => match e.kind() {
+                imagestore::ErrorKind::NotFound => Code::NotFound,
+                imagestore::ErrorKind::AlreadyExists => Code::AlreadyExists,
+                imagestore::ErrorKind::InvalidArgument => Code::InvalidArgument,
+                imagestore::ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+                imagestore::ErrorKind::Unavailable => Code::Unavailable,
+                imagestore::ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+                imagestore::ErrorKind::Internal => Code::Internal,
+            },
+            CriError::Network(e) => match e.kind() {
+                cni::ErrorKind::NotFound => Code::NotFound,
+                cni::ErrorKind::AlreadyExists => Code::AlreadyExists,
+                cni::ErrorKind::InvalidArgument => Code::InvalidArgument,
+                cni::ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+                cni::ErrorKind::Unavailable => Code::Unavailable,
+                cni::ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+                cni::ErrorKind::Internal => Code::Internal,
+            },
+            CriError::Io { .. } | CriError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The message with every `#[source]` appended.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        // `transparent` variants share their inner error's Display: skip it.
+        if matches!(
+            self,
+            CriError::Sandbox(_) | CriError::Image(_) | CriError::Network(_)
+        ) {
+            source = source.and_then(|s| s.source());
+        }
+        while let Some(err) = source {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            source = err.source();
+        }
+        text
+    }
+}
+
+impl From<CriError> for Status {
+    fn from(err: CriError) -> Self {
+        Status::new(err.code(), err.chain())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_messages() {
+        let s = Status::from(CriError::invalid(
+            "config.metadata.name",
+            "must not be empty",
+        ));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "config.metadata.name: must not be empty");
+        let s = Status::from(CriError::NotFound {
+            what: "pod sandbox",
+            id: "abc".into(),
+        });
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(s.message(), "pod sandbox \"abc\" not found");
+        let s = Status::from(CriError::Sandbox(podsandbox::Error::NotFound {
+            id: "x".into(),
+        }));
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(s.message(), "sandbox x not found");
+        let io = CriError::Io {
+            action: "write",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(
+            Status::from(io).message(),
+            "write /x: No space left on device (os error 28)"
+        );
+    }
+}

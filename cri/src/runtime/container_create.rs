@@ -1,0 +1,132 @@
+//! CreateContainer: reserve the name, prepare the rootfs from the image
+//! store, create the container in the pod's VM, persist; undone on failure.
+
+use k8s_cri::v1 as cri;
+
+use crate::{
+    error::{CriError, Result},
+    runtime::{
+        container_config::{container_config, log_path, ImageDefaults},
+        sandbox_run::new_id,
+    },
+    server::Cri,
+    store::{self, ContainerMeta},
+};
+
+impl Cri {
+    pub(crate) async fn create_container(
+        &self,
+        req: cri::CreateContainerRequest,
+    ) -> Result<cri::CreateContainerResponse> {
+        if req.pod_sandbox_id.is_empty() {
+            return Err(CriError::invalid("pod_sandbox_id", "must not be empty"));
+        }
+        let config = req
+            .config
+            .ok_or_else(|| CriError::invalid("config", "is required"))?;
+        let md = config
+            .metadata
+            .clone()
+            .ok_or_else(|| CriError::invalid("config.metadata", "is required"))?;
+        if md.name.is_empty() {
+            return Err(CriError::invalid(
+                "config.metadata.name",
+                "must not be empty",
+            ));
+        }
+        let image = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| CriError::invalid("config.image.image", "must not be empty"))?;
+        let sandbox_id = self
+            .inner
+            .store
+            .resolve_pod(&req.pod_sandbox_id)
+            .ok_or_else(|| CriError::NotFound {
+                what: "pod sandbox",
+                id: req.pod_sandbox_id.clone(),
+            })?;
+        let pod = self
+            .inner
+            .store
+            .pod(&sandbox_id)
+            .ok_or_else(|| CriError::NotFound {
+                what: "pod sandbox",
+                id: sandbox_id.clone(),
+            })?;
+        if pod.stopped {
+            return Err(CriError::FailedPrecondition(format!(
+                "pod sandbox {sandbox_id} is stopped"
+            )));
+        }
+        let pod_md = pod.config.metadata.clone().unwrap_or_default();
+        let log = log_path(&pod.config.log_directory, &config.log_path)?;
+        let id = new_id();
+        let name = store::container_name(&md, &pod_md);
+        self.inner.store.reserve("container", &name, &id)?;
+        match self
+            .create_steps(&id, &sandbox_id, &image, config, log)
+            .await
+        {
+            Ok(()) => {
+                self.emit(&id, cri::ContainerEventType::ContainerCreatedEvent);
+                tracing::info!(pod = %sandbox_id, container = %id, name = %name, "container created");
+                Ok(cri::CreateContainerResponse { container_id: id })
+            }
+            Err(err) => {
+                self.inner.store.release(&name, &id);
+                Err(err)
+            }
+        }
+    }
+
+    async fn create_steps(
+        &self,
+        id: &str,
+        sandbox_id: &str,
+        image: &str,
+        config: cri::ContainerConfig,
+        log: Option<std::path::PathBuf>,
+    ) -> Result<()> {
+        let images = &self.inner.images;
+        let img = images.status(image).await?;
+        let defaults = ImageDefaults {
+            user: img.config.user.clone(),
+            env: img.config.env.clone().unwrap_or_default(),
+            entrypoint: img.config.entrypoint.clone().unwrap_or_default(),
+            cmd: img.config.cmd.clone().unwrap_or_default(),
+            working_dir: img.config.working_dir.clone(),
+        };
+        let rootfs = images
+            .prepare_rootfs(&img.id, id, imagestore::RootfsMode::SharedDir)
+            .await?;
+        let created = async {
+            let cfg = container_config(id, &config, &defaults, rootfs, log.clone())?;
+            self.inner.runtime.create_container(sandbox_id, cfg).await?;
+            let meta = ContainerMeta {
+                id: id.into(),
+                sandbox_id: sandbox_id.into(),
+                config,
+                image_ref: img.id.clone(),
+                log_path: log,
+                created_at_ns: podsandbox::container::now_ns(),
+            };
+            if let Err(err) = self.inner.store.save_container(&meta) {
+                if let Err(e) = self.inner.runtime.delete_container(sandbox_id, id).await {
+                    tracing::error!(container = %id, "undo create: {e}");
+                }
+                return Err(err);
+            }
+            Ok(())
+        }
+        .await;
+        if created.is_err() {
+            if let Err(e) = images.remove_rootfs(id).await {
+                tracing::error!(container = %id, "undo rootfs: {e}");
+            }
+        }
+        created
+    }
+}

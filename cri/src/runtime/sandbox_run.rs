@@ -1,0 +1,341 @@
+//! RunPodSandbox: reserve the name, set up the pod's network (netns, CNI,
+//! tc-filter tap), boot its VM with the tap and the pod's DNS and hostname,
+//! then persist. Every step is undone, in reverse, when a later one fails.
+
+use std::{collections::HashMap, os::fd::OwnedFd, sync::Arc};
+
+use k8s_cri::v1 as cri;
+use podsandbox::{DnsConfig, NetInterface, NetRoute, SandboxConfig, SandboxNetwork, TapFd};
+
+use crate::{
+    config::{ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, KNOWN_ANNOTATIONS},
+    error::{CriError, Result},
+    server::Cri,
+    store::{self, PodMeta},
+};
+
+/// Runtime handlers this server answers to ("" is the default).
+pub const RUNTIME_HANDLERS: &[&str] = &["", "virtcontainers", "vc"];
+
+/// The prefix of the annotations vcrid interprets.
+const ANNOTATION_PREFIX: &str = "io.virtcontainers.";
+
+impl Cri {
+    pub(crate) async fn run_pod_sandbox(
+        &self,
+        req: cri::RunPodSandboxRequest,
+    ) -> Result<cri::RunPodSandboxResponse> {
+        let config = req
+            .config
+            .ok_or_else(|| CriError::invalid("config", "is required"))?;
+        let md = config
+            .metadata
+            .clone()
+            .ok_or_else(|| CriError::invalid("config.metadata", "is required"))?;
+        for (field, value) in [
+            ("config.metadata.name", &md.name),
+            ("config.metadata.namespace", &md.namespace),
+            ("config.metadata.uid", &md.uid),
+        ] {
+            if value.is_empty() {
+                return Err(CriError::invalid(field, "must not be empty"));
+            }
+        }
+        if !RUNTIME_HANDLERS.contains(&req.runtime_handler.as_str()) {
+            return Err(CriError::invalid(
+                "runtime_handler",
+                format!(
+                    "{:?} is not a handler of vcrid (use \"\" or \"virtcontainers\")",
+                    req.runtime_handler
+                ),
+            ));
+        }
+        refuse_host_namespaces(&config)?;
+        let (vcpus, memory_mib) = self.annotation_overrides(&config.annotations)?;
+        if let Some(sysctls) = config.linux.as_ref().map(|l| &l.sysctls) {
+            if !sysctls.is_empty() {
+                tracing::warn!(?sysctls, "pod sysctls are not applied in the guest yet");
+            }
+        }
+
+        let id = new_id();
+        let name = store::pod_name(&md);
+        self.inner.store.reserve("pod sandbox", &name, &id)?;
+        let lock = self.pod_lock(&id);
+        let _guard = lock.lock().await;
+        let ran = self
+            .run_steps(&id, config, req.runtime_handler, vcpus, memory_mib)
+            .await;
+        if let Err(err) = ran {
+            self.inner.store.release(&name, &id);
+            self.forget_pod_lock(&id);
+            return Err(err);
+        }
+        tracing::info!(pod = %id, name = %name, "pod sandbox ready");
+        Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
+    }
+
+    async fn run_steps(
+        &self,
+        id: &str,
+        config: cri::PodSandboxConfig,
+        runtime_handler: String,
+        vcpus: Option<u32>,
+        memory_mib: Option<u32>,
+    ) -> Result<()> {
+        let md = config.metadata.clone().unwrap_or_default();
+        let network = self
+            .inner
+            .network
+            .setup(&network_request(id, &config))
+            .await?;
+        let booted = async {
+            let hostname = if config.hostname.is_empty() {
+                md.name.clone()
+            } else {
+                config.hostname.clone()
+            };
+            let sandbox = SandboxConfig {
+                id: id.into(),
+                vcpus,
+                memory_mib,
+                hostname: Some(hostname),
+                network: sandbox_network(&network)?,
+                dns: config.dns_config.as_ref().map(|d| DnsConfig {
+                    servers: d.servers.clone(),
+                    searches: d.searches.clone(),
+                    options: d.options.clone(),
+                }),
+            };
+            self.inner.runtime.create_sandbox(sandbox).await?;
+            if let Err(err) = self.inner.runtime.start_sandbox(id).await {
+                self.undo_vm(id).await;
+                return Err(err.into());
+            }
+            let meta = PodMeta {
+                id: id.into(),
+                config,
+                runtime_handler,
+                created_at_ns: podsandbox::container::now_ns(),
+                network: Some(network.clone()),
+                stopped: false,
+            };
+            if let Err(err) = self.inner.store.save_pod(&meta) {
+                self.undo_vm(id).await;
+                return Err(err);
+            }
+            Ok(())
+        }
+        .await;
+        if booted.is_err() {
+            if let Err(err) = self.inner.network.teardown(id).await {
+                tracing::error!(pod = %id, "undoing the network of a failed pod: {err}");
+            }
+        }
+        booted
+    }
+
+    async fn undo_vm(&self, id: &str) {
+        if let Err(err) = self.inner.runtime.stop_sandbox(id).await {
+            tracing::debug!(pod = %id, "undo: stop: {err}");
+        }
+        if let Err(err) = self.inner.runtime.delete_sandbox(id).await {
+            tracing::error!(pod = %id, "undoing the VM of a failed pod: {err}");
+        }
+    }
+
+    /// VM size overrides from annotations, only those the config allows.
+    fn annotation_overrides(
+        &self,
+        annotations: &HashMap<String, String>,
+    ) -> Result<(Option<u32>, Option<u32>)> {
+        let allowed = &self.inner.config.annotations.allowed;
+        let mut out = (None, None);
+        for (key, value) in annotations {
+            if !key.starts_with(ANNOTATION_PREFIX) {
+                continue;
+            }
+            let field = format!("config.annotations[{key:?}]");
+            if !KNOWN_ANNOTATIONS.contains(&key.as_str()) {
+                return Err(CriError::invalid(
+                    field,
+                    format!(
+                        "is not an annotation vcrid knows ({})",
+                        KNOWN_ANNOTATIONS.join(", ")
+                    ),
+                ));
+            }
+            if !allowed.iter().any(|a| a == key) {
+                return Err(CriError::invalid(
+                    field,
+                    "is not enabled in vcrid's config (annotations.allowed)",
+                ));
+            }
+            let n: u32 = value
+                .parse()
+                .map_err(|_| CriError::invalid(&field, format!("{value:?} is not a number")))?;
+            match key.as_str() {
+                ANNOTATION_VCPUS => out.0 = Some(n),
+                ANNOTATION_MEMORY_MIB => out.1 = Some(n),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A pod asking for a host namespace cannot be a VM: say so, naming the field.
+fn refuse_host_namespaces(config: &cri::PodSandboxConfig) -> Result<()> {
+    let Some(ns) = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+    else {
+        return Ok(());
+    };
+    let node = cri::NamespaceMode::Node as i32;
+    for (field, mode, what) in [
+        ("network", ns.network, "host network (hostNetwork)"),
+        ("pid", ns.pid, "host PID namespace (hostPID)"),
+        ("ipc", ns.ipc, "host IPC namespace (hostIPC)"),
+    ] {
+        if mode == node {
+            return Err(CriError::invalid(
+                format!("config.linux.security_context.namespace_options.{field}"),
+                format!("NODE asks for the {what}; a pod of vcrid is a virtual machine and cannot share it"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A 128-bit random ID in hex (shorter than kubelet's 64: it names unix
+/// socket paths, which must fit in 107 bytes).
+pub(crate) fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: time and a counter still make a unique ID.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = podsandbox::container::now_ns() as u64;
+        bytes[..8].copy_from_slice(&t.to_le_bytes());
+        bytes[8..].copy_from_slice(&n.to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn network_request(id: &str, config: &cri::PodSandboxConfig) -> cni::PodNetworkRequest {
+    let md = config.metadata.clone().unwrap_or_default();
+    cni::PodNetworkRequest {
+        sandbox_id: id.into(),
+        pod: cni::PodIdentity {
+            namespace: md.namespace,
+            name: md.name,
+            uid: md.uid,
+        },
+        port_mappings: config
+            .port_mappings
+            .iter()
+            .filter(|p| p.host_port > 0)
+            .filter_map(|p| {
+                Some(cni::PortMapping {
+                    host_port: u16::try_from(p.host_port).ok()?,
+                    container_port: u16::try_from(p.container_port).ok()?,
+                    protocol: match cri::Protocol::try_from(p.protocol) {
+                        Ok(cri::Protocol::Udp) => "udp",
+                        Ok(cri::Protocol::Sctp) => "sctp",
+                        _ => "tcp",
+                    }
+                    .into(),
+                    host_ip: p.host_ip.clone(),
+                })
+            })
+            .collect(),
+        bandwidth: None,
+        dns: config.dns_config.as_ref().map(|d| cni::DnsCapability {
+            servers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        }),
+    }
+}
+
+/// What the VM gets from the CNI result: a tap per interface, the veth's
+/// MAC/MTU/addresses, and the namespace's routes.
+fn sandbox_network(status: &cni::NetworkStatus) -> Result<SandboxNetwork> {
+    let mut interfaces = Vec::new();
+    let ns = if status.interfaces.iter().any(|i| i.tap_name.is_some()) {
+        Some(cni::NetNs::open(&status.netns)?)
+    } else {
+        None
+    };
+    for iface in &status.interfaces {
+        let (Some(tap_name), Some(ns)) = (&iface.tap_name, &ns) else {
+            continue;
+        };
+        let fd: OwnedFd = cni::open_tap(ns, tap_name, true)?;
+        interfaces.push(NetInterface {
+            name: iface.guest_name.clone(),
+            mac: iface.mac.clone(),
+            mtu: iface.mtu,
+            ips: iface.ips.iter().map(|ip| ip.to_string()).collect(),
+            tap: Some(TapFd(Arc::new(fd))),
+        });
+    }
+    let routes = status
+        .routes
+        .iter()
+        .filter(|r| interfaces.iter().any(|i| i.name == r.device))
+        .map(|r| NetRoute {
+            dest: if r.dest.prefix_len == 0 {
+                String::new()
+            } else {
+                r.dest.to_string()
+            },
+            gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+            device: r.device.clone(),
+            source: String::new(),
+        })
+        .collect();
+    Ok(SandboxNetwork { interfaces, routes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_32_hex_and_differ() {
+        let a = new_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, new_id());
+    }
+
+    #[test]
+    fn host_namespaces_are_refused_by_field() {
+        let mut config = cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        pid: cri::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = refuse_host_namespaces(&config).expect_err("hostPID");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.to_string()
+                .starts_with("config.linux.security_context.namespace_options.pid: NODE"),
+            "{err}"
+        );
+        config.linux = None;
+        assert!(refuse_host_namespaces(&config).is_ok());
+    }
+}

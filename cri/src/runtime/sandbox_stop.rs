@@ -1,0 +1,77 @@
+//! StopPodSandbox: stop every container, the VM, and tear the network down.
+//! Idempotent: an unknown or already stopped pod is not an error.
+
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+
+use crate::{
+    error::{CriError, Result},
+    server::Cri,
+};
+
+/// Grace for containers still running when their pod is stopped (kubelet
+/// normally stopped them already, with the pod's own grace period).
+const CONTAINER_GRACE: Duration = Duration::from_secs(2);
+
+impl Cri {
+    pub(crate) async fn stop_pod_sandbox(
+        &self,
+        req: cri::StopPodSandboxRequest,
+    ) -> Result<cri::StopPodSandboxResponse> {
+        if req.pod_sandbox_id.is_empty() {
+            return Err(CriError::invalid("pod_sandbox_id", "must not be empty"));
+        }
+        let Some(id) = self.inner.store.resolve_pod(&req.pod_sandbox_id) else {
+            return Ok(cri::StopPodSandboxResponse {});
+        };
+        let lock = self.pod_lock(&id);
+        let _guard = lock.lock().await;
+        self.stop_pod_locked(&id).await?;
+        Ok(cri::StopPodSandboxResponse {})
+    }
+
+    /// Stops the pod's containers and VM and releases its network; the
+    /// caller holds the pod's lock.
+    pub(crate) async fn stop_pod_locked(&self, id: &str) -> Result<()> {
+        let rt = &self.inner.runtime;
+        match rt.list_containers(id).await {
+            Ok(containers) => {
+                for c in containers {
+                    if matches!(
+                        c.state,
+                        podsandbox::container::ContainerState::Running
+                            | podsandbox::container::ContainerState::Paused
+                    ) {
+                        if let Err(err) = rt.stop_container(id, &c.id, CONTAINER_GRACE).await {
+                            tracing::warn!(pod = %id, container = %c.id, "stop: {err}");
+                        }
+                    }
+                }
+            }
+            Err(err) if err.kind() == podsandbox::ErrorKind::NotFound => {}
+            Err(err) => return Err(err.into()),
+        }
+        match rt.stop_sandbox(id).await {
+            Ok(_) => {}
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    podsandbox::ErrorKind::NotFound | podsandbox::ErrorKind::FailedPrecondition
+                ) =>
+            {
+                // Gone, or already stopped.
+                tracing::debug!(pod = %id, "stop VM: {err}");
+            }
+            Err(err) => return Err(err.into()),
+        }
+        self.inner.network.teardown(id).await?;
+        if let Some(mut meta) = self.inner.store.pod(id) {
+            if !meta.stopped {
+                meta.stopped = true;
+                self.inner.store.save_pod(&meta)?;
+            }
+        }
+        Ok(())
+    }
+}

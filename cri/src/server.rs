@@ -1,0 +1,226 @@
+//! The CRI server: the state every RPC shares, and serving it on the socket.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use k8s_cri::v1::{
+    image_service_server::ImageServiceServer, runtime_service_server::RuntimeServiceServer,
+    ContainerEventResponse,
+};
+use tokio::sync::broadcast;
+
+use crate::{
+    config::{Config, Interworking},
+    error::{CriError, Result},
+    store::Store,
+};
+
+/// The server's state; cheap to clone (one `Arc`).
+#[derive(Debug, Clone)]
+pub struct Cri {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) runtime: podsandbox::Runtime,
+    pub(crate) images: Arc<dyn imagestore::ImageService>,
+    pub(crate) network: Arc<dyn cni::NetworkPlugin>,
+    /// For Status (is a network config there?).
+    pub(crate) cni: cni::Cni,
+    pub(crate) store: Store,
+    pub(crate) events: broadcast::Sender<ContainerEventResponse>,
+    /// One lock per pod: Run/Stop/Remove of one pod never interleave,
+    /// different pods never wait for each other.
+    pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Cri {
+    /// The real thing: QEMU VMs, the image store, CNI.
+    pub async fn new(config: Config) -> Result<Self> {
+        let runtime = podsandbox::Runtime::new(config.runtime())?;
+        let images = imagestore::ImageStore::open(imagestore::StoreConfig {
+            root: config.image_root(),
+            registries: config.images.registries.clone(),
+            max_concurrent_downloads: None,
+            block_headroom_mib: None,
+        })?;
+        if config.network.write_default_conflist {
+            cni::defaults::ensure_default_conflist(&config.network.conf_dir)?;
+        }
+        let cni = cni::Cni::new(config.cni());
+        let model = match config.network.interworking {
+            Interworking::Tcfilter => cni::InterworkingModel::TcFilter,
+            Interworking::None => cni::InterworkingModel::None,
+        };
+        let network = cni::PodNetwork::new(
+            cni.clone(),
+            config.netns_dir(),
+            config.network_state_dir(),
+            model.build(),
+        );
+        Self::with_parts(config, runtime, Arc::new(images), Arc::new(network), cni)
+    }
+
+    /// Assembles a server from its parts (tests hand in fakes).
+    pub fn with_parts(
+        config: Config,
+        runtime: podsandbox::Runtime,
+        images: Arc<dyn imagestore::ImageService>,
+        network: Arc<dyn cni::NetworkPlugin>,
+        cni: cni::Cni,
+    ) -> Result<Self> {
+        let store = Store::open(&config.cri_dir())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                runtime,
+                images,
+                network,
+                cni,
+                store,
+                events: broadcast::channel(1024).0,
+                pod_locks: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub(crate) fn pod_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .pod_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn forget_pod_lock(&self, id: &str) {
+        self.inner
+            .pod_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Picks up where a previous vcrid left off: monitors of live
+    /// containers, and container exits turned into events.
+    pub async fn recover(&self) -> Result<()> {
+        let resumed = self.inner.runtime.resume_monitors().await?;
+        tracing::info!(
+            pods = self.inner.store.pods().len(),
+            containers = self.inner.store.containers().len(),
+            monitors = resumed,
+            "state recovered"
+        );
+        Ok(())
+    }
+
+    /// Turns container exits into CONTAINER_STOPPED events, for the life of
+    /// the server.
+    fn spawn_exit_events(&self) {
+        let cri = self.clone();
+        let mut exits = self.inner.runtime.subscribe_exits();
+        tokio::spawn(async move {
+            loop {
+                match exits.recv().await {
+                    Ok(exit) => cri.emit(
+                        &exit.id,
+                        k8s_cri::v1::ContainerEventType::ContainerStoppedEvent,
+                    ),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("{n} container exit events dropped");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    /// Broadcasts a container event to GetContainerEvents streams.
+    pub(crate) fn emit(&self, container_id: &str, kind: k8s_cri::v1::ContainerEventType) {
+        let Some(c) = self.inner.store.container(container_id) else {
+            return;
+        };
+        let pod = self
+            .inner
+            .store
+            .pod(&c.sandbox_id)
+            .map(|p| crate::runtime::sandbox_status::pod_status_brief(self, &p));
+        let event = ContainerEventResponse {
+            container_id: container_id.into(),
+            container_event_type: kind as i32,
+            created_at: podsandbox::container::now_ns(),
+            pod_sandbox_status: pod,
+            containers_statuses: Vec::new(),
+        };
+        // No subscriber is fine.
+        let _ = self.inner.events.send(event);
+    }
+}
+
+/// Serves `cri` on its configured socket until `shutdown` resolves. Pods keep
+/// running after a shutdown; the next `vcrid` finds them.
+pub async fn serve(cri: Cri, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let path = cri
+        .inner
+        .config
+        .socket_path()
+        .map_err(|detail| CriError::invalid("listen", detail))?;
+    let listener = bind_socket(&path).await?;
+    cri.recover().await?;
+    cri.spawn_exit_events();
+    tracing::info!(socket = %path.display(), "vcrid serves");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .layer(crate::rpc_log::RpcLogLayer)
+        .add_service(RuntimeServiceServer::new(cri.clone()))
+        .add_service(ImageServiceServer::new(cri.clone()))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    result.map_err(|e| CriError::Internal(format!("gRPC server: {e}")))
+}
+
+/// Binds the socket with mode 0600; a live socket of another server is
+/// not taken over, a stale one is replaced.
+async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| CriError::Io {
+            action: "create",
+            path: dir.into(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(CriError::FailedPrecondition(format!(
+                "{} is served by another process (another vcrid?)",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|source| CriError::Io {
+            action: "remove stale socket",
+            path: path.into(),
+            source,
+        })?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|source| CriError::Io {
+        action: "bind",
+        path: path.into(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        CriError::Io {
+            action: "chmod 0600",
+            path: path.into(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
