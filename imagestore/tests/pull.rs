@@ -19,6 +19,9 @@ fn busybox_image() -> (TestImage, Vec<E>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_by_tag_digest_and_index_then_run_busybox() {
+    if !host_ready() {
+        return;
+    }
     let reg = Registry::start().await;
     let (img, entries) = busybox_image();
     let amd = reg.push_image("test/busybox", "amd64-only", &img).await;
@@ -148,6 +151,9 @@ async fn pull_by_tag_digest_and_index_then_run_busybox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_through_mirror_and_docker_media_types() {
+    if !host_ready() {
+        return;
+    }
     let mirror = Registry::start().await;
     let mut img = TestImage::new(vec![layer(
         &[E::File("hello", 0o644, 0, b"hi".to_vec())],
@@ -189,6 +195,9 @@ async fn pull_through_mirror_and_docker_media_types() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_with_basic_auth() {
+    if !host_ready() {
+        return;
+    }
     let reg = Registry::start_with(Some(("alice", "wonderland"))).await;
     let img = TestImage::new(vec![layer(
         &[E::File("secret", 0o600, 0, b"s".to_vec())],
@@ -236,6 +245,9 @@ async fn pull_with_basic_auth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_blob_is_a_digest_error_and_nothing_is_stored() {
+    if !host_ready() {
+        return;
+    }
     let reg = Registry::start().await;
     let img = TestImage::new(vec![
         layer(&[E::File("a", 0o644, 0, vec![b'a'; 10_000])], Comp::Gzip),
@@ -286,6 +298,9 @@ async fn corrupted_blob_is_a_digest_error_and_nothing_is_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pulls_download_each_blob_once_and_restart_keeps_images() {
+    if !host_ready() {
+        return;
+    }
     let reg = Registry::start().await;
     let layers: Vec<_> = (0..4)
         .map(|i| {
@@ -355,6 +370,9 @@ async fn concurrent_pulls_download_each_blob_once_and_restart_keeps_images() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_with_bearer_tokens() {
+    if !host_ready() {
+        return;
+    }
     let reg = Registry::start().await;
     let img = TestImage::new(vec![layer(
         &[E::File("t", 0o644, 0, b"t".to_vec())],
@@ -433,6 +451,9 @@ async fn pull_with_bearer_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_layers_mount_beyond_one_page_of_options() {
+    if !host_ready() {
+        return;
+    }
     let reg = Registry::start().await;
     let names: Vec<&'static str> = (0..60)
         .map(|i| &*Box::leak(format!("f{i}").into_boxed_str()))

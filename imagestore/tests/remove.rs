@@ -11,6 +11,9 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_frees_exactly_the_unshared_blobs() {
+    if !host_ready() {
+        return;
+    }
     let reg = Registry::start().await;
     let base = layer(
         &[

@@ -833,3 +833,31 @@ async fn serve_one(
     conn.write_all(&out).await?;
     conn.shutdown().await
 }
+
+/// Whether this host can run the image store's tests: root plus the tools
+/// they drive. Prints the reason and returns false when it cannot (CI has all).
+pub fn host_ready() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    if !root {
+        eprintln!("SKIP: the image store tests need root (mounts, device nodes, chown)");
+        return false;
+    }
+    let tools = [
+        "/usr/bin/docker-registry",
+        "/bin/busybox",
+        "/usr/sbin/mkfs.ext4",
+        "/usr/bin/qemu-img",
+        "/usr/bin/skopeo",
+        "/usr/bin/umoci",
+    ];
+    for t in tools {
+        if !Path::new(t).exists() {
+            eprintln!("SKIP: {t} is missing (hack/install-deps installs it)");
+            return false;
+        }
+    }
+    true
+}
