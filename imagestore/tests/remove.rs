@@ -76,6 +76,19 @@ async fn remove_frees_exactly_the_unshared_blobs() {
         store.remove(&ia.id).await.unwrap_err().kind(),
         ErrorKind::NotFound
     );
+    let gone = store
+        .prepare_rootfs(&ia.id, "cx", RootfsMode::SharedDir)
+        .await
+        .unwrap_err();
+    assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone}");
+    for bad in ["../escape", "a/b", "", ".."] {
+        let e = store
+            .prepare_rootfs(&ib.id, bad, RootfsMode::Block)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad:?}: {e}");
+    }
+    assert!(!sd.dir.path().join("escape").exists());
     store.remove_rootfs("ca").await.unwrap();
     assert!(
         !snap(&ia.chain_ids[1]).exists(),
