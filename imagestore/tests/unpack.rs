@@ -146,6 +146,14 @@ async fn multi_layer_rootfs_matches_the_model_as_overlay_and_block_image() {
         std::fs::metadata(rootfs.join("data/orig")).unwrap().gid(),
         1000
     );
+    // mtimes from the tar headers, directories included (set after their contents).
+    for p in ["data/orig", "data", "big", "big/blob", "abs", "dev/null"] {
+        assert_eq!(
+            std::fs::symlink_metadata(rootfs.join(p)).unwrap().mtime(),
+            1_700_000_000,
+            "{p}"
+        );
+    }
 
     // The same tree in the ext4 block image, and a qcow2 overlay backed by it.
     let qcow2 = store
