@@ -119,3 +119,49 @@ async fn remove_frees_exactly_the_unshared_blobs() {
     assert!(info_after.used_bytes < info_before.used_bytes);
     assert!(info_after.inodes_used < info_before.inodes_used);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_block_rootfs_build_one_ext4() {
+    if !host_ready() {
+        return;
+    }
+    let reg = Registry::start().await;
+    let img = TestImage::new(vec![layer(
+        &[E::File("f", 0o644, 0, b"f".to_vec())],
+        Comp::Gzip,
+    )]);
+    reg.push_image("test/block", "1", &img).await;
+    let sd = StoreDir::new();
+    let store = Arc::new(ImageStore::open(sd.config()).unwrap());
+    let image = store
+        .pull_image(&format!("{}/test/block:1", reg.host()), None)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        store.prepare_block_rootfs(&image.id, "b1"),
+        store.prepare_block_rootfs(&image.id, "b2")
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a, b);
+    let names: Vec<_> = std::fs::read_dir(sd.dir.path().join("blockimages"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [format!("{}.ext4", &image.id[7..])],
+        "one block image, no temp left"
+    );
+    // A removed image keeps its block image while block containers use it.
+    store.remove_image(&image.id).await.unwrap();
+    store.remove_rootfs("b1").await.unwrap();
+    assert!(sd.dir.path().join("blockimages").join(&names[0]).exists());
+    store.remove_rootfs("b2").await.unwrap();
+    assert!(!sd.dir.path().join("blockimages").join(&names[0]).exists());
+    assert_eq!(
+        std::fs::read_dir(sd.dir.path().join("containers"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
