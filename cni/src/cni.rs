@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{at_least_040, NetworkConfigList};
 use crate::error::{CniError, Result};
-use crate::exec::{find_plugin, invoke, Command, Invocation};
+use crate::exec::{find_plugin, invoke, CniCommand, Invocation};
 use crate::result::CniResult;
 
 pub const DEFAULT_CONF_DIR: &str = "/etc/cni/net.d";
@@ -332,7 +332,7 @@ impl Cni {
         &self,
         list: &NetworkConfigList,
         index: usize,
-        command: Command,
+        command: CniCommand,
         rt: &RuntimeConf,
         prev: Option<&Value>,
     ) -> Result<Vec<u8>> {
@@ -367,10 +367,9 @@ impl Cni {
             find_plugin(&p.plugin_type, &self.cfg.bin_dirs)?;
         }
         if self.has_cached(rt) {
-            return Err(CniError::InvalidArgument {
-                what: "container id",
-                value: rt.container_id.clone(),
-                reason: format!("already attached on {} (DEL it first)", rt.if_name),
+            return Err(CniError::AlreadyAttached {
+                container_id: rt.container_id.clone(),
+                if_name: rt.if_name.clone(),
             });
         }
         let mut entry = CacheEntry {
@@ -389,7 +388,7 @@ impl Cni {
         let mut prev: Option<Value> = None;
         for index in 0..list.plugins.len() {
             let step = self
-                .run_plugin(&list, index, Command::Add, rt, prev.as_ref())
+                .run_plugin(&list, index, CniCommand::Add, rt, prev.as_ref())
                 .await
                 .and_then(|out| {
                     let plugin = &list.plugins[index].plugin_type;
@@ -440,19 +439,19 @@ impl Cni {
         prev: Option<&Value>,
         cause: CniError,
     ) -> CniError {
-        tracing::warn!(container = %rt.container_id, error = %cause, "CNI ADD failed; deleting what was added");
+        tracing::info!(container = %rt.container_id, "CNI ADD failed; deleting what was added");
         match self.del_list(list, rt, prev).await {
             Ok(()) => match self.remove_cache(rt) {
                 Ok(()) => cause,
                 Err(e) => CniError::RollbackFailed {
-                    command: "ADD",
+                    command: "CNI ADD",
                     container_id: rt.container_id.clone(),
                     del_error: e.to_string(),
                     source: Box::new(cause),
                 },
             },
             Err(e) => CniError::RollbackFailed {
-                command: "ADD",
+                command: "CNI ADD",
                 container_id: rt.container_id.clone(),
                 del_error: e.to_string(),
                 source: Box::new(cause),
@@ -475,9 +474,15 @@ impl Cni {
         };
         let mut first_err = None;
         for index in (0..list.plugins.len()).rev() {
-            if let Err(e) = self.run_plugin(list, index, Command::Del, rt, prev).await {
-                tracing::warn!(plugin = %list.plugins[index].plugin_type, error = %e, "CNI DEL failed");
-                first_err.get_or_insert(e);
+            if let Err(e) = self
+                .run_plugin(list, index, CniCommand::Del, rt, prev)
+                .await
+            {
+                match first_err {
+                    // Only the first error is returned: log the later ones.
+                    Some(_) => tracing::warn!(error = %e, "CNI DEL failed too"),
+                    None => first_err = Some(e),
+                }
             }
         }
         match first_err {
@@ -513,13 +518,10 @@ impl Cni {
     /// setup). Spec versions before 0.4.0 and `disableCheck` lists skip CHECK.
     pub async fn check(&self, rt: &RuntimeConf, skip: &[&str]) -> Result<()> {
         rt.validate()?;
-        let entry = self
-            .read_cache(rt)?
-            .ok_or_else(|| CniError::InvalidArgument {
-                what: "container id",
-                value: rt.container_id.clone(),
-                reason: format!("no cached ADD on {}", rt.if_name),
-            })?;
+        let entry = self.read_cache(rt)?.ok_or_else(|| CniError::NotAttached {
+            container_id: rt.container_id.clone(),
+            if_name: rt.if_name.clone(),
+        })?;
         let list = NetworkConfigList::from_value(&self.cache_path(rt), entry.config)?;
         if !at_least_040(&list.cni_version) || list.disable_check {
             return Ok(());
@@ -536,7 +538,7 @@ impl Cni {
             if skip.contains(&list.plugins[index].plugin_type.as_str()) {
                 continue;
             }
-            self.run_plugin(&list, index, Command::Check, &rt_used, prev.as_ref())
+            self.run_plugin(&list, index, CniCommand::Check, &rt_used, prev.as_ref())
                 .await?;
         }
         Ok(())

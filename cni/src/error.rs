@@ -57,7 +57,7 @@ pub enum CniError {
         command: &'static str,
         code: u32,
         msg: String,
-        /// Empty, or ": <details>".
+        /// Empty, or `": <details>"`.
         details: String,
     },
     #[error("CNI plugin {plugin} {command} did not finish within {timeout:?}; its process group was killed")]
@@ -72,7 +72,7 @@ pub enum CniError {
         command: &'static str,
         reason: String,
     },
-    #[error("CNI {command} of {container_id} failed, and so did the clean-up DEL: {del_error}")]
+    #[error("{command} of {container_id} failed, and so did its clean-up: {del_error}")]
     RollbackFailed {
         command: &'static str,
         container_id: String,
@@ -85,6 +85,16 @@ pub enum CniError {
         what: &'static str,
         value: String,
         reason: String,
+    },
+    #[error("container {container_id} is already attached on {if_name} (DEL it first)")]
+    AlreadyAttached {
+        container_id: String,
+        if_name: String,
+    },
+    #[error("container {container_id} has no cached CNI ADD on {if_name}")]
+    NotAttached {
+        container_id: String,
+        if_name: String,
     },
     #[error("network namespace {path} already exists")]
     NetnsExists { path: PathBuf },
@@ -105,12 +115,6 @@ pub enum CniError {
         #[source]
         source: std::io::Error,
     },
-    #[error("`{command}` in {netns} failed: {stderr}")]
-    Command {
-        command: String,
-        netns: PathBuf,
-        stderr: String,
-    },
     #[error("no network state for pod sandbox {id}")]
     PodNotFound { id: String },
     #[error("pod sandbox {id} already has a network")]
@@ -128,6 +132,8 @@ pub enum CniError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{path} has state version {version}, this runtime reads version 1")]
+    StateVersion { path: PathBuf, version: u32 },
     #[error("a worker thread for {what} panicked or could not start")]
     Thread { what: String },
     #[error("{what} failed in the fake network plugin (failing on demand)")]
@@ -148,14 +154,14 @@ impl CniError {
             PluginFailed { .. } | PluginSpawn { .. } | BadResult { .. } => ErrorKind::Unavailable,
             RollbackFailed { source, .. } => source.kind(),
             InvalidArgument { .. } => ErrorKind::InvalidArgument,
-            NetnsExists { .. } | PodExists { .. } => ErrorKind::AlreadyExists,
-            NetnsNotFound { .. } | PodNotFound { .. } => ErrorKind::NotFound,
-            Netns { .. }
-            | Device { .. }
-            | Command { .. }
-            | Io { .. }
-            | Decode { .. }
-            | Thread { .. } => ErrorKind::Internal,
+            NetnsExists { .. } | PodExists { .. } | AlreadyAttached { .. } => {
+                ErrorKind::AlreadyExists
+            }
+            NetnsNotFound { .. } | PodNotFound { .. } | NotAttached { .. } => ErrorKind::NotFound,
+            Netns { .. } | Device { .. } | Io { .. } | Decode { .. } | Thread { .. } => {
+                ErrorKind::Internal
+            }
+            StateVersion { .. } => ErrorKind::FailedPrecondition,
             Injected { .. } => ErrorKind::Unavailable,
         }
     }

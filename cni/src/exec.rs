@@ -14,18 +14,18 @@ use crate::result::PluginError;
 
 /// The `CNI_COMMAND` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub enum CniCommand {
     Add,
     Check,
     Del,
 }
 
-impl Command {
+impl CniCommand {
     pub fn as_str(self) -> &'static str {
         match self {
-            Command::Add => "ADD",
-            Command::Check => "CHECK",
-            Command::Del => "DEL",
+            CniCommand::Add => "ADD",
+            CniCommand::Check => "CHECK",
+            CniCommand::Del => "DEL",
         }
     }
 }
@@ -35,7 +35,7 @@ impl Command {
 pub(crate) struct Invocation<'a> {
     pub plugin: &'a str,
     pub binary: &'a Path,
-    pub command: Command,
+    pub command: CniCommand,
     pub container_id: &'a str,
     pub netns: &'a Path,
     pub if_name: &'a str,

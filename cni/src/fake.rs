@@ -103,6 +103,7 @@ impl NetworkPlugin for FakeNetwork {
                 device: "eth0".into(),
                 scope: "universe".into(),
             }],
+            neighbours: Vec::new(),
             dns: Dns::default(),
             pod_ips: vec![ip],
         };

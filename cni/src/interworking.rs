@@ -77,34 +77,30 @@ pub fn tap_name_for(veth: &str) -> String {
 
 /// Open the tap `tap_name` in `netns` for the hypervisor (`-netdev tap,fd=N`).
 /// `vnet_hdr` must match what the hypervisor is told (`vnet_hdr=on|off`).
+///
+/// A single-queue tap takes one fd at a time (`EBUSY` otherwise). A process
+/// forked elsewhere in this process holds a copy of a just-closed fd until it
+/// execs, so `EBUSY` is retried for up to a second before it is returned.
 pub fn open_tap(netns: &NetNs, tap_name: &str, vnet_hdr: bool) -> Result<OwnedFd> {
-    netns.run(|| tap::attach(tap_name, vnet_hdr))
+    netns.run(|| {
+        let mut tries = 0;
+        loop {
+            match tap::attach(tap_name, vnet_hdr) {
+                Err(CniError::Device { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && tries < 20 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    })
 }
 
 /// The default model.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TcFilter;
-
-fn redirect(ns: &std::path::Path, from: &str, to: &str) -> Result<()> {
-    link::run(ns, "tc", &["qdisc", "add", "dev", from, "ingress"])?;
-    link::run(
-        ns,
-        "tc",
-        &[
-            "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
-            "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-        ],
-    )?;
-    Ok(())
-}
-
-fn teardown(ns: &std::path::Path, veth: &str, tap: &str) -> Result<()> {
-    // Deleting the ingress qdisc deletes its filters.
-    let a = link::run_idempotent(ns, "tc", &["qdisc", "del", "dev", veth, "ingress"]);
-    let b = link::run_idempotent(ns, "tc", &["qdisc", "del", "dev", tap, "ingress"]);
-    let c = link::run_idempotent(ns, "ip", &["link", "del", "dev", tap]);
-    a.and(b).and(c)
-}
 
 impl Interworking for TcFilter {
     fn name(&self) -> &'static str {
@@ -115,29 +111,26 @@ impl Interworking for TcFilter {
         let tap_name = tap_name_for(veth);
         let ns = netns.path().to_path_buf();
         netns.run(|| {
-            let info = link::link_info(&ns, veth)?;
             tap::create_persistent(&tap_name, true)?;
-            let mtu = info.mtu.to_string();
-            let wired = link::run(&ns, "ip", &["link", "set", "dev", &tap_name, "mtu", &mtu, "up"])
-                .and_then(|_| redirect(&ns, veth, &tap_name))
-                .and_then(|()| redirect(&ns, &tap_name, veth));
-            if let Err(e) = wired {
-                if let Err(undo) = teardown(&ns, veth, &tap_name) {
-                    tracing::warn!(netns = %ns.display(), error = %undo, "undoing a failed tcfilter attach");
+            match link::redirect_both_ways(&ns, veth, &tap_name) {
+                Ok(mtu) => Ok(Some(Endpoint {
+                    tap_name: tap_name.clone(),
+                    mtu,
+                })),
+                Err(e) => {
+                    if let Err(undo) = link::unredirect(&ns, veth, &tap_name) {
+                        tracing::warn!(netns = %ns.display(), error = %undo, "undoing a failed tcfilter attach");
+                    }
+                    Err(e)
                 }
-                return Err(e);
             }
-            Ok(Some(Endpoint {
-                tap_name: tap_name.clone(),
-                mtu: info.mtu,
-            }))
         })
     }
 
     fn detach(&self, netns: &NetNs, veth: &str) -> Result<()> {
         let tap_name = tap_name_for(veth);
         let ns = netns.path().to_path_buf();
-        match netns.run(|| teardown(&ns, veth, &tap_name)) {
+        match netns.run(|| link::unredirect(&ns, veth, &tap_name)) {
             Err(CniError::NetnsNotFound { .. }) => Ok(()),
             other => other,
         }

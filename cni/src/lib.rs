@@ -18,6 +18,7 @@ mod exec;
 pub mod fake;
 pub mod interworking;
 mod link;
+mod netlink;
 pub mod netns;
 pub mod network;
 pub mod result;
@@ -32,14 +33,15 @@ pub use crate::cni::{
 };
 pub use config::{NetworkConfigList, PluginConfig};
 pub use error::{CniError, ErrorKind, Result};
-pub use exec::Command;
+pub use exec::CniCommand;
 pub use interworking::{
     open_tap, tap_name_for, Endpoint, Interworking, InterworkingModel, NoInterworking, TcFilter,
 };
-pub use link::RouteInfo;
+pub use link::{ingress_filter_actions, NeighbourInfo, RouteInfo};
 pub use netns::NetNs;
 pub use network::{
-    pod_netns, InterfaceInfo, NetworkPlugin, NetworkStatus, PodNetwork, PodNetworkRequest,
+    open_pod_taps, pod_netns, InterfaceInfo, NetworkPlugin, NetworkStatus, PodNetwork,
+    PodNetworkRequest, DEFAULT_NETNS_DIR, DEFAULT_STATE_DIR,
 };
 pub use result::{CniResult, Dns, IpNet};
 

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use crate::cni::{
 };
 use crate::error::{CniError, Result};
 use crate::interworking::{Endpoint, Interworking};
-use crate::link::{self, RouteInfo};
+use crate::link::{self, NeighbourInfo, RouteInfo};
 use crate::netns::{self, NetNs};
 use crate::result::{Dns, IpNet};
 
@@ -57,9 +58,21 @@ pub struct NetworkStatus {
     pub network_name: String,
     pub interfaces: Vec<InterfaceInfo>,
     pub routes: Vec<RouteInfo>,
+    /// Static ARP / NDP entries of the netns, for the guest.
+    #[serde(default)]
+    pub neighbours: Vec<NeighbourInfo>,
     pub dns: Dns,
     /// IPv4 first, then IPv6.
     pub pod_ips: Vec<IpAddr>,
+}
+
+const STATE_VERSION: u32 = 1;
+
+/// `<state dir>/<sandbox id>.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    status: NetworkStatus,
 }
 
 /// The seam the CRI server uses.
@@ -77,6 +90,14 @@ pub trait NetworkPlugin: Send + Sync + fmt::Debug {
 pub const DEFAULT_NETNS_DIR: &str = "/run/virtcontainers/netns";
 /// Where each pod's [`NetworkStatus`] is kept by default.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/virtcontainers/network";
+
+/// What connecting a veth produced.
+struct Connected {
+    endpoint: Option<Endpoint>,
+    info: link::LinkInfo,
+    routes: Vec<RouteInfo>,
+    neighbours: Vec<NeighbourInfo>,
+}
 
 /// The real [`NetworkPlugin`].
 #[derive(Debug, Clone)]
@@ -129,11 +150,7 @@ impl PodNetwork {
         rt
     }
 
-    async fn connect(
-        &self,
-        ns: &NetNs,
-        if_name: &str,
-    ) -> Result<(Option<Endpoint>, link::LinkInfo, Vec<RouteInfo>)> {
+    async fn connect(&self, ns: &NetNs, if_name: &str) -> Result<Connected> {
         let model = self.model.clone();
         let ns2 = ns.clone();
         let dev = if_name.to_string();
@@ -143,11 +160,17 @@ impl PodNetwork {
             let read = ns2.run(|| {
                 Ok((
                     link::link_info(&path, &dev)?,
-                    link::routes(&path, &[dev.as_str()])?,
+                    link::routes(&path, &dev)?,
+                    link::neighbours(&path, &dev)?,
                 ))
             });
             match read {
-                Ok((info, routes)) => Ok((endpoint, info, routes)),
+                Ok((info, routes, neighbours)) => Ok(Connected {
+                    endpoint,
+                    info,
+                    routes,
+                    neighbours,
+                }),
                 Err(e) => {
                     if let Err(undo) = model.detach(&ns2, &dev) {
                         tracing::warn!(error = %undo, "undoing interworking after a failed read");
@@ -175,20 +198,29 @@ impl PodNetwork {
         let rt = self.runtime_conf(req);
         let added = match self.cni.add(&rt).await {
             Ok(a) => a,
+            // ADD already DELeted what it added (or says it could not).
             Err(e) => {
-                if let Err(undo) = Self::remove_netns(ns.path().to_path_buf()).await {
-                    tracing::warn!(error = %undo, "removing the netns after a failed CNI ADD");
-                }
-                return Err(e);
+                return Err(match Self::remove_netns(ns.path().to_path_buf()).await {
+                    Ok(()) => e,
+                    Err(undo) => CniError::RollbackFailed {
+                        command: "setup",
+                        container_id: rt.container_id.clone(),
+                        del_error: undo.to_string(),
+                        source: Box::new(e),
+                    },
+                })
             }
         };
         let connected = self.connect(&ns, &rt.if_name).await;
-        let (endpoint, info, routes) = match connected {
+        let Connected {
+            endpoint,
+            info,
+            routes,
+            neighbours,
+        } = match connected {
             Ok(c) => c,
-            Err(e) => {
-                self.rollback_cni(&rt, &ns).await;
-                return Err(e);
-            }
+            // connect() undoes its own interworking steps.
+            Err(e) => return Err(self.rollback(&rt, &ns, false, e).await),
         };
         let gateway = added
             .result
@@ -219,31 +251,61 @@ impl PodNetwork {
                 gateway,
             }],
             routes,
+            neighbours,
             dns: added.result.dns,
             pod_ips,
         };
         if let Err(e) = self.write_state(&status) {
-            let model = self.model.clone();
-            let (ns2, dev) = (ns.clone(), rt.if_name.clone());
-            let _ = tokio::task::spawn_blocking(move || model.detach(&ns2, &dev)).await;
-            self.rollback_cni(&rt, &ns).await;
-            return Err(e);
+            return Err(self.rollback(&rt, &ns, true, e).await);
         }
         Ok(status)
     }
 
-    async fn rollback_cni(&self, rt: &RuntimeConf, ns: &NetNs) {
-        if let Err(undo) = self.cni.del(rt).await {
-            tracing::warn!(error = %undo, "CNI DEL while rolling back pod network setup");
+    /// Undo a half-done setup: interworking (if `detach`), CNI DEL, netns.
+    /// Returns `cause`, or [`CniError::RollbackFailed`] when a step failed
+    /// (then `teardown(id)` finishes the job from the CNI cache).
+    async fn rollback(
+        &self,
+        rt: &RuntimeConf,
+        ns: &NetNs,
+        detach: bool,
+        cause: CniError,
+    ) -> CniError {
+        let mut failed: Vec<String> = Vec::new();
+        if detach {
+            let model = self.model.clone();
+            let (ns2, dev) = (ns.clone(), rt.if_name.clone());
+            match tokio::task::spawn_blocking(move || model.detach(&ns2, &dev)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push(e.to_string()),
+                Err(_) => failed.push("the detach worker panicked".into()),
+            }
         }
-        if let Err(undo) = Self::remove_netns(ns.path().to_path_buf()).await {
-            tracing::warn!(error = %undo, "removing the netns while rolling back pod network setup");
+        if let Err(e) = self.cni.del(rt).await {
+            failed.push(e.to_string());
+        }
+        if let Err(e) = Self::remove_netns(ns.path().to_path_buf()).await {
+            failed.push(e.to_string());
+        }
+        if failed.is_empty() {
+            cause
+        } else {
+            CniError::RollbackFailed {
+                command: "setup",
+                container_id: rt.container_id.clone(),
+                del_error: failed.join("; "),
+                source: Box::new(cause),
+            }
         }
     }
 
     fn write_state(&self, status: &NetworkStatus) -> Result<()> {
         let path = self.state_path(&status.sandbox_id);
-        let bytes = serde_json::to_vec_pretty(status).map_err(|source| CniError::Decode {
+        let file = StateFile {
+            version: STATE_VERSION,
+            status: status.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|source| CniError::Decode {
             path: path.clone(),
             source,
         })?;
@@ -253,9 +315,20 @@ impl PodNetwork {
     fn read_state(&self, sandbox_id: &str) -> Result<Option<NetworkStatus>> {
         let path = self.state_path(sandbox_id);
         match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|source| CniError::Decode { path, source }),
+            Ok(b) => {
+                let file: StateFile =
+                    serde_json::from_slice(&b).map_err(|source| CniError::Decode {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if file.version != STATE_VERSION {
+                    return Err(CniError::StateVersion {
+                        path,
+                        version: file.version,
+                    });
+                }
+                Ok(Some(file.status))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CniError::io("read pod network state", path)(e)),
         }
@@ -296,17 +369,17 @@ impl NetworkPlugin for PodNetwork {
             match detached {
                 Ok(()) | Err(CniError::NetnsNotFound { .. }) => {}
                 Err(e) => {
-                    first_err.get_or_insert(e);
+                    keep_first(&mut first_err, e);
                 }
             }
         }
         if self.cni.has_cached(&rt) {
             if let Err(e) = self.cni.del(&rt).await {
-                first_err.get_or_insert(e);
+                keep_first(&mut first_err, e);
             }
         }
         if let Err(e) = Self::remove_netns(netns_path).await {
-            first_err.get_or_insert(e);
+            keep_first(&mut first_err, e);
         }
         if let Some(e) = first_err {
             return Err(e);
@@ -330,7 +403,27 @@ impl NetworkPlugin for PodNetwork {
     }
 }
 
+/// Keep the first error to return; log the later ones (not returned).
+fn keep_first(slot: &mut Option<CniError>, e: CniError) {
+    match slot {
+        Some(_) => tracing::warn!(error = %e, "pod network teardown step failed too"),
+        None => *slot = Some(e),
+    }
+}
+
 /// The netns of a set-up pod, for [`crate::open_tap`].
 pub fn pod_netns(status: &NetworkStatus) -> Result<NetNs> {
     NetNs::open(status.netns.clone())
+}
+
+/// Open every tap of a set-up pod for the hypervisor, in interface order
+/// (interfaces without a tap are skipped): `(guest interface name, fd)`.
+pub fn open_pod_taps(status: &NetworkStatus, vnet_hdr: bool) -> Result<Vec<(String, OwnedFd)>> {
+    let ns = pod_netns(status)?;
+    status
+        .interfaces
+        .iter()
+        .filter_map(|i| i.tap_name.as_deref().map(|tap| (i.guest_name.clone(), tap)))
+        .map(|(guest, tap)| Ok((guest, crate::open_tap(&ns, tap, vnet_hdr)?)))
+        .collect()
 }

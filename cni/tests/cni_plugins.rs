@@ -95,7 +95,7 @@ async fn bridge_add_check_del_and_the_host_reaches_the_pod() {
     // A second ADD of the same attachment is refused, not run.
     assert_eq!(
         cni.add(&rt).await.unwrap_err().kind(),
-        ErrorKind::InvalidArgument
+        ErrorKind::AlreadyExists
     );
 
     cni.del(&rt).await.unwrap();
@@ -253,6 +253,11 @@ wait"#,
         .collect();
     assert_eq!(ids.len(), 2);
     for pid in ids {
+        // SIGKILL is delivered when the process next runs: wait (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !common::process_gone(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(
             common::process_gone(pid),
             "plugin process {pid} survived the timeout"
@@ -261,4 +266,99 @@ wait"#,
     assert!(!cni.has_cached(&rt));
     ns.remove().unwrap();
     env.assert_clean();
+}
+
+#[tokio::test]
+async fn spec_0_3_1_lists_add_and_del_without_prev_result() {
+    let env = TestEnv::new("j", 10);
+    env.write_conf("10-test.conf", &{
+        let mut p = env.bridge_plugin();
+        p["cniVersion"] = json!("0.3.1");
+        p["name"] = json!(env.net);
+        p
+    });
+    let ns = NetNs::create(&env.netns_dir(), "pj").unwrap();
+    let rt = RuntimeConf::for_pod("pj", ns.path(), &pod());
+    let cni = env.cni();
+    let added = cni.add(&rt).await.unwrap();
+    assert_eq!(added.result.cni_version, "0.3.1");
+    assert_eq!(added.result.pod_ips().len(), 1);
+    // CHECK does not exist before 0.4.0: nothing is run, nothing fails.
+    cni.check(&rt, &[]).await.unwrap();
+    cni.del(&rt).await.unwrap();
+    ns.remove().unwrap();
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn the_bandwidth_capability_reaches_the_plugin_and_del_removes_its_shaping() {
+    let env = TestEnv::new("l", 12);
+    // Only this test uses the bandwidth plugin: its ifb devices are ours.
+    let _ifbs = IfbGuard;
+    let mut bridge = env.bridge_plugin();
+    bridge["ipMasq"] = json!(false);
+    env.write_conf(
+        "10-test.conflist",
+        &json!({"cniVersion": "1.0.0", "name": env.net, "plugins": [
+            bridge, {"type": "bandwidth", "capabilities": {"bandwidth": true}}
+        ]}),
+    );
+    let ns = NetNs::create(&env.netns_dir(), "pl").unwrap();
+    let mut rt = RuntimeConf::for_pod("pl", ns.path(), &pod());
+    rt.capabilities.bandwidth = Some(cni::Bandwidth {
+        ingress_rate: 8_000_000,
+        ingress_burst: 80_000_000,
+        egress_rate: 8_000_000,
+        egress_burst: 80_000_000,
+    });
+    let cni = env.cni();
+    cni.add(&rt).await.unwrap();
+    let ports = env.bridge_ports();
+    assert_eq!(ports.len(), 1);
+    let qdisc = std::process::Command::new("tc")
+        .args(["qdisc", "show", "dev", &ports[0]])
+        .output()
+        .unwrap();
+    let qdisc = String::from_utf8_lossy(&qdisc.stdout).into_owned();
+    assert!(
+        qdisc.contains("tbf"),
+        "the bandwidth plugin shapes the host veth: {qdisc}"
+    );
+    let ifbs_before = ifb_links();
+    assert!(!ifbs_before.is_empty(), "egress shaping uses an ifb device");
+
+    cni.del(&rt).await.unwrap();
+    let left: Vec<String> = ifb_links()
+        .into_iter()
+        .filter(|l| l.starts_with("bwp"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "ifb devices left");
+    ns.remove().unwrap();
+    env.assert_clean();
+}
+
+fn ifb_links() -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "link", "show", "type", "ifb"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(json!([]));
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+        .filter(|n| n.starts_with("bwp"))
+        .collect()
+}
+
+/// Deletes the bandwidth plugin's `bwp*` ifb devices even if the test fails.
+struct IfbGuard;
+impl Drop for IfbGuard {
+    fn drop(&mut self) {
+        for l in ifb_links() {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &l])
+                .output();
+        }
+    }
 }

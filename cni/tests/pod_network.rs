@@ -127,28 +127,22 @@ async fn tcfilter_pod_setup_redirects_veth_traffic_to_the_tap_and_teardown_leave
         ErrorKind::AlreadyExists
     );
 
-    // The redirect: what the host sends toward the pod IP arrives on the tap.
-    let fd = open_tap(&ns, "tap0_vc", false).unwrap();
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
-    let mut tap_file = File::from(fd);
-    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-    let IpAddr::V4(v4) = pod_ip else {
-        panic!("v4 expected")
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = false;
-    let mut buf = [0u8; 2048];
-    while !seen && Instant::now() < deadline {
-        let _ = sock.send_to(b"hello", (pod_ip, 9));
-        std::thread::sleep(Duration::from_millis(100));
-        while let Ok(n) = tap_file.read(&mut buf) {
-            if buf[..n].windows(4).any(|w| w == v4.octets()) {
-                seen = true;
-            }
-        }
+    // The redirect: what the host sends toward the pod IP arrives on the tap,
+    // as plain Ethernet frames, or behind a 10-byte virtio_net_hdr with vnet_hdr.
+    for (vnet_hdr, offset) in [(false, 0usize), (true, 10)] {
+        let frame =
+            frame_toward(&ns, pod_ip, vnet_hdr).expect("a frame toward the pod IP on the tap");
+        let ethertype = u16::from_be_bytes([frame[offset + 12], frame[offset + 13]]);
+        assert!(
+            ethertype == 0x0806 || ethertype == 0x0800,
+            "vnet_hdr={vnet_hdr}: ethertype {ethertype:#06x} at {offset}+12"
+        );
     }
-    assert!(seen, "no frame toward {pod_ip} arrived on the tap");
-    drop(tap_file);
+
+    let taps = cni::open_pod_taps(&status, true).unwrap();
+    assert_eq!(taps.len(), 1);
+    assert_eq!(taps[0].0, "eth0");
+    drop(taps);
 
     // Detach alone removes the filters, qdiscs and the tap; attach again.
     TcFilter.detach(&ns, "eth0").unwrap();
@@ -237,9 +231,123 @@ async fn teardown_after_the_netns_vanished_releases_the_ip() {
     assert_eq!(env.ipam_allocations().len(), 1);
     cni::netns::remove_path(&status.netns).unwrap();
     net.teardown("pi").await.unwrap();
+    // The kernel destroys an unreferenced netns (and with it the veth pair)
+    // asynchronously: wait for that, bounded, before checking.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.bridge_ports().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         net.status("pi").await.unwrap_err().kind(),
         ErrorKind::NotFound
     );
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn dual_stack_pod_ips_come_back_v4_first_with_v6_routes() {
+    let env = TestEnv::new("k", 11);
+    let mut list = env.default_list();
+    let v6 = format!("fd12:3:{}::/64", env.octet);
+    list["plugins"][0]["ipam"]["ranges"] = json!([[{"subnet": env.subnet()}], [{"subnet": v6}]]);
+    list["plugins"][0]["ipam"]["routes"] = json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]);
+    env.write_conf("10-default.conflist", &list);
+    let net = pod_network(&env, InterworkingModel::TcFilter);
+    let mut req = request("pk");
+    req.port_mappings.clear();
+    let status = net.setup(&req).await.unwrap();
+    assert_eq!(status.pod_ips.len(), 2, "{:?}", status.pod_ips);
+    assert!(
+        status.pod_ips[0].is_ipv4() && status.pod_ips[1].is_ipv6(),
+        "{:?}",
+        status.pod_ips
+    );
+    let ips = &status.interfaces[0].ips;
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    assert!(ips[0].is_ipv4() && !ips[1].is_ipv4());
+    assert_eq!(ips[1].prefix_len, 64);
+    assert!(
+        status
+            .routes
+            .iter()
+            .any(|r| r.dest.to_string() == "::/0" && r.gateway.is_some()),
+        "{:?}",
+        status.routes
+    );
+    assert!(status
+        .routes
+        .iter()
+        .all(|r| !r.dest.to_string().starts_with("fe80")));
+    assert!(
+        env.iptables_lines()
+            .iter()
+            .any(|l| l.starts_with("ip6tables-save")),
+        "ipMasq makes IPv6 rules too"
+    );
+    net.teardown("pk").await.unwrap();
+    env.assert_clean();
+}
+
+/// Open the tap, send UDP toward `pod_ip` from the host until a frame that
+/// names it comes out of the tap (bounded by 10 s), and return that frame.
+fn frame_toward(ns: &NetNs, pod_ip: IpAddr, vnet_hdr: bool) -> Option<Vec<u8>> {
+    let fd = open_tap(ns, "tap0_vc", vnet_hdr)
+        .unwrap_or_else(|e| panic!("open_tap vnet_hdr={vnet_hdr}: {e:?} / {e}"));
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+    let mut tap_file = File::from(fd);
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let IpAddr::V4(v4) = pod_ip else {
+        panic!("v4 expected")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let _ = sock.send_to(b"hello", (pod_ip, 9));
+        std::thread::sleep(Duration::from_millis(100));
+        while let Ok(n) = tap_file.read(&mut buf) {
+            if buf[..n].windows(4).any(|w| w == v4.octets()) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn static_neighbours_of_the_netns_come_back_for_the_guest() {
+    let env = TestEnv::new("m", 13);
+    // A chained plugin that installs a permanent ARP entry and passes the
+    // previous result on.
+    env.script_plugin(
+        "vc-neigh",
+        r#"[ "$CNI_COMMAND" = ADD ] || { cat >/dev/null; exit 0; }
+exec python3 -c '
+import json, os, subprocess, sys
+conf = json.load(sys.stdin)
+subprocess.run(["nsenter", "--net=" + os.environ["CNI_NETNS"], "ip", "neigh", "add",
+                "10.123.13.50", "lladdr", "02:00:00:00:13:50", "dev", os.environ["CNI_IFNAME"],
+                "nud", "permanent"], check=True)
+print(json.dumps(conf["prevResult"]))
+'"#,
+    );
+    let mut bridge = env.bridge_plugin();
+    bridge["ipMasq"] = json!(false);
+    env.write_conf(
+        "10-test.conflist",
+        &json!({"cniVersion": "1.0.0", "name": env.net, "plugins": [bridge, {"type": "vc-neigh"}]}),
+    );
+    let net = pod_network(&env, InterworkingModel::TcFilter);
+    let mut req = request("pm");
+    req.port_mappings.clear();
+    let status = net.setup(&req).await.unwrap();
+    assert_eq!(
+        status.neighbours,
+        vec![cni::NeighbourInfo {
+            ip: "10.123.13.50".parse().unwrap(),
+            mac: "02:00:00:00:13:50".into(),
+            device: "eth0".into(),
+        }]
+    );
+    net.teardown("pm").await.unwrap();
     env.assert_clean();
 }

@@ -34,12 +34,16 @@ impl Runtime {
                 s.record.containers[idx].log_path.clone(),
             )
         };
+        // A log that cannot be opened must not stop the draining (a full
+        // pipe would block the container) nor the exit recording.
         let log = match &log_path {
-            Some(path) => Some(LogFile::open(path).map_err(|source| Error::Io {
-                action: "open log",
-                path: path.clone(),
-                source,
-            })?),
+            Some(path) => match LogFile::open(path) {
+                Ok(log) => Some(log),
+                Err(err) => {
+                    tracing::error!(sandbox = %sandbox_id, container = %id, path = %path.display(), "cannot open the log, output is dropped: {err}");
+                    None
+                }
+            },
             None => None,
         };
         if let Some(log) = &log {

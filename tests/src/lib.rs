@@ -17,6 +17,8 @@ use std::{
 
 use podsandbox::RuntimeConfig;
 
+pub mod cri;
+
 /// The source tree's root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -100,11 +100,20 @@ impl TestEnv {
     }
 
     /// A shell-script plugin in the test's bin dir.
+    ///
+    /// The executable is written by `install`, not by this process: a write
+    /// fd of ours would be inherited by processes other tests fork meanwhile
+    /// and make exec fail with ETXTBSY until they exec.
     pub fn script_plugin(&self, name: &str, body: &str) {
-        use std::os::unix::fs::PermissionsExt;
-        let path = self.bin_dir().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let src = self.dir.path().join(format!("{name}.src"));
+        std::fs::write(&src, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        let status = Command::new("install")
+            .arg("-m755")
+            .arg(&src)
+            .arg(self.bin_dir().join(name))
+            .status()
+            .expect("install");
+        assert!(status.success(), "install {name}");
     }
 
     pub fn cni_config(&self, timeout: Duration) -> CniConfig {
@@ -134,16 +143,19 @@ impl TestEnv {
 
     /// iptables lines (all tables) that mention this test's network.
     pub fn iptables_lines(&self) -> Vec<String> {
-        let out = Command::new("iptables-save")
-            .output()
-            .expect("iptables-save");
         let needle = format!("name: \\\"{}\\\"", self.net);
         let needle2 = format!("name: \"{}\"", self.net);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(&needle) || l.contains(&needle2))
-            .map(str::to_string)
-            .collect()
+        let mut lines = Vec::new();
+        for save in ["iptables-save", "ip6tables-save"] {
+            let out = Command::new(save).output().expect(save);
+            lines.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains(&needle) || l.contains(&needle2))
+                    .map(|l| format!("{save}: {l}")),
+            );
+        }
+        lines
     }
 
     /// Interfaces enslaved to the test's bridge (the host ends of veths).
@@ -216,8 +228,15 @@ impl Drop for TestEnv {
 /// chains those rules lived in or jumped to.
 pub fn purge_iptables(net: &str) {
     let tags = [format!("name: \"{net}\""), format!("name: \\\"{net}\\\"")];
-    for table in ["nat", "filter", "mangle"] {
-        let Ok(out) = Command::new("iptables").args(["-t", table, "-S"]).output() else {
+    for (ipt, table) in [
+        ("iptables", "nat"),
+        ("iptables", "filter"),
+        ("iptables", "mangle"),
+        ("ip6tables", "nat"),
+        ("ip6tables", "filter"),
+        ("ip6tables", "mangle"),
+    ] {
+        let Ok(out) = Command::new(ipt).args(["-t", table, "-S"]).output() else {
             continue;
         };
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -239,18 +258,14 @@ pub fn purge_iptables(net: &str) {
                     }
                 }
             }
-            let del = format!("iptables -t {table} -D {}", &line[3..]);
+            let del = format!("{ipt} -t {table} -D {}", &line[3..]);
             let _ = Command::new("sh").args(["-c", &del]).output();
         }
         chains.sort();
         chains.dedup();
         for c in chains {
-            let _ = Command::new("iptables")
-                .args(["-t", table, "-F", &c])
-                .output();
-            let _ = Command::new("iptables")
-                .args(["-t", table, "-X", &c])
-                .output();
+            let _ = Command::new(ipt).args(["-t", table, "-F", &c]).output();
+            let _ = Command::new(ipt).args(["-t", table, "-X", &c]).output();
         }
     }
 }

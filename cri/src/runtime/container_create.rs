@@ -90,6 +90,14 @@ impl Cri {
         config: cri::ContainerConfig,
         log: Option<std::path::PathBuf>,
     ) -> Result<()> {
+        if let Some(dir) = log.as_ref().and_then(|l| l.parent()) {
+            // kubelet makes the container's log dir; other clients may not.
+            std::fs::create_dir_all(dir).map_err(|source| CriError::Io {
+                action: "create log directory",
+                path: dir.into(),
+                source,
+            })?;
+        }
         let images = &self.inner.images;
         let img = images.status(image).await?;
         let defaults = ImageDefaults {

@@ -1,0 +1,395 @@
+//! A real `vcrid` for end-to-end tests: its own state, run, CNI and image
+//! dirs in a temp dir, a CNI bridge network of its own (bridge name, subnet,
+//! IPAM dir), and a guard that — pass or fail — removes every pod through
+//! the CRI, stops vcrid, kills what is left and removes the bridge and dirs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::{guest_dir, mounts_under, processes_mentioning, workspace_bin};
+
+pub type Runtime = RuntimeServiceClient<Channel>;
+pub type Images = ImageServiceClient<Channel>;
+
+/// One vcrid and everything it may leave behind.
+#[derive(Debug)]
+pub struct CriEnv {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_path: PathBuf,
+    /// The CNI network: its name, bridge, /24 and host-local data dir.
+    pub net: String,
+    pub bridge: String,
+    pub subnet_octet: u8,
+    vcrid: Option<Child>,
+}
+
+impl CriEnv {
+    /// A fresh environment; `octet` picks the test's subnet 10.211.<octet>.0/24
+    /// (distinct per test so tests may run in parallel).
+    pub fn new(octet: u8) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vcr")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let guest = guest_dir();
+        let net = format!("vcrtest{octet}");
+        let bridge = format!("vcrt{octet}");
+        let conf_dir = dir.path().join("cni");
+        std::fs::create_dir_all(&conf_dir).expect("mkdir cni");
+        let mut list = cni::defaults::default_conflist(&bridge, &format!("10.211.{octet}.0/24"));
+        list["name"] = serde_json::json!(net);
+        list["plugins"][0]["ipam"]["dataDir"] =
+            serde_json::json!(dir.path().join("ipam").display().to_string());
+        std::fs::write(
+            conf_dir.join("10-test.conflist"),
+            serde_json::to_vec_pretty(&list).expect("json"),
+        )
+        .expect("write conflist");
+        let socket = dir.path().join("vcrid.sock");
+        let config_path = dir.path().join("config.toml");
+        let config = format!(
+            "listen = \"unix://{}\"\nstate_dir = {:?}\nrun_dir = {:?}\n\n[hypervisor]\nkernel = {:?}\ninitrd = {:?}\n\n[agent]\ndial_timeout_ms = 60000\n\n[network]\nconf_dir = {:?}\nwrite_default_conflist = false\n\n[annotations]\nallowed = [\"io.virtcontainers.memory_mib\"]\n",
+            socket.display(),
+            dir.path().join("state"),
+            dir.path().join("run"),
+            guest.join("vmlinux"),
+            guest.join("initramfs.cpio"),
+            conf_dir,
+        );
+        std::fs::write(&config_path, config).expect("write config");
+        Self {
+            dir,
+            socket,
+            config_path,
+            net,
+            bridge,
+            subnet_octet: octet,
+            vcrid: None,
+        }
+    }
+
+    pub fn gateway(&self) -> String {
+        format!("10.211.{}.1", self.subnet_octet)
+    }
+
+    /// Starts `vcrid serve` and waits until its socket answers.
+    pub async fn start(&mut self) {
+        assert!(self.vcrid.is_none(), "vcrid already runs");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("vcrid.log"))
+            .expect("log");
+        let child = Command::new(workspace_bin("vcrid"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,vcrid=debug,cri=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn vcrid");
+        self.vcrid = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .vcrid
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("vcrid exited at start ({status}): {}", self.log());
+            }
+            if tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vcrid did not listen: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// vcrid's own log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vcrid.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.vcrid.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful stop (pods keep running).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.vcrid.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        let path = self.socket.clone();
+        Endpoint::try_from("http://[::]:50051")
+            .expect("endpoint")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .expect("connect to vcrid")
+    }
+
+    pub async fn runtime(&self) -> Runtime {
+        RuntimeServiceClient::new(self.channel().await)
+    }
+
+    pub async fn images(&self) -> Images {
+        ImageServiceClient::new(self.channel().await)
+    }
+
+    /// Lines of `iptables-save` that mention this test's network.
+    pub fn iptables_lines(&self) -> Vec<String> {
+        let out = Command::new("iptables-save")
+            .output()
+            .expect("iptables-save");
+        let subnet = format!("10.211.{}.", self.subnet_octet);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&self.net) || l.contains(&subnet))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Addresses host-local still has allocated in this test's network.
+    pub fn ipam_allocations(&self) -> Vec<String> {
+        let dir = self.dir.path().join("ipam").join(&self.net);
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("10."))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Interfaces enslaved to this test's bridge (one veth per live pod).
+    pub fn bridge_ports(&self) -> Vec<String> {
+        let dir = format!("/sys/class/net/{}/brif", self.bridge);
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Asserts nothing of any pod is left: processes, mounts, netns files,
+    /// veths, IP allocations, iptables rules, pod state.
+    pub fn assert_no_pods_left(&self) {
+        let procs: Vec<_> = processes_mentioning(&self.dir.path().join("run"));
+        assert!(procs.is_empty(), "processes left: {procs:?}");
+        let mounts = mounts_under(self.dir.path());
+        assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+        let netns: Vec<_> = std::fs::read_dir(self.dir.path().join("run/netns"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(netns.is_empty(), "netns left: {netns:?}");
+        assert!(
+            self.bridge_ports().is_empty(),
+            "veths left: {:?}",
+            self.bridge_ports()
+        );
+        assert!(
+            self.ipam_allocations().is_empty(),
+            "IPs still allocated: {:?}",
+            self.ipam_allocations()
+        );
+        assert!(
+            self.iptables_lines().is_empty(),
+            "iptables rules left: {:?}",
+            self.iptables_lines()
+        );
+        for sub in [
+            "state/sandboxes",
+            "state/cri/pods",
+            "state/cri/containers",
+            "run",
+        ] {
+            let left: Vec<_> = std::fs::read_dir(self.dir.path().join(sub))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n != "netns" && n != "vcrid.sock")
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(left.is_empty(), "{sub} left: {left:?}");
+        }
+    }
+
+    /// Stop and remove every pod through the CRI (best effort, bounded).
+    fn remove_all_pods(&self) {
+        let socket = self.socket.clone();
+        let this = CriClientOnly { socket };
+        let done = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(120), this.remove_all()).await;
+            });
+        });
+        let _ = done.join();
+    }
+}
+
+/// Enough of the environment to talk to vcrid from the cleanup thread.
+struct CriClientOnly {
+    socket: PathBuf,
+}
+
+impl CriClientOnly {
+    async fn remove_all(&self) {
+        if tokio::net::UnixStream::connect(&self.socket).await.is_err() {
+            return;
+        }
+        let path = self.socket.clone();
+        let Ok(endpoint) = Endpoint::try_from("http://[::]:50051") else {
+            return;
+        };
+        let Ok(channel) = endpoint
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+        else {
+            return;
+        };
+        let mut rt = RuntimeServiceClient::new(channel);
+        let Ok(pods) = rt
+            .list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest { filter: None })
+            .await
+        else {
+            return;
+        };
+        for pod in pods.into_inner().items {
+            let _ = rt
+                .stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+                    pod_sandbox_id: pod.id.clone(),
+                })
+                .await;
+            let _ = rt
+                .remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.id,
+                })
+                .await;
+        }
+    }
+}
+
+impl Drop for CriEnv {
+    fn drop(&mut self) {
+        if self.vcrid.is_none() && !processes_mentioning(&self.dir.path().join("run")).is_empty() {
+            // Pods outlived a killed vcrid: start one to remove them.
+            self.start_quietly();
+        }
+        self.remove_all_pods();
+        self.stop();
+        for (pid, _) in processes_mentioning(self.dir.path()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        crate::reap_orphaned_vmms();
+        let mut mounts = mounts_under(self.dir.path());
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl CriEnv {
+    /// Starts vcrid without waiting in async code (for the drop guard).
+    fn start_quietly(&mut self) {
+        let child = Command::new(workspace_bin("vcrid"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        if let Ok(child) = child {
+            self.vcrid = Some(child);
+            for _ in 0..400 {
+                if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Reads `path` (a CRI log file) until it holds `needle` or 60 s pass.
+pub async fn wait_for_log(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in {}: {text:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
