@@ -8,8 +8,6 @@
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
-use rustix::mount::MountFlags;
-
 use crate::digest::Digest;
 use crate::error::{ImageError, Result};
 use crate::metadata::{ContainerRootfs, Image, RootfsKind};
@@ -97,11 +95,7 @@ impl ImageStore {
         // A read-only overlay of the layers (the empty dir makes even a one-layer
         // image a valid lower-only overlay) is the flattened rootfs.
         let lowers = lowerdirs(self, &image.chain_ids, Some(&build.empty))?;
-        mount_overlay(
-            &build.mnt,
-            &format!("lowerdir={lowers}"),
-            MountFlags::RDONLY,
-        )?;
+        mount_overlay(&build.mnt, &lowers, None)?;
         build.mounted = true;
         let mnt = build.mnt.clone();
         let (bytes, inodes) = tokio::task::spawn_blocking(move || content_size(&mnt))

@@ -70,6 +70,9 @@ impl ContentStore {
             return Ok(());
         }
         let tmp = self.temp_path(digest);
+        // Removes the temp file on error and when the pull is dropped mid-download;
+        // after the rename it is gone and this does nothing.
+        let _tmp_guard = RemoveOnDrop(tmp.clone());
         let res = async {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
@@ -83,9 +86,6 @@ impl ContentStore {
             self.commit(&tmp, digest).await
         }
         .await;
-        if res.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         res
     }
 
@@ -104,10 +104,15 @@ impl ContentStore {
         }
         let (resp, url) = session.blob(digest).await?;
         let tmp = self.temp_path(digest);
+        // Removes the temp file on error and when the pull is dropped mid-download;
+        // after the rename it is gone and this does nothing.
+        let _tmp_guard = RemoveOnDrop(tmp.clone());
         let res = async {
-            let mut f = tokio::fs::File::create(&tmp)
+            let f = tokio::fs::File::create(&tmp)
                 .await
                 .map_err(|e| ImageError::io("create", &tmp, e))?;
+            // Each tokio file write is a blocking-pool hop: write in large pieces.
+            let mut f = tokio::io::BufWriter::with_capacity(1 << 20, f);
             let mut hasher = Sha256::new();
             let mut written: u64 = 0;
             let mut stream = resp.bytes_stream();
@@ -134,15 +139,16 @@ impl ContentStore {
                     url: url.clone(),
                 });
             }
-            f.sync_all()
+            f.flush()
+                .await
+                .map_err(|e| ImageError::io("write", &tmp, e))?;
+            f.get_ref()
+                .sync_all()
                 .await
                 .map_err(|e| ImageError::io("fsync", &tmp, e))?;
             self.commit(&tmp, digest).await
         }
         .await;
-        if res.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         res.map(|()| true)
     }
 
@@ -166,5 +172,13 @@ impl ContentStore {
             .await
             .map_err(|e| ImageError::io("rename into place", &dst, e))?;
         crate::util::fsync_dir(&self.dir)
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -133,6 +133,9 @@ pub enum ImageError {
         #[source]
         source: serde_json::Error,
     },
+    /// Another store instance holds the root.
+    #[error("image store root {root} is in use by another process")]
+    RootInUse { root: PathBuf },
     /// A blocking task was cancelled or panicked.
     #[error("background task for {what} did not finish")]
     Task { what: String },
@@ -149,6 +152,7 @@ impl ImageError {
                 ErrorKind::NotFound
             }
             RootfsExists { .. } => ErrorKind::AlreadyExists,
+            RootInUse { .. } => ErrorKind::FailedPrecondition,
             Http { source, .. } if source.is_timeout() => ErrorKind::DeadlineExceeded,
             Http { .. } => ErrorKind::Unavailable,
             Registry { status, .. } if *status >= 500 => ErrorKind::Unavailable,

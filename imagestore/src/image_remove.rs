@@ -47,7 +47,10 @@ impl ImageStore {
                 lc.extend(c.chain_ids.iter().cloned());
             }
             let alive = s.images.contains_key(image_id);
-            let in_use = s.containers.values().any(|c| c.image_id == image_id);
+            let in_use = s
+                .containers
+                .values()
+                .any(|c| c.image_id == image_id && c.kind == crate::metadata::RootfsKind::Block);
             (lb, lc, alive, in_use)
         });
         for b in blobs.iter().filter(|b| !live_blobs.contains(b)) {

@@ -57,6 +57,11 @@ impl Image {
         }
     }
 
+    /// The CRI ImageStatus `verbose` info: the whole record as JSON.
+    pub fn verbose_info(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
     /// Whether `reference` (ID, tag or digest reference) names this image.
     pub fn matches(&self, reference: &str) -> bool {
         if self.id == reference || self.id.strip_prefix("sha256:") == Some(reference) {
@@ -237,6 +242,9 @@ mod tests {
             assert_eq!(s.resolve(&b[7..]).unwrap().id, b);
             assert!(s.resolve("x:2").is_none());
             assert_eq!(s.images[&b].user(), ImageUser::Uid(1000));
+            let info: serde_json::Value =
+                serde_json::from_str(&s.images[&b].verbose_info()).unwrap();
+            assert_eq!(info["config"]["User"], "1000:1000");
         });
     }
 

@@ -115,6 +115,9 @@ impl RegistryClient {
                 env!("CARGO_PKG_VERSION")
             ))
             .connect_timeout(std::time::Duration::from_secs(30))
+            // A registry that stops sending fails the pull (DeadlineExceeded)
+            // instead of hanging it; slow but moving downloads are fine.
+            .read_timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|source| ImageError::Http {
                 url: "(client set-up)".into(),

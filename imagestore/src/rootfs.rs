@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use rustix::io::Errno;
 use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::digest::Digest;
@@ -34,12 +35,7 @@ impl ImageStore {
                 std::fs::create_dir(d).map_err(|e| ImageError::io("create", d, e))?;
             }
             let lowers = lowerdirs(self, &image.chain_ids, None)?;
-            let data = format!(
-                "lowerdir={lowers},upperdir={},workdir={}",
-                option_path(&upper)?,
-                option_path(&work)?
-            );
-            mount_overlay(&rootfs, &data, MountFlags::empty())?;
+            mount_overlay(&rootfs, &lowers, Some((&upper, &work)))?;
             let record = ContainerRootfs {
                 image_id: image.id.clone(),
                 kind: RootfsKind::Overlay,
@@ -109,13 +105,13 @@ impl ImageStore {
     }
 }
 
-/// `top:...:bottom[:extra]` of the snapshot dirs, checking each exists.
+/// The snapshot dirs, top layer first, plus `extra` at the bottom; each must exist.
 pub(crate) fn lowerdirs(
     store: &ImageStore,
     chain_ids: &[Digest],
     extra: Option<&Path>,
-) -> Result<String> {
-    let mut parts = Vec::with_capacity(chain_ids.len() + 1);
+) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::with_capacity(chain_ids.len() + 1);
     for c in chain_ids.iter().rev() {
         let p = store.snapshot_path(c);
         if !p.is_dir() {
@@ -125,15 +121,96 @@ pub(crate) fn lowerdirs(
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             ));
         }
-        parts.push(option_path(&p)?);
+        out.push(p);
     }
-    if let Some(e) = extra {
-        parts.push(option_path(e)?);
-    }
-    Ok(parts.join(":"))
+    out.extend(extra.map(Path::to_path_buf));
+    Ok(out)
 }
 
-/// A path usable inside overlay mount options (no `,` `:` `\`).
+/// Mounts an overlay at `target`: read-only when there is no upper dir.
+///
+/// Uses the new mount API with one `lowerdir+` per layer (Linux 6.8+), which
+/// has no limit on the number of layers; older kernels get `mount(2)` with
+/// the options in one page (about 30 layers with a short root).
+pub(crate) fn mount_overlay(
+    target: &Path,
+    lowers: &[PathBuf],
+    upper_work: Option<(&Path, &Path)>,
+) -> Result<()> {
+    let mount_err = |source| ImageError::Mount {
+        action: "mount overlay on",
+        path: target.to_path_buf(),
+        source,
+    };
+    match mount_overlay_fsconfig(target, lowers, upper_work) {
+        Ok(()) => return Ok(()),
+        // No new mount API, or no `lowerdir+`: fall back to mount(2).
+        Err(Errno::NOSYS) | Err(Errno::INVAL) => {}
+        Err(e) => return Err(mount_err(e)),
+    }
+    mount_overlay_legacy(target, lowers, upper_work)
+}
+
+fn mount_overlay_legacy(
+    target: &Path,
+    lowers: &[PathBuf],
+    upper_work: Option<(&Path, &Path)>,
+) -> Result<()> {
+    let mount_err = |source| ImageError::Mount {
+        action: "mount overlay on",
+        path: target.to_path_buf(),
+        source,
+    };
+    let mut data = String::from("lowerdir=");
+    let parts = lowers
+        .iter()
+        .map(|p| option_path(p))
+        .collect::<Result<Vec<_>>>()?;
+    data.push_str(&parts.join(":"));
+    let mut flags = MountFlags::RDONLY;
+    if let Some((upper, work)) = upper_work {
+        data.push_str(&format!(
+            ",upperdir={},workdir={}",
+            option_path(upper)?,
+            option_path(work)?
+        ));
+        flags = MountFlags::empty();
+    }
+    let cdata = std::ffi::CString::new(data).map_err(|_| mount_err(Errno::INVAL))?;
+    rustix::mount::mount("overlay", target, "overlay", flags, cdata.as_c_str()).map_err(mount_err)
+}
+
+fn mount_overlay_fsconfig(
+    target: &Path,
+    lowers: &[PathBuf],
+    upper_work: Option<(&Path, &Path)>,
+) -> rustix::io::Result<()> {
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
+        FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    };
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for l in lowers {
+        fsconfig_set_string(&fs, "lowerdir+", l)?;
+    }
+    let mut attrs = MountAttrFlags::MOUNT_ATTR_RDONLY;
+    if let Some((upper, work)) = upper_work {
+        fsconfig_set_string(&fs, "upperdir", upper)?;
+        fsconfig_set_string(&fs, "workdir", work)?;
+        attrs = MountAttrFlags::empty();
+    }
+    fsconfig_create(&fs)?;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;
+    move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+}
+
+/// A path usable inside mount(2) overlay options (no `,` `:` `\`).
 fn option_path(p: &Path) -> Result<String> {
     let s = p.to_str().unwrap_or_default();
     if s.is_empty() || s.contains([',', ':', '\\']) {
@@ -146,23 +223,6 @@ fn option_path(p: &Path) -> Result<String> {
     Ok(s.to_string())
 }
 
-pub(crate) fn mount_overlay(target: &Path, data: &str, flags: MountFlags) -> Result<()> {
-    let cdata = std::ffi::CString::new(data).map_err(|_| {
-        ImageError::io(
-            "build overlay options for",
-            target,
-            std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        )
-    })?;
-    rustix::mount::mount("overlay", target, "overlay", flags, cdata.as_c_str()).map_err(|source| {
-        ImageError::Mount {
-            action: "mount overlay on",
-            path: target.to_path_buf(),
-            source,
-        }
-    })
-}
-
 pub(crate) fn unmount_if_mounted(path: &Path) -> Result<()> {
     match rustix::mount::unmount(path, UnmountFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
@@ -171,5 +231,66 @@ pub(crate) fn unmount_if_mounted(path: &Path) -> Result<()> {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = unmount_if_mounted(&self.0);
+        }
+    }
+
+    /// Both mount paths (new API and mount(2)) give the same merged view.
+    #[test]
+    fn overlay_mounts_with_both_apis() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::create_dir(&p).unwrap();
+            p
+        };
+        let (top, bottom) = (d("top"), d("bottom"));
+        std::fs::write(top.join("f"), b"top").unwrap();
+        std::fs::write(bottom.join("f"), b"bottom").unwrap();
+        std::fs::write(bottom.join("g"), b"g").unwrap();
+        let lowers = vec![top, bottom];
+        type Mounter = fn(&Path, &[PathBuf], Option<(&Path, &Path)>) -> Result<()>;
+        let mounters: [(&str, Mounter); 2] = [
+            ("fsconfig", |t, l, u| {
+                mount_overlay_fsconfig(t, l, u).map_err(|source| ImageError::Mount {
+                    action: "mount",
+                    path: t.to_path_buf(),
+                    source,
+                })
+            }),
+            ("legacy", mount_overlay_legacy),
+        ];
+        for (name, mount) in mounters {
+            let (upper, work, mnt) = (
+                d(&format!("{name}-u")),
+                d(&format!("{name}-w")),
+                d(&format!("{name}-m")),
+            );
+            mount(&mnt, &lowers, Some((&upper, &work))).unwrap();
+            let _g = Unmount(mnt.clone());
+            assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"top", "{name}");
+            assert_eq!(std::fs::read(mnt.join("g")).unwrap(), b"g", "{name}");
+            std::fs::write(mnt.join("new"), b"n").unwrap();
+            assert_eq!(std::fs::read(upper.join("new")).unwrap(), b"n", "{name}");
+            drop(_g);
+            let ro = d(&format!("{name}-ro"));
+            mount(&ro, &lowers, None).unwrap();
+            let _g = Unmount(ro.clone());
+            assert_eq!(std::fs::read(ro.join("f")).unwrap(), b"top", "{name}");
+            assert!(
+                std::fs::write(ro.join("x"), b"x").is_err(),
+                "{name}: read-only"
+            );
+        }
     }
 }

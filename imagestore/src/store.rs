@@ -38,6 +38,8 @@ pub struct ImageStore {
     /// snapshots) holds it exclusively, so nothing in use is freed under a pull.
     pub(crate) gc: tokio::sync::RwLock<()>,
     pub(crate) platform: Platform,
+    /// An exclusive `flock` on `<root>/lock`: one store per root.
+    _lock: std::os::fd::OwnedFd,
 }
 
 impl ImageStore {
@@ -49,9 +51,10 @@ impl ImageStore {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(|e| ImageError::io("create", &p, e))?;
         }
+        let lock = lock_root(&root)?;
         remove_temp_entries(&root.join("snapshots"))?;
         remove_temp_entries(&root.join("blockimages"))?;
-        Ok(ImageStore {
+        let store = ImageStore {
             content: ContentStore::open(&root)?,
             meta: Metadata::open(&root)?,
             client: RegistryClient::new(config.registries.clone())?,
@@ -61,7 +64,51 @@ impl ImageStore {
             image_locks: KeyedLocks::default(),
             gc: tokio::sync::RwLock::new(()),
             platform: Platform::host(),
-        })
+            _lock: lock,
+        };
+        store.sweep_orphans()?;
+        Ok(store)
+    }
+
+    /// Removes what no record refers to: blobs, snapshots and block images left
+    /// by a crash between writing content and recording the image.
+    fn sweep_orphans(&self) -> Result<()> {
+        let (blobs, chains, images) = self.meta.read(|s| {
+            let mut blobs = std::collections::HashSet::new();
+            let mut chains = std::collections::HashSet::new();
+            let mut images = std::collections::HashSet::new();
+            for i in s.images.values() {
+                blobs.extend(i.blobs.iter().map(|d| d.hex().to_string()));
+                chains.extend(i.chain_ids.iter().map(|d| d.hex().to_string()));
+                images.insert(format!("{}.ext4", i.id.trim_start_matches("sha256:")));
+            }
+            for c in s.containers.values() {
+                chains.extend(c.chain_ids.iter().map(|d| d.hex().to_string()));
+                images.insert(format!("{}.ext4", c.image_id.trim_start_matches("sha256:")));
+            }
+            (blobs, chains, images)
+        });
+        for (dir, keep) in [
+            (self.root.join("blobs").join("sha256"), &blobs),
+            (self.root.join("snapshots"), &chains),
+            (self.root.join("blockimages"), &images),
+        ] {
+            let rd = std::fs::read_dir(&dir).map_err(|e| ImageError::io("read", &dir, e))?;
+            for e in rd.flatten() {
+                if keep.contains(e.file_name().to_string_lossy().as_ref()) {
+                    continue;
+                }
+                let p = e.path();
+                tracing::info!(path = %p.display(), "removing orphan");
+                let res = if p.is_dir() {
+                    crate::snapshot::remove_dir(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                res.map_err(|e| ImageError::io("remove orphan", &p, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Pull images for another platform than the host's (index selection).
@@ -91,6 +138,24 @@ impl ImageStore {
             });
         }
         Ok(self.root.join("containers").join(container_id))
+    }
+}
+
+fn lock_root(root: &Path) -> Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    let path = root.join("lock");
+    let fd = rustix::fs::open(
+        &path,
+        OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| ImageError::io("open", &path, e.into()))?;
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ImageError::RootInUse {
+            root: root.to_path_buf(),
+        }),
+        Err(e) => Err(ImageError::io("lock", &path, e.into())),
     }
 }
 

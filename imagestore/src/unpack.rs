@@ -79,6 +79,7 @@ pub(crate) fn unpack_layer(
         root,
         layer,
         dir_times: Vec::new(),
+        buf: vec![0; 1 << 20],
     };
     let entries = archive.entries().map_err(|source| u.err("", source))?;
     for entry in entries {
@@ -97,6 +98,20 @@ struct Unpacker<'a> {
     layer: &'a str,
     /// Directory mtimes, applied last (creating entries inside changes them).
     dir_times: Vec<(Vec<Vec<u8>>, u64)>,
+    /// Copy buffer for file contents (fewer, larger writes than `io::copy`'s 8 KiB).
+    buf: Vec<u8>,
+}
+
+fn copy_large(from: &mut impl Read, to: &mut impl io::Write, buf: &mut [u8]) -> io::Result<()> {
+    loop {
+        let n = match from.read(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+    }
 }
 
 /// Splits an entry path into normal components; `None` for a `..` component.
@@ -153,15 +168,11 @@ impl Unpacker<'_> {
         }
     }
 
-    /// Opens a directory of the layer, resolved inside the layer root.
+    /// Opens a directory of the layer, resolved inside the layer root: symlinks,
+    /// the last component included, resolve as if the layer root were `/`.
     fn open_in_root(&self, comps: &[Vec<u8>]) -> rustix::io::Result<OwnedFd> {
-        rustix::fs::openat2(
-            &self.root,
-            os(&join(comps)),
-            DIR_FLAGS,
-            Mode::empty(),
-            RESOLVE,
-        )
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+        rustix::fs::openat2(&self.root, os(&join(comps)), flags, Mode::empty(), RESOLVE)
     }
 
     /// Opens (creating missing directories, root-owned 0755) the parent of an entry.
@@ -176,7 +187,9 @@ impl Unpacker<'_> {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => {
                     match rustix::fs::mkdirat(&fd, os(&comps[i - 1]), Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
+                        Ok(()) => {}
+                        // A dangling symlink: refuse rather than guess where it points.
+                        Err(Errno::EXIST) => return Err(Errno::LOOP),
                         Err(e) => return Err(e),
                     }
                     self.open_in_root(&comps[..i])?
@@ -205,9 +218,11 @@ impl Unpacker<'_> {
             }
             return Ok(());
         };
-        let parent = self
-            .parent(parent_comps)
-            .map_err(|e| self.err(&name, e.into()))?;
+        let parent = self.parent(parent_comps).map_err(|e| match e {
+            Errno::LOOP => self.hostile(&name, "a parent is a dangling symlink"),
+            Errno::NOTDIR => self.hostile(&name, "a parent is not a directory"),
+            e => self.err(&name, e.into()),
+        })?;
 
         if base.as_slice() == OPAQUE {
             return rustix::fs::fsetxattr(
@@ -217,6 +232,10 @@ impl Unpacker<'_> {
                 rustix::fs::XattrFlags::empty(),
             )
             .map_err(|e| self.err(&name, e.into()));
+        }
+        if base.starts_with(b".wh..wh.") {
+            // AUFS metadata (`.wh..wh.plnk`, `.wh..wh.aufs`): not content, as in Docker.
+            return Ok(());
         }
         if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
@@ -267,7 +286,7 @@ impl Unpacker<'_> {
                 )
                 .map_err(|e| self.err(&name, e.into()))?;
                 let mut file = std::fs::File::from(fd);
-                io::copy(entry, &mut file).map_err(|e| self.err(&name, e))?;
+                copy_large(entry, &mut file, &mut self.buf).map_err(|e| self.err(&name, e))?;
                 meta.apply_fd(&file, true).map_err(|e| self.err(&name, e))?;
             }
             T::Symlink => {
@@ -416,9 +435,10 @@ impl Meta {
     fn of<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Self> {
         let h = entry.header();
         let mut m = Meta {
-            uid: u32::try_from(h.uid()?).unwrap_or(u32::MAX),
-            gid: u32::try_from(h.gid()?).unwrap_or(u32::MAX),
-            mode: h.mode()? & 0o7777,
+            // Empty numeric fields are zero, as Go's archive/tar reads them.
+            uid: u32::try_from(h.uid().unwrap_or(0)).unwrap_or(u32::MAX),
+            gid: u32::try_from(h.gid().unwrap_or(0)).unwrap_or(u32::MAX),
+            mode: h.mode().unwrap_or(0o644) & 0o7777,
             mtime: h.mtime().unwrap_or(0),
             xattrs: Vec::new(),
         };
@@ -493,5 +513,37 @@ mod tests {
         );
         assert_eq!(components(b"a/../../b"), None);
         assert_eq!(components(b"./"), Some(vec![]));
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, link, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn symlink_to_root_is_followed_inside_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = tar_of(&[
+            ("evil", tar::EntryType::Symlink, "/", b""),
+            ("evil/x/y", tar::EntryType::Regular, "", b"data"),
+            ("up", tar::EntryType::Symlink, "../../..", b""),
+            ("up/z", tar::EntryType::Regular, "", b"z"),
+            (".wh..wh.plnk", tar::EntryType::Directory, "", b""),
+        ]);
+        let d = unpack_layer(&tar[..], Compression::None, dir.path(), "test").unwrap();
+        assert_eq!(d, Digest::of(&tar));
+        assert_eq!(std::fs::read(dir.path().join("x/y")).unwrap(), b"data");
+        assert_eq!(std::fs::read(dir.path().join("z")).unwrap(), b"z");
+        assert!(!dir.path().join(".wh.plnk").exists() && !dir.path().join(".wh..wh.plnk").exists());
     }
 }

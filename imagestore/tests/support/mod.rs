@@ -405,6 +405,9 @@ pub fn layer(entries: &[E], comp: Comp) -> TestLayer {
                 h.set_device_major(*maj).unwrap();
                 h.set_device_minor(*min).unwrap();
                 h.set_mode(0o666);
+                h.set_uid(0);
+                h.set_gid(0);
+                h.set_mtime(1_700_000_000);
                 h.set_size(0);
                 h.set_cksum();
                 b.append(&h, &[][..]).unwrap();
@@ -655,4 +658,206 @@ impl Drop for StoreDir {
             }
         }
     }
+}
+
+/// A bearer-token front for a registry, like Docker Hub's: `/v2/...` needs
+/// `Bearer <token>`, else 401 with a challenge naming `/token`, which hands out
+/// the token for basic credentials (GET) or a refresh token (POST, OAuth2 form).
+pub struct TokenProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+    pub token_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for TokenProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub const PROXY_TOKEN: &str = "tok-123";
+pub const PROXY_REFRESH: &str = "refresh-456";
+
+impl TokenProxy {
+    pub async fn start(upstream: String, user: &str, pass: &str) -> TokenProxy {
+        use base64::Engine as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        );
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count2 = count.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let (basic, upstream, count) = (basic.clone(), upstream.clone(), count2.clone());
+                tokio::spawn(async move {
+                    let _ = serve_one(conn, port, &basic, &upstream, &count).await;
+                });
+            }
+        });
+        TokenProxy {
+            port,
+            task,
+            token_requests: count,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+async fn serve_one(
+    mut conn: tokio::net::TcpStream,
+    port: u16,
+    basic: &str,
+    upstream: &str,
+    count: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |k: &str| {
+        headers
+            .iter()
+            .find(|(hk, _)| hk == k)
+            .map(|(_, v)| v.clone())
+    };
+    let len: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+    let mut parts = request_line.split(' ');
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+
+    let (status, mut extra, out): (u16, Vec<(String, String)>, Vec<u8>) = if target
+        .starts_with("/token")
+    {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let scoped = target.contains("scope=repository%3A") || body.contains("scope=repository%3A");
+        let ok = match method {
+            "GET" => header("authorization").as_deref() == Some(basic) && scoped,
+            "POST" => {
+                body.contains(&format!("refresh_token={PROXY_REFRESH}"))
+                    && body.contains("grant_type=refresh_token")
+                    && scoped
+            }
+            _ => false,
+        };
+        if ok {
+            let key = if method == "GET" {
+                "token"
+            } else {
+                "access_token"
+            };
+            (
+                200,
+                vec![("Content-Type".into(), "application/json".into())],
+                format!("{{\"{key}\":\"{PROXY_TOKEN}\"}}").into_bytes(),
+            )
+        } else {
+            (401, vec![], b"{}".to_vec())
+        }
+    } else if header("authorization").as_deref() == Some(&format!("Bearer {PROXY_TOKEN}")) {
+        let mut req = reqwest::Client::new().get(format!("{upstream}{target}"));
+        if let Some(a) = header("accept") {
+            req = req.header("accept", a);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let mut hs = Vec::new();
+        for k in ["content-type", "docker-content-digest"] {
+            if let Some(v) = resp.headers().get(k) {
+                hs.push((k.to_string(), v.to_str().unwrap().to_string()));
+            }
+        }
+        (status, hs, resp.bytes().await.unwrap().to_vec())
+    } else {
+        let repo = target
+            .trim_start_matches("/v2/")
+            .split("/manifests/")
+            .next()
+            .unwrap_or("")
+            .split("/blobs/")
+            .next()
+            .unwrap_or("");
+        (
+            401,
+            vec![(
+                "WWW-Authenticate".into(),
+                format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test-service\",scope=\"repository:{repo}:pull\""),
+            )],
+            b"{}".to_vec(),
+        )
+    };
+    extra.push(("Content-Length".into(), out.len().to_string()));
+    extra.push(("Connection".into(), "close".into()));
+    let mut resp = format!("HTTP/1.1 {status} X\r\n");
+    for (k, v) in extra {
+        resp.push_str(&format!("{k}: {v}\r\n"));
+    }
+    resp.push_str("\r\n");
+    conn.write_all(resp.as_bytes()).await?;
+    conn.write_all(&out).await?;
+    conn.shutdown().await
+}
+
+/// Whether this host can run the image store's tests: root plus the tools
+/// they drive. Prints the reason and returns false when it cannot (CI has all).
+pub fn host_ready() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    if !root {
+        eprintln!("SKIP: the image store tests need root (mounts, device nodes, chown)");
+        return false;
+    }
+    let tools = [
+        "/usr/bin/docker-registry",
+        "/bin/busybox",
+        "/usr/sbin/mkfs.ext4",
+        "/usr/bin/qemu-img",
+        "/usr/bin/skopeo",
+        "/usr/bin/umoci",
+    ];
+    for t in tools {
+        if !Path::new(t).exists() {
+            eprintln!("SKIP: {t} is missing (hack/install-deps installs it)");
+            return false;
+        }
+    }
+    true
 }
