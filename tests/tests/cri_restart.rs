@@ -2,7 +2,12 @@
 //! pod and container; running pods keep running, a container that exited
 //! meanwhile reports its exit code, logs keep being written, exec works.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::large_futures
+)]
 
 #[path = "../../imagestore/tests/support/mod.rs"]
 mod support;
