@@ -58,6 +58,18 @@ fn file(part: &'static str, required: bool, path: &Path) -> Item {
     }
 }
 
+/// An error with its sources, on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
 pub fn check(config: &Config) -> Report {
     let hv = &config.hypervisor;
     let mut items = vec![
@@ -122,9 +134,9 @@ pub fn check(config: &Config) -> Report {
         detail: match conf {
             Ok(list) => format!("{} in {}", list.name, config.network.conf_dir.display()),
             Err(err) if config.network.write_default_conflist => {
-                format!("{err} (vcrid serve writes a default bridge config)")
+                format!("{} (vcrid serve writes a default bridge config)", chain(&err))
             }
-            Err(err) => err.to_string(),
+            Err(err) => chain(&err),
         },
     });
     let cgroup2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
