@@ -1,2 +1,5 @@
-//! The CRI server `vcrid`: RuntimeService and ImageService over gRPC. Not built yet (issue 6).
+//! The CRI server `vcrid`: RuntimeService and ImageService over gRPC (issue 6). Today it holds the
+//! streaming server that Exec, Attach and PortForward hand out URLs for.
 #![forbid(unsafe_code)]
+
+pub mod streaming;
