@@ -499,6 +499,9 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
             }
         }
     }
+    // The peer is gone (or broke the protocol): flush what is queued and hang up too.
+    let (tx, _rx) = oneshot::channel();
+    let _ = shared.out.send(Out::Shutdown(tx));
     shared.mark_closed();
 }
 
@@ -997,5 +1000,403 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.finish();
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frame::FLAG_FIN;
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn pair() -> (Session, Session) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = Session::new(a, Role::Server, SessionConfig::default()).unwrap();
+        let client = Session::new(b, Role::Client, SessionConfig::default()).unwrap();
+        (server, client)
+    }
+
+    async fn read_all(s: &mut Stream) -> Vec<u8> {
+        let mut v = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut v))
+            .await
+            .unwrap()
+            .unwrap();
+        v
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn streams_carry_headers_data_and_half_close_both_ways() {
+        let (mut server, client) = pair();
+        let mut c = client
+            .open(Headers::new().with("streamType", "stdout"), false)
+            .unwrap();
+        assert_eq!(c.id(), 1);
+        let mut s = tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.headers().get("streamtype"), Some("stdout"));
+        s.reply(Headers::new().with("x-ok", "yes"), false);
+        let reply = tokio::time::timeout(T, c.reply_headers())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.get("x-ok"), Some("yes"));
+        c.write_all(b"from client").await.unwrap();
+        c.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut s).await, b"from client");
+        s.write_all(b"from server").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut c).await, b"from server");
+        // Writing after FIN is refused.
+        assert!(s.write_all(b"late").await.is_err());
+        // Both sides closed: the stream is forgotten by both sessions.
+        tokio::time::timeout(T, client.ping())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(lock(&server.shared.state).streams.is_empty());
+        assert!(lock(&client.shared.state).streams.is_empty());
+    }
+
+    #[tokio::test]
+    async fn megabytes_cross_with_flow_control_on_both_sides() {
+        let (mut server, client) = pair();
+        let c = client.open(Headers::new(), false).unwrap();
+        let s = tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let up = pattern(3 << 20);
+        let down = pattern(2 << 20);
+        // Each side writes and reads at once (flow control stalls a writer whose peer does not read).
+        async fn both_ways(s: Stream, out: Vec<u8>) -> Vec<u8> {
+            let (mut r, mut w) = tokio::io::split(s);
+            let write = async {
+                w.write_all(&out).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let read = async {
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).await.unwrap();
+                v
+            };
+            tokio::join!(write, read).1
+        }
+        let (got_c, got_s) = tokio::time::timeout(T, async {
+            tokio::join!(both_ways(c, up.clone()), both_ways(s, down.clone()))
+        })
+        .await
+        .unwrap();
+        assert!(got_s == up);
+        assert!(got_c == down);
+        // Both peers announced SETTINGS, so both enforce windows.
+        assert!(server.shared.peer_flow_control.load(Ordering::SeqCst));
+        assert!(client.shared.peer_flow_control.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn ping_is_answered_both_ways() {
+        let (server, client) = pair();
+        tokio::time::timeout(T, client.ping())
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(T, server.ping())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn goaway_and_close_end_accept_and_fail_new_streams() {
+        let (mut server, client) = pair();
+        tokio::time::timeout(T, client.close()).await.unwrap();
+        assert!(tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .is_none());
+        server.closed().await;
+        assert!(matches!(
+            server.open(Headers::new(), false),
+            Err(SpdyError::SessionClosed | SpdyError::GoingAway)
+        ));
+    }
+
+    #[tokio::test]
+    async fn reset_by_peer_fails_reads_and_writes() {
+        let (mut server, client) = pair();
+        let mut c = client.open(Headers::new(), false).unwrap();
+        let s = tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        s.reset(rst::CANCEL);
+        let mut buf = [0u8; 4];
+        let e = tokio::time::timeout(T, c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        assert!(c.write_all(b"x").await.is_err());
+        assert!(matches!(
+            c.reply_headers().await,
+            Err(SpdyError::StreamReset {
+                status: rst::CANCEL,
+                ..
+            })
+        ));
+    }
+
+    /// A raw peer: frames written and read by hand.
+    struct Raw {
+        io: DuplexStream,
+        enc: FrameEncoder,
+        dec: FrameDecoder,
+        buf: BytesMut,
+    }
+
+    impl Raw {
+        fn server() -> (Session, Raw) {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let server = Session::new(a, Role::Server, SessionConfig::default()).unwrap();
+            let raw = Raw {
+                io: b,
+                enc: FrameEncoder::new().unwrap(),
+                dec: FrameDecoder::new(),
+                buf: BytesMut::new(),
+            };
+            (server, raw)
+        }
+
+        async fn send(&mut self, f: Frame) {
+            let mut b = BytesMut::new();
+            self.enc.encode(&f, &mut b).unwrap();
+            self.io.write_all(&b).await.unwrap();
+        }
+
+        /// The next frame other than SETTINGS and WINDOW_UPDATE.
+        async fn next(&mut self) -> Option<Frame> {
+            loop {
+                match self.dec.decode(&mut self.buf).unwrap() {
+                    Some(Frame::Settings { .. } | Frame::WindowUpdate { .. }) => continue,
+                    Some(f) => return Some(f),
+                    None => {}
+                }
+                let n = tokio::time::timeout(T, self.io.read_buf(&mut self.buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if n == 0 {
+                    return None;
+                }
+            }
+        }
+
+        async fn syn(&mut self, id: u32) {
+            self.send(Frame::SynStream {
+                stream_id: id,
+                associated_to: 0,
+                priority: 0,
+                slot: 0,
+                fin: false,
+                unidirectional: false,
+                headers: Headers::new().with("streamtype", "data"),
+            })
+            .await;
+        }
+    }
+
+    /// spdystream (kubectl, kubelet) never sends SETTINGS or WINDOW_UPDATE and ignores ours:
+    /// neither direction may stall at 64 KiB.
+    #[tokio::test]
+    async fn a_peer_without_flow_control_is_not_stalled() {
+        let (mut server, mut raw) = Raw::server();
+        raw.syn(1).await;
+        let mut s = tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        s.reply(Headers::new(), false);
+        let up = pattern(300 * 1024);
+        for (i, chunk) in up.chunks(32 * 1024).enumerate() {
+            raw.send(Frame::Data {
+                stream_id: 1,
+                fin: (i + 1) * 32 * 1024 >= up.len(),
+                data: Bytes::copy_from_slice(chunk),
+            })
+            .await;
+        }
+        assert!(read_all(&mut s).await == up);
+        let down = pattern(300 * 1024);
+        let down2 = down.clone();
+        let w = tokio::spawn(async move {
+            s.write_all(&down2).await.unwrap();
+            s.shutdown().await.unwrap();
+            s
+        });
+        let mut got = Vec::new();
+        loop {
+            match raw.next().await {
+                Some(Frame::SynReply { .. }) => {}
+                Some(Frame::Data { data, fin, .. }) => {
+                    got.extend_from_slice(&data);
+                    if fin {
+                        break;
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(got == down);
+        let _s = tokio::time::timeout(T, w).await.unwrap().unwrap();
+    }
+
+    /// A peer that announces a small window gets no more than that until it grants more.
+    #[tokio::test]
+    async fn the_peer_window_is_respected_once_announced() {
+        let (mut server, mut raw) = Raw::server();
+        raw.send(Frame::Settings {
+            clear: false,
+            entries: vec![Setting {
+                flags: 0,
+                id: SETTINGS_INITIAL_WINDOW_SIZE,
+                value: 1000,
+            }],
+        })
+        .await;
+        raw.syn(1).await;
+        let mut s = tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let (done_tx, mut done_rx) = oneshot::channel();
+        let w = tokio::spawn(async move {
+            s.write_all(&pattern(5000)).await.unwrap();
+            let _ = done_tx.send(());
+            s
+        });
+        let mut got = 0;
+        while got < 1000 {
+            match raw.next().await {
+                Some(Frame::Data { data, .. }) => got += data.len(),
+                Some(Frame::SynReply { .. }) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, 1000);
+        // A PING round trip as a fence: nothing more may arrive before its echo.
+        raw.send(Frame::Ping { id: 7 }).await;
+        assert_eq!(raw.next().await, Some(Frame::Ping { id: 7 }));
+        assert!(done_rx.try_recv().is_err(), "wrote past the peer's window");
+        raw.send(Frame::WindowUpdate {
+            stream_id: 1,
+            delta: 4000,
+        })
+        .await;
+        while got < 5000 {
+            match raw.next().await {
+                Some(Frame::Data { data, .. }) => got += data.len(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, 5000);
+        let _s = tokio::time::timeout(T, w).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_are_answered_not_panicked_on() {
+        let (mut server, mut raw) = Raw::server();
+        // A client may not open even-numbered streams.
+        raw.syn(2).await;
+        assert_eq!(
+            raw.next().await,
+            Some(Frame::RstStream {
+                stream_id: 2,
+                status: rst::PROTOCOL_ERROR
+            })
+        );
+        // Data for a stream that never existed.
+        raw.send(Frame::Data {
+            stream_id: 9,
+            fin: false,
+            data: Bytes::from_static(b"?"),
+        })
+        .await;
+        assert_eq!(
+            raw.next().await,
+            Some(Frame::RstStream {
+                stream_id: 9,
+                status: rst::INVALID_STREAM
+            })
+        );
+        // Data after FIN.
+        raw.send(Frame::SynStream {
+            stream_id: 11,
+            associated_to: 0,
+            priority: 0,
+            slot: 0,
+            fin: true,
+            unidirectional: false,
+            headers: Headers::new(),
+        })
+        .await;
+        let _s = tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        raw.send(Frame::Data {
+            stream_id: 11,
+            fin: false,
+            data: Bytes::from_static(b"late"),
+        })
+        .await;
+        assert_eq!(
+            raw.next().await,
+            Some(Frame::RstStream {
+                stream_id: 11,
+                status: rst::STREAM_ALREADY_CLOSED
+            })
+        );
+        // Then garbage: the session answers GOAWAY and ends.
+        raw.io
+            .write_all(&[0x80, 0x03, 0x00, 0x01, 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        assert!(matches!(
+            raw.next().await,
+            Some(Frame::GoAway {
+                status: goaway::PROTOCOL_ERROR,
+                ..
+            })
+        ));
+        tokio::time::timeout(T, server.closed()).await.unwrap();
+        assert!(server.accept().await.is_none());
+        let _ = FLAG_FIN;
+    }
+
+    #[tokio::test]
+    async fn unanswered_streams_are_refused_when_dropped() {
+        let (mut server, mut raw) = Raw::server();
+        raw.syn(1).await;
+        let s = tokio::time::timeout(T, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        drop(s);
+        assert_eq!(
+            raw.next().await,
+            Some(Frame::RstStream {
+                stream_id: 1,
+                status: rst::REFUSED_STREAM
+            })
+        );
     }
 }
