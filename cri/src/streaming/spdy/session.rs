@@ -11,7 +11,10 @@
 //! INITIAL_WINDOW_SIZE or a WINDOW_UPDATE): kubectl's and kubelet's spdystream never send
 //! either and never grant more window, so enforcing against them would stall after 64 KiB.
 //! Against such a peer, a stream's receive buffer above its window pauses the reader (TCP
-//! back-pressure) instead of failing the stream.
+//! back-pressure) instead of failing the stream; this cannot deadlock, as nothing this side
+//! sends waits for that peer's window. A peer that does flow control is never waited for on
+//! the read side (this side may be waiting for its window): if it overruns a window by more
+//! than 1 MiB the stream is reset with FLOW_CONTROL_ERROR.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -37,6 +40,9 @@ pub const DEFAULT_WINDOW: u32 = 64 * 1024;
 const MAX_CHUNK: usize = 32 * 1024;
 /// Data frames queued for the writer beyond this make writers wait.
 const MAX_QUEUED: usize = 256 * 1024;
+/// How far a peer that does flow control may overrun a stream's window before the stream is
+/// reset (slack for a peer that started sending before it saw our SETTINGS).
+const MAX_OVERRUN: usize = 1 << 20;
 
 /// Which end of the connection this is: clients open odd streams, servers even ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +59,15 @@ pub struct SessionConfig {
     pub max_concurrent_streams: usize,
     /// How long [`Session::close`] waits for the peer to hang up after GOAWAY.
     pub close_timeout: Duration,
+    /// Respect the peer's windows from the first byte. Off (the default for serving kubectl and
+    /// kubelet, whose spdystream never grants window), they are respected only once the peer
+    /// shows it does flow control. Turn it on for a client talking to a SPDY/3.1 server that
+    /// does flow control (this crate's), so nothing is sent past a window before its SETTINGS
+    /// arrive.
+    pub enforce_peer_window: bool,
+    /// Do SPDY/3.1 flow control at all. Off, the session behaves like spdystream: no SETTINGS,
+    /// no WINDOW_UPDATE, the peer's windows ignored (for testing against that behaviour).
+    pub flow_control: bool,
 }
 
 impl Default for SessionConfig {
@@ -61,6 +76,8 @@ impl Default for SessionConfig {
             window: DEFAULT_WINDOW,
             max_concurrent_streams: 256,
             close_timeout: Duration::from_secs(5),
+            enforce_peer_window: false,
+            flow_control: true,
         }
     }
 }
@@ -172,11 +189,13 @@ impl Session {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let window = config.window;
+        let enforce = config.enforce_peer_window && config.flow_control;
+        let flow_control = config.flow_control;
         let shared = Arc::new(Shared {
             role,
             config,
             out: out_tx,
-            peer_flow_control: AtomicBool::new(false),
+            peer_flow_control: AtomicBool::new(enforce),
             state: Mutex::new(SessionState {
                 streams: HashMap::new(),
                 incoming: Some(in_tx),
@@ -194,15 +213,17 @@ impl Session {
                 closed: false,
             }),
         });
-        shared.send(Frame::Settings {
-            clear: false,
-            entries: vec![Setting {
-                flags: 0,
-                id: SETTINGS_INITIAL_WINDOW_SIZE,
-                value: window,
-            }],
-        });
-        if window > DEFAULT_WINDOW {
+        if flow_control {
+            shared.send(Frame::Settings {
+                clear: false,
+                entries: vec![Setting {
+                    flags: 0,
+                    id: SETTINGS_INITIAL_WINDOW_SIZE,
+                    value: window,
+                }],
+            });
+        }
+        if flow_control && window > DEFAULT_WINDOW {
             shared.send(Frame::WindowUpdate {
                 stream_id: 0,
                 delta: window - DEFAULT_WINDOW,
@@ -337,6 +358,13 @@ impl Shared {
         self.send(Frame::RstStream { stream_id, status });
     }
 
+    /// The peer showed it does flow control (SETTINGS or WINDOW_UPDATE).
+    fn peer_does_flow_control(&self) {
+        if self.config.flow_control {
+            self.peer_flow_control.store(true, Ordering::SeqCst);
+        }
+    }
+
     fn mark_closed(&self) {
         let (streams, waiters) = {
             let mut st = lock(&self.state);
@@ -378,7 +406,7 @@ impl Shared {
     fn consumed(&self, n: usize) {
         let mut st = lock(&self.state);
         st.recv_unacked = st.recv_unacked.saturating_add(n as u32);
-        if st.recv_unacked >= self.config.window / 2 && !st.closed {
+        if st.recv_unacked >= self.config.window / 2 && !st.closed && self.config.flow_control {
             let delta = std::mem::take(&mut st.recv_unacked);
             self.send(Frame::WindowUpdate {
                 stream_id: 0,
@@ -574,7 +602,7 @@ async fn handle_frame(shared: &Arc<Shared>, frame: Frame) -> Result<(), SpdyErro
                             format!("initial window {} above 2^31-1", e.value),
                         ));
                     }
-                    shared.peer_flow_control.store(true, Ordering::SeqCst);
+                    shared.peer_does_flow_control();
                     let streams: Vec<_> = {
                         let mut st = lock(&shared.state);
                         let delta = i64::from(e.value) - st.peer_initial_window;
@@ -611,7 +639,7 @@ async fn handle_frame(shared: &Arc<Shared>, frame: Frame) -> Result<(), SpdyErro
             Ok(())
         }
         Frame::WindowUpdate { stream_id, delta } => {
-            shared.peer_flow_control.store(true, Ordering::SeqCst);
+            shared.peer_does_flow_control();
             if stream_id == 0 {
                 let waiters = {
                     let mut st = lock(&shared.state);
@@ -720,7 +748,19 @@ async fn on_data(
                 shared.consumed(data.len());
                 return Ok(());
             }
-            if ss.recv_len < limit || data.is_empty() {
+            // A peer that does flow control never needs to wait (we may be waiting on its
+            // window: blocking the reader then would deadlock); one that overruns is reset.
+            let lenient = shared.peer_flow_control.load(Ordering::SeqCst);
+            if lenient && ss.recv_len + data.len() > limit + MAX_OVERRUN {
+                ss.reset = Some(rst::FLOW_CONTROL_ERROR);
+                ss.wake();
+                shared.remove_if_done(id, &ss);
+                drop(ss);
+                shared.reset_stream(id, rst::FLOW_CONTROL_ERROR);
+                shared.consumed(data.len());
+                return Ok(());
+            }
+            if ss.recv_len < limit || lenient || data.is_empty() {
                 if !data.is_empty() {
                     ss.recv_len += data.len();
                     ss.recv.push_back(std::mem::take(&mut data));
@@ -733,7 +773,8 @@ async fn on_data(
                 return Ok(());
             }
         }
-        // A peer that ignores our window: wait for the application to read.
+        // A peer without flow control (it ignores our window, and we ignore its): wait for the
+        // application to read, TCP pushes back.
         space.await;
     }
 }
@@ -889,7 +930,11 @@ impl AsyncRead for Stream {
             ss.recv_len -= n;
             ss.recv_unacked = ss.recv_unacked.saturating_add(n as u32);
             let window = self.session.config.window;
-            if ss.recv_unacked >= window / 2 && !ss.remote_fin && ss.reset.is_none() {
+            if ss.recv_unacked >= window / 2
+                && !ss.remote_fin
+                && ss.reset.is_none()
+                && self.session.config.flow_control
+            {
                 let delta = std::mem::take(&mut ss.recv_unacked);
                 self.session.send(Frame::WindowUpdate {
                     stream_id: self.shared.id,
