@@ -40,8 +40,10 @@ impl Outcome {
     fn message(&self) -> Option<String> {
         match self {
             Outcome::Success => None,
+            // Worded like kubelet's (Go's %v of the command).
             Outcome::ExitCode { cmd, code } => Some(format!(
-                "command terminated with non-zero exit code: error executing command {cmd:?}, exit code {code}"
+                "command terminated with non-zero exit code: error executing command [{}], exit code {code}",
+                cmd.join(" ")
             )),
             Outcome::Error(m) => Some(m.clone()),
         }

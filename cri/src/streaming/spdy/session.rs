@@ -19,7 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -40,6 +40,9 @@ pub const DEFAULT_WINDOW: u32 = 64 * 1024;
 const MAX_CHUNK: usize = 32 * 1024;
 /// Data frames queued for the writer beyond this make writers wait.
 const MAX_QUEUED: usize = 256 * 1024;
+/// Frames queued for the writer beyond which the peer is taken to not read what it asks for
+/// (e.g. PINGs it never reads the answers to) and the session ends.
+const MAX_PENDING_FRAMES: usize = 10_000;
 /// How far a peer that does flow control may overrun a stream's window before the stream is
 /// reset (slack for a peer that started sending before it saw our SETTINGS).
 const MAX_OVERRUN: usize = 1 << 20;
@@ -96,6 +99,8 @@ struct Shared {
     role: Role,
     config: SessionConfig,
     out: mpsc::UnboundedSender<Out>,
+    /// Frames queued for the writer and not yet written.
+    pending: AtomicUsize,
     /// The peer grants window: enforce its windows when sending.
     peer_flow_control: AtomicBool,
     state: Mutex<SessionState>,
@@ -195,6 +200,7 @@ impl Session {
             role,
             config,
             out: out_tx,
+            pending: AtomicUsize::new(0),
             peer_flow_control: AtomicBool::new(enforce),
             state: Mutex::new(SessionState {
                 streams: HashMap::new(),
@@ -351,7 +357,11 @@ impl Drop for Session {
 
 impl Shared {
     fn send(&self, frame: Frame) {
-        let _ = self.out.send(Out::Frame(frame));
+        // Counted before it is queued: the writer may take it at once.
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if self.out.send(Out::Frame(frame)).is_err() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     fn reset_stream(&self, stream_id: u32, status: u32) {
@@ -438,6 +448,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(item) = next.take() {
             match item {
                 Out::Frame(frame) => {
+                    shared.pending.fetch_sub(1, Ordering::Relaxed);
                     if let Frame::Data { data, .. } = &frame {
                         data_bytes += data.len();
                     }
@@ -493,6 +504,10 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut rd: R) {
     let mut decoder = FrameDecoder::new();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
+        if shared.pending.load(Ordering::Relaxed) > MAX_PENDING_FRAMES {
+            tracing::debug!("SPDY peer does not read its answers, closing the session");
+            break;
+        }
         match decoder.decode(&mut buf) {
             Ok(Some(frame)) => {
                 if let Err(e) = handle_frame(&shared, frame).await {
@@ -1425,6 +1440,26 @@ mod tests {
         tokio::time::timeout(T, server.closed()).await.unwrap();
         assert!(server.accept().await.is_none());
         let _ = FLAG_FIN;
+    }
+
+    /// A peer that floods PINGs and never reads the answers cannot grow our queue forever.
+    #[tokio::test]
+    async fn a_peer_that_never_reads_is_dropped() {
+        let (a, mut b) = tokio::io::duplex(4096);
+        let mut server = Session::new(a, Role::Server, SessionConfig::default()).unwrap();
+        let mut enc = FrameEncoder::new().unwrap();
+        let mut wire = BytesMut::new();
+        for id in 0..(MAX_PENDING_FRAMES as u32 + 2000) {
+            enc.encode(&Frame::Ping { id: 2 * id + 1 }, &mut wire)
+                .unwrap();
+        }
+        // Written until the server stops reading (it hangs up); never read.
+        let flood = tokio::spawn(async move {
+            let _ = b.write_all(&wire).await;
+            b
+        });
+        tokio::time::timeout(T, server.closed()).await.unwrap();
+        drop(flood);
     }
 
     #[tokio::test]
