@@ -137,7 +137,16 @@ impl Server {
     fn url(&self, req: Pending) -> Result<String> {
         let path = req.path();
         let token = self.inner.tokens.insert(req)?;
-        Ok(format!("http://{}/{path}/{token}", self.addr))
+        // Bound to every address: hand out loopback, where the node's kubelet is.
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        Ok(format!("http://{addr}/{path}/{token}"))
     }
 
     /// Stops listening and ends every connection.
