@@ -1004,3 +1004,48 @@ async fn garbage_after_the_upgrade_does_not_hurt_the_server() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn dropping_the_server_ends_its_connections() {
+    tokio::time::timeout(T, async {
+        let (server, _fake) = start().await;
+        let url = server.get_exec(exec(&["echo", "x"])).unwrap();
+        let (mut session, _) = spdy_connect(&url, &["v4.channel.k8s.io"]).await.unwrap();
+        let url = server.get_exec(exec(&["cat"])).unwrap();
+        let (mut ws, _) = ws_connect(&url, &["v5.channel.k8s.io"]).await.unwrap();
+        let addr = server.local_addr();
+        drop(server);
+        // Both connections are closed by the server side, and nobody listens any more.
+        session.closed().await;
+        while let Some(Ok(_)) = ws.next().await {}
+        // (The listener goes with the accept task's cancellation: wait for it, bounded by T.)
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn streams_the_request_did_not_ask_for_do_not_reach_the_runtime() {
+    tokio::time::timeout(T, async {
+        let (server, _fake) = start().await;
+        // cat without stdin in the request: the client's stdin stream is accepted but not used,
+        // so cat sees no stdin and prints nothing.
+        let out = spdy_exec(
+            &server,
+            exec(&["cat"]),
+            "v4.channel.k8s.io",
+            SpdyCommand {
+                stdin: Some(b"ignored"),
+                ..out_only()
+            },
+        )
+        .await;
+        assert_eq!(out.stdout, "");
+        assert_eq!(status(&out.error)["status"], "Success");
+    })
+    .await
+    .unwrap();
+}

@@ -188,11 +188,24 @@ pub(crate) async fn serve_spdy<T>(
         tokio::spawn(pump_resize(r, tx));
         rx
     });
+    // Only what the request asked for reaches the runtime, whatever else the client opened.
     let io = StreamIo {
         tty: streams.tty,
-        stdin: got.stdin.take().map(|s| Box::new(s) as BoxReader),
-        stdout: got.stdout.take().map(|s| Box::new(s) as BoxWriter),
-        stderr: got.stderr.take().map(|s| Box::new(s) as BoxWriter),
+        stdin: got
+            .stdin
+            .take()
+            .filter(|_| want.stdin)
+            .map(|s| Box::new(s) as BoxReader),
+        stdout: got
+            .stdout
+            .take()
+            .filter(|_| want.stdout)
+            .map(|s| Box::new(s) as BoxWriter),
+        stderr: got
+            .stderr
+            .take()
+            .filter(|_| want.stderr)
+            .map(|s| Box::new(s) as BoxWriter),
         resize,
     };
     let outcome = tokio::select! {
