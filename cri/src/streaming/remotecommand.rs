@@ -15,7 +15,8 @@ use super::request::Streams;
 use super::server::Inner;
 use super::spdy::{frame::rst, Headers, Role, Session, Stream};
 use super::status::Outcome;
-use super::{BoxReader, BoxWriter, StreamIo, TermSize};
+use super::token::Pending;
+use super::{BoxReader, BoxWriter, PortForwardRequest, StreamIo, TermSize};
 
 /// The protocol generations; later ones add resize (v3) and the JSON status (v4). v5 is
 /// WebSocket only (it adds closing a single channel).
@@ -55,6 +56,30 @@ pub(crate) enum Command {
 }
 
 impl Command {
+    /// The command and streams of an exec or attach request; a port-forward request back.
+    pub(crate) fn from_pending(p: Pending) -> Result<(Command, Streams), PortForwardRequest> {
+        match p {
+            Pending::Exec(r) => {
+                let streams = r.streams();
+                let cmd = Command::Exec {
+                    container_id: r.container_id,
+                    cmd: r.cmd,
+                };
+                Ok((cmd, streams))
+            }
+            Pending::Attach(r) => {
+                let streams = r.streams();
+                Ok((
+                    Command::Attach {
+                        container_id: r.container_id,
+                    },
+                    streams,
+                ))
+            }
+            Pending::PortForward(r) => Err(r),
+        }
+    }
+
     fn container_id(&self) -> &str {
         match self {
             Command::Exec { container_id, .. } | Command::Attach { container_id } => container_id,

@@ -333,21 +333,11 @@ fn spdy_upgrade(inner: Arc<Inner>, pending: Pending, mut req: Request<Incoming>)
                 return;
             }
         };
-        match pending {
-            Pending::Exec(r) => {
-                let cmd = Command::Exec {
-                    container_id: r.container_id.clone(),
-                    cmd: r.cmd.clone(),
-                };
-                remotecommand::serve_spdy(task_inner, cmd, r.streams(), version, io).await
+        match Command::from_pending(pending) {
+            Ok((cmd, streams)) => {
+                remotecommand::serve_spdy(task_inner, cmd, streams, version, io).await
             }
-            Pending::Attach(r) => {
-                let cmd = Command::Attach {
-                    container_id: r.container_id.clone(),
-                };
-                remotecommand::serve_spdy(task_inner, cmd, r.streams(), version, io).await
-            }
-            Pending::PortForward(r) => portforward::serve_spdy(task_inner, r, io).await,
+            Err(r) => portforward::serve_spdy(task_inner, r, io).await,
         }
     });
     let mut resp = Response::new(Full::new(Bytes::new()));

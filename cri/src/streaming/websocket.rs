@@ -127,8 +127,8 @@ pub(crate) fn upgrade(
         Remote(Command, Streams, Version, Framing),
         Forward(PortForwardRequest, Vec<u16>, Framing),
     }
-    let (chosen, plan) = match pending {
-        Pending::Exec(_) | Pending::Attach(_) => {
+    let (chosen, plan) = match Command::from_pending(pending) {
+        Ok((cmd, streams)) => {
             let (chosen, (version, framing)) = if client.is_empty() {
                 (None, (Version::V1, Framing::Binary))
             } else {
@@ -137,27 +137,9 @@ pub(crate) fn upgrade(
                     None => return refuse(&client, REMOTECOMMAND.iter().map(|(p, _)| *p)),
                 }
             };
-            let (cmd, streams) = match pending {
-                Pending::Exec(r) => (
-                    Command::Exec {
-                        container_id: r.container_id.clone(),
-                        cmd: r.cmd.clone(),
-                    },
-                    r.streams(),
-                ),
-                Pending::Attach(r) => (
-                    Command::Attach {
-                        container_id: r.container_id.clone(),
-                    },
-                    r.streams(),
-                ),
-                Pending::PortForward(_) => {
-                    return plain(StatusCode::INTERNAL_SERVER_ERROR, "unreachable")
-                }
-            };
             (chosen, Plan::Remote(cmd, streams, version, framing))
         }
-        Pending::PortForward(r) => {
+        Err(r) => {
             let (chosen, framing) = if client.is_empty() {
                 (None, Framing::Binary)
             } else {
