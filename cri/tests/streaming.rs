@@ -17,6 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.
@@ -590,7 +591,12 @@ async fn ws_collect(ws: &mut Ws) -> Vec<Vec<u8>> {
                 let (ch, rest) = b.split_first().unwrap();
                 chans[usize::from(*ch)].extend_from_slice(rest);
             }
-            Message::Close(_) => break,
+            Message::Close(frame) => {
+                // client-go takes anything but a normal close as an error on every stream.
+                let code = frame.map(|f| f.code);
+                assert_eq!(code, Some(CloseCode::Normal), "close frame {code:?}");
+                break;
+            }
             _ => {}
         }
     }

@@ -23,7 +23,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, WriteHalf}
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -222,13 +223,20 @@ fn ports(req: &PortForwardRequest, query: Option<&str>) -> Result<Vec<u16>, Stri
     raw.iter().map(|p| check_port(req, p)).collect()
 }
 
-/// Sends queued messages, then closes the WebSocket when every sender is gone.
+/// Sends queued messages, then closes the WebSocket when every sender is gone. The close
+/// frame says 1000 (normal): client-go reads anything else as an error on every stream, the
+/// error stream included.
 async fn write_loop(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::Receiver<Message>) {
     while let Some(m) = rx.recv().await {
         if sink.send(m).await.is_err() {
             return;
         }
     }
+    let normal = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    let _ = sink.send(Message::Close(Some(normal))).await;
     let _ = sink.close().await;
 }
 
