@@ -697,6 +697,25 @@ async fn websocket_v5_stdin_close_tty_resize_and_attach() {
     .unwrap();
 }
 
+/// client-go closes stdin with the v5 signal whatever version was negotiated.
+#[tokio::test]
+async fn websocket_v4_honours_the_stdin_close_signal() {
+    tokio::time::timeout(T, async {
+        let (server, _fake) = start().await;
+        let mut req = exec(&["cat"]);
+        req.stdin = true;
+        let url = server.get_exec(req).unwrap();
+        let (mut ws, _) = ws_connect(&url, &["v4.channel.k8s.io"]).await.unwrap();
+        ws.send(bin(0, b"v4 input\n")).await.unwrap();
+        ws.send(bin(255, &[0])).await.unwrap();
+        let chans = ws_collect(&mut ws).await;
+        assert_eq!(chans[1], b"v4 input\n");
+        assert_eq!(chans[3], br#"{"metadata":{},"status":"Success"}"#);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn websocket_base64_and_plain_channel_protocols() {
     tokio::time::timeout(T, async {

@@ -300,9 +300,7 @@ async fn serve_remotecommand(
     };
     let stdout = out(streams.stdout, STDOUT);
     let stderr = out(streams.stderr && !streams.tty, STDERR);
-    let mut reader = tokio::spawn(read_remotecommand(
-        source, framing, version, stdin_ours, resize_tx,
-    ));
+    let mut reader = tokio::spawn(read_remotecommand(source, framing, stdin_ours, resize_tx));
     let io = StreamIo {
         tty: streams.tty,
         stdin: stdin_theirs.map(|s| Box::new(s) as BoxReader),
@@ -341,7 +339,6 @@ fn pipe(wanted: bool) -> (Option<DuplexStream>, Option<DuplexStream>) {
 async fn read_remotecommand(
     mut source: SplitStream<Ws>,
     framing: Framing,
-    version: Version,
     mut stdin: Option<DuplexStream>,
     resize: Option<mpsc::Sender<TermSize>>,
 ) {
@@ -371,8 +368,10 @@ async fn read_remotecommand(
                     }
                 }
             }
-            // v5: the client is done with stdin, EOF for the command.
-            CLOSE if version >= Version::V5 && data.first() == Some(&STDIN) => {
+            // v5's "close channel": the client is done with stdin, EOF for the command.
+            // Honoured on older versions too: client-go sends it whatever was negotiated, and
+            // channel 255 means nothing else there.
+            CLOSE if data.first() == Some(&STDIN) => {
                 if let Some(mut w) = stdin.take() {
                     let _ = w.shutdown().await;
                 }
