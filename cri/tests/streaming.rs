@@ -258,10 +258,11 @@ async fn spdy_v4_exec_stdout_stderr_and_exit_codes() {
         assert_eq!(out.stderr, "oops\n");
         assert_eq!(status(&out.error)["status"], "Success");
 
+        // v5 over SPDY is v4.
         let out = spdy_exec(
             &server,
             exec(&["exit", "3"]),
-            "v4.channel.k8s.io",
+            "v5.channel.k8s.io",
             out_only(),
         )
         .await;
@@ -904,7 +905,7 @@ async fn unknown_protocols_and_plain_requests_are_refused_with_a_message() {
         assert!(e.body.contains("v9.channel.k8s.io"), "{}", e.body);
         assert_eq!(
             e.header("x-accepted-stream-protocol-versions"),
-            Some("v4.channel.k8s.io")
+            Some("v5.channel.k8s.io")
         );
 
         let url = server

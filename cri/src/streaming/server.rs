@@ -27,8 +27,11 @@ use super::{
 pub(crate) const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 const ACCEPTED_PROTOCOLS_HEADER: &str = "x-accepted-stream-protocol-versions";
 
-/// Remote command protocols over SPDY, best first.
+/// Remote command protocols over SPDY, best first. v5 only matters for WebSocket (its stream
+/// close signal); over SPDY, where streams half-close natively, it is v4 (newer clients and the
+/// API server's stream translator offer it first).
 const SPDY_REMOTECOMMAND: &[(&str, Version)] = &[
+    ("v5.channel.k8s.io", Version::V5),
     ("v4.channel.k8s.io", Version::V4),
     ("v3.channel.k8s.io", Version::V3),
     ("v2.channel.k8s.io", Version::V2),
