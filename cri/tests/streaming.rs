@@ -461,6 +461,43 @@ async fn spdy_attach_with_stdin() {
     .unwrap();
 }
 
+#[tokio::test]
+async fn attach_over_spdy_v1_and_websocket_v4() {
+    tokio::time::timeout(T, async {
+        let (server, fake) = start().await;
+        let attach = |stdin| AttachRequest {
+            container_id: "c3".into(),
+            tty: false,
+            stdin,
+            stdout: true,
+            stderr: true,
+        };
+        let url = server.get_attach(attach(true)).unwrap();
+        let (session, negotiated) = spdy_connect(&url, &["channel.k8s.io"]).await.unwrap();
+        assert_eq!(negotiated, "channel.k8s.io");
+        let out = spdy_command(
+            session,
+            SpdyCommand {
+                stdin: Some(b"over v1\n"),
+                ..out_only()
+            },
+        )
+        .await;
+        assert_eq!(out.stdout, "attached c3\nover v1\n");
+        assert_eq!(out.error, "", "v1 says nothing on success");
+
+        let url = server.get_attach(attach(false)).unwrap();
+        let (mut ws, p) = ws_connect(&url, &["v4.channel.k8s.io"]).await.unwrap();
+        assert_eq!(p.as_deref(), Some("v4.channel.k8s.io"));
+        let chans = ws_collect(&mut ws).await;
+        assert_eq!(chans[1], b"attached c3\n");
+        assert_eq!(chans[3], br#"{"metadata":{},"status":"Success"}"#);
+        assert_eq!(fake.calls(), ["attach c3 tty=false", "attach c3 tty=false"]);
+    })
+    .await
+    .unwrap();
+}
+
 async fn spdy_forward_pair(session: &Session, port: &str, request_id: &str) -> (Stream, Stream) {
     let h = |t: &str| {
         Headers::new()
