@@ -2,9 +2,10 @@
 //! (`podsandbox`), its images come from `imagestore`, its network from `cni`.
 //!
 //! Layout: `runtime/` holds the RuntimeService (one file per RPC), `image/`
-//! the ImageService, `store` the CRI metadata vcrid persists, `error` the
-//! one mapping of failures to gRPC codes, `server` the shared state and the
-//! socket, `check` the host readiness report of `vcrid check`.
+//! the ImageService, `streaming/` the server Exec, Attach and PortForward
+//! hand out URLs for (SPDY and WebSocket), `store` the CRI metadata vcrid
+//! persists, `error` the one mapping of failures to gRPC codes, `server` the
+//! shared state and the socket, `check` the host readiness report.
 #![forbid(unsafe_code)]
 
 pub mod check;
@@ -15,6 +16,7 @@ mod rpc_log;
 mod runtime;
 pub mod server;
 mod store;
+pub mod streaming;
 
 pub use config::Config;
 pub use error::CriError;
