@@ -134,7 +134,10 @@ pub fn check(config: &Config) -> Report {
         detail: match conf {
             Ok(list) => format!("{} in {}", list.name, config.network.conf_dir.display()),
             Err(err) if config.network.write_default_conflist => {
-                format!("{} (vcrid serve writes a default bridge config)", chain(&err))
+                format!(
+                    "{} (vcrid serve writes a default bridge config)",
+                    chain(&err)
+                )
             }
             Err(err) => chain(&err),
         },

@@ -31,6 +31,8 @@ pub enum CriError {
     Image(#[from] imagestore::ImageError),
     #[error(transparent)]
     Network(#[from] cni::CniError),
+    #[error(transparent)]
+    Streaming(#[from] crate::streaming::Error),
     #[error("{action} {path}")]
     Io {
         action: &'static str,
@@ -84,6 +86,15 @@ impl CriError {
                 cni::ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
                 cni::ErrorKind::Internal => Code::Internal,
             },
+            CriError::Streaming(e) => match e.kind() {
+                crate::streaming::ErrorKind::NotFound => Code::NotFound,
+                crate::streaming::ErrorKind::AlreadyExists => Code::AlreadyExists,
+                crate::streaming::ErrorKind::InvalidArgument => Code::InvalidArgument,
+                crate::streaming::ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+                crate::streaming::ErrorKind::Unavailable => Code::Unavailable,
+                crate::streaming::ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+                crate::streaming::ErrorKind::Internal => Code::Internal,
+            },
             CriError::Io { .. } | CriError::Internal(_) => Code::Internal,
         }
     }
@@ -95,7 +106,10 @@ impl CriError {
         // `transparent` variants share their inner error's Display: skip it.
         if matches!(
             self,
-            CriError::Sandbox(_) | CriError::Image(_) | CriError::Network(_)
+            CriError::Sandbox(_)
+                | CriError::Image(_)
+                | CriError::Network(_)
+                | CriError::Streaming(_)
         ) {
             source = source.and_then(|s| s.source());
         }

@@ -16,6 +16,7 @@ mod rpc_log;
 mod runtime;
 pub mod server;
 mod store;
+mod stream_runtime;
 pub mod streaming;
 
 pub use config::Config;

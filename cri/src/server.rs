@@ -35,6 +35,8 @@ pub(crate) struct Inner {
     pub(crate) cni: cni::Cni,
     pub(crate) store: Store,
     pub(crate) events: broadcast::Sender<ContainerEventResponse>,
+    /// The Exec/Attach/PortForward server, once serving.
+    pub(crate) streaming: std::sync::OnceLock<crate::streaming::Server>,
     /// One lock per pod: Run/Stop/Remove of one pod never interleave,
     /// different pods never wait for each other.
     pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -85,6 +87,7 @@ impl Cri {
                 cni,
                 store,
                 events: broadcast::channel(1024).0,
+                streaming: std::sync::OnceLock::new(),
                 pod_locks: Mutex::new(HashMap::new()),
             }),
         })
@@ -119,6 +122,27 @@ impl Cri {
             "state recovered"
         );
         Ok(())
+    }
+
+    /// Starts the streaming server (loopback by default) for Exec, Attach
+    /// and PortForward URLs.
+    pub async fn start_streaming(&self) -> Result<std::net::SocketAddr> {
+        if let Some(s) = self.inner.streaming.get() {
+            return Ok(s.local_addr());
+        }
+        let server = crate::streaming::Server::start(
+            crate::streaming::ServerConfig {
+                addr: self.inner.config.streaming.address,
+                ..Default::default()
+            },
+            Arc::new(crate::stream_runtime::PodStreams { cri: self.clone() }),
+        )
+        .await
+        .map_err(|e| CriError::Internal(format!("streaming server: {e}")))?;
+        let addr = server.local_addr();
+        // Lost race: another call started one; this one is dropped (stops).
+        let _ = self.inner.streaming.set(server);
+        Ok(addr)
     }
 
     /// Turns container exits into CONTAINER_STOPPED events, for the life of
@@ -173,6 +197,7 @@ pub async fn serve(cri: Cri, shutdown: impl std::future::Future<Output = ()>) ->
         .socket_path()
         .map_err(|detail| CriError::invalid("listen", detail))?;
     let listener = bind_socket(&path).await?;
+    cri.start_streaming().await?;
     cri.recover().await?;
     cri.spawn_exit_events();
     tracing::info!(socket = %path.display(), "vcrid serves");

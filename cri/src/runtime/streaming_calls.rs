@@ -6,30 +6,62 @@ use k8s_cri::v1 as cri;
 use crate::{
     error::{CriError, Result},
     server::Cri,
+    streaming,
 };
 
 impl Cri {
+    fn streaming(&self) -> Result<&streaming::Server> {
+        self.inner.streaming.get().ok_or_else(|| {
+            CriError::FailedPrecondition("the streaming server is not running".into())
+        })
+    }
+
     pub(crate) async fn exec_url(&self, req: cri::ExecRequest) -> Result<cri::ExecResponse> {
-        let _c = self.container_meta(&req.container_id)?;
-        Err(CriError::Unimplemented(
-            "Exec: the streaming server is not wired yet".into(),
-        ))
+        let c = self.container_meta(&req.container_id)?;
+        let url = self.streaming()?.get_exec(streaming::ExecRequest {
+            container_id: c.id,
+            cmd: req.cmd,
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        })?;
+        Ok(cri::ExecResponse { url })
     }
 
     pub(crate) async fn attach_url(&self, req: cri::AttachRequest) -> Result<cri::AttachResponse> {
-        let _c = self.container_meta(&req.container_id)?;
-        Err(CriError::Unimplemented(
-            "Attach: the streaming server is not wired yet".into(),
-        ))
+        let c = self.container_meta(&req.container_id)?;
+        let url = self.streaming()?.get_attach(streaming::AttachRequest {
+            container_id: c.id,
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        })?;
+        Ok(cri::AttachResponse { url })
     }
 
     pub(crate) async fn port_forward_url(
         &self,
         req: cri::PortForwardRequest,
     ) -> Result<cri::PortForwardResponse> {
-        let _ = req;
-        Err(CriError::Unimplemented(
-            "PortForward: the streaming server is not wired yet".into(),
-        ))
+        if req.pod_sandbox_id.is_empty() {
+            return Err(CriError::invalid("pod_sandbox_id", "must not be empty"));
+        }
+        let id = self
+            .inner
+            .store
+            .resolve_pod(&req.pod_sandbox_id)
+            .ok_or_else(|| CriError::NotFound {
+                what: "pod sandbox",
+                id: req.pod_sandbox_id.clone(),
+            })?;
+        let url = self
+            .streaming()?
+            .get_port_forward(streaming::PortForwardRequest {
+                pod_sandbox_id: id,
+                ports: req.port,
+            })?;
+        Ok(cri::PortForwardResponse { url })
     }
 }

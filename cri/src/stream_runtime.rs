@@ -1,0 +1,329 @@
+//! What the streaming server asks of the pods: exec and attach over the
+//! agent's stdio calls, port-forward to the pod's address.
+//!
+//! - exec: a process started through the agent; stdin, stdout, stderr and
+//!   terminal resizes are pumped between the client's streams and the
+//!   agent's calls until the process has exited and its output is drained.
+//! - attach: stdin and resizes go to the container's init process; its output
+//!   is followed in the container's CRI log (the monitor owns the process's
+//!   pipes and writes every byte there first), from the moment of attaching.
+//! - port-forward: a TCP connection to the pod's IP on the pod's network,
+//!   made from the host. A port that listens only on the guest's loopback is
+//!   not reachable this way (left for an agent-side proxy).
+
+use std::{path::PathBuf, time::Duration};
+
+use podsandbox::{container::ContainerState, container_exec::ExecConfig, container_log::Stream};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+
+use crate::{
+    server::Cri,
+    streaming::{BoxDuplex, BoxWriter, ErrorKind, RuntimeError, StreamIo, StreamingRuntime},
+};
+
+#[derive(Debug, Clone)]
+pub(crate) struct PodStreams {
+    pub(crate) cri: Cri,
+}
+
+fn kind_of(e: &podsandbox::Error) -> ErrorKind {
+    match e.kind() {
+        podsandbox::ErrorKind::NotFound => ErrorKind::NotFound,
+        podsandbox::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+        podsandbox::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+        podsandbox::ErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+        podsandbox::ErrorKind::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        podsandbox::ErrorKind::Unavailable => ErrorKind::Unavailable,
+        podsandbox::ErrorKind::Internal => ErrorKind::Internal,
+    }
+}
+
+fn rt_err(e: podsandbox::Error) -> RuntimeError {
+    RuntimeError::new(kind_of(&e), e.chain())
+}
+
+fn not_found(what: &str, id: &str) -> RuntimeError {
+    RuntimeError::new(ErrorKind::NotFound, format!("{what} {id:?} not found"))
+}
+
+/// Copies one output stream of a process to a client writer until EOF.
+async fn pump_out(p: podsandbox::ProcessIo, stream: Stream, mut out: BoxWriter) {
+    loop {
+        match p.read(stream).await {
+            Ok(Some(data)) => {
+                if out.write_all(&data).await.is_err() {
+                    // The client left: keep draining so the process never
+                    // blocks on a full pipe.
+                    while let Ok(Some(_)) = p.read(stream).await {}
+                    return;
+                }
+                let _ = out.flush().await;
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// Feeds the client's stdin and resizes to a process.
+fn spawn_input(p: &podsandbox::ProcessIo, io: &mut StreamIo) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(mut stdin) = io.stdin.take() {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if p.write_stdin(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = p.close_stdin().await;
+        }));
+    }
+    if let Some(mut resize) = io.resize.take() {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(size) = resize.recv().await {
+                if let Err(err) = p.resize(size.height, size.width).await {
+                    tracing::debug!("resize: {err}");
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+impl PodStreams {
+    fn container(&self, id: &str) -> Result<crate::store::ContainerMeta, RuntimeError> {
+        self.cri
+            .container_meta(id)
+            .map_err(|_| not_found("container", id))
+    }
+}
+
+#[async_trait::async_trait]
+impl StreamingRuntime for PodStreams {
+    async fn exec(
+        &self,
+        container_id: &str,
+        cmd: &[String],
+        mut io: StreamIo,
+    ) -> Result<i32, RuntimeError> {
+        let c = self.container(container_id)?;
+        let process = ExecConfig {
+            tty: io.tty,
+            stdin: io.stdin.is_some(),
+            ..ExecConfig::command(cmd.to_vec())
+        };
+        let p = self
+            .cri
+            .inner
+            .runtime
+            .exec(&c.sandbox_id, &c.id, process)
+            .await
+            .map_err(rt_err)?;
+        let inputs = spawn_input(&p, &mut io);
+        let mut outputs = Vec::new();
+        if let Some(out) = io.stdout.take() {
+            outputs.push(tokio::spawn(pump_out(p.clone(), Stream::Stdout, out)));
+        }
+        if let Some(err) = io.stderr.take() {
+            if !p.tty() {
+                outputs.push(tokio::spawn(pump_out(p.clone(), Stream::Stderr, err)));
+            }
+        }
+        let code = p.wait().await.map_err(rt_err)?;
+        for o in outputs {
+            let _ = o.await;
+        }
+        for i in inputs {
+            i.abort();
+        }
+        Ok(code)
+    }
+
+    async fn attach(&self, container_id: &str, mut io: StreamIo) -> Result<(), RuntimeError> {
+        let c = self.container(container_id)?;
+        let rt = &self.cri.inner.runtime;
+        let p = rt
+            .container_io(&c.sandbox_id, &c.id)
+            .await
+            .map_err(rt_err)?;
+        let inputs = spawn_input(&p, &mut io);
+        let follow = match &c.log_path {
+            Some(path) => {
+                follow_log(
+                    self.cri.clone(),
+                    c.sandbox_id.clone(),
+                    c.id.clone(),
+                    path.clone(),
+                    io.stdout.take(),
+                    io.stderr.take(),
+                )
+                .await
+            }
+            None => {
+                // No log: nothing to show; stay attached until it exits.
+                wait_exit(&self.cri, &c.sandbox_id, &c.id).await;
+                Ok(())
+            }
+        };
+        for i in inputs {
+            i.abort();
+        }
+        follow
+    }
+
+    async fn port_forward(
+        &self,
+        pod_sandbox_id: &str,
+        port: u16,
+        mut stream: BoxDuplex,
+    ) -> Result<(), RuntimeError> {
+        let id = self
+            .cri
+            .inner
+            .store
+            .resolve_pod(pod_sandbox_id)
+            .ok_or_else(|| not_found("pod sandbox", pod_sandbox_id))?;
+        let pod = self
+            .cri
+            .inner
+            .store
+            .pod(&id)
+            .ok_or_else(|| not_found("pod sandbox", pod_sandbox_id))?;
+        let ip = pod
+            .network
+            .as_ref()
+            .and_then(|n| n.pod_ips.first().copied())
+            .ok_or_else(|| {
+                RuntimeError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("pod sandbox {id} has no IP to forward to"),
+                )
+            })?;
+        let mut conn = tokio::net::TcpStream::connect((ip, port))
+            .await
+            .map_err(|e| {
+                RuntimeError::new(
+                    ErrorKind::Unavailable,
+                    format!("connect to {ip}:{port} in pod {id}: {e}"),
+                )
+            })?;
+        tokio::io::copy_bidirectional(&mut stream, &mut conn)
+            .await
+            .map(drop)
+            .map_err(|e| RuntimeError::new(ErrorKind::Unavailable, format!("forwarding: {e}")))
+    }
+}
+
+async fn wait_exit(cri: &Cri, sandbox_id: &str, id: &str) {
+    loop {
+        match cri.inner.runtime.container_status(sandbox_id, id).await {
+            Ok(s) if s.state != ContainerState::Stopped => {}
+            _ => return,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes what the container logs from now on to the client, by stream,
+/// until the container has exited and the log is drained.
+async fn follow_log(
+    cri: Cri,
+    sandbox_id: String,
+    id: String,
+    path: PathBuf,
+    mut stdout: Option<BoxWriter>,
+    mut stderr: Option<BoxWriter>,
+) -> Result<(), RuntimeError> {
+    let io_err = |e: std::io::Error| {
+        RuntimeError::new(ErrorKind::Internal, format!("log {}: {e}", path.display()))
+    };
+    let mut file = tokio::fs::File::open(&path).await.map_err(io_err)?;
+    let mut pos = file.seek(std::io::SeekFrom::End(0)).await.map_err(io_err)?;
+    let mut pending = Vec::new();
+    loop {
+        let exited = matches!(
+            cri.inner.runtime.container_status(&sandbox_id, &id).await,
+            Ok(s) if s.state == ContainerState::Stopped
+        ) || cri.inner.store.container(&id).is_none();
+        // Rotated (ReopenContainerLog): start over on the new file.
+        if let Ok(meta) = tokio::fs::metadata(&path).await {
+            if meta.len() < pos {
+                file = tokio::fs::File::open(&path).await.map_err(io_err)?;
+                pos = 0;
+            }
+        }
+        let mut chunk = Vec::new();
+        file.seek(std::io::SeekFrom::Start(pos))
+            .await
+            .map_err(io_err)?;
+        let n = file.read_to_end(&mut chunk).await.map_err(io_err)?;
+        pos += n as u64;
+        pending.extend_from_slice(&chunk);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            if let Some((stream, content)) = parse_cri_line(&line[..line.len() - 1]) {
+                let out = match stream {
+                    Stream::Stdout => stdout.as_mut(),
+                    Stream::Stderr => stderr.as_mut(),
+                };
+                if let Some(out) = out {
+                    if out.write_all(&content).await.is_err() {
+                        return Ok(()); // the client left
+                    }
+                    let _ = out.flush().await;
+                }
+            }
+        }
+        if exited && n == 0 {
+            return Ok(());
+        }
+        if n == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `<time> <stream> <P|F> <content>` → the stream and the bytes it wrote
+/// (a full line gets its newline back).
+fn parse_cri_line(line: &[u8]) -> Option<(Stream, Vec<u8>)> {
+    let mut parts = line.splitn(4, |b| *b == b' ');
+    let _time = parts.next()?;
+    let stream = match parts.next()? {
+        b"stdout" => Stream::Stdout,
+        b"stderr" => Stream::Stderr,
+        _ => return None,
+    };
+    let tag = parts.next()?;
+    let mut content = parts.next().unwrap_or_default().to_vec();
+    if tag == b"F" {
+        content.push(b'\n');
+    }
+    Some((stream, content))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_log_lines_become_stream_bytes() {
+        let (s, c) =
+            parse_cri_line(b"2026-12-01T05:00:00.000000001Z stdout F hello world").expect("line");
+        assert_eq!(
+            (s, c.as_slice()),
+            (Stream::Stdout, b"hello world\n".as_slice())
+        );
+        let (s, c) = parse_cri_line(b"2026-12-01T05:00:00Z stderr P part").expect("line");
+        assert_eq!((s, c.as_slice()), (Stream::Stderr, b"part".as_slice()));
+        let (_, c) = parse_cri_line(b"2026-12-01T05:00:00Z stdout F ").expect("empty line");
+        assert_eq!(c, b"\n");
+        assert!(parse_cri_line(b"garbage").is_none());
+    }
+}
