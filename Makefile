@@ -44,6 +44,7 @@ test: build
 bench: build
 	hack/bench-boot.py
 	$(CARGO) run --profile release-unwind -p tests --example bench_containers
+	$(CARGO) run --profile release-unwind -p tests --example bench_network
 
 # vcrid with the defaults (or /etc/vcrid/config.toml): the guest image from
 # build/guest, a default CNI bridge config written only when
