@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use hypervisor::VsockChannel;
 use serde::{Deserialize, Serialize};
 
-use crate::network::{NetInterface, NetRoute, SandboxFiles};
+use crate::network::{NetInterface, NetNeighbor, NetRoute, SandboxFiles};
 
 /// What the agent reports about its guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +137,8 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
     async fn update_routes(&self, routes: &[NetRoute]) -> Result<Vec<NetRoute>, AgentError>;
     async fn list_interfaces(&self) -> Result<Vec<NetInterface>, AgentError>;
     async fn list_routes(&self) -> Result<Vec<NetRoute>, AgentError>;
+    /// Permanent ARP / NDP entries.
+    async fn add_neighbors(&self, neighbors: &[NetNeighbor]) -> Result<(), AgentError>;
     /// The pod's hostname, hosts and resolv.conf for its containers.
     async fn set_sandbox_files(&self, files: &SandboxFiles) -> Result<(), AgentError>;
 }

@@ -14,7 +14,7 @@ use crate::{
     container::ProcessInfo,
     container_exec::ExecConfig,
     container_log::Stream,
-    network::{NetInterface, NetRoute, SandboxFiles},
+    network::{NetInterface, NetNeighbor, NetRoute, SandboxFiles},
 };
 
 /// Network calls run netlink round trips in the guest.
@@ -450,6 +450,25 @@ impl AgentClient for TtrpcAgent {
             .await
             .map_err(rpc_error)
             .map(|r| r.routes.iter().map(route_from).collect())
+    }
+
+    async fn add_neighbors(&self, neighbors: &[NetNeighbor]) -> Result<(), AgentError> {
+        let mut req = pb::AddArpNeighborsRequest::new();
+        req.neighbors = neighbors
+            .iter()
+            .map(|n| {
+                let mut a = pb::ArpNeighbor::new();
+                a.ip_address = n.ip.clone();
+                a.hw_addr = n.mac.clone();
+                a.device = n.device.clone();
+                a
+            })
+            .collect();
+        self.agent
+            .add_arp_neighbors(ctx(NETWORK_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
     }
 
     async fn set_sandbox_files(&self, files: &SandboxFiles) -> Result<(), AgentError> {

@@ -17,7 +17,7 @@ use hypervisor::{
 
 use crate::{
     agent::{AgentClient, AgentDialer, AgentError, GuestDetails},
-    network::{NetInterface, NetRoute, SandboxFiles},
+    network::{NetInterface, NetNeighbor, NetRoute, SandboxFiles},
     VmFactory,
 };
 
@@ -301,6 +301,10 @@ impl AgentClient for FakeDialer {
     async fn list_routes(&self) -> Result<Vec<NetRoute>, AgentError> {
         self.record("list_routes");
         Ok(Vec::new())
+    }
+    async fn add_neighbors(&self, _neighbors: &[NetNeighbor]) -> Result<(), AgentError> {
+        self.record("add_neighbors");
+        Ok(())
     }
     async fn set_sandbox_files(&self, _files: &SandboxFiles) -> Result<(), AgentError> {
         self.record("set_sandbox_files");

@@ -50,6 +50,8 @@ pub use agent_ttrpc::TtrpcDialer;
 pub use config::RuntimeConfig;
 pub use container_io::ProcessIo;
 pub use error::{Error, ErrorKind, Result};
-pub use network::{DnsConfig, NetInterface, NetRoute, SandboxFiles, SandboxNetwork, TapFd};
+pub use network::{
+    DnsConfig, NetInterface, NetNeighbor, NetRoute, SandboxFiles, SandboxNetwork, TapFd,
+};
 pub use sandbox::{Runtime, Sandbox, SandboxConfig, SandboxStatus, VmFactory};
 pub use state::SandboxState;

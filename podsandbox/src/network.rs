@@ -64,6 +64,15 @@ pub struct NetRoute {
     pub source: String,
 }
 
+/// A permanent neighbour entry of the pod's network namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetNeighbor {
+    pub ip: String,
+    pub mac: String,
+    /// The guest interface name.
+    pub device: String,
+}
+
 /// The pod's DNS settings (CRI `DNSConfig`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsConfig {
@@ -77,6 +86,8 @@ pub struct DnsConfig {
 pub struct SandboxNetwork {
     pub interfaces: Vec<NetInterface>,
     pub routes: Vec<NetRoute>,
+    #[serde(default)]
+    pub neighbors: Vec<NetNeighbor>,
 }
 
 impl SandboxNetwork {
@@ -121,6 +132,20 @@ impl SandboxNetwork {
                 return bad(format!(
                     "routes[{i}].device {:?} is none of the sandbox's interfaces",
                     route.device
+                ));
+            }
+        }
+        for (i, n) in self.neighbors.iter().enumerate() {
+            if n.ip.parse::<IpAddr>().is_err() || !hypervisor::valid_mac(&n.mac) {
+                return bad(format!(
+                    "neighbors[{i}] ({} at {}) is not an IP and a MAC address",
+                    n.ip, n.mac
+                ));
+            }
+            if !self.interfaces.iter().any(|nic| nic.name == n.device) {
+                return bad(format!(
+                    "neighbors[{i}].device {:?} is none of the sandbox's interfaces",
+                    n.device
                 ));
             }
         }
@@ -244,6 +269,11 @@ mod tests {
                 device: "eth0".into(),
                 source: String::new(),
             }],
+            neighbors: vec![NetNeighbor {
+                ip: "10.88.0.9".into(),
+                mac: "0a:58:0a:58:00:09".into(),
+                device: "eth0".into(),
+            }],
         }
     }
 
@@ -251,7 +281,10 @@ mod tests {
     fn validation_names_the_field() {
         assert!(net().validate().is_ok());
         type Spoil = fn(&mut SandboxNetwork);
-        let cases: [(&str, Spoil); 5] = [
+        let cases: [(&str, Spoil); 6] = [
+            ("neighbors[0] (10.88.0.9 at x)", |n| {
+                n.neighbors[0].mac = "x".into()
+            }),
             ("interfaces[0].mac", |n| n.interfaces[0].mac = "x".into()),
             ("interfaces[0] has no tap", |n| n.interfaces[0].tap = None),
             ("interfaces[0].ips", |n| {

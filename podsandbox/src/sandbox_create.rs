@@ -54,6 +54,7 @@ impl Runtime {
                     })
                     .collect(),
                 routes: config.network.routes.clone(),
+                neighbors: config.network.neighbors.clone(),
             },
         };
         let store = &self.inner.store;
@@ -315,6 +316,12 @@ async fn configure_guest(
             .update_routes(&network.routes)
             .await
             .map_err(failed("UpdateRoutes"))?;
+    }
+    if !network.neighbors.is_empty() {
+        agent
+            .add_neighbors(&network.neighbors)
+            .await
+            .map_err(failed("AddArpNeighbors"))?;
     }
     agent
         .set_sandbox_files(files)

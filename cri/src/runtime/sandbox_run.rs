@@ -298,7 +298,21 @@ fn sandbox_network(status: &cni::NetworkStatus) -> Result<SandboxNetwork> {
             source: String::new(),
         })
         .collect();
-    Ok(SandboxNetwork { interfaces, routes })
+    let neighbors = status
+        .neighbours
+        .iter()
+        .filter(|n| interfaces.iter().any(|i| i.name == n.device))
+        .map(|n| podsandbox::NetNeighbor {
+            ip: n.ip.to_string(),
+            mac: n.mac.clone(),
+            device: n.device.clone(),
+        })
+        .collect();
+    Ok(SandboxNetwork {
+        interfaces,
+        routes,
+        neighbors,
+    })
 }
 
 #[cfg(test)]
