@@ -29,6 +29,8 @@ packages=(
   iptables             # the portmap and bridge plugins program iptables
   util-linux           # nsenter and unshare for tests
   protobuf-compiler    # protoc, for the CRI protocol (k8s-cri) and the agent API
+  golang-go            # the streaming interop test's client: moby/spdystream, kubectl's SPDY library
+  golang-github-docker-spdystream-dev  # (that library's source, for the Go client above)
 )
 
 # Cargo-installed helpers: name version binary.

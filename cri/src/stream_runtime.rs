@@ -4,7 +4,8 @@
 //! - exec: a process started through the agent; stdin, stdout, stderr and
 //!   terminal resizes are pumped between the client's streams and the
 //!   agent's calls until the process has exited and its output is drained.
-//! - attach: stdin and resizes go to the container's init process; its output
+//! - attach: stdin and resizes go to the container's init process (whose
+//!   stdin stays open when the client leaves, unless `stdin_once`); its output
 //!   is followed in the container's CRI log (the monitor owns the process's
 //!   pipes and writes every byte there first), from the moment of attaching.
 //! - port-forward: a TCP connection to the pod's IP on the pod's network,
@@ -64,8 +65,14 @@ async fn pump_out(p: podsandbox::ProcessIo, stream: Stream, mut out: BoxWriter) 
     }
 }
 
-/// Feeds the client's stdin and resizes to a process.
-fn spawn_input(p: &podsandbox::ProcessIo, io: &mut StreamIo) -> Vec<tokio::task::JoinHandle<()>> {
+/// Feeds the client's stdin and resizes to a process; the end of the
+/// client's stdin closes the process's when `close_on_eof` (an exec, or an
+/// attach to a container created with `stdin_once`).
+fn spawn_input(
+    p: &podsandbox::ProcessIo,
+    io: &mut StreamIo,
+    close_on_eof: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     if let Some(mut stdin) = io.stdin.take() {
         let p = p.clone();
@@ -81,7 +88,9 @@ fn spawn_input(p: &podsandbox::ProcessIo, io: &mut StreamIo) -> Vec<tokio::task:
                     }
                 }
             }
-            let _ = p.close_stdin().await;
+            if close_on_eof {
+                let _ = p.close_stdin().await;
+            }
         }));
     }
     if let Some(mut resize) = io.resize.take() {
@@ -126,7 +135,7 @@ impl StreamingRuntime for PodStreams {
             .exec(&c.sandbox_id, &c.id, process)
             .await
             .map_err(rt_err)?;
-        let inputs = spawn_input(&p, &mut io);
+        let inputs = spawn_input(&p, &mut io, true);
         let mut outputs = Vec::new();
         if let Some(out) = io.stdout.take() {
             outputs.push(tokio::spawn(pump_out(p.clone(), Stream::Stdout, out)));
@@ -153,7 +162,7 @@ impl StreamingRuntime for PodStreams {
             .container_io(&c.sandbox_id, &c.id)
             .await
             .map_err(rt_err)?;
-        let inputs = spawn_input(&p, &mut io);
+        let inputs = spawn_input(&p, &mut io, c.config.stdin_once);
         let follow = match &c.log_path {
             Some(path) => {
                 follow_log(
@@ -214,9 +223,19 @@ impl StreamingRuntime for PodStreams {
                     format!("connect to {ip}:{port} in pod {id}: {e}"),
                 )
             })?;
-        tokio::io::copy_bidirectional(&mut stream, &mut conn)
-            .await
-            .map(drop)
+        // Client → pod until the client closes its side (then half-close
+        // towards the pod); pod → client until the pod closes, which ends
+        // the forwarded connection (an HTTP/1.0 server closes first).
+        let (mut client_rd, mut client_wr) = tokio::io::split(stream);
+        let (mut pod_rd, mut pod_wr) = conn.into_split();
+        let upstream = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_rd, &mut pod_wr).await;
+            let _ = pod_wr.shutdown().await;
+        });
+        let down = tokio::io::copy(&mut pod_rd, &mut client_wr).await;
+        let _ = client_wr.shutdown().await;
+        upstream.abort();
+        down.map(drop)
             .map_err(|e| RuntimeError::new(ErrorKind::Unavailable, format!("forwarding: {e}")))
     }
 }

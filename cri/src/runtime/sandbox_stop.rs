@@ -10,9 +10,10 @@ use crate::{
     server::Cri,
 };
 
-/// Grace for containers still running when their pod is stopped (kubelet
-/// normally stopped them already, with the pod's own grace period).
-const CONTAINER_GRACE: Duration = Duration::from_secs(2);
+/// Containers still running when their pod is stopped are killed at once,
+/// like containerd does: kubelet has already stopped them with the pod's own
+/// grace period.
+const CONTAINER_GRACE: Duration = Duration::ZERO;
 
 impl Cri {
     pub(crate) async fn stop_pod_sandbox(
