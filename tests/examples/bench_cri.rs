@@ -47,6 +47,8 @@ struct Containerd {
     /// `/run/containerd` (where containerd 1.6 puts shim sockets) existed
     /// before: then it is not ours to remove.
     run_dir_existed: bool,
+    /// `/var/lib/cni` (libcni's result cache) existed before.
+    cni_cache_existed: bool,
     /// The `k8s.io` cgroups (runc's default parent for pods without a
     /// cgroup parent, one per v1 hierarchy) that did not exist before.
     new_cgroups: Vec<PathBuf>,
@@ -150,6 +152,7 @@ state = "{d}/state"
             bridge,
             child: None,
             run_dir_existed: Path::new("/run/containerd").exists(),
+            cni_cache_existed: Path::new("/var/lib/cni").exists(),
             new_cgroups: k8s_cgroups()
                 .into_iter()
                 .filter(|(_, exists)| !exists)
@@ -281,11 +284,42 @@ impl Drop for Containerd {
             let _ = std::fs::remove_dir("/run/containerd/s");
             let _ = std::fs::remove_dir("/run/containerd");
         }
+        if !self.cni_cache_existed {
+            // Empty once CNI DEL ran for every pod.
+            let _ = std::fs::remove_dir("/var/lib/cni/results");
+            let _ = std::fs::remove_dir("/var/lib/cni");
+        }
+        reap_shims();
         // rmdir removes a cgroup only when it is empty.
         for cg in &self.new_cgroups {
             let _ = std::fs::remove_dir(cg);
         }
         // TempDir removes the rest.
+    }
+}
+
+/// Reaps exited shims: they daemonize, and this (subreaper) process
+/// inherits them.
+fn reap_shims() {
+    let me = std::process::id().to_string();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<_> = tail.split_whitespace().take(2).collect();
+        if head.contains("(containerd-shim") && fields == ["Z", me.as_str()] {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
     }
 }
 
