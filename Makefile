@@ -44,7 +44,9 @@ test: build
 bench: build
 	hack/bench-boot.py
 	$(CARGO) run --profile release-unwind -p tests --example bench_containers
+	$(CARGO) build --profile release-unwind -p cri --bins
 	$(CARGO) run --profile release-unwind -p tests --example bench_network
+	$(CARGO) run --profile release-unwind -p tests --example bench_cri
 
 # vcrid with the defaults (or /etc/vcrid/config.toml): the guest image from
 # build/guest, a default CNI bridge config written only when

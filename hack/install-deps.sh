@@ -19,6 +19,7 @@ packages=(
   libseccomp-dev       # static libseccomp.a: the agent applies seccomp profiles
   python3              # small build helpers (module resolution)
   runc                 # the container benchmark's baseline (make bench)
+  containerd           # the CRI benchmark's baseline (make bench: containerd + runc)
   docker-registry      # image tests push to and pull from a real registry on loopback
   skopeo               # the image benchmark's baseline (copy) and test image pushes
   umoci                # the image benchmark's baseline (unpack)

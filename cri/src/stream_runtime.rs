@@ -191,7 +191,7 @@ impl StreamingRuntime for PodStreams {
         &self,
         pod_sandbox_id: &str,
         port: u16,
-        mut stream: BoxDuplex,
+        stream: BoxDuplex,
     ) -> Result<(), RuntimeError> {
         let id = self
             .cri
@@ -215,7 +215,7 @@ impl StreamingRuntime for PodStreams {
                     format!("pod sandbox {id} has no IP to forward to"),
                 )
             })?;
-        let mut conn = tokio::net::TcpStream::connect((ip, port))
+        let conn = tokio::net::TcpStream::connect((ip, port))
             .await
             .map_err(|e| {
                 RuntimeError::new(

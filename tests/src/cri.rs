@@ -154,19 +154,7 @@ impl CriEnv {
     }
 
     async fn channel(&self) -> Channel {
-        let path = self.socket.clone();
-        Endpoint::try_from("http://[::]:50051")
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .expect("connect to vcrid")
+        unix_channel(&self.socket).await.expect("connect to vcrid")
     }
 
     pub async fn runtime(&self) -> Runtime {
@@ -261,21 +249,42 @@ impl CriEnv {
 
     /// Stop and remove every pod through the CRI (best effort, bounded).
     fn remove_all_pods(&self) {
-        let socket = self.socket.clone();
-        let this = CriClientOnly { socket };
-        let done = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(120), this.remove_all()).await;
-            });
-        });
-        let _ = done.join();
+        remove_all_pods_blocking(&self.socket);
     }
+}
+
+/// A gRPC channel to a CRI server on a unix socket (vcrid, or containerd
+/// for the benchmark's baseline).
+pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = socket.to_path_buf();
+    Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+}
+
+/// Stops and removes every pod of the CRI server on `socket` (best effort,
+/// bounded to 120 s), from a thread of its own: callable from a `Drop`.
+pub fn remove_all_pods_blocking(socket: &Path) {
+    let this = CriClientOnly {
+        socket: socket.to_path_buf(),
+    };
+    let done = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(120), this.remove_all()).await;
+        });
+    });
+    let _ = done.join();
 }
 
 /// Enough of the environment to talk to vcrid from the cleanup thread.
@@ -288,21 +297,7 @@ impl CriClientOnly {
         if tokio::net::UnixStream::connect(&self.socket).await.is_err() {
             return;
         }
-        let path = self.socket.clone();
-        let Ok(endpoint) = Endpoint::try_from("http://[::]:50051") else {
-            return;
-        };
-        let Ok(channel) = endpoint
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-        else {
+        let Ok(channel) = unix_channel(&self.socket).await else {
             return;
         };
         let mut rt = RuntimeServiceClient::new(channel);

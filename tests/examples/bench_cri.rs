@@ -1,0 +1,628 @@
+//! CRI benchmark: pod start (RunPodSandbox + CreateContainer + StartContainer
+//! of busybox) and ExecSync latency through the CRI, `vcrid` (a VM per pod)
+//! next to Debian's containerd + runc on the same machine in the same run,
+//! driven by the same client code over their unix sockets. Numbers, not
+//! assertions.
+//!
+//!   cargo build --profile release-unwind -p cri --bins
+//!   cargo run --profile release-unwind -p tests --example bench_cri [-- PODS]
+//!
+//! One loopback registry serves a busybox image and a "pause" image (the same
+//! layer, `sleep infinity`) that containerd uses as its sandbox image. Both
+//! runtimes pull both images first (not timed); then PODS pods (default 20)
+//! are started one after the other and timed, 20 ExecSync `true` run in the
+//! first pod's container, and every pod is stopped and removed (timed for
+//! information only). Guards remove every pod, stop both servers and remove
+//! their mounts, bridges and dirs, even when the run fails.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+#[path = "../../imagestore/tests/support/mod.rs"]
+mod support;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use k8s_cri::v1 as cri;
+use tests::cri::{remove_all_pods_blocking, unix_channel, CriEnv, Images, Runtime};
+
+/// vcrid's subnet is 10.211.<this>.0/24, containerd's 10.212.<this>.0/24.
+const OCTET: u8 = 77;
+const EXECS: usize = 20;
+
+/// Debian's containerd with its CRI plugin, every path of its own under a
+/// temp dir (runc's state too), its own CNI bridge network. Dropping it is
+/// the cleanup: pods removed through the CRI, containerd stopped, leftover
+/// runc containers and shims killed, mounts detached, the bridge deleted.
+struct Containerd {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+    bridge: String,
+    child: Option<Child>,
+    /// `/run/containerd` (where containerd 1.6 puts shim sockets) existed
+    /// before: then it is not ours to remove.
+    run_dir_existed: bool,
+    /// `/var/lib/cni` (libcni's result cache) existed before.
+    cni_cache_existed: bool,
+    /// The `k8s.io` cgroups (runc's default parent for pods without a
+    /// cgroup parent, one per v1 hierarchy) that did not exist before.
+    new_cgroups: Vec<PathBuf>,
+}
+
+/// `/sys/fs/cgroup/<hierarchy>/k8s.io` for every hierarchy, and whether it exists.
+fn k8s_cgroups() -> Vec<(PathBuf, bool)> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path().join("k8s.io"))
+                .map(|p| {
+                    let exists = p.is_dir();
+                    (p, exists)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Containerd {
+    fn new(registry: &str, octet: u8) -> Self {
+        // Short: the grpc socket path must fit a sockaddr_un.
+        let dir = tempfile::Builder::new()
+            .prefix("ctrb")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let d = dir.path();
+        let bridge = format!("vcbctr{octet}");
+        let net = format!("ctrbench{octet}");
+        // The same network shape as vcrid's (CriEnv), minus the loopback
+        // plugin: containerd sets up the pod's `lo` itself.
+        let mut list = cni::defaults::default_conflist(&bridge, &format!("10.212.{octet}.0/24"));
+        list["name"] = serde_json::json!(net);
+        list["plugins"][0]["ipam"]["dataDir"] =
+            serde_json::json!(d.join("ipam").display().to_string());
+        list["plugins"]
+            .as_array_mut()
+            .expect("plugins")
+            .retain(|p| p["type"] != "loopback");
+        std::fs::create_dir_all(d.join("cni")).expect("mkdir cni");
+        std::fs::write(
+            d.join("cni/10-bench.conflist"),
+            serde_json::to_vec_pretty(&list).expect("json"),
+        )
+        .expect("write conflist");
+        let socket = d.join("c.sock");
+        let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+        let config = format!(
+            r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+
+[grpc]
+  address = "{d}/c.sock"
+
+[debug]
+  address = ""
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+
+[{cri}]
+  sandbox_image = "{registry}/pause:1"
+  disable_apparmor = true
+  netns_mounts_under_state_dir = true
+  # No CAP_SYS_RESOURCE here: never ask for an oom_score_adj below ours.
+  restrict_oom_score_adj = true
+
+[{cri}.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{d}/cni"
+  max_conf_num = 1
+
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{cri}.containerd.runtimes.runc.options]
+  BinaryName = "/usr/sbin/runc"
+  Root = "{d}/runc"
+
+[{cri}.registry.mirrors."{registry}"]
+  endpoint = ["http://{registry}"]
+"#,
+            d = d.display(),
+        );
+        let config_path = d.join("config.toml");
+        std::fs::write(&config_path, config).expect("write containerd config");
+        Self {
+            dir,
+            socket,
+            config: config_path,
+            bridge,
+            child: None,
+            run_dir_existed: Path::new("/run/containerd").exists(),
+            cni_cache_existed: Path::new("/var/lib/cni").exists(),
+            new_cgroups: k8s_cgroups()
+                .into_iter()
+                .filter(|(_, exists)| !exists)
+                .map(|(p, _)| p)
+                .collect(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Starts containerd and waits until its CRI reports runtime and
+    /// network ready.
+    async fn start(&mut self) -> (Runtime, Images) {
+        let log = std::fs::File::create(self.dir.path().join("containerd.log")).expect("log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd (hack/install-deps.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("containerd exited at start ({status}): {}", self.log());
+            }
+            if let Ok(channel) = unix_channel(&self.socket).await {
+                let mut rt = Runtime::new(channel.clone());
+                match rt.status(cri::StatusRequest { verbose: false }).await {
+                    Ok(s) => {
+                        let conds = s.into_inner().status.map(|s| s.conditions);
+                        if conds
+                            .as_ref()
+                            .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c.status))
+                        {
+                            return (rt, Images::new(channel));
+                        }
+                        last = format!("{conds:?}");
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd's CRI not ready ({last}): {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let d = self.dir.path().to_path_buf();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<_> = log.lines().rev().take(40).collect();
+            eprintln!("containerd's log (last lines, newest first):");
+            for l in tail {
+                eprintln!("  {l}");
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait().ok().flatten().is_none() {
+                remove_all_pods_blocking(&self.socket);
+            }
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Containers the CRI could not remove: runc's state is ours.
+        let runc_root = d.join("runc/k8s.io");
+        if runc_root.is_dir() {
+            let out = Command::new("runc")
+                .arg("--root")
+                .arg(&runc_root)
+                .args(["list", "-q"])
+                .stderr(Stdio::null())
+                .output();
+            if let Ok(out) = out {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = Command::new("runc")
+                        .arg("--root")
+                        .arg(&runc_root)
+                        .args(["delete", "--force", id])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+        // Shims name containerd's socket, under our dir.
+        for (pid, _) in tests::processes_mentioning(&d) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let mut mounts = tests::mounts_under(&d);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+        if !self.run_dir_existed {
+            // Empty once every shim is gone; remove_dir keeps anything else.
+            let _ = std::fs::remove_dir("/run/containerd/s");
+            let _ = std::fs::remove_dir("/run/containerd");
+        }
+        if !self.cni_cache_existed {
+            // Empty once CNI DEL ran for every pod.
+            let _ = std::fs::remove_dir("/var/lib/cni/results");
+            let _ = std::fs::remove_dir("/var/lib/cni");
+        }
+        reap_shims();
+        // rmdir removes a cgroup only when it is empty.
+        for cg in &self.new_cgroups {
+            let _ = std::fs::remove_dir(cg);
+        }
+        // TempDir removes the rest.
+    }
+}
+
+/// Reaps exited shims: they daemonize, and this (subreaper) process
+/// inherits them.
+fn reap_shims() {
+    let me = std::process::id().to_string();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<_> = tail.split_whitespace().take(2).collect();
+        if head.contains("(containerd-shim") && fields == ["Z", me.as_str()] {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+}
+
+/// Pushes busybox (`sh` by default) and a pause image (the same layer,
+/// `sleep infinity`); returns their references.
+async fn push_images(registry: &support::Registry) -> (String, String) {
+    let layer = support::layer(&support::busybox_entries(), support::Comp::Gzip);
+    let mut busybox = support::TestImage::new(vec![layer.clone()]);
+    busybox.config =
+        serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"});
+    registry.push_image("busybox", "latest", &busybox).await;
+    let mut pause = support::TestImage::new(vec![layer]);
+    pause.config = serde_json::json!({"Entrypoint": ["/bin/sleep", "infinity"], "Env": ["PATH=/bin"], "WorkingDir": "/"});
+    registry.push_image("pause", "1", &pause).await;
+    (
+        format!("{}/busybox:latest", registry.host()),
+        format!("{}/pause:1", registry.host()),
+    )
+}
+
+fn pod_config(logs: &Path, name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "bench".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.join(name).display().to_string(),
+        dns_config: Some(cri::DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["default.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        labels: HashMap::from([("app".to_string(), "bench".to_string())]),
+        // vcrid's pod VM size (as in the end-to-end tests); containerd ignores it.
+        annotations: HashMap::from([(
+            "io.virtcontainers.memory_mib".to_string(),
+            "384".to_string(),
+        )]),
+        ..Default::default()
+    }
+}
+
+fn container_config(image: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "sleeper".into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["sleep".into(), "3600".into()],
+        log_path: "sleeper.log".into(),
+        ..Default::default()
+    }
+}
+
+/// One runtime's samples.
+struct Samples {
+    pod_start: Vec<Duration>,
+    exec: Vec<Duration>,
+    teardown: Vec<Duration>,
+}
+
+/// The measurement, the same for both runtimes.
+async fn measure(
+    what: &str,
+    rt: &mut Runtime,
+    images: &mut Images,
+    refs: &[&str],
+    logs: &Path,
+    pods: usize,
+) -> Samples {
+    for image in refs {
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: (*image).into(),
+                    ..Default::default()
+                }),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: PullImage {image}: {e}"));
+    }
+    let busybox = refs[0];
+    let mut ids = Vec::new();
+    let mut pod_start = Vec::new();
+    eprint!("{what}: starting {pods} pods ");
+    for i in 0..pods {
+        let config = pod_config(logs, &format!("bench-{i}"));
+        std::fs::create_dir_all(&config.log_directory).expect("log dir");
+        let t = Instant::now();
+        let pod = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: RunPodSandbox: {e}"))
+            .into_inner()
+            .pod_sandbox_id;
+        let ctr = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(busybox)),
+                sandbox_config: Some(config),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: CreateContainer: {e}"))
+            .into_inner()
+            .container_id;
+        rt.start_container(cri::StartContainerRequest {
+            container_id: ctr.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: StartContainer: {e}"));
+        pod_start.push(t.elapsed());
+        eprint!(".");
+        ids.push((pod, ctr));
+    }
+    eprintln!();
+    let mut exec = Vec::new();
+    let target = &ids[0].1;
+    for _ in 0..EXECS {
+        let t = Instant::now();
+        let out = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: target.clone(),
+                cmd: vec!["true".into()],
+                timeout: 60,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: ExecSync: {e}"))
+            .into_inner();
+        exec.push(t.elapsed());
+        assert_eq!(out.exit_code, 0, "{what}: ExecSync true: {out:?}");
+    }
+    let mut teardown = Vec::new();
+    for (pod, _) in ids {
+        let t = Instant::now();
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: StopPodSandbox: {e}"));
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: RemovePodSandbox: {e}"));
+        teardown.push(t.elapsed());
+    }
+    Samples {
+        pod_start,
+        exec,
+        teardown,
+    }
+}
+
+/// Median and p99 (nearest rank: the max below 100 samples), in ms.
+fn stats(v: &[Duration]) -> (f64, f64) {
+    let mut v = v.to_vec();
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let median = if v.len() % 2 == 1 {
+        ms(v[v.len() / 2])
+    } else {
+        (ms(v[v.len() / 2 - 1]) + ms(v[v.len() / 2])) / 2.0
+    };
+    let rank = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len());
+    (median, ms(v[rank - 1]))
+}
+
+fn row(what: &str, vc: &[Duration], ctr: &[Duration]) {
+    let (vm, vp) = stats(vc);
+    let (cm, cp) = stats(ctr);
+    println!(
+        "{what:<34} {vm:>9.1} {vp:>9.1} | {cm:>9.1} {cp:>9.1} | {:>7.1}x {:>7.1}x",
+        vm / cm,
+        vp / cp
+    );
+}
+
+fn version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let pods: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("PODS: a number"))
+        .unwrap_or(20);
+    assert!(pods > 0, "PODS must be at least 1");
+    tests::become_subreaper();
+    let load_before = loadavg();
+    let registry = support::Registry::start().await;
+    let (busybox, pause) = push_images(&registry).await;
+    let refs = [busybox.as_str(), pause.as_str()];
+
+    let mut vc = CriEnv::new(OCTET);
+    eprintln!("vcrid: {}", tests::workspace_bin("vcrid").display());
+    vc.start().await;
+    let mut vc_rt = vc.runtime().await;
+    let mut vc_images = vc.images().await;
+    let vc_logs = vc.dir.path().join("logs");
+    let started = Instant::now();
+    let vcs = Box::pin(measure(
+        "vcrid",
+        &mut vc_rt,
+        &mut vc_images,
+        &refs,
+        &vc_logs,
+        pods,
+    ))
+    .await;
+    let vc_secs = started.elapsed().as_secs_f64();
+
+    let mut ctr = Containerd::new(&registry.host(), OCTET);
+    let (mut ctr_rt, mut ctr_images) = ctr.start().await;
+    let ctr_logs = ctr.dir.path().join("logs");
+    let started = Instant::now();
+    let ctrs = Box::pin(measure(
+        "containerd",
+        &mut ctr_rt,
+        &mut ctr_images,
+        &refs,
+        &ctr_logs,
+        pods,
+    ))
+    .await;
+    let ctr_secs = started.elapsed().as_secs_f64();
+
+    // What vcrid's `accel = "auto"` picks on this host.
+    let accel = hypervisor::qemu::accel::resolve(
+        hypervisor::Accel::Auto,
+        &hypervisor::qemu::accel::HostFacts::probe(),
+    )
+    .map_or("?", |a| a.as_str());
+    println!();
+    println!(
+        "CRI benchmark: {pods} pods started one after the other, {EXECS} ExecSync `true` in one container"
+    );
+    println!(
+        "vcrid: a QEMU VM per pod (accel {accel}, 384 MiB) | baseline: {} + {}",
+        version("containerd", "--version"),
+        version("runc", "--version")
+    );
+    println!(
+        "p99 is the nearest rank: with fewer than 100 samples it is the max. Load average before: {load_before}, after: {}",
+        loadavg()
+    );
+    println!(
+        "{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>17}",
+        "", "vcrid", "", "containerd", "", "vcrid/containerd"
+    );
+    println!(
+        "{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8}",
+        "ms", "p50", "p99", "p50", "p99", "p50", "p99"
+    );
+    row(
+        "pod start (run + create + start)",
+        &vcs.pod_start,
+        &ctrs.pod_start,
+    );
+    row("ExecSync `true`", &vcs.exec, &ctrs.exec);
+    row(
+        "stop + remove pod (not asked)",
+        &vcs.teardown,
+        &ctrs.teardown,
+    );
+    println!(
+        "wall time per runtime (pulls included): vcrid {vc_secs:.1} s, containerd {ctr_secs:.1} s"
+    );
+
+    // Drop order: containerd, vcrid (guards), then the registry.
+    drop(ctr_rt);
+    drop(ctr_images);
+    drop(ctr);
+    drop(vc_rt);
+    drop(vc_images);
+    vc.assert_no_pods_left();
+    drop(vc);
+}
