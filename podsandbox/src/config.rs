@@ -30,6 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// Top-level keys of the shared config file that belong to the CRI server
+/// (vcrid), not to this library.
+pub const SERVER_KEYS: &[&str] = &["listen", "network", "images", "streaming", "annotations"];
+
 /// Where the config lives when none is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vcrid/config.toml";
 
@@ -103,8 +107,15 @@ impl RuntimeConfig {
         })
     }
 
+    /// Parses the library's part of the file; the sections only vcrid
+    /// reads (see [`SERVER_KEYS`]) are left to it, anything else unknown is
+    /// an error naming it.
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.message().to_string())
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        for key in SERVER_KEYS {
+            table.remove(*key);
+        }
+        table.try_into().map_err(|e: toml::de::Error| e.message().to_string())
     }
 
     /// An empty kernel or initrd means "the guest image that was built or
@@ -167,6 +178,9 @@ mod tests {
         assert_eq!(cfg.hypervisor.machine, hypervisor::MachineType::Microvm);
         assert_eq!(cfg.hypervisor.default_memory_mib, 512);
         assert_eq!(cfg.agent.dial_timeout(), Duration::from_millis(5));
+        let shared = RuntimeConfig::parse("listen = \"unix:///x\"\n[network]\nconf_dir = \"/n\"\n")
+            .expect("vcrid's sections are left to vcrid");
+        assert_eq!(shared, RuntimeConfig::default());
         let err = RuntimeConfig::parse("[hypervisor]\nqemu = \"x\"\n").expect_err("unknown");
         assert!(err.contains("unknown field `qemu`"), "{err}");
         let err = RuntimeConfig::parse("[hypervisor]\naccel = \"fast\"\n").expect_err("bad enum");
