@@ -115,7 +115,9 @@ impl RuntimeConfig {
         for key in SERVER_KEYS {
             table.remove(*key);
         }
-        table.try_into().map_err(|e: toml::de::Error| e.message().to_string())
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string())
     }
 
     /// An empty kernel or initrd means "the guest image that was built or
