@@ -100,6 +100,9 @@ pub struct HypervisorConfig {
     /// TCG translation cache size in MiB (QEMU's default, 1 GiB, is mostly
     /// untouched but inflates the footprint).
     pub tcg_tb_size_mib: u32,
+    /// PCIe root ports for devices added to a running VM (q35 only): the
+    /// number of NICs that can be hot-plugged at once.
+    pub hotplug_slots: u32,
 }
 
 impl Default for HypervisorConfig {
@@ -120,6 +123,7 @@ impl Default for HypervisorConfig {
             shared_fs: SharedFs::default(),
             virtiofsd_path: PathBuf::from("/usr/lib/qemu/virtiofsd"),
             tcg_tb_size_mib: 16,
+            hotplug_slots: 2,
         }
     }
 }

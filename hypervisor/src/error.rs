@@ -8,6 +8,7 @@ pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
 /// The class of an error, for mapping to API status codes by callers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
+    NotFound,
     InvalidArgument,
     FailedPrecondition,
     Unavailable,
@@ -29,6 +30,15 @@ pub enum HypervisorError {
         index: usize,
         #[source]
         source: std::io::Error,
+    },
+    #[error("no free hot-plug slot: all {slots} are in use (hypervisor.hotplug_slots)")]
+    NoHotplugSlot { slots: u32 },
+    #[error("no hot-plugged NIC has MAC address {mac}")]
+    NicNotFound { mac: String },
+    #[error("{what} is not supported by this VM: {why}")]
+    Unsupported {
+        what: &'static str,
+        why: &'static str,
     },
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
@@ -87,7 +97,10 @@ impl HypervisorError {
             MissingFile { .. }
             | SocketPathTooLong { .. }
             | KvmUnavailable { .. }
-            | NotRunning { .. } => ErrorKind::FailedPrecondition,
+            | NotRunning { .. }
+            | NoHotplugSlot { .. }
+            | Unsupported { .. } => ErrorKind::FailedPrecondition,
+            NicNotFound { .. } => ErrorKind::NotFound,
             StartupFailed { .. } | StartupTimeout { .. } => ErrorKind::Unavailable,
             UnknownHypervisor { .. }
             | Spawn { .. }

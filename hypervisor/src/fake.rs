@@ -18,6 +18,8 @@ pub enum Op {
     Resume,
     Stop,
     Status,
+    AddNic,
+    RemoveNic,
 }
 
 #[derive(Debug, Default)]
@@ -130,5 +132,11 @@ impl Hypervisor for FakeHypervisor {
     }
     fn console_tail(&self, _lines: usize) -> String {
         "fake console".into()
+    }
+    async fn add_nic(&self, _nic: &crate::Nic) -> Result<()> {
+        self.record(Op::AddNic, None)
+    }
+    async fn remove_nic(&self, _mac: &str) -> Result<()> {
+        self.record(Op::RemoveNic, None)
     }
 }

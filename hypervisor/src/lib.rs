@@ -129,6 +129,9 @@ pub struct VmState {
     /// Helper processes (the userspace vsock device, later virtiofsd).
     pub helpers: Vec<ProcessRef>,
     pub vsock: Option<VsockChannel>,
+    /// NICs added to the running VM: (hot-plug slot, MAC).
+    #[serde(default)]
+    pub hotplugged_nics: Vec<(u32, String)>,
 }
 
 /// One virtual machine.
@@ -166,8 +169,13 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// The last `lines` lines of the guest console.
     fn console_tail(&self, lines: usize) -> String;
 
-    // Seam for later issues: hotplug of block and network devices
-    // (`add_device` / `remove_device` over QMP device_add / device_del).
+    /// Adds a NIC to the running VM (a free hot-plug slot, the tap handed
+    /// over QMP). The guest sees a new virtio-net device.
+    async fn add_nic(&self, nic: &Nic) -> Result<()>;
+
+    /// Removes the hot-plugged NIC with this MAC; returns once the guest
+    /// has released it.
+    async fn remove_nic(&self, mac: &str) -> Result<()>;
 }
 
 /// Creates (does not boot) a VM with the configured implementation.

@@ -124,6 +124,7 @@ impl Error {
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::WrongState { .. } => ErrorKind::FailedPrecondition,
             Error::Hypervisor { source, .. } => match source.kind() {
+                hypervisor::ErrorKind::NotFound => ErrorKind::NotFound,
                 hypervisor::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
                 hypervisor::ErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
                 hypervisor::ErrorKind::Unavailable => ErrorKind::Unavailable,

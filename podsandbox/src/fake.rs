@@ -64,6 +64,7 @@ impl VmFactory for FakeVms {
             vsock: Some(VsockChannel::Hybrid {
                 uds: "/nonexistent".into(),
             }),
+            hotplugged_nics: Vec::new(),
         };
         let mut fake = FakeHypervisor::new(state);
         if let Some(op) = *self.fail_at.lock().unwrap_or_else(|e| e.into_inner()) {

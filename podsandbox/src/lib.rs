@@ -38,6 +38,7 @@ pub mod network;
 mod sandbox;
 mod sandbox_create;
 mod sandbox_delete;
+mod sandbox_network;
 mod sandbox_pause;
 mod sandbox_start;
 mod sandbox_status;

@@ -32,6 +32,8 @@ pub const NAME: &str = "qemu";
 const QMP_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the vsock device may take to create its control socket.
 const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest may take to release a hot-unplugged NIC.
+const NIC_RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The descriptor number QEMU sees its first tap at (after stdio).
 const FIRST_NIC_FD: i32 = 3;
 /// Guest memory below this cannot hold the kernel and agent.
@@ -75,6 +77,7 @@ impl Qemu {
             vmm: None,
             helpers: Vec::new(),
             vsock: None,
+            hotplugged_nics: Vec::new(),
         };
         Ok(Self {
             config: config.clone(),
@@ -262,6 +265,7 @@ impl Qemu {
             paths: &self.paths,
             vsock,
             shared,
+            hotplug_slots: self.config.hotplug_slots,
             nics: self
                 .nics
                 .iter()
@@ -529,6 +533,94 @@ impl crate::Hypervisor for Qemu {
 
     fn console_tail(&self, lines: usize) -> String {
         process::tail_with(&self.paths.console, lines, Some("Kernel panic"))
+    }
+
+    async fn add_nic(&self, nic: &Nic) -> Result<()> {
+        if self.config.machine != crate::MachineType::Q35 {
+            return Err(HypervisorError::Unsupported {
+                what: "adding a NIC",
+                why: "only q35 has hot-plug slots",
+            });
+        }
+        if !crate::valid_mac(&nic.mac) {
+            return Err(HypervisorError::BadMac {
+                index: 0,
+                mac: nic.mac.clone(),
+            });
+        }
+        let slots = self.config.hotplug_slots;
+        let slot = {
+            let state = self.lock();
+            (0..slots)
+                .find(|s| !state.hotplugged_nics.iter().any(|(used, _)| used == s))
+                .ok_or(HypervisorError::NoHotplugSlot { slots })?
+        };
+        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
+        let (fdname, netdev, device) = (
+            format!("hptap{slot}"),
+            format!("hpnet{slot}"),
+            format!("hpnic{slot}"),
+        );
+        qmp.send_fd(&fdname, std::os::fd::AsFd::as_fd(nic.tap.as_ref()))
+            .await?;
+        let added = async {
+            qmp.execute(
+                "netdev_add",
+                Some(serde_json::json!({ "type": "tap", "id": netdev, "fd": fdname })),
+            )
+            .await?;
+            let mut dev = serde_json::json!({
+                "driver": "virtio-net-pci", "id": device, "netdev": netdev,
+                "mac": nic.mac, "bus": format!("hp{slot}"),
+            });
+            if nic.mtu > 0 {
+                dev["host_mtu"] = nic.mtu.into();
+            }
+            if let Err(err) = qmp.execute("device_add", Some(dev)).await {
+                let _ = qmp
+                    .execute("netdev_del", Some(serde_json::json!({ "id": netdev })))
+                    .await;
+                return Err(err);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = added {
+            let _ = qmp
+                .execute("closefd", Some(serde_json::json!({ "fdname": fdname })))
+                .await;
+            return Err(err);
+        }
+        self.lock()
+            .hotplugged_nics
+            .push((slot, nic.mac.to_ascii_lowercase()));
+        tracing::info!(id = %self.lock().id, slot, mac = %nic.mac, "NIC added");
+        Ok(())
+    }
+
+    async fn remove_nic(&self, mac: &str) -> Result<()> {
+        let slot = self
+            .lock()
+            .hotplugged_nics
+            .iter()
+            .find(|(_, m)| m.eq_ignore_ascii_case(mac))
+            .map(|(s, _)| *s)
+            .ok_or_else(|| HypervisorError::NicNotFound { mac: mac.into() })?;
+        let (netdev, device) = (format!("hpnet{slot}"), format!("hpnic{slot}"));
+        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
+        qmp.execute("device_del", Some(serde_json::json!({ "id": device })))
+            .await?;
+        // The guest must release the slot (pciehp waits ~5 s after the
+        // attention button); only then is the device gone.
+        qmp.wait_event("DEVICE_DELETED", NIC_RELEASE_TIMEOUT, |d| {
+            d.get("device").and_then(Value::as_str) == Some(device.as_str())
+        })
+        .await?;
+        qmp.execute("netdev_del", Some(serde_json::json!({ "id": netdev })))
+            .await?;
+        self.lock().hotplugged_nics.retain(|(s, _)| *s != slot);
+        tracing::info!(id = %self.lock().id, slot, %mac, "NIC removed");
+        Ok(())
     }
 }
 

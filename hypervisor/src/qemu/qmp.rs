@@ -70,6 +70,70 @@ impl Qmp {
         }
     }
 
+    /// Hands `fd` to QEMU under `name` (QMP `getfd`, the descriptor rides
+    /// the command as SCM_RIGHTS).
+    pub async fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let line = format!(
+            "{}\n",
+            json!({ "execute": "getfd", "arguments": { "fdname": name } })
+        );
+        let fds = [fd.as_raw_fd()];
+        let sent = nix::sys::socket::sendmsg::<nix::sys::socket::UnixAddr>(
+            self.writer.as_ref().as_raw_fd(),
+            &[std::io::IoSlice::new(line.as_bytes())],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| HypervisorError::QmpIo {
+            path: self.path.clone(),
+            source: std::io::Error::from(e),
+        })?;
+        if sent != line.len() {
+            return Err(HypervisorError::Qmp {
+                command: "getfd".into(),
+                detail: format!("short write ({sent} of {} bytes)", line.len()),
+            });
+        }
+        loop {
+            let message = self.read_message("getfd").await?;
+            if message.get("event").is_none() {
+                return parse_reply("getfd", message).map(drop);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for event `name` whose data matches `pred`.
+    pub async fn wait_event(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HypervisorError::Qmp {
+                    command: name.into(),
+                    detail: format!("no {name} event within {}s", timeout.as_secs()),
+                });
+            }
+            match self.read_message(name).await {
+                Ok(m)
+                    if m.get("event").and_then(Value::as_str) == Some(name)
+                        && pred(m.get("data").unwrap_or(&Value::Null)) =>
+                {
+                    return Ok(m)
+                }
+                Ok(_) => {}
+                // read_message's own 5 s bound: keep waiting until ours.
+                Err(HypervisorError::Qmp { detail, .. }) if detail.starts_with("no reply") => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn read_message(&mut self, what: &str) -> Result<Value> {
         let mut line = String::new();
         let read = tokio::time::timeout(QMP_TIMEOUT, self.reader.read_line(&mut line))
