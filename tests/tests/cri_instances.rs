@@ -137,8 +137,8 @@ async fn two_vcrids_rotation_resources_and_pod_stats() {
     // The same pod name in both: each instance reserves names on its own.
     let (p1, c1) = pod_with_ticker(&mut rt1, &one, &image, "same").await;
     let (p2, _c2) = pod_with_ticker(&mut rt2, &two, &image, "same").await;
-    assert_eq!(pod_ids(&mut rt1).await, [p1.clone()]);
-    assert_eq!(pod_ids(&mut rt2).await, [p2.clone()]);
+    assert_eq!(pod_ids(&mut rt1).await, std::slice::from_ref(&p1));
+    assert_eq!(pod_ids(&mut rt2).await, std::slice::from_ref(&p2));
 
     // Log rotation: the log moves away, ReopenContainerLog starts a new file.
     let log = one.dir.path().join("logs/same/ticker.log");
