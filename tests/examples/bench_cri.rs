@@ -17,8 +17,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-#[path = "../../imagestore/tests/support/mod.rs"]
-mod support;
+use tests::registry as support;
 
 use std::{
     collections::HashMap,

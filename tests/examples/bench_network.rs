@@ -12,8 +12,7 @@
     clippy::large_futures
 )]
 
-#[path = "../../imagestore/tests/support/mod.rs"]
-mod support;
+use tests::registry as support;
 
 use std::{
     collections::HashMap,
@@ -115,29 +114,12 @@ async fn main() {
     let connects: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(200);
     tests::become_subreaper();
     let registry = support::Registry::start().await;
-    let mut image = support::TestImage::new(vec![support::layer(
-        &support::busybox_entries(),
-        support::Comp::Gzip,
-    )]);
-    image.config = serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]});
-    registry.push_image("busybox", "net", &image).await;
-    let image = format!("{}/busybox:net", registry.host());
+    let image = tests::cri::push_busybox(&registry, "net").await;
 
     let mut env = CriEnv::new(60);
     env.start().await;
     let mut rt = env.runtime().await;
-    env.images()
-        .await
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.clone(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: None,
-        })
-        .await
-        .expect("pull");
+    env.pull(&image).await;
 
     // Baseline: a plain netns on the same CNI network, busybox servers in it.
     let net = cni::PodNetwork::new(

@@ -372,6 +372,36 @@ impl CriEnv {
     }
 }
 
+/// The busybox image every CRI test runs (root, `sh` by default), pushed
+/// as `busybox:<tag>`; returns its reference.
+pub async fn push_busybox(registry: &crate::registry::Registry, tag: &str) -> String {
+    use crate::registry::{busybox_entries, layer, Comp, TestImage};
+    let mut image = TestImage::new(vec![layer(&busybox_entries(), Comp::Gzip)]);
+    image.config = serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"});
+    registry.push_image("busybox", tag, &image).await;
+    format!("{}/busybox:{tag}", registry.host())
+}
+
+impl CriEnv {
+    /// PullImage through this vcrid; the image ID.
+    pub async fn pull(&self, image: &str) -> String {
+        self.images()
+            .await
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .expect("PullImage")
+            .into_inner()
+            .image_ref
+    }
+}
+
 /// Reads `path` (a CRI log file) until it holds `needle` or 60 s pass.
 pub async fn wait_for_log(path: &Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -19,6 +19,12 @@ use podsandbox::RuntimeConfig;
 
 pub mod cri;
 
+/// The image store's test support, shared: a real `docker-registry` on a
+/// free loopback port, a push client and image builders.
+#[path = "../../imagestore/tests/support/mod.rs"]
+#[allow(missing_debug_implementations, clippy::new_without_default)]
+pub mod registry;
+
 /// The source tree's root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -9,8 +9,7 @@
     clippy::large_futures
 )]
 
-#[path = "../../imagestore/tests/support/mod.rs"]
-mod support;
+use tests::registry as support;
 
 use std::{path::Path, time::Duration};
 
@@ -79,21 +78,6 @@ async fn pod_with_ticker(
     (pod, c)
 }
 
-async fn pull(env: &CriEnv, image: &str) {
-    env.images()
-        .await
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: None,
-        })
-        .await
-        .expect("PullImage");
-}
-
 async fn pod_ids(rt: &mut Runtime) -> Vec<String> {
     rt.list_pod_sandbox(cri::ListPodSandboxRequest::default())
         .await
@@ -118,20 +102,14 @@ fn last_tick(path: &Path) -> u64 {
 async fn two_vcrids_rotation_resources_and_pod_stats() {
     tests::become_subreaper();
     let registry = support::Registry::start().await;
-    let mut image = support::TestImage::new(vec![support::layer(
-        &support::busybox_entries(),
-        support::Comp::Gzip,
-    )]);
-    image.config = serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]});
-    registry.push_image("busybox", "two", &image).await;
-    let image = format!("{}/busybox:two", registry.host());
+    let image = tests::cri::push_busybox(&registry, "two").await;
 
     let mut one = CriEnv::new(45);
     let mut two = CriEnv::new(46);
     one.start().await;
     two.start().await;
-    pull(&one, &image).await;
-    pull(&two, &image).await;
+    one.pull(&image).await;
+    two.pull(&image).await;
     let mut rt1 = one.runtime().await;
     let mut rt2 = two.runtime().await;
     // The same pod name in both: each instance reserves names on its own.

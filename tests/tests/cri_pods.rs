@@ -4,8 +4,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-#[path = "../../imagestore/tests/support/mod.rs"]
-mod support;
+use tests::registry as support;
 
 use std::{
     collections::HashMap,
@@ -16,17 +15,6 @@ use std::{
 use k8s_cri::v1 as cri;
 use tests::cri::{wait_for_log, CriEnv, Images, Runtime};
 use tonic::Code;
-
-/// A busybox image in the test registry, as root, `sh` by default.
-async fn push_busybox(registry: &support::Registry) -> String {
-    let mut image = support::TestImage::new(vec![support::layer(
-        &support::busybox_entries(),
-        support::Comp::Gzip,
-    )]);
-    image.config = serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"});
-    registry.push_image("busybox", "latest", &image).await;
-    format!("{}/busybox:latest", registry.host())
-}
 
 fn pod_config(env: &CriEnv, name: &str, host_port: i32) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
@@ -181,7 +169,7 @@ async fn container_state(rt: &mut Runtime, id: &str) -> cri::ContainerStatus {
 async fn two_pods_serve_talk_and_leave_nothing() {
     tests::become_subreaper();
     let registry = support::Registry::start().await;
-    let image = push_busybox(&registry).await;
+    let image = tests::cri::push_busybox(&registry, "latest").await;
     let mut env = CriEnv::new(41);
     env.start().await;
     let mut rt = env.runtime().await;
@@ -206,19 +194,7 @@ async fn two_pods_serve_talk_and_leave_nothing() {
     assert!(conditions.iter().all(|c| c.status), "{conditions:?}");
 
     // Images.
-    let pulled = images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.clone(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: None,
-        })
-        .await
-        .expect("PullImage")
-        .into_inner()
-        .image_ref;
+    let pulled = env.pull(&image).await;
     assert!(pulled.starts_with("sha256:"), "{pulled}");
     let listed = images
         .list_images(cri::ListImagesRequest::default())

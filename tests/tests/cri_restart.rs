@@ -9,8 +9,7 @@
     clippy::large_futures
 )]
 
-#[path = "../../imagestore/tests/support/mod.rs"]
-mod support;
+use tests::registry as support;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -95,29 +94,12 @@ async fn status(rt: &mut Runtime, id: &str) -> cri::ContainerStatus {
 async fn three_pods_survive_a_sigkill_of_vcrid() {
     tests::become_subreaper();
     let registry = support::Registry::start().await;
-    let mut image = support::TestImage::new(vec![support::layer(
-        &support::busybox_entries(),
-        support::Comp::Gzip,
-    )]);
-    image.config = serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]});
-    registry.push_image("busybox", "1", &image).await;
-    let image = format!("{}/busybox:1", registry.host());
+    let image = tests::cri::push_busybox(&registry, "1").await;
 
     let mut env = CriEnv::new(43);
     env.start().await;
     let mut rt = env.runtime().await;
-    env.images()
-        .await
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.clone(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: None,
-        })
-        .await
-        .expect("PullImage");
+    env.pull(&image).await;
     let mut pods = Vec::new();
     let mut tickers = Vec::new();
     for name in ["r1", "r2", "r3"] {

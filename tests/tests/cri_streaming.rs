@@ -10,8 +10,7 @@
     clippy::large_futures
 )]
 
-#[path = "../../imagestore/tests/support/mod.rs"]
-mod support;
+use tests::registry as support;
 
 use std::time::Duration;
 
@@ -146,28 +145,11 @@ async fn exec_attach_and_port_forward_over_spdy_and_websocket() {
 async fn scenario() {
     tests::become_subreaper();
     let registry = support::Registry::start().await;
-    let mut image = support::TestImage::new(vec![support::layer(
-        &support::busybox_entries(),
-        support::Comp::Gzip,
-    )]);
-    image.config = serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]});
-    registry.push_image("busybox", "s", &image).await;
-    let image = format!("{}/busybox:s", registry.host());
+    let image = tests::cri::push_busybox(&registry, "s").await;
     let mut env = CriEnv::new(44);
     env.start().await;
     let mut rt = env.runtime().await;
-    env.images()
-        .await
-        .pull_image(cri_api::PullImageRequest {
-            image: Some(cri_api::ImageSpec {
-                image: image.clone(),
-                ..Default::default()
-            }),
-            auth: None,
-            sandbox_config: None,
-        })
-        .await
-        .expect("PullImage");
+    env.pull(&image).await;
     let log_dir = env.dir.path().join("logs/stream");
     std::fs::create_dir_all(&log_dir).expect("log dir");
     let pod_cfg = cri_api::PodSandboxConfig {
