@@ -175,7 +175,7 @@ impl Cri {
             .inner
             .store
             .pod(&c.sandbox_id)
-            .map(|p| crate::runtime::sandbox_status::pod_status_brief(self, &p));
+            .map(|p| crate::runtime::sandbox_status::pod_status_brief(&p));
         let event = ContainerEventResponse {
             container_id: container_id.into(),
             container_event_type: kind as i32,

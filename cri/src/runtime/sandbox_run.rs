@@ -2,7 +2,7 @@
 //! tc-filter tap), boot its VM with the tap and the pod's DNS and hostname,
 //! then persist. Every step is undone, in reverse, when a later one fails.
 
-use std::{collections::HashMap, os::fd::OwnedFd, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use k8s_cri::v1 as cri;
 use podsandbox::{DnsConfig, NetInterface, NetRoute, SandboxConfig, SandboxNetwork, TapFd};
@@ -264,25 +264,28 @@ fn network_request(id: &str, config: &cri::PodSandboxConfig) -> cni::PodNetworkR
 /// What the VM gets from the CNI result: a tap per interface, the veth's
 /// MAC/MTU/addresses, and the namespace's routes.
 fn sandbox_network(status: &cni::NetworkStatus) -> Result<SandboxNetwork> {
-    let mut interfaces = Vec::new();
-    let ns = if status.interfaces.iter().any(|i| i.tap_name.is_some()) {
-        Some(cni::NetNs::open(&status.netns)?)
+    let mut taps = if status.interfaces.iter().any(|i| i.tap_name.is_some()) {
+        cni::open_pod_taps(status, true)?
     } else {
-        None
+        Vec::new()
     };
-    for iface in &status.interfaces {
-        let (Some(tap_name), Some(ns)) = (&iface.tap_name, &ns) else {
-            continue;
-        };
-        let fd: OwnedFd = cni::open_tap(ns, tap_name, true)?;
-        interfaces.push(NetInterface {
-            name: iface.guest_name.clone(),
-            mac: iface.mac.clone(),
-            mtu: iface.mtu,
-            ips: iface.ips.iter().map(|ip| ip.to_string()).collect(),
-            tap: Some(TapFd(Arc::new(fd))),
-        });
-    }
+    let interfaces: Vec<NetInterface> = status
+        .interfaces
+        .iter()
+        .filter_map(|iface| {
+            let at = taps
+                .iter()
+                .position(|(guest, _)| *guest == iface.guest_name)?;
+            let (_, fd) = taps.remove(at);
+            Some(NetInterface {
+                name: iface.guest_name.clone(),
+                mac: iface.mac.clone(),
+                mtu: iface.mtu,
+                ips: iface.ips.iter().map(|ip| ip.to_string()).collect(),
+                tap: Some(TapFd(Arc::new(fd))),
+            })
+        })
+        .collect();
     let routes = status
         .routes
         .iter()

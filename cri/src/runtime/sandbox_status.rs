@@ -37,7 +37,7 @@ impl Cri {
             })?;
         let vm = self.inner.runtime.status_sandbox(&id).await;
         let state = pod_state(&meta, vm.as_ref().ok().map(|s| s.state));
-        let mut status = pod_status_brief(self, &meta);
+        let mut status = pod_status_brief(&meta);
         status.state = state as i32;
         let mut info = HashMap::new();
         if req.verbose {
@@ -108,7 +108,7 @@ pub(crate) fn pod_state(meta: &PodMeta, vm: Option<SandboxState>) -> cri::PodSan
 }
 
 /// The status fields that need no VM call (state left READY unless stopped).
-pub(crate) fn pod_status_brief(_cri: &Cri, meta: &PodMeta) -> cri::PodSandboxStatus {
+pub(crate) fn pod_status_brief(meta: &PodMeta) -> cri::PodSandboxStatus {
     let ips: Vec<String> = meta
         .network
         .as_ref()
