@@ -47,6 +47,7 @@ bench: build
 	$(CARGO) build --profile release-unwind -p cri --bins
 	$(CARGO) run --profile release-unwind -p tests --example bench_network
 	$(CARGO) run --profile release-unwind -p tests --example bench_cri
+	$(CARGO) run --profile release-unwind -p tests --example bench_rootfs
 
 # vcrid with the defaults (or /etc/vcrid/config.toml): the guest image from
 # build/guest, a default CNI bridge config written only when

@@ -25,11 +25,12 @@ boot_modules=(
   vmw_vsock_virtio_transport # AF_VSOCK: the agent's channel to the host
 )
 later_modules=(
-  virtio_blk                 # block-device rootfs
+  virtio_scsi sd_mod         # block-device rootfs (disks on the virtio-scsi controller)
   virtio_net                 # pod network
   virtiofs                   # shared-dir rootfs (virtio-fs)
   9pnet_virtio 9p            # shared-dir fallback
   overlay ext4               # container rootfs layering and block images
+  crc32c_generic             # ext4 metadata checksums (the kernel cannot modprobe it itself)
   virtio_rng                 # guest entropy without waiting on jitter
 )
 

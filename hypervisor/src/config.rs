@@ -103,6 +103,9 @@ pub struct HypervisorConfig {
     /// PCIe root ports for devices added to a running VM (q35 only): the
     /// number of NICs that can be hot-plugged at once.
     pub hotplug_slots: u32,
+    /// A virtio-scsi controller at boot, so disks (block-device container
+    /// rootfs) can be attached to the running VM without a PCIe slot each.
+    pub disk_hotplug: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -124,6 +127,7 @@ impl Default for HypervisorConfig {
             virtiofsd_path: PathBuf::from("/usr/lib/qemu/virtiofsd"),
             tcg_tb_size_mib: 16,
             hotplug_slots: 2,
+            disk_hotplug: true,
         }
     }
 }

@@ -33,6 +33,8 @@ pub enum HypervisorError {
     },
     #[error("no free hot-plug slot: all {slots} are in use (hypervisor.hotplug_slots)")]
     NoHotplugSlot { slots: u32 },
+    #[error("no free SCSI target for a disk: all {targets} are in use")]
+    NoDiskTarget { targets: u32 },
     #[error("no hot-plugged NIC has MAC address {mac}")]
     NicNotFound { mac: String },
     #[error("{what} is not supported by this VM: {why}")]
@@ -99,6 +101,7 @@ impl HypervisorError {
             | KvmUnavailable { .. }
             | NotRunning { .. }
             | NoHotplugSlot { .. }
+            | NoDiskTarget { .. }
             | Unsupported { .. } => ErrorKind::FailedPrecondition,
             NicNotFound { .. } => ErrorKind::NotFound,
             StartupFailed { .. } | StartupTimeout { .. } => ErrorKind::Unavailable,

@@ -20,6 +20,8 @@ pub enum Op {
     Status,
     AddNic,
     RemoveNic,
+    AddDisk,
+    RemoveDisk,
 }
 
 #[derive(Debug, Default)]
@@ -138,5 +140,16 @@ impl Hypervisor for FakeHypervisor {
     }
     async fn remove_nic(&self, _mac: &str) -> Result<()> {
         self.record(Op::RemoveNic, None)
+    }
+    async fn add_disk(&self, _disk: &crate::Disk) -> Result<crate::DiskAddress> {
+        self.record(Op::AddDisk, None)?;
+        let target = self.with(|i| i.calls.iter().filter(|c| **c == Op::AddDisk).count());
+        Ok(crate::DiskAddress {
+            target: u32::try_from(target).unwrap_or(u32::MAX),
+            lun: 0,
+        })
+    }
+    async fn remove_disk(&self, _address: crate::DiskAddress) -> Result<()> {
+        self.record(Op::RemoveDisk, None)
     }
 }

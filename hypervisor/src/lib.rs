@@ -80,6 +80,43 @@ pub fn valid_mac(mac: &str) -> bool {
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// A disk image to attach to a running VM (a container's block rootfs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file. Only paths the caller made (the image store's) reach
+    /// this: QEMU opens it, and a qcow2's backing file with it.
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub readonly: bool,
+}
+
+/// The format of a [`Disk`] image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFormat {
+    Raw,
+    /// A qcow2 overlay; its backing file (named in its header) is opened read-only.
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Where the guest finds an attached disk: a SCSI device on the VM's one
+/// virtio-scsi controller, at target `target`, LUN `lun`
+/// (`/sys/bus/scsi/devices/<host>:0:<target>:<lun>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAddress {
+    pub target: u32,
+    pub lun: u32,
+}
+
 /// A host directory shared into the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedDir {
@@ -132,6 +169,9 @@ pub struct VmState {
     /// NICs added to the running VM: (hot-plug slot, MAC).
     #[serde(default)]
     pub hotplugged_nics: Vec<(u32, String)>,
+    /// Disks added to the running VM, by address.
+    #[serde(default)]
+    pub hotplugged_disks: Vec<(DiskAddress, PathBuf)>,
 }
 
 /// One virtual machine.
@@ -176,6 +216,14 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Removes the hot-plugged NIC with this MAC; returns once the guest
     /// has released it.
     async fn remove_nic(&self, mac: &str) -> Result<()>;
+
+    /// Attaches a disk to the running VM (a SCSI disk on its virtio-scsi
+    /// controller, no PCI slot needed) and says where the guest finds it.
+    async fn add_disk(&self, disk: &Disk) -> Result<DiskAddress>;
+
+    /// Detaches the disk at `address`; the guest should have unmounted it.
+    /// Detaching a disk that is not attached succeeds (idempotent).
+    async fn remove_disk(&self, address: DiskAddress) -> Result<()>;
 }
 
 /// Creates (does not boot) a VM with the configured implementation.

@@ -24,6 +24,7 @@ pub enum Call {
     Remove(String),
     FsInfo,
     PrepareRootfs(String, String, RootfsMode),
+    ImageFile(String),
     RemoveRootfs(String),
 }
 
@@ -162,6 +163,13 @@ impl ImageService for FakeImageService {
             .ok_or_else(|| ImageError::RootfsNotFound {
                 container_id: container_id.to_string(),
             })
+    }
+    fn image_file(&self, image_ref: &str, _path: &str) -> Result<Option<Vec<u8>>> {
+        let s = self.begin(Call::ImageFile(image_ref.to_string()))?;
+        if !s.images.values().any(|i| i.matches(image_ref)) {
+            return Err(not_found(image_ref));
+        }
+        Ok(None)
     }
 }
 

@@ -40,6 +40,9 @@ pub trait ImageService: Send + Sync + std::fmt::Debug {
     ) -> Result<PathBuf>;
     /// Unmounts / deletes the container's rootfs; NotFound when there is none.
     async fn remove_rootfs(&self, container_id: &str) -> Result<()>;
+    /// A small regular file of the image's rootfs (`etc/passwd`), read from
+    /// its layers; `None` when there is none.
+    fn image_file(&self, image_ref: &str, path: &str) -> Result<Option<Vec<u8>>>;
 }
 
 #[async_trait]
@@ -74,5 +77,8 @@ impl ImageService for ImageStore {
     }
     async fn remove_rootfs(&self, container_id: &str) -> Result<()> {
         ImageStore::remove_rootfs(self, container_id).await
+    }
+    fn image_file(&self, image_ref: &str, path: &str) -> Result<Option<Vec<u8>>> {
+        ImageStore::image_file(self, image_ref, path)
     }
 }

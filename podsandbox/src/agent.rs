@@ -22,6 +22,18 @@ pub struct GuestDetails {
     pub agent_ready_ms: u64,
 }
 
+/// A container's rootfs as the guest finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRootfs {
+    /// A directory, relative to the shared filesystem's root.
+    Shared(String),
+    /// The filesystem `fstype` on the disk at `address`.
+    Disk {
+        address: hypervisor::DiskAddress,
+        fstype: String,
+    },
+}
+
 /// An agent call failed; `detail` says how (transport or remote status).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{detail}")]
@@ -60,7 +72,7 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
     async fn shutdown(&self, timeout: Duration) -> Result<(), AgentError>;
 
     /// Creates a container from an OCI spec (JSON) whose rootfs is
-    /// `rootfs`, a path relative to the shared filesystem.
+    /// `rootfs`.
     ///
     /// `stdin` keeps the init process's stdin open for writing;
     /// `sandbox_pidns` puts it in the sandbox-wide PID namespace.
@@ -68,7 +80,7 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
         &self,
         id: &str,
         oci_spec: Vec<u8>,
-        rootfs: &str,
+        rootfs: &GuestRootfs,
         stdin: bool,
         sandbox_pidns: bool,
     ) -> Result<(), AgentError>;

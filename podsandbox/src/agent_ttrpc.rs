@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use hypervisor::VsockChannel;
 
 use crate::{
-    agent::{AgentClient, AgentCode, AgentDialer, AgentError, GuestDetails},
+    agent::{AgentClient, AgentCode, AgentDialer, AgentError, GuestDetails, GuestRootfs},
     container::ProcessInfo,
     container_exec::ExecConfig,
     container_log::Stream,
@@ -164,14 +164,23 @@ impl AgentClient for TtrpcAgent {
         &self,
         id: &str,
         oci_spec: Vec<u8>,
-        rootfs: &str,
+        rootfs: &GuestRootfs,
         stdin: bool,
         sandbox_pidns: bool,
     ) -> Result<(), AgentError> {
         let mut req = pb::CreateContainerRequest::new();
         req.container_id = id.into();
         req.oci_spec = oci_spec;
-        req.rootfs_shared_path = rootfs.into();
+        match rootfs {
+            GuestRootfs::Shared(rel) => req.rootfs_shared_path = rel.clone(),
+            GuestRootfs::Disk { address, fstype } => {
+                let mut disk = pb::BlockRootfs::new();
+                disk.scsi_target = address.target;
+                disk.scsi_lun = address.lun;
+                disk.fstype = fstype.clone();
+                req.rootfs_block = Some(disk).into();
+            }
+        }
         req.stdin = stdin;
         req.sandbox_pidns = sandbox_pidns;
         self.agent

@@ -11,7 +11,8 @@
 //!
 //! The rootfs is a host directory, bind-mounted into the sandbox's shared
 //! directory (`<run_dir>/<sandbox>/shared/<container>/rootfs`) so the guest
-//! sees it over virtio-fs; the bind mount goes when the container does.
+//! sees it over virtio-fs; or a disk image attached to the VM (a SCSI disk
+//! the agent mounts). Either goes when the container does.
 
 use std::path::PathBuf;
 
@@ -22,8 +23,7 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ContainerConfig {
     pub id: String,
-    /// A host directory holding the container's root filesystem.
-    pub rootfs: PathBuf,
+    pub rootfs: Rootfs,
     pub args: Vec<String>,
     /// `KEY=value` entries.
     pub env: Vec<String>,
@@ -54,6 +54,27 @@ pub struct ContainerConfig {
     pub no_new_privileges: bool,
     /// POSIX rlimits: (`RLIMIT_NOFILE`, soft, hard).
     pub rlimits: Vec<(String, u64, u64)>,
+}
+
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    /// A host directory, shared into the VM.
+    Dir(PathBuf),
+    /// A disk image whose filesystem's root is the rootfs, attached to the
+    /// VM for this container alone (its writes stay in the image).
+    Block {
+        image: PathBuf,
+        format: hypervisor::DiskFormat,
+        /// The filesystem on it ("ext4").
+        fstype: String,
+    },
+}
+
+impl Default for Rootfs {
+    fn default() -> Self {
+        Rootfs::Dir(PathBuf::new())
+    }
 }
 
 /// A host path mounted into a container.
@@ -151,8 +172,12 @@ impl std::fmt::Display for ContainerState {
 pub struct ContainerRecord {
     pub id: String,
     pub state: ContainerState,
-    /// The bind mount of the rootfs in the shared directory.
+    /// The bind mount of the rootfs in the shared directory (empty for a
+    /// block rootfs).
     pub rootfs_mount: PathBuf,
+    /// Where the rootfs disk is attached, for a block rootfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_disk: Option<hypervisor::DiskAddress>,
     pub log_path: Option<PathBuf>,
     pub exit_code: Option<i32>,
     /// Why it ended, when the guest knows ("OOMKilled").

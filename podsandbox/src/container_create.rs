@@ -1,5 +1,5 @@
-//! CreateContainer: bind the rootfs into the shared directory and have the
-//! agent create the container (its process waits for StartContainer).
+//! CreateContainer: bind the rootfs into the shared directory (or attach its
+//! disk to the VM) and have the agent create the container (its process waits for StartContainer).
 
 use std::{
     os::unix::fs::DirBuilderExt,
@@ -7,8 +7,10 @@ use std::{
 };
 
 use crate::{
+    agent::GuestRootfs,
     container::{
         oci_spec, ContainerConfig, ContainerRecord, ContainerState, ContainerStatus, Mount,
+        Rootfs,
     },
     mounts,
     sandbox::{check_id, now_secs, Runtime},
@@ -36,11 +38,20 @@ impl Runtime {
         if config.args.is_empty() {
             return Err(invalid("no command: args is empty".into()));
         }
-        if !config.rootfs.is_absolute() || !config.rootfs.is_dir() {
-            return Err(invalid(format!(
-                "rootfs {} is not an absolute path to a directory",
-                config.rootfs.display()
-            )));
+        match &config.rootfs {
+            Rootfs::Dir(dir) if !dir.is_absolute() || !dir.is_dir() => {
+                return Err(invalid(format!(
+                    "rootfs {} is not an absolute path to a directory",
+                    dir.display()
+                )));
+            }
+            Rootfs::Block { image, .. } if !image.is_absolute() || !image.is_file() => {
+                return Err(invalid(format!(
+                    "rootfs disk image {} is not an absolute path to a file",
+                    image.display()
+                )));
+            }
+            _ => {}
         }
         for m in &config.mounts {
             self.check_mount(m).map_err(invalid)?;
@@ -67,23 +78,55 @@ impl Runtime {
         } else {
             s.record.hostname.clone()
         };
-        let shared_rel = format!("{cid}/rootfs");
-        let target = self.run_dir(sandbox_id).join("shared").join(&shared_rel);
+        let container_dir = self.run_dir(sandbox_id).join("shared").join(&cid);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&target)
+            .create(&container_dir)
             .map_err(|source| Error::Io {
                 action: "create",
-                path: target.clone(),
+                path: container_dir.clone(),
                 source,
             })?;
-        let container_dir = self.run_dir(sandbox_id).join("shared").join(&cid);
-        if let Err(err) = mounts::bind(&config.rootfs, &target) {
-            let _ = mounts::remove_tree(&container_dir);
-            return Err(err);
-        }
+        let mut attached = None;
         let created = async {
+            let (guest_rootfs, rootfs_mount) = match &config.rootfs {
+                Rootfs::Dir(dir) => {
+                    let shared_rel = format!("{cid}/rootfs");
+                    let target = container_dir.join("rootfs");
+                    std::fs::create_dir(&target).map_err(|source| Error::Io {
+                        action: "create",
+                        path: target.clone(),
+                        source,
+                    })?;
+                    mounts::bind(dir, &target)?;
+                    (GuestRootfs::Shared(shared_rel), target)
+                }
+                Rootfs::Block {
+                    image,
+                    format,
+                    fstype,
+                } => {
+                    let disk = hypervisor::Disk {
+                        path: image.clone(),
+                        format: *format,
+                        readonly: false,
+                    };
+                    let address =
+                        vm.add_disk(&disk)
+                            .await
+                            .map_err(|source| Error::Hypervisor {
+                                id: sandbox_id.into(),
+                                source,
+                            })?;
+                    attached = Some(address);
+                    let rootfs = GuestRootfs::Disk {
+                        address,
+                        fstype: fstype.clone(),
+                    };
+                    (rootfs, std::path::PathBuf::new())
+                }
+            };
             let sources = self.share_mounts(&config, &container_dir)?;
             let spec = serde_json::to_vec(&oci_spec(&config, &hostname, &sources))
                 .map_err(|e| invalid(format!("cannot encode the OCI spec: {e}")))?;
@@ -92,22 +135,32 @@ impl Runtime {
                 .create_container(
                     &cid,
                     spec,
-                    &shared_rel,
+                    &guest_rootfs,
                     config.stdin,
                     config.share_pid_namespace,
                 )
                 .await
-                .map_err(|e| Error::from_agent(&cid, "create", e))
+                .map_err(|e| Error::from_agent(&cid, "create", e))?;
+            Ok(rootfs_mount)
         }
         .await;
-        if let Err(err) = created {
-            let _ = mounts::remove_tree(&container_dir);
-            return Err(err);
-        }
+        let rootfs_mount = match created {
+            Ok(m) => m,
+            Err(err) => {
+                if let Some(address) = attached {
+                    if let Err(e) = vm.remove_disk(address).await {
+                        tracing::warn!(container = %cid, "undo disk attach: {e}");
+                    }
+                }
+                let _ = mounts::remove_tree(&container_dir);
+                return Err(err);
+            }
+        };
         let record = ContainerRecord {
             id: cid.clone(),
             state: ContainerState::Created,
-            rootfs_mount: target,
+            rootfs_mount,
+            rootfs_disk: attached,
             log_path: config.log_path.clone(),
             exit_code: None,
             reason: None,
@@ -118,6 +171,8 @@ impl Runtime {
         };
         let status = record.status(sandbox_id);
         s.record.containers.push(record);
+        // The VM's attached disks are part of its state.
+        s.record.vm = Some(vm.state());
         self.inner.store.save(&s.record)?;
         drop(s);
         self.spawn_container_monitor(sandbox_id, &cid);

@@ -1,5 +1,5 @@
 //! DeleteContainer: remove a stopped (or never started) container from the
-//! guest and its rootfs bind mount from the host.
+//! guest and its rootfs bind mount (or disk) from the host.
 
 use crate::{container::ContainerState, mounts, sandbox::Runtime, Error, Result};
 
@@ -27,9 +27,23 @@ impl Runtime {
                 }
             }
         }
+        // The guest has unmounted the rootfs disk: detach it.
+        if let (Some(address), Some(vm)) = (s.record.containers[idx].rootfs_disk, s.vm.clone()) {
+            if s.record.state.vm_expected() {
+                vm.remove_disk(address)
+                    .await
+                    .map_err(|source| Error::Hypervisor {
+                        id: sandbox_id.into(),
+                        source,
+                    })?;
+            }
+        }
         let container_dir = self.run_dir(sandbox_id).join("shared").join(id);
         mounts::remove_tree(&container_dir)?;
         s.record.containers.remove(idx);
+        if let Some(vm) = &s.vm {
+            s.record.vm = Some(vm.state());
+        }
         self.inner.store.save(&s.record)?;
         self.forget_monitor(sandbox_id, id);
         tracing::info!(sandbox = %sandbox_id, container = %id, "container deleted");

@@ -65,6 +65,7 @@ impl VmFactory for FakeVms {
                 uds: "/nonexistent".into(),
             }),
             hotplugged_nics: Vec::new(),
+            hotplugged_disks: Vec::new(),
         };
         let mut fake = FakeHypervisor::new(state);
         if let Some(op) = *self.fail_at.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -175,7 +176,7 @@ impl AgentClient for FakeDialer {
         &self,
         _id: &str,
         _spec: Vec<u8>,
-        _rootfs: &str,
+        _rootfs: &crate::agent::GuestRootfs,
         _stdin: bool,
         _sandbox_pidns: bool,
     ) -> Result<(), AgentError> {

@@ -49,6 +49,7 @@ pub mod store;
 pub use agent::{AgentClient, AgentDialer, AgentError, GuestDetails};
 pub use agent_ttrpc::TtrpcDialer;
 pub use config::RuntimeConfig;
+pub use hypervisor::DiskFormat;
 pub use container_io::ProcessIo;
 pub use error::{Error, ErrorKind, Result};
 pub use network::{

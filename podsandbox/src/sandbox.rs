@@ -617,6 +617,65 @@ mod lifecycle_tests {
         h.rt.delete_sandbox("s1").await.expect("delete");
     }
 
+    fn block_container(h: &Harness, id: &str) -> crate::container::ContainerConfig {
+        let image = h.dir.path().join(format!("{id}.qcow2"));
+        std::fs::write(&image, b"QFI\xfb").expect("image");
+        crate::container::ContainerConfig {
+            id: id.into(),
+            rootfs: crate::container::Rootfs::Block {
+                image,
+                format: hypervisor::DiskFormat::Qcow2,
+                fstype: "ext4".into(),
+            },
+            args: vec!["/bin/true".into()],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_block_rootfs_is_attached_for_the_container_and_detached_after() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        h.rt.create_container("s1", block_container(&h, "c1"))
+            .await
+            .expect("create container");
+        let vm = h.vms.get("s1").expect("vm");
+        assert!(vm.calls().contains(&Op::AddDisk));
+        assert!(h.dialer.calls().contains(&"create_container"));
+        h.rt.delete_container("s1", "c1").await.expect("delete container");
+        assert!(vm.calls().contains(&Op::RemoveDisk));
+        assert!(!h.dir.path().join("run/s1/shared/c1").exists());
+    }
+
+    #[tokio::test]
+    async fn a_failed_disk_attach_leaves_no_container() {
+        let h = harness_with(FakeVms::default().failing_at(Op::AddDisk), true);
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        let err =
+            h.rt.create_container("s1", block_container(&h, "c1"))
+                .await
+                .expect_err("attach fails");
+        assert!(err.chain().contains("injected failure"), "{}", err.chain());
+        assert!(!h.dialer.calls().contains(&"create_container"));
+        assert!(!h.dir.path().join("run/s1/shared/c1").exists());
+        let err =
+            h.rt.delete_container("s1", "c1")
+                .await
+                .expect_err("no such container");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        let missing = crate::container::ContainerConfig {
+            rootfs: crate::container::Rootfs::Block {
+                image: h.dir.path().join("nope.qcow2"),
+                format: hypervisor::DiskFormat::Qcow2,
+                fstype: "ext4".into(),
+            },
+            ..block_container(&h, "c2")
+        };
+        let err = h.rt.create_container("s1", missing).await.expect_err("no image");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("nope.qcow2"), "{err}");
+    }
+
     #[tokio::test]
     async fn a_ready_sandbox_can_be_deleted_and_its_vm_is_stopped() {
         let h = harness();

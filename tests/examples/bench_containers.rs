@@ -90,7 +90,7 @@ async fn main() {
     let bundle_s = bundle.to_str().unwrap();
     let cfg = |id: String| ContainerConfig {
         id,
-        rootfs: rootfs.clone(),
+        rootfs: podsandbox::container::Rootfs::Dir(rootfs.clone()),
         args: vec!["/bin/sleep".into(), "1000".into()],
         ..Default::default()
     };

@@ -37,6 +37,12 @@ impl CriEnv {
     /// A fresh environment; `octet` picks the test's subnet 10.211.<octet>.0/24
     /// (distinct per test so tests may run in parallel).
     pub fn new(octet: u8) -> Self {
+        Self::with_config(octet, "")
+    }
+
+    /// Like [`CriEnv::new`], with `extra` (whole TOML tables, such as
+    /// `[images]\nrootfs = "block"`) appended to vcrid's config.
+    pub fn with_config(octet: u8, extra: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vcr")
             .tempdir_in("/tmp")
@@ -65,7 +71,7 @@ impl CriEnv {
             guest.join("vmlinux"),
             guest.join("initramfs.cpio"),
             conf_dir,
-        );
+        ) + extra;
         std::fs::write(&config_path, config).expect("write config");
         Self {
             dir,

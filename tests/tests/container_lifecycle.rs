@@ -53,7 +53,7 @@ async fn scenario() {
     let rootfs = tests::busybox_rootfs(env.dir.path());
     let container = |id: &str, args: &[&str]| ContainerConfig {
         id: id.into(),
-        rootfs: rootfs.clone(),
+        rootfs: podsandbox::container::Rootfs::Dir(rootfs.clone()),
         args: args.iter().map(|a| a.to_string()).collect(),
         log_path: Some(env.dir.path().join(format!("{id}.log"))),
         ..Default::default()
@@ -381,7 +381,7 @@ async fn scenario() {
              echo hi-over-loopback | nc 127.0.0.1 8080 && break; sleep 0.5; done; ls /tmp; ps",
         ],
     );
-    client.rootfs = rootfs_b.clone();
+    client.rootfs = podsandbox::container::Rootfs::Dir(rootfs_b.clone());
     rt.create_container("pod", client).await.expect("create");
     rt.start_container("pod", "client").await.expect("start");
     assert_eq!(rt.wait_container("pod", "server").await.expect("wait"), 0);
@@ -453,7 +453,7 @@ async fn scenario() {
         .expect_err("no args");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     let mut missing = container("nofs", &["/bin/true"]);
-    missing.rootfs = env.dir.path().join("no-such-rootfs");
+    missing.rootfs = podsandbox::container::Rootfs::Dir(env.dir.path().join("no-such-rootfs"));
     assert_eq!(
         rt.create_container("pod", missing)
             .await

@@ -73,7 +73,7 @@ async fn interactive() {
     let rootfs = tests::busybox_rootfs(env.dir.path());
     let container = |id: &str, a: &[&str]| ContainerConfig {
         id: id.into(),
-        rootfs: rootfs.clone(),
+        rootfs: podsandbox::container::Rootfs::Dir(rootfs.clone()),
         args: args(a),
         log_path: Some(env.dir.path().join(format!("{id}.log"))),
         ..Default::default()
@@ -371,7 +371,7 @@ async fn a_container_runs_over_virtio_9p() {
             "p9",
             ContainerConfig {
                 id: "c".into(),
-                rootfs,
+                rootfs: podsandbox::container::Rootfs::Dir(rootfs),
                 args: args(&["/bin/sh", "-c", "echo over-9p; cat /proc/mounts"]),
                 log_path: Some(log.clone()),
                 ..Default::default()

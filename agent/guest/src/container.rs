@@ -24,7 +24,7 @@ use crate::{
     pidns::PidNamespace,
     reaper::Reaper,
     stdio::{self, ChildStdio, ProcessIo},
-    storage::Storage,
+    storage::{BlockMount, Storage},
 };
 
 const BUNDLES: &str = "/run/vc/bundles";
@@ -77,6 +77,8 @@ struct Entry {
     io: ProcessIo,
     exit: Exit,
     execs: HashMap<String, Exec>,
+    /// The rootfs disk, when the rootfs is one; released on removal.
+    block: Option<BlockMount>,
 }
 
 impl Entry {
@@ -119,6 +121,12 @@ fn check_id(id: &str) -> Result<()> {
     } else {
         Err(Failure::InvalidArgument(format!("invalid ID {id:?}")))
     }
+}
+
+/// Where a container's rootfs comes from.
+enum Root<'a> {
+    Shared(PathBuf),
+    Disk(&'a pb::BlockRootfs),
 }
 
 /// A path relative to the shared filesystem, without `..` or a root.
@@ -263,16 +271,22 @@ impl Containers {
             .ok_or_else(|| Failure::NotFound(format!("container {id} not found")))
     }
 
+    /// Creates container `id` whose rootfs is `rootfs` in the shared
+    /// filesystem, or the disk `block` when given.
     pub async fn create(
         &self,
         id: &str,
         spec_json: &[u8],
         rootfs: &str,
+        block: Option<&pb::BlockRootfs>,
         stdin: bool,
         sandbox_pidns: bool,
     ) -> Result<()> {
         check_id(id)?;
-        let rootfs = shared_path(rootfs)?;
+        let root = match block {
+            Some(disk) => Root::Disk(disk),
+            None => Root::Shared(shared_path(rootfs)?),
+        };
         if self
             .entries
             .lock()
@@ -283,6 +297,39 @@ impl Containers {
                 "container {id} already exists"
             )));
         }
+        let (rootfs, block) = match root {
+            Root::Shared(path) => (path, None),
+            Root::Disk(b) => {
+                let mounted = self
+                    .storage
+                    .mount_block(id, b.scsi_target, b.scsi_lun, &b.fstype)
+                    .await
+                    .map_err(Failure::FailedPrecondition)?;
+                (mounted.mountpoint.clone(), Some(mounted))
+            }
+        };
+        let created = self
+            .create_on(id, spec_json, rootfs, block.clone(), stdin, sandbox_pidns)
+            .await;
+        if created.is_err() {
+            if let Some(b) = &block {
+                if let Err(e) = b.release() {
+                    tracing::warn!(container = %id, "undo rootfs mount: {e}");
+                }
+            }
+        }
+        created
+    }
+
+    async fn create_on(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: PathBuf,
+        block: Option<BlockMount>,
+        stdin: bool,
+        sandbox_pidns: bool,
+    ) -> Result<()> {
         self.storage
             .shared()
             .await
@@ -378,6 +425,7 @@ impl Containers {
             io,
             exit: Exit::default(),
             execs: HashMap::new(),
+            block,
         };
         self.entries
             .lock()
@@ -524,16 +572,26 @@ impl Containers {
 
     pub async fn remove(&self, id: &str, force: bool) -> Result<()> {
         let entry = self.get(id)?;
-        tokio::task::spawn_blocking(move || {
+        let block = tokio::task::spawn_blocking(move || {
             let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
             e.io = ProcessIo::default();
             e.execs.clear();
             e.container
                 .delete(force)
-                .map_err(|err| Failure::FailedPrecondition(format!("remove: {err}")))
+                .map_err(|err| Failure::FailedPrecondition(format!("remove: {err}")))?;
+            Ok::<_, Failure>(e.block.take())
         })
         .await
         .map_err(|e| Failure::Internal(format!("remove task: {e}")))??;
+        if let Some(block) = block {
+            // The container is gone either way; a disk that cannot be let go
+            // is the host's to detach regardless.
+            match tokio::task::spawn_blocking(move || block.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(container = %id, "release rootfs disk: {e}"),
+                Err(e) => tracing::warn!(container = %id, "release rootfs disk task: {e}"),
+            }
+        }
         self.entries
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -195,6 +195,7 @@ impl agent_ttrpc::Agent for AgentService {
             &r.container_id,
             &r.oci_spec,
             &r.rootfs_shared_path,
+            r.rootfs_block.as_ref(),
             r.stdin,
             r.sandbox_pidns,
         )

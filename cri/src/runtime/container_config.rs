@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use k8s_cri::v1 as cri;
-use podsandbox::container::{ContainerConfig, Mount, Resources};
+use podsandbox::container::{ContainerConfig, Mount, Resources, Rootfs};
 
 use crate::error::{CriError, Result};
 
@@ -17,6 +17,9 @@ pub struct ImageDefaults {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
     pub working_dir: Option<String>,
+    /// The image's `/etc/passwd` and `/etc/group`, for user names.
+    pub etc_passwd: Option<String>,
+    pub etc_group: Option<String>,
 }
 
 /// The process to run, Docker's way: the container's command replaces the
@@ -66,12 +69,12 @@ pub fn environment(config: &cri::ContainerConfig, image: &ImageDefaults) -> Resu
 }
 
 /// uid and gid: the security context's, else the image's user (numeric,
-/// or a name looked up in the rootfs's /etc/passwd and /etc/group).
+/// or a name looked up in the image's /etc/passwd and /etc/group).
 pub fn user(
     sc: Option<&cri::LinuxContainerSecurityContext>,
     image: &ImageDefaults,
-    rootfs: &Path,
 ) -> Result<Option<(u32, u32)>> {
+    let (passwd, group) = (image.etc_passwd.as_deref(), image.etc_group.as_deref());
     let uid_from = |v: i64, field: &str| {
         u32::try_from(v).map_err(|_| CriError::invalid(field, format!("{v} is not a valid ID")))
     };
@@ -80,12 +83,12 @@ pub fn user(
             let uid = uid_from(uid.value, "config.linux.security_context.run_as_user")?;
             let gid = match &sc.run_as_group {
                 Some(g) => uid_from(g.value, "config.linux.security_context.run_as_group")?,
-                None => primary_gid(rootfs, uid).unwrap_or(0),
+                None => primary_gid(passwd, uid).unwrap_or(0),
             };
             return Ok(Some((uid, gid)));
         }
         if !sc.run_as_username.is_empty() {
-            let (uid, gid) = lookup_user(rootfs, &sc.run_as_username).ok_or_else(|| {
+            let (uid, gid) = lookup_user(passwd, &sc.run_as_username).ok_or_else(|| {
                 CriError::invalid(
                     "config.linux.security_context.run_as_username",
                     format!("{:?} is not in the image's /etc/passwd", sc.run_as_username),
@@ -102,9 +105,9 @@ pub fn user(
         None => (spec, None),
     };
     let (uid, passwd_gid) = match u.parse::<u32>() {
-        Ok(uid) => (uid, primary_gid(rootfs, uid)),
+        Ok(uid) => (uid, primary_gid(passwd, uid)),
         Err(_) => {
-            let (uid, gid) = lookup_user(rootfs, u).ok_or_else(|| {
+            let (uid, gid) = lookup_user(passwd, u).ok_or_else(|| {
                 CriError::invalid(
                     "image user",
                     format!("user {u:?} of the image is not in its /etc/passwd"),
@@ -117,7 +120,7 @@ pub fn user(
         None => passwd_gid.unwrap_or(0),
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => lookup_group(rootfs, g).ok_or_else(|| {
+            Err(_) => lookup_group(group, g).ok_or_else(|| {
                 CriError::invalid(
                     "image user",
                     format!("group {g:?} of the image is not in its /etc/group"),
@@ -128,38 +131,22 @@ pub fn user(
     Ok(Some((uid, gid)))
 }
 
-/// Reads a file of the image's rootfs without following a link out of it:
-/// only plain files directly under `etc` are read.
-fn rootfs_file(rootfs: &Path, name: &str) -> Option<String> {
-    let etc = rootfs.join("etc");
-    let meta = std::fs::symlink_metadata(&etc).ok()?;
-    if !meta.is_dir() {
-        return None;
-    }
-    let path = etc.join(name);
-    let meta = std::fs::symlink_metadata(&path).ok()?;
-    if !meta.is_file() || meta.len() > 4 << 20 {
-        return None;
-    }
-    std::fs::read_to_string(path).ok()
-}
-
-fn lookup_user(rootfs: &Path, name: &str) -> Option<(u32, u32)> {
-    rootfs_file(rootfs, "passwd")?.lines().find_map(|l| {
+fn lookup_user(passwd: Option<&str>, name: &str) -> Option<(u32, u32)> {
+    passwd?.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
     })
 }
 
-fn primary_gid(rootfs: &Path, uid: u32) -> Option<u32> {
-    rootfs_file(rootfs, "passwd")?.lines().find_map(|l| {
+fn primary_gid(passwd: Option<&str>, uid: u32) -> Option<u32> {
+    passwd?.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok())?
     })
 }
 
-fn lookup_group(rootfs: &Path, name: &str) -> Option<u32> {
-    rootfs_file(rootfs, "group")?.lines().find_map(|l| {
+fn lookup_group(group: Option<&str>, name: &str) -> Option<u32> {
+    group?.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() >= 3 && f[0] == name).then(|| f[2].parse().ok())?
     })
@@ -210,7 +197,7 @@ pub fn container_config(
     id: &str,
     config: &cri::ContainerConfig,
     image: &ImageDefaults,
-    rootfs: PathBuf,
+    rootfs: Rootfs,
     log: Option<PathBuf>,
 ) -> Result<ContainerConfig> {
     if !config.devices.is_empty() {
@@ -274,7 +261,7 @@ pub fn container_config(
     };
     Ok(ContainerConfig {
         id: id.into(),
-        user: user(sc, image, &rootfs)?,
+        user: user(sc, image)?,
         rootfs,
         args: process_args(config, image)?,
         env: environment(config, image)?,
@@ -348,6 +335,8 @@ mod tests {
             entrypoint: vec!["/entry".into()],
             cmd: vec!["--serve".into()],
             working_dir: Some("/srv".into()),
+            etc_passwd: None,
+            etc_group: None,
         }
     }
 
@@ -401,30 +390,23 @@ mod tests {
 
     #[test]
     fn users_come_from_the_context_or_the_image() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("etc")).expect("mkdir");
-        std::fs::write(
-            dir.path().join("etc/passwd"),
-            "root:x:0:0::/:/bin/sh\nweb:x:33:34::/:/bin/sh\n",
-        )
-        .expect("passwd");
-        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").expect("group");
-        let r = dir.path();
         let mut img = image();
-        assert_eq!(user(None, &img, r).expect("user"), None);
+        img.etc_passwd = Some("root:x:0:0::/:/bin/sh\nweb:x:33:34::/:/bin/sh\n".into());
+        img.etc_group = Some("root:x:0:\nstaff:x:50:\n".into());
+        assert_eq!(user(None, &img).expect("user"), None);
         img.user = Some("web".into());
-        assert_eq!(user(None, &img, r).expect("user"), Some((33, 34)));
+        assert_eq!(user(None, &img).expect("user"), Some((33, 34)));
         img.user = Some("web:staff".into());
-        assert_eq!(user(None, &img, r).expect("user"), Some((33, 50)));
+        assert_eq!(user(None, &img).expect("user"), Some((33, 50)));
         img.user = Some("1000".into());
-        assert_eq!(user(None, &img, r).expect("user"), Some((1000, 0)));
+        assert_eq!(user(None, &img).expect("user"), Some((1000, 0)));
         img.user = Some("nobody".into());
-        assert!(user(None, &img, r).is_err());
+        assert!(user(None, &img).is_err());
         let sc = cri::LinuxContainerSecurityContext {
             run_as_user: Some(cri::Int64Value { value: 33 }),
             ..Default::default()
         };
-        assert_eq!(user(Some(&sc), &img, r).expect("user"), Some((33, 34)));
+        assert_eq!(user(Some(&sc), &img).expect("user"), Some((33, 34)));
     }
 
     #[test]
@@ -452,7 +434,7 @@ mod tests {
             ..Default::default()
         };
         let err =
-            container_config("c", &c, &image(), PathBuf::from("/r"), None).expect_err("devices");
+            container_config("c", &c, &image(), Rootfs::Dir(PathBuf::from("/r")), None).expect_err("devices");
         assert!(err.to_string().starts_with("config.devices"), "{err}");
     }
 }

@@ -3,7 +3,10 @@
 
 use k8s_cri::v1 as cri;
 
+use podsandbox::container::Rootfs;
+
 use crate::{
+    config::RootfsKind,
     error::{CriError, Result},
     runtime::{
         container_config::{container_config, log_path, ImageDefaults},
@@ -100,16 +103,35 @@ impl Cri {
         }
         let images = &self.inner.images;
         let img = images.status(image).await?;
+        let etc = |name: &str| -> Result<Option<String>> {
+            Ok(images
+                .image_file(&img.id, name)?
+                .map(|b| String::from_utf8_lossy(&b).into_owned()))
+        };
         let defaults = ImageDefaults {
             user: img.config.user.clone(),
             env: img.config.env.clone().unwrap_or_default(),
             entrypoint: img.config.entrypoint.clone().unwrap_or_default(),
             cmd: img.config.cmd.clone().unwrap_or_default(),
             working_dir: img.config.working_dir.clone(),
+            etc_passwd: etc("etc/passwd")?,
+            etc_group: etc("etc/group")?,
         };
-        let rootfs = images
-            .prepare_rootfs(&img.id, id, imagestore::RootfsMode::SharedDir)
-            .await?;
+        let rootfs = match self.inner.config.images.rootfs {
+            RootfsKind::SharedDir => Rootfs::Dir(
+                images
+                    .prepare_rootfs(&img.id, id, imagestore::RootfsMode::SharedDir)
+                    .await?,
+            ),
+            RootfsKind::Block => Rootfs::Block {
+                // The image store's qcow2 overlay of the image's ext4 image.
+                image: images
+                    .prepare_rootfs(&img.id, id, imagestore::RootfsMode::Block)
+                    .await?,
+                format: podsandbox::DiskFormat::Qcow2,
+                fstype: "ext4".into(),
+            },
+        };
         let created = async {
             let cfg = container_config(id, &config, &defaults, rootfs, log.clone())?;
             self.inner.runtime.create_container(sandbox_id, cfg).await?;

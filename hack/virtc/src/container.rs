@@ -14,7 +14,8 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use podsandbox::{
-    container::{ContainerConfig, ContainerStatus, Mount, Resources},
+    container::{ContainerConfig, ContainerStatus, Mount, Resources, Rootfs},
+    DiskFormat,
     container_exec::ExecConfig,
     container_log::Stream,
     Runtime,
@@ -29,7 +30,9 @@ pub enum ContainerCmd {
     Create {
         sandbox: String,
         id: String,
-        /// Host directory with the container's root filesystem.
+        /// The container's root filesystem: a host directory (shared into
+        /// the VM), or a disk image with an ext4 filesystem (qcow2 or raw,
+        /// attached to the VM; the container writes into it).
         #[arg(long)]
         rootfs: PathBuf,
         /// A terminal for the process.
@@ -164,6 +167,30 @@ pub enum ContainerCmd {
     },
 }
 
+/// `--rootfs`: a directory, or a disk image (qcow2 by its magic, else raw).
+fn rootfs_arg(path: &std::path::Path) -> anyhow::Result<Rootfs> {
+    let path = absolute(path)?;
+    if path.is_dir() {
+        return Ok(Rootfs::Dir(path));
+    }
+    let mut magic = [0u8; 4];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open(&path).with_context(|| format!("--rootfs {}", path.display()))?,
+        &mut magic,
+    )
+    .with_context(|| format!("--rootfs {}: too short for a disk image", path.display()))?;
+    let format = if &magic == b"QFI\xfb" {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    };
+    Ok(Rootfs::Block {
+        image: path,
+        format,
+        fstype: "ext4".into(),
+    })
+}
+
 /// Runs one command; the exit status virtc should end with.
 pub async fn run(rt: &Runtime, cmd: ContainerCmd, passthrough: &[String]) -> anyhow::Result<u8> {
     rt.monitor_externally();
@@ -197,7 +224,7 @@ pub async fn run(rt: &Runtime, cmd: ContainerCmd, passthrough: &[String]) -> any
             }
             let config = ContainerConfig {
                 id: id.clone(),
-                rootfs: absolute(&rootfs)?,
+                rootfs: rootfs_arg(&rootfs)?,
                 args: command,
                 env,
                 cwd,

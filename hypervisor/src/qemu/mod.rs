@@ -21,7 +21,7 @@ use self::{
 };
 use crate::{
     process::{self, ProcessRef},
-    HypervisorConfig, HypervisorError, Nic, Result, SharedDir, SharedFs, VmConfig, VmState,
+    Disk, DiskAddress, HypervisorConfig, HypervisorError, Nic, Result, SharedDir, SharedFs, VmConfig, VmState,
     VmStatus, VsockBackend, VsockChannel,
 };
 
@@ -34,6 +34,10 @@ const QMP_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const HELPER_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest may take to release a hot-unplugged NIC.
 const NIC_RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU may take to detach a SCSI disk (it does so at once).
+const DISK_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// SCSI targets of the virtio-scsi controller (its `max_target` is 255).
+const SCSI_TARGETS: u32 = 256;
 /// The descriptor number QEMU sees its first tap at (after stdio).
 const FIRST_NIC_FD: i32 = 3;
 /// Guest memory below this cannot hold the kernel and agent.
@@ -50,6 +54,8 @@ pub struct Qemu {
     /// Network interfaces, for boot only.
     nics: Vec<Nic>,
     state: Mutex<VmState>,
+    /// Serialises disk attach and detach.
+    disk_lock: tokio::sync::Mutex<()>,
 }
 
 /// Host facts are probed once per process.
@@ -78,6 +84,7 @@ impl Qemu {
             helpers: Vec::new(),
             vsock: None,
             hotplugged_nics: Vec::new(),
+            hotplugged_disks: Vec::new(),
         };
         Ok(Self {
             config: config.clone(),
@@ -85,6 +92,7 @@ impl Qemu {
             shared,
             nics,
             state: Mutex::new(state),
+            disk_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -95,6 +103,7 @@ impl Qemu {
             shared: None,
             nics: Vec::new(),
             state: Mutex::new(state),
+            disk_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -130,6 +139,11 @@ impl Qemu {
     }
 
     async fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value> {
+        self.qmp_connection().await?.execute(command, args).await
+    }
+
+    /// A QMP connection to the running VMM (NotRunning when it is gone).
+    async fn qmp_connection(&self) -> Result<Qmp> {
         let vmm = self.lock().vmm;
         match vmm {
             Some(p) if p.is_alive() => {}
@@ -139,8 +153,7 @@ impl Qemu {
                 })
             }
         }
-        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
-        qmp.execute(command, args).await
+        Qmp::connect(&self.paths.qmp).await
     }
 
     /// Starts a vhost-user helper (`name`, from `program`) and waits until it
@@ -266,6 +279,7 @@ impl Qemu {
             vsock,
             shared,
             hotplug_slots: self.config.hotplug_slots,
+            disk_controller: self.config.disk_hotplug,
             nics: self
                 .nics
                 .iter()
@@ -622,6 +636,113 @@ impl crate::Hypervisor for Qemu {
         tracing::info!(id = %self.lock().id, slot, %mac, "NIC removed");
         Ok(())
     }
+
+    async fn add_disk(&self, disk: &Disk) -> Result<DiskAddress> {
+        if !self.config.disk_hotplug {
+            return Err(HypervisorError::Unsupported {
+                what: "adding a disk",
+                why: "the VM was booted without a disk controller (hypervisor.disk_hotplug)",
+            });
+        }
+        if !disk.path.is_absolute() || !disk.path.is_file() {
+            return Err(HypervisorError::MissingFile {
+                what: "disk image",
+                path: disk.path.clone(),
+            });
+        }
+        // One attach at a time per VM: the free-target search and the QMP
+        // exchange must not interleave.
+        let _attach = self.disk_lock.lock().await;
+        let address = {
+            let state = self.lock();
+            (0..SCSI_TARGETS)
+                .map(|target| DiskAddress { target, lun: 0 })
+                .find(|a| !state.hotplugged_disks.iter().any(|(used, _)| used == a))
+                .ok_or(HypervisorError::NoDiskTarget {
+                    targets: SCSI_TARGETS,
+                })?
+        };
+        let (node, device) = disk_names(address);
+        let mut qmp = self.qmp_connection().await?;
+        let mut blockdev = serde_json::json!({
+            "driver": disk.format.as_str(),
+            "node-name": node,
+            "read-only": disk.readonly,
+            "discard": "unmap",
+            "file": { "driver": "file", "filename": disk.path, "aio": "threads" },
+        });
+        if disk.readonly {
+            blockdev["file"]["read-only"] = true.into();
+        }
+        qmp.execute("blockdev-add", Some(blockdev)).await?;
+        let dev = serde_json::json!({
+            "driver": "scsi-hd", "id": device, "drive": node, "bus": "scsi0.0",
+            "channel": 0, "scsi-id": address.target, "lun": address.lun,
+            "serial": node,
+        });
+        if let Err(err) = qmp.execute("device_add", Some(dev)).await {
+            let _ = qmp
+                .execute("blockdev-del", Some(serde_json::json!({ "node-name": node })))
+                .await;
+            return Err(err);
+        }
+        self.lock()
+            .hotplugged_disks
+            .push((address, disk.path.clone()));
+        tracing::info!(id = %self.lock().id, target = address.target, path = %disk.path.display(), "disk added");
+        Ok(address)
+    }
+
+    async fn remove_disk(&self, address: DiskAddress) -> Result<()> {
+        let _attach = self.disk_lock.lock().await;
+        if !self
+            .lock()
+            .hotplugged_disks
+            .iter()
+            .any(|(a, _)| *a == address)
+        {
+            return Ok(());
+        }
+        let vmm = self.lock().vmm;
+        if vmm.is_some_and(|p| p.is_alive()) {
+            let (node, device) = disk_names(address);
+            let mut qmp = self.qmp_connection().await?;
+            match qmp
+                .execute("device_del", Some(serde_json::json!({ "id": device })))
+                .await
+            {
+                Ok(_) => {
+                    qmp.wait_event("DEVICE_DELETED", DISK_RELEASE_TIMEOUT, |d| {
+                        d.get("device").and_then(Value::as_str) == Some(device.as_str())
+                    })
+                    .await?;
+                }
+                // Gone already (a restart between the two steps).
+                Err(HypervisorError::Qmp { detail, .. }) if detail.contains("not found") => {}
+                Err(err) => return Err(err),
+            }
+            match qmp
+                .execute("blockdev-del", Some(serde_json::json!({ "node-name": node })))
+                .await
+            {
+                Ok(_) => {}
+                Err(HypervisorError::Qmp { detail, .. })
+                    if detail.contains("not found") || detail.contains("Cannot find") => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.lock().hotplugged_disks.retain(|(a, _)| *a != address);
+        tracing::info!(id = %self.lock().id, target = address.target, "disk removed");
+        Ok(())
+    }
+}
+
+/// The QMP block node and device names of the disk at `address`.
+fn disk_names(address: DiskAddress) -> (String, String) {
+    (
+        format!("disk{}-{}", address.target, address.lun),
+        format!("sdisk{}-{}", address.target, address.lun),
+    )
 }
 
 #[cfg(test)]

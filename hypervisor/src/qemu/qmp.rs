@@ -21,6 +21,9 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     path: std::path::PathBuf,
+    /// Events that arrived while a command waited for its reply, for
+    /// [`Qmp::wait_event`] (QEMU may announce an effect before it answers).
+    events: Vec<Value>,
 }
 
 impl Qmp {
@@ -36,6 +39,7 @@ impl Qmp {
             reader: BufReader::new(read),
             writer,
             path: path.to_path_buf(),
+            events: Vec::new(),
         };
         let greeting = qmp.read_message("greeting").await?;
         if greeting.get("QMP").is_none() {
@@ -64,6 +68,7 @@ impl Qmp {
         loop {
             let message = self.read_message(command).await?;
             if message.get("event").is_some() {
+                self.events.push(message);
                 continue;
             }
             return parse_reply(command, message);
@@ -101,6 +106,7 @@ impl Qmp {
             if message.get("event").is_none() {
                 return parse_reply("getfd", message).map(drop);
             }
+            self.events.push(message);
         }
     }
 
@@ -111,6 +117,13 @@ impl Qmp {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
+        let matches = |m: &Value| {
+            m.get("event").and_then(Value::as_str) == Some(name)
+                && pred(m.get("data").unwrap_or(&Value::Null))
+        };
+        if let Some(i) = self.events.iter().position(&matches) {
+            return Ok(self.events.remove(i));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if tokio::time::Instant::now() >= deadline {
@@ -120,12 +133,7 @@ impl Qmp {
                 });
             }
             match self.read_message(name).await {
-                Ok(m)
-                    if m.get("event").and_then(Value::as_str) == Some(name)
-                        && pred(m.get("data").unwrap_or(&Value::Null)) =>
-                {
-                    return Ok(m)
-                }
+                Ok(m) if matches(&m) => return Ok(m),
                 Ok(_) => {}
                 // read_message's own 5 s bound: keep waiting until ours.
                 Err(HypervisorError::Qmp { detail, .. }) if detail.starts_with("no reply") => {}
@@ -226,6 +234,12 @@ mod tests {
         let mut qmp = Qmp::connect(&path).await.expect("connect");
         let status = qmp.execute("query-status", None).await.expect("status");
         assert_eq!(status["status"], "paused");
+        // The event that came before the reply is still there to wait for.
+        let event = qmp
+            .wait_event("STOP", Duration::from_millis(10), |_| true)
+            .await
+            .expect("buffered event");
+        assert_eq!(event["event"], "STOP");
         server.await.expect("server");
     }
 }
