@@ -36,6 +36,9 @@ pub enum DialError {
     /// the handshake did not complete in time
     #[error("handshake with {endpoint} timed out")]
     HandshakeTimeout { endpoint: String },
+    /// the agent's port forwarder could not reach the port
+    #[error("{reason}")]
+    Forward { port: u16, reason: String },
 }
 
 impl std::fmt::Display for Endpoint {
@@ -98,6 +101,53 @@ pub async fn dial(
     }
 }
 
+/// Opens a forwarded connection to TCP `port` on the pod's localhost
+/// through the agent's forwarder ([`crate::FORWARD_VSOCK_PORT`] of the VM
+/// that `endpoint` names; its own port is replaced). The returned socket
+/// carries the connection's bytes.
+pub async fn dial_forward(
+    endpoint: &Endpoint,
+    port: u16,
+) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
+    let endpoint = match endpoint {
+        Endpoint::Hybrid { uds, .. } => Endpoint::Hybrid {
+            uds: uds.clone(),
+            port: crate::FORWARD_VSOCK_PORT,
+        },
+        Endpoint::Vsock { cid, .. } => Endpoint::Vsock {
+            cid: *cid,
+            port: crate::FORWARD_VSOCK_PORT,
+        },
+    };
+    let mut socket = dial(&endpoint).await?;
+    let name = endpoint.to_string();
+    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT * 5, async {
+        socket
+            .write_all(format!("PORT {port}\n").as_bytes())
+            .await?;
+        read_line(&mut socket, crate::FORWARD_MAX_LINE).await
+    })
+    .await
+    .map_err(|_| DialError::HandshakeTimeout {
+        endpoint: name.clone(),
+    })?
+    .map_err(|source| DialError::Connect {
+        endpoint: name,
+        source,
+    })?;
+    match reply.strip_prefix("ERR ") {
+        None if reply == "OK" => Ok(socket),
+        Some(reason) => Err(DialError::Forward {
+            port,
+            reason: reason.to_string(),
+        }),
+        None => Err(DialError::Forward {
+            port,
+            reason: format!("the agent's forwarder answered {reply:?}"),
+        }),
+    }
+}
+
 /// Waits for the agent's readiness notice on a hybrid vsock device whose
 /// host-side socket is `uds` (see [`crate::AGENT_READY_PORT`]). Listens on
 /// the device's forwarding socket for that port, accepts connections until
@@ -148,9 +198,18 @@ async fn hybrid_handshake(stream: &mut UnixStream, port: u32) -> io::Result<Stri
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await?;
-    let mut line = Vec::with_capacity(MAX_REPLY);
+    read_line(stream, MAX_REPLY).await
+}
+
+/// Reads one line of at most `max` bytes, byte by byte so that nothing after
+/// it is consumed; without its newline, empty when the peer closed.
+async fn read_line<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> io::Result<String> {
+    let mut line = Vec::with_capacity(max);
     let mut byte = [0u8; 1];
-    while line.len() < MAX_REPLY {
+    while line.len() < max {
         if stream.read(&mut byte).await? == 0 {
             break;
         }
@@ -238,6 +297,54 @@ mod tests {
             .await
             .expect_err("timeout");
         assert!(matches!(err, DialError::HandshakeTimeout { .. }), "{err}");
+    }
+
+    /// A device whose forwarder answers `reply` to the PORT line, then echoes.
+    async fn fake_forwarder(reply: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let line = read_line(&mut s, 64).await.expect("CONNECT");
+            assert_eq!(line, "CONNECT 1026");
+            s.write_all(b"OK 1\n").await.expect("ok");
+            let line = read_line(&mut s, 64).await.expect("PORT");
+            assert_eq!(line, "PORT 8080");
+            s.write_all(reply).await.expect("reply");
+            let mut buf = [0u8; 4];
+            if s.read_exact(&mut buf).await.is_ok() {
+                s.write_all(&buf).await.expect("echo");
+            }
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn forwarded_connections_carry_bytes_after_ok() {
+        let (_dir, uds) = fake_forwarder(b"OK\n").await;
+        let ep = Endpoint::Hybrid { uds, port: 1024 };
+        let mut s = dial_forward(&ep, 8080).await.expect("forward");
+        s.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_forwarder_error_names_the_reason() {
+        let (_dir, uds) =
+            fake_forwarder(b"ERR connect to localhost:8080 in the pod: refused\n").await;
+        let ep = Endpoint::Hybrid { uds, port: 1024 };
+        let err = dial_forward(&ep, 8080).await.err().expect("must fail");
+        assert!(
+            matches!(err, DialError::Forward { port: 8080, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "connect to localhost:8080 in the pod: refused"
+        );
     }
 
     #[tokio::test]

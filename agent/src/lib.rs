@@ -11,7 +11,7 @@
 
 mod dial;
 
-pub use dial::{dial, wait_ready_hybrid, DialError, Endpoint};
+pub use dial::{dial, dial_forward, wait_ready_hybrid, DialError, Endpoint};
 
 /// Generated code: `agent` holds the protobuf messages, `agent_ttrpc` the
 /// ttrpc clients (`HealthClient`, `AgentClient`) and service traits.
@@ -52,6 +52,16 @@ pub const SANDBOX_FILES_GUEST_PATH: &str = "/run/vc/sandbox";
 /// wastes the interval. With the hybrid transport the device forwards the
 /// guest's connection to the unix socket `<uds>_<port>`.
 pub const AGENT_READY_PORT: u32 = 1025;
+
+/// The vsock port of the agent's port forwarder (API 4). A connection to
+/// it starts with one line, `PORT <n>\n`; the agent connects to TCP port
+/// `n` on the guest's loopback (the pod's localhost, where kubelet's
+/// port-forward goes) and answers `OK\n` or `ERR <reason>\n`; from then on
+/// the connection carries the forwarded bytes both ways.
+pub const FORWARD_VSOCK_PORT: u32 = 1026;
+
+/// The longest header or reply line of the port forwarder.
+pub const FORWARD_MAX_LINE: usize = 256;
 
 /// Whether `id` is a valid sandbox, container or exec ID: 1-128 characters
 /// of `[A-Za-z0-9_.-]`, starting with a letter or digit. IDs become file

@@ -8,9 +8,9 @@
 //!   stdin stays open when the client leaves, unless `stdin_once`); its output
 //!   is followed in the container's CRI log (the monitor owns the process's
 //!   pipes and writes every byte there first), from the moment of attaching.
-//! - port-forward: a TCP connection to the pod's IP on the pod's network,
-//!   made from the host. A port that listens only on the guest's loopback is
-//!   not reachable this way (left for an agent-side proxy).
+//! - port-forward: a TCP connection to the port on the pod's localhost,
+//!   made inside the VM by the agent's forwarder (over vsock), so a port
+//!   bound only to the guest's loopback is reachable too, as kubelet expects.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -199,35 +199,18 @@ impl StreamingRuntime for PodStreams {
             .store
             .resolve_pod(pod_sandbox_id)
             .ok_or_else(|| not_found("pod sandbox", pod_sandbox_id))?;
-        let pod = self
+        let conn = self
             .cri
             .inner
-            .store
-            .pod(&id)
-            .ok_or_else(|| not_found("pod sandbox", pod_sandbox_id))?;
-        let ip = pod
-            .network
-            .as_ref()
-            .and_then(|n| n.pod_ips.first().copied())
-            .ok_or_else(|| {
-                RuntimeError::new(
-                    ErrorKind::FailedPrecondition,
-                    format!("pod sandbox {id} has no IP to forward to"),
-                )
-            })?;
-        let conn = tokio::net::TcpStream::connect((ip, port))
+            .runtime
+            .port_forward(&id, port)
             .await
-            .map_err(|e| {
-                RuntimeError::new(
-                    ErrorKind::Unavailable,
-                    format!("connect to {ip}:{port} in pod {id}: {e}"),
-                )
-            })?;
+            .map_err(rt_err)?;
         // Client → pod until the client closes its side (then half-close
         // towards the pod); pod → client until the pod closes, which ends
         // the forwarded connection (an HTTP/1.0 server closes first).
         let (mut client_rd, mut client_wr) = tokio::io::split(stream);
-        let (mut pod_rd, mut pod_wr) = conn.into_split();
+        let (mut pod_rd, mut pod_wr) = tokio::io::split(conn);
         let upstream = tokio::spawn(async move {
             let _ = tokio::io::copy(&mut client_rd, &mut pod_wr).await;
             let _ = pod_wr.shutdown().await;

@@ -313,7 +313,6 @@ fn is_opaque(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,7 +405,8 @@ mod tests {
         // A symlink in the upper layer replaces the directory: not followed.
         assert_eq!(found(&layers, "a/b/c"), None);
         assert_eq!(found(&layers, "opq/x").as_deref(), Some(&b"low"[..]));
-        if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("proc")) == 0 {
+        if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("proc")) == 0
+        {
             rustix::fs::lsetxattr(
                 top.join("opq"),
                 "trusted.overlay.opaque",

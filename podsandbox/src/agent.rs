@@ -166,4 +166,19 @@ pub trait AgentDialer: Send + Sync + std::fmt::Debug {
     /// then poll with [`AgentDialer::dial`]).
     async fn wait_ready(&self, channel: &VsockChannel, timeout: Duration)
         -> Result<(), AgentError>;
+
+    /// A connection to TCP `port` on the pod's localhost, through the
+    /// agent's port forwarder.
+    async fn dial_port_forward(
+        &self,
+        channel: &VsockChannel,
+        port: u16,
+    ) -> Result<ForwardedStream, AgentError>;
 }
+
+/// The bytes of one forwarded connection, both ways.
+pub trait ForwardedIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ForwardedIo for T {}
+
+/// A forwarded connection (see [`AgentDialer::dial_port_forward`]).
+pub type ForwardedStream = Box<dyn ForwardedIo>;

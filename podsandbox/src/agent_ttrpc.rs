@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use hypervisor::VsockChannel;
 
 use crate::{
-    agent::{AgentClient, AgentCode, AgentDialer, AgentError, GuestDetails, GuestRootfs},
+    agent::{
+        AgentClient, AgentCode, AgentDialer, AgentError, ForwardedStream, GuestDetails, GuestRootfs,
+    },
     container::ProcessInfo,
     container_exec::ExecConfig,
     container_log::Stream,
@@ -28,6 +30,20 @@ const CONTAINER_CALL: Duration = Duration::from_secs(60);
 /// Bytes per ReadStdout/ReadStderr round trip (the guest's pipes hold 1 MiB).
 const READ_CHUNK: u32 = 1 << 20;
 
+/// The agent's port on the VM's vsock channel.
+fn endpoint(channel: &VsockChannel) -> agent::Endpoint {
+    match channel {
+        VsockChannel::Hybrid { uds } => agent::Endpoint::Hybrid {
+            uds: uds.clone(),
+            port: agent::AGENT_VSOCK_PORT,
+        },
+        VsockChannel::Kernel { cid } => agent::Endpoint::Vsock {
+            cid: *cid,
+            port: agent::AGENT_VSOCK_PORT,
+        },
+    }
+}
+
 /// Dials the agent port through the VM's vsock channel.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TtrpcDialer;
@@ -35,17 +51,7 @@ pub struct TtrpcDialer;
 #[async_trait]
 impl AgentDialer for TtrpcDialer {
     async fn dial(&self, channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError> {
-        let endpoint = match channel {
-            VsockChannel::Hybrid { uds } => agent::Endpoint::Hybrid {
-                uds: uds.clone(),
-                port: agent::AGENT_VSOCK_PORT,
-            },
-            VsockChannel::Kernel { cid } => agent::Endpoint::Vsock {
-                cid: *cid,
-                port: agent::AGENT_VSOCK_PORT,
-            },
-        };
-        let socket = agent::dial(&endpoint)
+        let socket = agent::dial(&endpoint(channel))
             .await
             .map_err(|e| AgentError::new(error_chain(&e)))?;
         let client = ttrpc::asynchronous::Client::new(socket);
@@ -72,6 +78,17 @@ impl AgentDialer for TtrpcDialer {
             // Kernel vsock has no device to upset: the caller polls.
             VsockChannel::Kernel { .. } => Ok(()),
         }
+    }
+
+    async fn dial_port_forward(
+        &self,
+        channel: &VsockChannel,
+        port: u16,
+    ) -> Result<ForwardedStream, AgentError> {
+        let socket = agent::dial_forward(&endpoint(channel), port)
+            .await
+            .map_err(|e| AgentError::new(error_chain(&e)))?;
+        Ok(Box::new(socket))
     }
 }
 

@@ -9,8 +9,7 @@ use std::{
 use crate::{
     agent::GuestRootfs,
     container::{
-        oci_spec, ContainerConfig, ContainerRecord, ContainerState, ContainerStatus, Mount,
-        Rootfs,
+        oci_spec, ContainerConfig, ContainerRecord, ContainerState, ContainerStatus, Mount, Rootfs,
     },
     mounts,
     sandbox::{check_id, now_secs, Runtime},
@@ -112,13 +111,13 @@ impl Runtime {
                         format: *format,
                         readonly: false,
                     };
-                    let address =
-                        vm.add_disk(&disk)
-                            .await
-                            .map_err(|source| Error::Hypervisor {
-                                id: sandbox_id.into(),
-                                source,
-                            })?;
+                    let address = vm
+                        .add_disk(&disk)
+                        .await
+                        .map_err(|source| Error::Hypervisor {
+                            id: sandbox_id.into(),
+                            source,
+                        })?;
                     attached = Some(address);
                     let rootfs = GuestRootfs::Disk {
                         address,

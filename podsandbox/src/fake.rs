@@ -138,6 +138,27 @@ impl AgentDialer for FakeDialer {
         }
         Ok(())
     }
+
+    /// An echo of what is written, as if the pod's port echoed.
+    async fn dial_port_forward(
+        &self,
+        _channel: &VsockChannel,
+        _port: u16,
+    ) -> Result<crate::agent::ForwardedStream, AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("dial_port_forward");
+        if !self.answers {
+            return Err(AgentError::new("connection refused (fake)"));
+        }
+        let (ours, theirs) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(theirs);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        Ok(Box::new(ours))
+    }
 }
 
 #[async_trait]

@@ -40,18 +40,19 @@ mod sandbox_create;
 mod sandbox_delete;
 mod sandbox_network;
 mod sandbox_pause;
+mod sandbox_port_forward;
 mod sandbox_start;
 mod sandbox_status;
 mod sandbox_stop;
 pub mod state;
 pub mod store;
 
-pub use agent::{AgentClient, AgentDialer, AgentError, GuestDetails};
+pub use agent::{AgentClient, AgentDialer, AgentError, ForwardedStream, GuestDetails};
 pub use agent_ttrpc::TtrpcDialer;
 pub use config::RuntimeConfig;
-pub use hypervisor::DiskFormat;
 pub use container_io::ProcessIo;
 pub use error::{Error, ErrorKind, Result};
+pub use hypervisor::DiskFormat;
 pub use network::{
     DnsConfig, NetInterface, NetNeighbor, NetRoute, SandboxFiles, SandboxNetwork, TapFd,
 };

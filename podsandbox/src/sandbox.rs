@@ -642,7 +642,9 @@ mod lifecycle_tests {
         let vm = h.vms.get("s1").expect("vm");
         assert!(vm.calls().contains(&Op::AddDisk));
         assert!(h.dialer.calls().contains(&"create_container"));
-        h.rt.delete_container("s1", "c1").await.expect("delete container");
+        h.rt.delete_container("s1", "c1")
+            .await
+            .expect("delete container");
         assert!(vm.calls().contains(&Op::RemoveDisk));
         assert!(!h.dir.path().join("run/s1/shared/c1").exists());
     }
@@ -671,9 +673,32 @@ mod lifecycle_tests {
             },
             ..block_container(&h, "c2")
         };
-        let err = h.rt.create_container("s1", missing).await.expect_err("no image");
+        let err =
+            h.rt.create_container("s1", missing)
+                .await
+                .expect_err("no image");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("nope.qcow2"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn port_forward_goes_through_the_agent_of_a_live_sandbox() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let h = harness();
+        let err = h.rt.port_forward("s1", 80).await.err().expect("no sandbox");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        let mut s = h.rt.port_forward("s1", 80).await.expect("forward");
+        s.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ping");
+        assert!(h.dialer.calls().contains(&"dial_port_forward"));
+        let err = h.rt.port_forward("s1", 0).await.err().expect("port 0");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        h.rt.stop_sandbox("s1").await.expect("stop");
+        let err = h.rt.port_forward("s1", 80).await.err().expect("stopped");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     }
 
     #[tokio::test]

@@ -117,7 +117,11 @@ async fn main() {
     let host_dir = store.prepare_rootfs(&img.id, "host").await.expect("host");
     let cold_ok = drop_host_caches();
     let host_cold = host_read(&host_dir.join("data/big"));
-    let host_warm = median((0..WARM_RUNS).map(|_| host_read(&host_dir.join("data/big"))).collect());
+    let host_warm = median(
+        (0..WARM_RUNS)
+            .map(|_| host_read(&host_dir.join("data/big")))
+            .collect(),
+    );
 
     // Block rootfs preparation.
     let t = Instant::now();
@@ -183,7 +187,11 @@ async fn main() {
     println!(
         "{:<26} cold {host_cold:8.1} MiB/s{} | warm {host_warm:8.1} MiB/s",
         "host (overlay dir)",
-        if cold_ok { "" } else { " (host caches not dropped)" }
+        if cold_ok {
+            ""
+        } else {
+            " (host caches not dropped)"
+        }
     );
     for (name, create, cold, warm) in &rows {
         println!(

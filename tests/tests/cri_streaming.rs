@@ -172,7 +172,8 @@ async fn scenario() {
         .expect("RunPodSandbox")
         .into_inner()
         .pod_sandbox_id;
-    let script = "mkdir -p /www && echo forwarded-page > /www/index.html && { httpd -f -p 80 -h /www & } && echo ready && while read l; do echo got-$l; done";
+    // One server for the pod network, one on the pod's loopback only.
+    let script = "mkdir -p /www /lo && echo forwarded-page > /www/index.html && echo loopback-page > /lo/index.html && { httpd -f -p 80 -h /www & } && { httpd -f -p 127.0.0.1:8081 -h /lo & } && echo ready && while read l; do echo got-$l; done";
     let c = rt
         .create_container(cri_api::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
@@ -274,13 +275,13 @@ async fn scenario() {
     let _ = sock.close(None).await;
 
     // PortForward over SPDY and over WebSocket to the pod's httpd.
-    let pf_url = |rt: &mut tests::cri::Runtime| {
+    let pf_url_for = |rt: &mut tests::cri::Runtime, port: i32| {
         let mut rt = rt.clone();
         let pod = pod.clone();
         async move {
             rt.port_forward(cri_api::PortForwardRequest {
                 pod_sandbox_id: pod,
-                port: vec![80],
+                port: vec![port],
             })
             .await
             .expect("PortForward")
@@ -288,6 +289,7 @@ async fn scenario() {
             .url
         }
     };
+    let pf_url = |rt: &mut tests::cri::Runtime| pf_url_for(rt, 80);
     eprintln!("step: after attach");
     // The attach client left; the container's stdin stays open (no stdin_once).
     let direct = rt
@@ -328,6 +330,41 @@ async fn scenario() {
         "page {page:?}, error stream {errors:?}"
     );
     session.close().await;
+
+    // A port bound only to the pod's loopback is reachable (the agent
+    // connects inside the VM); a closed port is an error on the error stream.
+    eprintln!("step: port-forward SPDY to loopback-only and closed ports");
+    for (port, want_page, want_error) in [
+        ("8081", "loopback-page", ""),
+        ("9", "", "connect to localhost:9"),
+    ] {
+        let url = pf_url_for(&mut rt, port.parse().expect("port")).await;
+        let session = spdy(&url, "portforward.k8s.io").await;
+        let h = |t: &str| {
+            Headers::new()
+                .with("streamType", t)
+                .with("port", port)
+                .with("requestID", "1")
+        };
+        let mut error = open(&session, h("error"));
+        error.finish();
+        let mut data = open(&session, h("data"));
+        let _ = data.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+        let page = String::from_utf8_lossy(&read_all(&mut data).await).into_owned();
+        let errors = String::from_utf8_lossy(&read_all(&mut error).await).into_owned();
+        if want_page.is_empty() {
+            assert!(
+                errors.contains(want_error),
+                "port {port}: error stream {errors:?}"
+            );
+        } else {
+            assert!(
+                page.contains(want_page),
+                "port {port}: page {page:?}, error stream {errors:?}"
+            );
+        }
+        session.close().await;
+    }
 
     let url = pf_url(&mut rt).await;
     eprintln!("step: port-forward WebSocket");

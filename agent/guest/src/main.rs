@@ -8,6 +8,7 @@
 //! over the host's /proc), so it is safe to execute by mistake on a host.
 
 mod container;
+mod forward;
 mod init;
 mod network;
 mod notify;
@@ -96,7 +97,8 @@ async fn run() -> anyhow::Result<()> {
     let (modules_done, modules_loaded) = tokio::sync::watch::channel(false);
     let containers = container::Containers::new(storage::Storage::new(modules_loaded), reaper);
 
-    let listener = bind_vsock().await?;
+    let listener = bind_vsock(agent::AGENT_VSOCK_PORT).await?;
+    forward::spawn(bind_vsock(agent::FORWARD_VSOCK_PORT).await?);
     let services = service::AgentService::new(containers);
     let health = agent_ttrpc::create_health(Arc::new(services.clone()));
     let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
@@ -129,8 +131,8 @@ async fn run() -> anyhow::Result<()> {
 
 /// The vsock device appears when its transport module has probed; binding
 /// can race with that, so retry briefly.
-async fn bind_vsock() -> anyhow::Result<ttrpc::asynchronous::transport::Listener> {
-    let addr = format!("-1:{}", agent::AGENT_VSOCK_PORT);
+async fn bind_vsock(port: u32) -> anyhow::Result<ttrpc::asynchronous::transport::Listener> {
+    let addr = format!("-1:{port}");
     let mut last = None;
     for _ in 0..100 {
         match ttrpc::asynchronous::transport::Listener::bind_vsock(&addr) {
@@ -140,8 +142,7 @@ async fn bind_vsock() -> anyhow::Result<ttrpc::asynchronous::transport::Listener
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Err(anyhow::anyhow!(
-        "cannot listen on vsock port {}: {}",
-        agent::AGENT_VSOCK_PORT,
+        "cannot listen on vsock port {port}: {}",
         last.map(|e| e.to_string()).unwrap_or_default()
     ))
 }

@@ -187,10 +187,7 @@ impl BlockMount {
 
 /// The sysfs directory and `/dev` node of the disk at `target`:`lun` on
 /// any SCSI host (there is one virtio-scsi controller).
-fn find_scsi_disk(
-    target: u32,
-    lun: u32,
-) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+fn find_scsi_disk(target: u32, lun: u32) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
     let suffix = format!(":0:{target}:{lun}");
     for entry in std::fs::read_dir("/sys/bus/scsi/devices").ok()?.flatten() {
         let name = entry.file_name();

@@ -433,8 +433,8 @@ mod tests {
             }],
             ..Default::default()
         };
-        let err =
-            container_config("c", &c, &image(), Rootfs::Dir(PathBuf::from("/r")), None).expect_err("devices");
+        let err = container_config("c", &c, &image(), Rootfs::Dir(PathBuf::from("/r")), None)
+            .expect_err("devices");
         assert!(err.to_string().starts_with("config.devices"), "{err}");
     }
 }

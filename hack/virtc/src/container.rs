@@ -15,10 +15,9 @@ use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use podsandbox::{
     container::{ContainerConfig, ContainerStatus, Mount, Resources, Rootfs},
-    DiskFormat,
     container_exec::ExecConfig,
     container_log::Stream,
-    Runtime,
+    DiskFormat, Runtime,
 };
 use tokio::io::AsyncReadExt as _;
 

@@ -455,7 +455,11 @@ mod tests {
         let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
         assert!(has_pair(&build(&s), "-device", "virtio-scsi-pci,id=scsi0"));
         s.machine = MachineType::Microvm;
-        assert!(has_pair(&build(&s), "-device", "virtio-scsi-device,id=scsi0"));
+        assert!(has_pair(
+            &build(&s),
+            "-device",
+            "virtio-scsi-device,id=scsi0"
+        ));
         s.disk_controller = false;
         assert!(!build(&s).iter().any(|a| a.contains("scsi")));
     }

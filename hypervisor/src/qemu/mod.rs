@@ -21,8 +21,8 @@ use self::{
 };
 use crate::{
     process::{self, ProcessRef},
-    Disk, DiskAddress, HypervisorConfig, HypervisorError, Nic, Result, SharedDir, SharedFs, VmConfig, VmState,
-    VmStatus, VsockBackend, VsockChannel,
+    Disk, DiskAddress, HypervisorConfig, HypervisorError, Nic, Result, SharedDir, SharedFs,
+    VmConfig, VmState, VmStatus, VsockBackend, VsockChannel,
 };
 
 /// The `hypervisor` value in persisted state.
@@ -682,7 +682,10 @@ impl crate::Hypervisor for Qemu {
         });
         if let Err(err) = qmp.execute("device_add", Some(dev)).await {
             let _ = qmp
-                .execute("blockdev-del", Some(serde_json::json!({ "node-name": node })))
+                .execute(
+                    "blockdev-del",
+                    Some(serde_json::json!({ "node-name": node })),
+                )
                 .await;
             return Err(err);
         }
@@ -722,7 +725,10 @@ impl crate::Hypervisor for Qemu {
                 Err(err) => return Err(err),
             }
             match qmp
-                .execute("blockdev-del", Some(serde_json::json!({ "node-name": node })))
+                .execute(
+                    "blockdev-del",
+                    Some(serde_json::json!({ "node-name": node })),
+                )
                 .await
             {
                 Ok(_) => {}
