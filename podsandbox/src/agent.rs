@@ -153,6 +153,11 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
     async fn add_neighbors(&self, neighbors: &[NetNeighbor]) -> Result<(), AgentError>;
     /// The pod's hostname, hosts and resolv.conf for its containers.
     async fn set_sandbox_files(&self, files: &SandboxFiles) -> Result<(), AgentError>;
+    /// `net.*` sysctls, written guest-wide (the VM's network is the pod's).
+    async fn set_sysctls(
+        &self,
+        sysctls: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), AgentError>;
 }
 
 /// Opens connections to agents.

@@ -508,6 +508,22 @@ impl AgentClient for TtrpcAgent {
             .map_err(rpc_error)
             .map(drop)
     }
+
+    async fn set_sysctls(
+        &self,
+        sysctls: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), AgentError> {
+        let mut req = pb::SetSysctlsRequest::new();
+        req.sysctls = sysctls
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.agent
+            .set_sysctls(ctx(NETWORK_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
 }
 
 fn interface_from(i: &pb::Interface) -> NetInterface {

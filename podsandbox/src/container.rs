@@ -54,6 +54,11 @@ pub struct ContainerConfig {
     pub no_new_privileges: bool,
     /// POSIX rlimits: (`RLIMIT_NOFILE`, soft, hard).
     pub rlimits: Vec<(String, u64, u64)>,
+    /// Sysctls of the container's own namespaces (IPC: `kernel.shm*`,
+    /// `kernel.msg*`, `kernel.sem`, `fs.mqueue.*`), set by the guest's OCI
+    /// runtime. Network sysctls are the sandbox's
+    /// ([`crate::network::SandboxNetwork::sysctls`]).
+    pub sysctls: std::collections::BTreeMap<String, String>,
 }
 
 /// Where a container's root filesystem comes from.
@@ -351,6 +356,9 @@ pub fn oci_spec(config: &ContainerConfig, hostname: &str, mount_sources: &[Strin
     }
     if !config.resources.is_empty() {
         spec["linux"]["resources"] = config.resources.to_oci();
+    }
+    if !config.sysctls.is_empty() {
+        spec["linux"]["sysctl"] = json!(config.sysctls);
     }
     spec
 }

@@ -333,4 +333,11 @@ impl AgentClient for FakeDialer {
         self.record("set_sandbox_files");
         Ok(())
     }
+    async fn set_sysctls(
+        &self,
+        _sysctls: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), AgentError> {
+        self.record("set_sysctls");
+        Ok(())
+    }
 }

@@ -88,6 +88,9 @@ pub struct SandboxNetwork {
     pub routes: Vec<NetRoute>,
     #[serde(default)]
     pub neighbors: Vec<NetNeighbor>,
+    /// `net.*` sysctls of the pod's network namespace, which is the guest's.
+    #[serde(default)]
+    pub sysctls: std::collections::BTreeMap<String, String>,
 }
 
 impl SandboxNetwork {

@@ -55,6 +55,7 @@ impl Runtime {
                     .collect(),
                 routes: config.network.routes.clone(),
                 neighbors: config.network.neighbors.clone(),
+                sysctls: config.network.sysctls.clone(),
             },
         };
         let store = &self.inner.store;
@@ -322,6 +323,13 @@ async fn configure_guest(
             .add_neighbors(&network.neighbors)
             .await
             .map_err(failed("AddArpNeighbors"))?;
+    }
+    // After the interfaces: net.ipv4.conf.eth0.* names them.
+    if !network.sysctls.is_empty() {
+        agent
+            .set_sysctls(&network.sysctls)
+            .await
+            .map_err(failed("SetSysctls"))?;
     }
     agent
         .set_sandbox_files(files)

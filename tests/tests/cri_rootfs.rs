@@ -18,6 +18,15 @@ use tests::cri::{CriEnv, Runtime};
 use tests::registry as support;
 
 async fn run_pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
+    run_pod_with(rt, env, name, &[]).await
+}
+
+async fn run_pod_with(
+    rt: &mut Runtime,
+    env: &CriEnv,
+    name: &str,
+    sysctls: &[(&str, &str)],
+) -> (String, cri::PodSandboxConfig) {
     let log_dir = env.dir.path().join("logs").join(name);
     std::fs::create_dir_all(&log_dir).expect("log dir");
     let cfg = cri::PodSandboxConfig {
@@ -29,6 +38,13 @@ async fn run_pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::Po
         }),
         hostname: name.into(),
         log_directory: log_dir.display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            sysctls: sysctls
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let id = rt
@@ -192,9 +208,58 @@ async fn shared_dir_rootfs_writes_land_in_each_containers_upper_dir() {
     env.start().await;
     env.pull(&image).await;
     let mut rt = env.runtime().await;
-    let (pod, cfg) = run_pod(&mut rt, &env, "dir").await;
+    // A sysctl that is not the pod's own is refused before anything starts.
+    let err = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: "bad-sysctl".into(),
+                    uid: "uid-bad".into(),
+                    namespace: "rootfs".into(),
+                    attempt: 0,
+                }),
+                linux: Some(cri::LinuxPodSandboxConfig {
+                    sysctls: [("kernel.pid_max".to_string(), "4096".to_string())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect_err("a global sysctl");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("kernel.pid_max"),
+        "{}",
+        err.message()
+    );
+    // Network sysctls land in the guest, IPC ones in each container.
+    let (pod, cfg) = run_pod_with(
+        &mut rt,
+        &env,
+        "dir",
+        &[
+            ("net.ipv4.ping_group_range", "0 2147483647"),
+            ("kernel.shm_rmid_forced", "1"),
+        ],
+    )
+    .await;
     let a = sleeper(&mut rt, &pod, &cfg, &image, "a").await;
     let b = sleeper(&mut rt, &pod, &cfg, &image, "b").await;
+    assert_eq!(
+        sh(&mut rt, &a, "cat /proc/sys/net/ipv4/ping_group_range")
+            .await
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["0", "2147483647"]
+    );
+    assert_eq!(
+        sh(&mut rt, &b, "cat /proc/sys/kernel/shm_rmid_forced")
+            .await
+            .trim(),
+        "1"
+    );
     let fstype = root_fstype(&mut rt, &a).await;
     assert!(
         fstype == "virtiofs" || fstype == "9p",

@@ -647,6 +647,70 @@ pub fn add_neighbors(neighbors: &[pb::ArpNeighbor]) -> Result<()> {
     Ok(())
 }
 
+/// See `SetSysctls` in agent.proto: each `net.*` key written under /proc/sys.
+pub fn set_sysctls(sysctls: &std::collections::HashMap<String, String>) -> Result<()> {
+    set_sysctls_in(Path::new("/proc/sys"), sysctls)
+}
+
+fn set_sysctls_in(root: &Path, sysctls: &std::collections::HashMap<String, String>) -> Result<()> {
+    let mut keys: Vec<&String> = sysctls.keys().collect();
+    keys.sort();
+    for key in keys {
+        let value = &sysctls[key];
+        let rel = sysctl_path(key)?;
+        if value.contains(['\n', '\0']) {
+            return Err(invalid(format!(
+                "sysctl {key}: value {value:?} is not one line"
+            )));
+        }
+        let path = root.join(&rel);
+        // Never create: a name that is not there is not a sysctl.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()))
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    invalid(format!("sysctl {key} does not exist in the guest"))
+                }
+                _ => invalid(format!("sysctl {key}={value:?}: {e}")),
+            })?;
+    }
+    Ok(())
+}
+
+/// `net.ipv4.ip_forward` or `net/ipv4/ip_forward` → `net/ipv4/ip_forward`.
+/// In the dotted form a `/` stands for a dot inside a component (a VLAN
+/// interface `eth0.100` is `net.ipv4.conf.eth0/100.forwarding`), as sysctl(8)
+/// and kubelet have it.
+fn sysctl_path(key: &str) -> Result<PathBuf> {
+    let bad = || {
+        invalid(format!(
+            "sysctl {key:?}: only net.* names of [A-Za-z0-9_.-/] are set guest-wide"
+        ))
+    };
+    if key.is_empty()
+        || key.len() > 255
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+    {
+        return Err(bad());
+    }
+    let parts: Vec<String> = if key.starts_with("net.") {
+        key.split('.').map(|p| p.replace('/', ".")).collect()
+    } else if key.starts_with("net/") {
+        key.split('/').map(str::to_string).collect()
+    } else {
+        return Err(bad());
+    };
+    if parts.iter().any(|p| p.is_empty() || p == "." || p == "..") {
+        return Err(bad());
+    }
+    Ok(parts.iter().collect())
+}
+
 /// See `SetSandboxFiles` in agent.proto. Each file is replaced atomically, so a
 /// container starting meanwhile sees the old or the new file, never half.
 pub fn set_sandbox_files(req: &pb::SetSandboxFilesRequest) -> Result<()> {
@@ -713,6 +777,54 @@ pub fn sandbox_file_mounts() -> Vec<(&'static str, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysctl_names_become_proc_paths_inside_net() {
+        let p = |k: &str| sysctl_path(k).map(|p| p.display().to_string());
+        assert_eq!(
+            p("net.ipv4.ip_forward").ok().as_deref(),
+            Some("net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            p("net.ipv4.conf.eth0/100.forwarding").ok().as_deref(),
+            Some("net/ipv4/conf/eth0.100/forwarding")
+        );
+        assert_eq!(
+            p("net/ipv4/conf/eth0.100/forwarding").ok().as_deref(),
+            Some("net/ipv4/conf/eth0.100/forwarding")
+        );
+        for bad in [
+            "kernel.shmmax",
+            "net..x",
+            "net./../../etc",
+            "net/../kernel/x",
+            "net.a b",
+            "",
+            "net/",
+        ] {
+            assert!(sysctl_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sysctls_are_written_and_unknown_ones_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("net/ipv4")).expect("mkdir");
+        std::fs::write(dir.path().join("net/ipv4/ip_forward"), "0").expect("write");
+        let mut m = std::collections::HashMap::new();
+        m.insert("net.ipv4.ip_forward".to_string(), "1".to_string());
+        set_sysctls_in(dir.path(), &m).expect("set");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("net/ipv4/ip_forward")).expect("read"),
+            "1"
+        );
+        m.insert("net.ipv4.nope".to_string(), "1".to_string());
+        let err = set_sysctls_in(dir.path(), &m).expect_err("unknown");
+        assert!(
+            format!("{err:?}").contains("net.ipv4.nope does not exist"),
+            "{err:?}"
+        );
+    }
 
     #[test]
     fn macs_parse_and_print() {

@@ -154,6 +154,15 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(pb::Empty::new())
     }
 
+    async fn set_sysctls(
+        &self,
+        _: &TtrpcContext,
+        r: pb::SetSysctlsRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        blocking(move || network::set_sysctls(&r.sysctls)).await?;
+        Ok(pb::Empty::new())
+    }
+
     async fn get_guest_details(
         &self,
         _: &TtrpcContext,

@@ -260,6 +260,8 @@ pub fn container_config(
         Some(config.working_dir.clone())
     };
     Ok(ContainerConfig {
+        // The pod's IPC sysctls are added by CreateContainer.
+        sysctls: Default::default(),
         id: id.into(),
         user: user(sc, image)?,
         rootfs,

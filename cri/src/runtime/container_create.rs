@@ -10,7 +10,7 @@ use crate::{
     error::{CriError, Result},
     runtime::{
         container_config::{container_config, log_path, ImageDefaults},
-        sandbox_run::new_id,
+        sandbox_run::{new_id, pod_sysctls},
     },
     server::Cri,
     store::{self, ContainerMeta},
@@ -70,7 +70,7 @@ impl Cri {
         let name = store::container_name(&md, &pod_md);
         self.inner.store.reserve("container", &name, &id)?;
         match self
-            .create_steps(&id, &sandbox_id, &image, config, log)
+            .create_steps(&id, &sandbox_id, &pod.config, &image, config, log)
             .await
         {
             Ok(()) => {
@@ -89,6 +89,7 @@ impl Cri {
         &self,
         id: &str,
         sandbox_id: &str,
+        pod_config: &cri::PodSandboxConfig,
         image: &str,
         config: cri::ContainerConfig,
         log: Option<std::path::PathBuf>,
@@ -133,7 +134,8 @@ impl Cri {
             },
         };
         let created = async {
-            let cfg = container_config(id, &config, &defaults, rootfs, log.clone())?;
+            let mut cfg = container_config(id, &config, &defaults, rootfs, log.clone())?;
+            cfg.sysctls = pod_sysctls(pod_config)?.ipc;
             self.inner.runtime.create_container(sandbox_id, cfg).await?;
             let meta = ContainerMeta {
                 id: id.into(),

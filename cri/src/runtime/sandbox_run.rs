@@ -2,7 +2,10 @@
 //! tc-filter tap), boot its VM with the tap and the pod's DNS and hostname,
 //! then persist. Every step is undone, in reverse, when a later one fails.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use k8s_cri::v1 as cri;
 use podsandbox::{DnsConfig, NetInterface, NetRoute, SandboxConfig, SandboxNetwork, TapFd};
@@ -52,11 +55,7 @@ impl Cri {
         }
         refuse_host_namespaces(&config)?;
         let (vcpus, memory_mib) = self.annotation_overrides(&config.annotations)?;
-        if let Some(sysctls) = config.linux.as_ref().map(|l| &l.sysctls) {
-            if !sysctls.is_empty() {
-                tracing::warn!(?sysctls, "pod sysctls are not applied in the guest yet");
-            }
-        }
+        let sysctls = pod_sysctls(&config)?;
 
         let id = new_id();
         let name = store::pod_name(&md);
@@ -64,7 +63,14 @@ impl Cri {
         let lock = self.pod_lock(&id);
         let _guard = lock.lock().await;
         let ran = self
-            .run_steps(&id, config, req.runtime_handler, vcpus, memory_mib)
+            .run_steps(
+                &id,
+                config,
+                req.runtime_handler,
+                vcpus,
+                memory_mib,
+                sysctls.net,
+            )
             .await;
         if let Err(err) = ran {
             self.inner.store.release(&name, &id);
@@ -82,6 +88,7 @@ impl Cri {
         runtime_handler: String,
         vcpus: Option<u32>,
         memory_mib: Option<u32>,
+        net_sysctls: BTreeMap<String, String>,
     ) -> Result<()> {
         let md = config.metadata.clone().unwrap_or_default();
         let network = self
@@ -100,7 +107,10 @@ impl Cri {
                 vcpus,
                 memory_mib,
                 hostname: Some(hostname),
-                network: sandbox_network(&network)?,
+                network: SandboxNetwork {
+                    sysctls: net_sysctls,
+                    ..sandbox_network(&network)?
+                },
                 dns: config.dns_config.as_ref().map(|d| DnsConfig {
                     servers: d.servers.clone(),
                     searches: d.searches.clone(),
@@ -315,12 +325,105 @@ fn sandbox_network(status: &cni::NetworkStatus) -> Result<SandboxNetwork> {
         interfaces,
         routes,
         neighbors,
+        sysctls: BTreeMap::new(),
     })
+}
+
+/// A pod's sysctls, by where a pod VM sets them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct PodSysctls {
+    /// `net.*`: the guest's (the VM's network is the pod's namespace).
+    pub net: BTreeMap<String, String>,
+    /// IPC namespace sysctls: in each container's spec (each has its IPC
+    /// namespace in the guest).
+    pub ipc: BTreeMap<String, String>,
+}
+
+/// The IPC sysctls a container namespace has (runc's and Kubernetes' list).
+const IPC_SYSCTLS: &[&str] = &[
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+];
+
+/// Sorts `config.linux.sysctls` into [`PodSysctls`]; a sysctl that is not
+/// namespaced (it would be the whole VM's kernel, not the pod's) is refused,
+/// naming it, as runc refuses it for a runc pod.
+pub(crate) fn pod_sysctls(config: &cri::PodSandboxConfig) -> Result<PodSysctls> {
+    let mut out = PodSysctls::default();
+    let Some(linux) = config.linux.as_ref() else {
+        return Ok(out);
+    };
+    for (key, value) in &linux.sysctls {
+        let field = || format!("config.linux.sysctls[{key:?}]");
+        if value.contains(['\n', '\0']) {
+            return Err(CriError::invalid(field(), "the value must be one line"));
+        }
+        // kubelet accepts a slash form (net/ipv4/ip_forward) too.
+        let dotted = if key.contains('.') {
+            key.clone()
+        } else {
+            key.replace('/', ".")
+        };
+        if dotted.starts_with("net.") {
+            out.net.insert(key.clone(), value.clone());
+        } else if IPC_SYSCTLS.contains(&dotted.as_str()) || dotted.starts_with("fs.mqueue.") {
+            out.ipc.insert(dotted, value.clone());
+        } else {
+            return Err(CriError::invalid(
+                field(),
+                "is not a namespaced sysctl (net.*, kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*): it would set the VM's whole kernel",
+            ));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysctls_are_sorted_by_namespace_and_others_refused() {
+        let pod = |pairs: &[(&str, &str)]| cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                sysctls: pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = pod_sysctls(&pod(&[
+            ("net.ipv4.ip_unprivileged_port_start", "0"),
+            ("kernel/shm_rmid_forced", "1"),
+            ("fs.mqueue.msg_max", "20"),
+        ]))
+        .expect("namespaced");
+        assert_eq!(s.net.len(), 1);
+        assert_eq!(
+            s.ipc.keys().collect::<Vec<_>>(),
+            ["fs.mqueue.msg_max", "kernel.shm_rmid_forced"]
+        );
+        let err = pod_sysctls(&pod(&[("kernel.pid_max", "100")])).expect_err("global");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.to_string()
+                .contains("config.linux.sysctls[\"kernel.pid_max\"]"),
+            "{err}"
+        );
+        assert!(pod_sysctls(&pod(&[("net.x", "1\n2")])).is_err());
+        assert_eq!(
+            pod_sysctls(&cri::PodSandboxConfig::default()).ok(),
+            Some(PodSysctls::default())
+        );
+    }
 
     #[test]
     fn ids_are_32_hex_and_differ() {
