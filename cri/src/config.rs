@@ -65,6 +65,9 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub hypervisor: HypervisorConfig,
     pub agent: AgentConfig,
+    /// Where pods' cgroup parents are rooted: `root` or `own` (see
+    /// `podsandbox::cgroup::CgroupRoot`).
+    pub cgroup_root: podsandbox::cgroup::CgroupRoot,
     pub network: NetworkConfig,
     pub images: ImagesConfig,
     pub streaming: StreamingConfig,
@@ -137,6 +140,7 @@ impl Default for Config {
             run_dir: PathBuf::from("/run/vcrid"),
             hypervisor: HypervisorConfig::default(),
             agent: AgentConfig::default(),
+            cgroup_root: podsandbox::cgroup::CgroupRoot::default(),
             network: NetworkConfig::default(),
             images: ImagesConfig::default(),
             streaming: StreamingConfig::default(),
@@ -245,6 +249,7 @@ impl Config {
             run_dir: self.run_dir.clone(),
             hypervisor: self.hypervisor.clone(),
             agent: self.agent.clone(),
+            cgroup_root: self.cgroup_root,
         }
     }
 

@@ -47,6 +47,10 @@ pub struct RuntimeConfig {
     pub run_dir: PathBuf,
     pub hypervisor: HypervisorConfig,
     pub agent: AgentConfig,
+    /// Where a pod's cgroup parent is rooted in each hierarchy: `root`
+    /// (a node's kubelet layout) or `own` (beneath the runtime's own cgroup,
+    /// for a runtime that itself runs inside a container).
+    pub cgroup_root: crate::cgroup::CgroupRoot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +81,7 @@ impl Default for RuntimeConfig {
             run_dir: PathBuf::from("/run/vcrid"),
             hypervisor: HypervisorConfig::default(),
             agent: AgentConfig::default(),
+            cgroup_root: crate::cgroup::CgroupRoot::default(),
         }
     }
 }

@@ -55,6 +55,8 @@ pub enum Error {
         call: &'static str,
         detail: String,
     },
+    #[error("invalid cgroup parent {parent:?}: {why}")]
+    InvalidCgroupParent { parent: String, why: &'static str },
     #[error("invalid sandbox network: {detail}")]
     InvalidNetwork { detail: String },
     #[error("container {id} not found in sandbox {sandbox}")]
@@ -133,7 +135,9 @@ impl Error {
             Error::VmExitedDuringBoot { .. } | Error::Agent { .. } => ErrorKind::Unavailable,
             Error::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
             Error::Io { .. } | Error::CorruptState { .. } => ErrorKind::Internal,
-            Error::Config { .. } | Error::InvalidNetwork { .. } => ErrorKind::InvalidArgument,
+            Error::Config { .. }
+            | Error::InvalidNetwork { .. }
+            | Error::InvalidCgroupParent { .. } => ErrorKind::InvalidArgument,
             Error::ContainerNotFound { .. } => ErrorKind::NotFound,
             Error::ContainerExists { .. } => ErrorKind::AlreadyExists,
             Error::InvalidContainer { .. } => ErrorKind::InvalidArgument,

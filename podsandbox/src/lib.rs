@@ -18,6 +18,7 @@
 
 pub mod agent;
 mod agent_ttrpc;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 mod container_create;

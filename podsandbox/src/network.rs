@@ -277,6 +277,7 @@ mod tests {
                 mac: "0a:58:0a:58:00:09".into(),
                 device: "eth0".into(),
             }],
+            sysctls: Default::default(),
         }
     }
 

@@ -31,6 +31,10 @@ pub struct SandboxConfig {
     pub network: crate::network::SandboxNetwork,
     /// The pod's resolv.conf; `None` keeps each image's own.
     pub dns: Option<crate::network::DnsConfig>,
+    /// A host cgroup (kubelet's pod cgroup) for the VM's processes: they go
+    /// into `<parent>/vc-<id>` of every hierarchy. `None`: they stay in the
+    /// runtime's cgroup.
+    pub cgroup_parent: Option<String>,
 }
 
 /// What a caller sees.

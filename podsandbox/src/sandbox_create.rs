@@ -25,6 +25,11 @@ impl Runtime {
     pub async fn create_sandbox(&self, config: SandboxConfig) -> Result<SandboxStatus> {
         check_id(&config.id)?;
         config.network.validate()?;
+        let cgroup_parent = config
+            .cgroup_parent
+            .as_deref()
+            .map(crate::cgroup::parent_path)
+            .transpose()?;
         let hostname = config
             .hostname
             .clone()
@@ -57,6 +62,7 @@ impl Runtime {
                 neighbors: config.network.neighbors.clone(),
                 sysctls: config.network.sysctls.clone(),
             },
+            cgroup: None,
         };
         let store = &self.inner.store;
         store.reserve(&id)?;
@@ -67,7 +73,15 @@ impl Runtime {
                 return Err(err);
             }
         };
-        let vm = match self.boot(&mut record, &config.network, &files).await {
+        let vm = match self
+            .boot(
+                &mut record,
+                &config.network,
+                &files,
+                cgroup_parent.as_deref(),
+            )
+            .await
+        {
             Ok(vm) => vm,
             Err((err, vm)) => {
                 self.unwind(&id, vm.as_deref()).await;
@@ -95,6 +109,7 @@ impl Runtime {
         record: &mut SandboxRecord,
         network: &SandboxNetwork,
         files: &SandboxFiles,
+        cgroup_parent: Option<&std::path::Path>,
     ) -> std::result::Result<Arc<dyn Hypervisor>, (Error, Option<Arc<dyn Hypervisor>>)> {
         let id = record.id.clone();
         self.inner.store.save(record).map_err(|e| (e, None))?;
@@ -167,6 +182,12 @@ impl Runtime {
             })?;
         if let Err(source) = vm.boot().await {
             return Err((Error::Hypervisor { id, source }, None));
+        }
+        if let Some(parent) = cgroup_parent {
+            match crate::cgroup::place(&id, parent, self.inner.config.cgroup_root, &vm.pids()) {
+                Ok(cg) => record.cgroup = Some(cg),
+                Err(err) => return Err((err, Some(vm))),
+            }
         }
         // From here on a crash leaves a record that delete can clean up.
         record.vm = Some(vm.state());
@@ -251,6 +272,9 @@ impl Runtime {
         let run_dir = self.run_dir(id);
         if let Err(err) = crate::mounts::remove_tree(&run_dir) {
             problems.push(err.chain());
+        }
+        if let Some(cg) = self.inner.store.load(id).ok().and_then(|r| r.cgroup) {
+            crate::cgroup::remove(&cg);
         }
         if problems.is_empty() {
             if let Err(err) = self.inner.store.remove(id) {

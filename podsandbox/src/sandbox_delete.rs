@@ -15,6 +15,9 @@ impl Sandbox {
         // Container rootfs bind mounts are detached first: removing the
         // tree through them would delete the sources' files.
         crate::mounts::remove_tree(&rt.run_dir(self.id()))?;
+        if let Some(cg) = &s.record.cgroup {
+            crate::cgroup::remove(cg);
+        }
         rt.inner.store.remove(self.id())?;
         tracing::info!(id = %self.id(), "sandbox deleted");
         Ok(())

@@ -44,6 +44,9 @@ pub struct SandboxRecord {
     /// The network the guest was given (without the taps).
     #[serde(default)]
     pub network: crate::network::SandboxNetwork,
+    /// The host cgroup directories the VM was placed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<crate::cgroup::SandboxCgroup>,
 }
 
 /// Holds a sandbox's lock until dropped.
@@ -152,6 +155,7 @@ impl Store {
                         containers: Vec::new(),
                         hostname: String::new(),
                         network: Default::default(),
+                        cgroup: None,
                     });
                 }
                 return Err(Error::NotFound { id: id.into() });
@@ -260,6 +264,7 @@ mod tests {
             containers: Vec::new(),
             hostname: String::new(),
             network: Default::default(),
+            cgroup: None,
         }
     }
 

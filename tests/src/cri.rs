@@ -64,7 +64,7 @@ impl CriEnv {
         let socket = dir.path().join("vcrid.sock");
         let config_path = dir.path().join("config.toml");
         let config = format!(
-            "listen = \"unix://{}\"\nstate_dir = {:?}\nrun_dir = {:?}\n\n[hypervisor]\nkernel = {:?}\ninitrd = {:?}\n\n[agent]\ndial_timeout_ms = 60000\n\n[network]\nconf_dir = {:?}\nwrite_default_conflist = false\n\n[annotations]\nallowed = [\"io.virtcontainers.memory_mib\"]\n",
+            "listen = \"unix://{}\"\nstate_dir = {:?}\nrun_dir = {:?}\ncgroup_root = \"own\"\n\n[hypervisor]\nkernel = {:?}\ninitrd = {:?}\n\n[agent]\ndial_timeout_ms = 60000\n\n[network]\nconf_dir = {:?}\nwrite_default_conflist = false\n\n[annotations]\nallowed = [\"io.virtcontainers.memory_mib\"]\n",
             socket.display(),
             dir.path().join("state"),
             dir.path().join("run"),
@@ -82,6 +82,13 @@ impl CriEnv {
             subnet_octet: octet,
             vcrid: None,
         }
+    }
+
+    /// A cgroup parent of this environment's own (under the test's cgroup,
+    /// as `cgroup_root = "own"` roots it), checked by
+    /// [`CriEnv::assert_no_pods_left`].
+    pub fn cgroup_parent(&self, pod: &str) -> String {
+        format!("/vcrtest{}/{pod}", self.subnet_octet)
     }
 
     pub fn gateway(&self) -> String {
@@ -235,6 +242,12 @@ impl CriEnv {
             "iptables rules left: {:?}",
             self.iptables_lines()
         );
+        for (mount, own) in podsandbox::cgroup::hierarchies() {
+            let parent = mount
+                .join(own)
+                .join(format!("vcrtest{}", self.subnet_octet));
+            assert!(!parent.exists(), "cgroup left: {}", parent.display());
+        }
         for sub in [
             "state/sandboxes",
             "state/cri/pods",

@@ -18,7 +18,7 @@ use tests::cri::{CriEnv, Runtime};
 use tests::registry as support;
 
 async fn run_pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
-    run_pod_with(rt, env, name, &[]).await
+    run_pod_with(rt, env, name, &[], "").await
 }
 
 async fn run_pod_with(
@@ -26,6 +26,7 @@ async fn run_pod_with(
     env: &CriEnv,
     name: &str,
     sysctls: &[(&str, &str)],
+    cgroup_parent: &str,
 ) -> (String, cri::PodSandboxConfig) {
     let log_dir = env.dir.path().join("logs").join(name);
     std::fs::create_dir_all(&log_dir).expect("log dir");
@@ -43,6 +44,7 @@ async fn run_pod_with(
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            cgroup_parent: cgroup_parent.into(),
             ..Default::default()
         }),
         ..Default::default()
@@ -120,13 +122,14 @@ async fn sh(rt: &mut Runtime, id: &str, script: &str) -> String {
 /// The filesystem type of `/` as the container sees it.
 async fn root_fstype(rt: &mut Runtime, id: &str) -> String {
     let mounts = sh(rt, id, "cat /proc/mounts").await;
+    // The last mount on / is the one in effect.
     mounts
         .lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.len() > 2 && f[1] == "/").then(|| f[2].to_string())
         })
-        .last()
         .unwrap_or_else(|| panic!("no / in {mounts}"))
 }
 
@@ -243,8 +246,29 @@ async fn shared_dir_rootfs_writes_land_in_each_containers_upper_dir() {
             ("net.ipv4.ping_group_range", "0 2147483647"),
             ("kernel.shm_rmid_forced", "1"),
         ],
+        &env.cgroup_parent("dir"),
     )
     .await;
+    // The VM's processes are in the pod's cgroup, in every hierarchy.
+    let qemu: Vec<i32> = tests::processes_mentioning(&env.dir.path().join("run"))
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(qemu.len(), 1, "one QEMU: {qemu:?}");
+    for (mount, own) in podsandbox::cgroup::hierarchies() {
+        let leaf = mount
+            .join(own)
+            .join(env.cgroup_parent("dir").trim_start_matches('/'))
+            .join(format!("vc-{pod}"));
+        let procs = std::fs::read_to_string(leaf.join("cgroup.procs")).expect("pod cgroup");
+        assert!(
+            procs.lines().any(|l| l == qemu[0].to_string()),
+            "QEMU {} not in {}",
+            qemu[0],
+            leaf.display()
+        );
+    }
     let a = sleeper(&mut rt, &pod, &cfg, &image, "a").await;
     let b = sleeper(&mut rt, &pod, &cfg, &image, "b").await;
     assert_eq!(

@@ -56,6 +56,12 @@ impl Cri {
         refuse_host_namespaces(&config)?;
         let (vcpus, memory_mib) = self.annotation_overrides(&config.annotations)?;
         let sysctls = pod_sysctls(&config)?;
+        if let Some(parent) = config.linux.as_ref().map(|l| &l.cgroup_parent) {
+            if !parent.is_empty() {
+                podsandbox::cgroup::parent_path(parent)
+                    .map_err(|e| CriError::invalid("config.linux.cgroup_parent", e.to_string()))?;
+            }
+        }
 
         let id = new_id();
         let name = store::pod_name(&md);
@@ -111,6 +117,11 @@ impl Cri {
                     sysctls: net_sysctls,
                     ..sandbox_network(&network)?
                 },
+                cgroup_parent: config
+                    .linux
+                    .as_ref()
+                    .map(|l| l.cgroup_parent.clone())
+                    .filter(|p| !p.is_empty()),
                 dns: config.dns_config.as_ref().map(|d| DnsConfig {
                     servers: d.servers.clone(),
                     searches: d.searches.clone(),
