@@ -49,6 +49,10 @@ pub struct SandboxStatus {
     pub memory_mib: u32,
     /// The VMM's process ID while it runs.
     pub pid: Option<i32>,
+    /// The VM's helper processes (vsock device, virtiofsd) while it runs:
+    /// with `pid`, everything the pod costs the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub helper_pids: Vec<i32>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     /// Why the VM exited when nobody asked it to.
@@ -360,6 +364,13 @@ impl Runtime {
                 .and_then(|v| v.vmm)
                 .filter(|p| record.state.vm_expected() && p.is_alive())
                 .map(|p| p.pid),
+            helper_pids: vm
+                .map(|v| v.helpers.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .filter(|p| record.state.vm_expected() && p.is_alive())
+                .map(|p| p.pid)
+                .collect(),
             created_at: record.created_at,
             reason: record.reason.clone(),
             guest: None,

@@ -1,6 +1,6 @@
 //! Two vcrids side by side (own sockets, dirs, networks) that never see each
 //! other's pods; log rotation through ReopenContainerLog; resources changed on
-//! a running container; pod stats for every pod.
+//! a running container; pod stats and metrics for every pod.
 
 #![allow(
     clippy::expect_used,
@@ -196,6 +196,56 @@ async fn two_vcrids_rotation_resources_and_pod_stats() {
     assert_eq!(
         all[0].attributes.as_ref().map(|a| a.id.clone()),
         Some(p1.clone())
+    );
+
+    // The same numbers as metrics: descriptors first, then one pod with its
+    // VM's metrics and its running container's, labelled as described.
+    let descriptors = rt1
+        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+        .await
+        .expect("ListMetricDescriptors")
+        .into_inner()
+        .descriptors;
+    let keys_of = |name: &str| {
+        descriptors
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.label_keys.len())
+            .unwrap_or_else(|| panic!("no descriptor {name}"))
+    };
+    let metrics = rt1
+        .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+        .await
+        .expect("ListPodSandboxMetrics")
+        .into_inner()
+        .pod_metrics;
+    assert_eq!(metrics.len(), 1);
+    assert_eq!(metrics[0].pod_sandbox_id, p1);
+    let rss = metrics[0]
+        .metrics
+        .iter()
+        .find(|m| m.name == "pod_vm_memory_rss_bytes")
+        .expect("the VM's memory");
+    assert_eq!(rss.label_values.len(), keys_of("pod_vm_memory_rss_bytes"));
+    assert!(
+        rss.value.as_ref().map(|v| v.value).unwrap_or(0) > 64 << 20,
+        "a VM is more than 64 MiB: {rss:?}"
+    );
+    assert_eq!(metrics[0].container_metrics.len(), 1);
+    assert_eq!(metrics[0].container_metrics[0].container_id, c1);
+    let ws = metrics[0].container_metrics[0]
+        .metrics
+        .iter()
+        .find(|m| m.name == "container_memory_working_set_bytes")
+        .expect("working set");
+    assert_eq!(
+        ws.label_values.len(),
+        keys_of("container_memory_working_set_bytes")
+    );
+    assert!(ws.label_values.contains(&"ticker".to_string()), "{ws:?}");
+    assert!(
+        ws.value.as_ref().map(|v| v.value).unwrap_or(0) > 0,
+        "{ws:?}"
     );
 
     // Removing one instance's pod leaves the other's running.

@@ -10,12 +10,13 @@ mod container_start;
 pub(crate) mod container_status;
 mod container_stop;
 mod container_update;
+mod metrics;
 mod runtime_status;
 pub(crate) mod sandbox_remove;
 pub(crate) mod sandbox_run;
 pub(crate) mod sandbox_status;
 mod sandbox_stop;
-mod stats;
+pub(crate) mod stats;
 mod streaming_calls;
 
 use k8s_cri::v1::{self as cri, runtime_service_server::RuntimeService};
@@ -184,14 +185,13 @@ impl RuntimeService for Cri {
         &self,
         _r: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Reply<cri::ListMetricDescriptorsResponse> {
-        // No extra metrics beyond the stats calls' (kubelet then uses those).
-        Ok(Response::new(cri::ListMetricDescriptorsResponse::default()))
+        Ok(Response::new(metrics::descriptors()))
     }
     async fn list_pod_sandbox_metrics(
         &self,
         _r: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Reply<cri::ListPodSandboxMetricsResponse> {
-        Ok(Response::new(cri::ListPodSandboxMetricsResponse::default()))
+        Ok(Response::new(self.pod_sandbox_metrics().await))
     }
     async fn runtime_config(
         &self,

@@ -1,4 +1,4 @@
-//! Version, Status, RuntimeConfig, UpdateRuntimeConfig, the metrics calls,
+//! Version, Status, RuntimeConfig, UpdateRuntimeConfig,
 //! CheckpointContainer and GetContainerEvents: the runtime-wide RPCs.
 
 use std::{collections::HashMap, pin::Pin};

@@ -1,9 +1,9 @@
 //! ContainerStats, ListContainerStats, PodSandboxStats, ListPodSandboxStats.
 //!
 //! A container's numbers come from its cgroup in the guest. A pod's are the
-//! VM's as the host sees it — QEMU's CPU time and resident memory — so the
-//! VM's own overhead (guest kernel, agent, device emulation) is counted in
-//! the pod, never hidden.
+//! VM's as the host sees it — CPU time and resident memory of QEMU and its
+//! helpers (vsock device, virtiofsd) — so the VM's own overhead (guest
+//! kernel, agent, device emulation) is counted in the pod, never hidden.
 
 use k8s_cri::v1 as cri;
 
@@ -19,7 +19,7 @@ fn u64v(value: u64) -> Option<cri::UInt64Value> {
 }
 
 impl Cri {
-    async fn stats_of(&self, c: &ContainerMeta) -> Result<cri::ContainerStats> {
+    pub(crate) async fn stats_of(&self, c: &ContainerMeta) -> Result<cri::ContainerStats> {
         let s = self
             .inner
             .runtime
@@ -94,7 +94,7 @@ impl Cri {
         })?;
         let status = self.inner.runtime.status_sandbox(id).await?;
         let now = podsandbox::container::now_ns();
-        let (cpu_ns, rss) = status.pid.map(host_usage).unwrap_or((0, 0));
+        let (cpu_ns, rss) = vm_usage(&status);
         let mut containers = Vec::new();
         for c in self.inner.store.containers() {
             if c.sandbox_id == id {
@@ -172,6 +172,17 @@ impl Cri {
         }
         Ok(cri::ListPodSandboxStatsResponse { stats })
     }
+}
+
+/// CPU time (ns) and resident memory (bytes) of the pod's VM on the host:
+/// QEMU and its helpers together.
+pub(crate) fn vm_usage(status: &podsandbox::SandboxStatus) -> (u64, u64) {
+    status
+        .pid
+        .iter()
+        .chain(status.helper_pids.iter())
+        .map(|pid| host_usage(*pid))
+        .fold((0, 0), |(c, r), (c2, r2)| (c + c2, r + r2))
 }
 
 /// CPU time (ns) and resident memory (bytes) of a host process.
