@@ -37,7 +37,7 @@ pub use exec::CniCommand;
 pub use interworking::{
     open_tap, tap_name_for, Endpoint, Interworking, InterworkingModel, NoInterworking, TcFilter,
 };
-pub use link::{ingress_filter_actions, NeighbourInfo, RouteInfo};
+pub use link::{ingress_filter_actions, link_stats, LinkStats, NeighbourInfo, RouteInfo};
 pub use netns::NetNs;
 pub use network::{
     open_pod_taps, pod_netns, InterfaceInfo, NetworkPlugin, NetworkStatus, PodNetwork,

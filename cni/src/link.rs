@@ -51,6 +51,28 @@ pub(crate) fn link_info(netns: &Path, dev: &str) -> Result<LinkInfo> {
     })
 }
 
+/// Traffic counters of an interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+}
+
+/// The counters of `dev` in the pod's namespace: for the CNI's veth they are
+/// the pod's traffic (the tc redirect passes every frame through it).
+pub fn link_stats(netns: &crate::NetNs, dev: &str) -> Result<LinkStats> {
+    let path = netns.path().to_path_buf();
+    netns.run(|| {
+        let mut nl = rtnl(&path)?;
+        let link = nl
+            .require_link(dev)
+            .map_err(dev_err(&path, dev, "read link"))?;
+        Ok(link.stats.unwrap_or_default())
+    })
+}
+
 /// A static ARP / NDP entry of the pod's namespace, for the guest.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NeighbourInfo {

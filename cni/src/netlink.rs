@@ -44,6 +44,8 @@ pub(crate) struct Link {
     pub index: u32,
     pub mtu: u32,
     pub mac: String,
+    /// The kernel's 64-bit counters.
+    pub stats: Option<crate::link::LinkStats>,
 }
 
 /// A route as read from the kernel.
@@ -133,11 +135,20 @@ impl Rtnl {
                     index: l.header.index,
                     mtu: 0,
                     mac: String::new(),
+                    stats: None,
                 };
                 for a in l.attributes {
                     match a {
                         LinkAttribute::Mtu(m) => link.mtu = m,
                         LinkAttribute::Address(bytes) => link.mac = format_mac(&bytes),
+                        LinkAttribute::Stats64(st) => {
+                            link.stats = Some(crate::link::LinkStats {
+                                rx_bytes: st.rx_bytes,
+                                rx_errors: st.rx_errors,
+                                tx_bytes: st.tx_bytes,
+                                tx_errors: st.tx_errors,
+                            })
+                        }
                         _ => {}
                     }
                 }

@@ -384,6 +384,17 @@ async fn two_pods_serve_talk_and_leave_nothing() {
         "the VM's own memory is counted: {vm_rss}"
     );
     assert_eq!(pod_stats.containers.len(), 1);
+    // Pod A served HTTP above: its eth0 counted the traffic both ways.
+    let eth0 = pod_stats
+        .network
+        .and_then(|n| n.default_interface)
+        .expect("the pod's default interface");
+    assert_eq!(eth0.name, "eth0");
+    let bytes = |v: Option<cri::UInt64Value>| v.map(|v| v.value).unwrap_or(0);
+    assert!(
+        bytes(eth0.rx_bytes) > 0 && bytes(eth0.tx_bytes) > 0,
+        "{eth0:?}"
+    );
 
     // Events: stopping a container is seen on the stream.
     let mut events = rt

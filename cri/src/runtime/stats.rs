@@ -125,7 +125,7 @@ impl Cri {
                     page_faults: None,
                     major_page_faults: None,
                 }),
-                network: None,
+                network: self.pod_network_usage(&meta, now),
                 process: None,
                 containers,
             }),
@@ -171,6 +171,40 @@ impl Cri {
             }
         }
         Ok(cri::ListPodSandboxStatsResponse { stats })
+    }
+}
+
+impl Cri {
+    /// The pod's traffic: the counters of its CNI interfaces (the veths the
+    /// VM's taps are redirected through); `None` for a pod without network.
+    fn pod_network_usage(
+        &self,
+        meta: &crate::store::PodMeta,
+        now: i64,
+    ) -> Option<cri::NetworkUsage> {
+        let status = meta.network.as_ref()?;
+        let ns = cni::network::pod_netns(status).ok()?;
+        let mut interfaces: Vec<cri::NetworkInterfaceUsage> = status
+            .interfaces
+            .iter()
+            .filter_map(|i| {
+                let s = cni::link_stats(&ns, &i.guest_name).ok()?;
+                Some(cri::NetworkInterfaceUsage {
+                    name: i.guest_name.clone(),
+                    rx_bytes: u64v(s.rx_bytes),
+                    rx_errors: u64v(s.rx_errors),
+                    tx_bytes: u64v(s.tx_bytes),
+                    tx_errors: u64v(s.tx_errors),
+                })
+            })
+            .collect();
+        // The first (eth0) is the default; `interfaces` holds the others.
+        let default_interface = (!interfaces.is_empty()).then(|| interfaces.remove(0));
+        Some(cri::NetworkUsage {
+            timestamp: now,
+            default_interface,
+            interfaces,
+        })
     }
 }
 
