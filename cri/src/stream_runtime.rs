@@ -6,16 +6,15 @@
 //!   agent's calls until the process has exited and its output is drained.
 //! - attach: stdin and resizes go to the container's init process (whose
 //!   stdin stays open when the client leaves, unless `stdin_once`); its output
-//!   is followed in the container's CRI log (the monitor owns the process's
-//!   pipes and writes every byte there first), from the moment of attaching.
+//!   comes live from the container's monitor (the one reader of the process's
+//!   pipes: every chunk goes to the CRI log, then to attached clients), from
+//!   the moment of attaching.
 //! - port-forward: a TCP connection to the port on the pod's localhost,
 //!   made inside the VM by the agent's forwarder (over vsock), so a port
 //!   bound only to the guest's loopback is reachable too, as kubelet expects.
 
-use std::{path::PathBuf, time::Duration};
-
-use podsandbox::{container::ContainerState, container_exec::ExecConfig, container_log::Stream};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use podsandbox::{container_exec::ExecConfig, container_log::Stream};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
     server::Cri,
@@ -162,25 +161,14 @@ impl StreamingRuntime for PodStreams {
             .container_io(&c.sandbox_id, &c.id)
             .await
             .map_err(rt_err)?;
+        // Subscribe before the input starts: nothing the process answers
+        // to the client's first bytes is missed.
+        let output = rt
+            .attach_output(&c.sandbox_id, &c.id)
+            .await
+            .map_err(rt_err)?;
         let inputs = spawn_input(&p, &mut io, c.config.stdin_once);
-        let follow = match &c.log_path {
-            Some(path) => {
-                follow_log(
-                    self.cri.clone(),
-                    c.sandbox_id.clone(),
-                    c.id.clone(),
-                    path.clone(),
-                    io.stdout.take(),
-                    io.stderr.take(),
-                )
-                .await
-            }
-            None => {
-                // No log: nothing to show; stay attached until it exits.
-                wait_exit(&self.cri, &c.sandbox_id, &c.id).await;
-                Ok(())
-            }
-        };
+        let follow = follow_output(output, io.stdout.take(), io.stderr.take()).await;
         for i in inputs {
             i.abort();
         }
@@ -223,109 +211,33 @@ impl StreamingRuntime for PodStreams {
     }
 }
 
-async fn wait_exit(cri: &Cri, sandbox_id: &str, id: &str) {
-    loop {
-        match cri.inner.runtime.container_status(sandbox_id, id).await {
-            Ok(s) if s.state != ContainerState::Stopped => {}
-            _ => return,
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Writes what the container logs from now on to the client, by stream,
-/// until the container has exited and the log is drained.
-async fn follow_log(
-    cri: Cri,
-    sandbox_id: String,
-    id: String,
-    path: PathBuf,
+/// Writes the container's output from now on to the client, by stream,
+/// until the output ends (the process exited and its pipes are drained) or
+/// the client leaves.
+async fn follow_output(
+    mut output: tokio::sync::broadcast::Receiver<podsandbox::OutputChunk>,
     mut stdout: Option<BoxWriter>,
     mut stderr: Option<BoxWriter>,
 ) -> Result<(), RuntimeError> {
-    let io_err = |e: std::io::Error| {
-        RuntimeError::new(ErrorKind::Internal, format!("log {}: {e}", path.display()))
-    };
-    let mut file = tokio::fs::File::open(&path).await.map_err(io_err)?;
-    let mut pos = file.seek(std::io::SeekFrom::End(0)).await.map_err(io_err)?;
-    let mut pending = Vec::new();
+    use tokio::sync::broadcast::error::RecvError;
     loop {
-        let exited = matches!(
-            cri.inner.runtime.container_status(&sandbox_id, &id).await,
-            Ok(s) if s.state == ContainerState::Stopped
-        ) || cri.inner.store.container(&id).is_none();
-        // Rotated (ReopenContainerLog): start over on the new file.
-        if let Ok(meta) = tokio::fs::metadata(&path).await {
-            if meta.len() < pos {
-                file = tokio::fs::File::open(&path).await.map_err(io_err)?;
-                pos = 0;
+        let chunk = match output.recv().await {
+            Ok(chunk) => chunk,
+            Err(RecvError::Lagged(n)) => {
+                tracing::debug!("attach: {n} output chunks skipped (client too slow)");
+                continue;
             }
-        }
-        let mut chunk = Vec::new();
-        file.seek(std::io::SeekFrom::Start(pos))
-            .await
-            .map_err(io_err)?;
-        let n = file.read_to_end(&mut chunk).await.map_err(io_err)?;
-        pos += n as u64;
-        pending.extend_from_slice(&chunk);
-        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
-            if let Some((stream, content)) = parse_cri_line(&line[..line.len() - 1]) {
-                let out = match stream {
-                    Stream::Stdout => stdout.as_mut(),
-                    Stream::Stderr => stderr.as_mut(),
-                };
-                if let Some(out) = out {
-                    if out.write_all(&content).await.is_err() {
-                        return Ok(()); // the client left
-                    }
-                    let _ = out.flush().await;
-                }
+            Err(RecvError::Closed) => return Ok(()),
+        };
+        let out = match chunk.stream {
+            Stream::Stdout => stdout.as_mut(),
+            Stream::Stderr => stderr.as_mut(),
+        };
+        if let Some(out) = out {
+            if out.write_all(&chunk.data).await.is_err() {
+                return Ok(()); // the client left
             }
+            let _ = out.flush().await;
         }
-        if exited && n == 0 {
-            return Ok(());
-        }
-        if n == 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// `<time> <stream> <P|F> <content>` → the stream and the bytes it wrote
-/// (a full line gets its newline back).
-fn parse_cri_line(line: &[u8]) -> Option<(Stream, Vec<u8>)> {
-    let mut parts = line.splitn(4, |b| *b == b' ');
-    let _time = parts.next()?;
-    let stream = match parts.next()? {
-        b"stdout" => Stream::Stdout,
-        b"stderr" => Stream::Stderr,
-        _ => return None,
-    };
-    let tag = parts.next()?;
-    let mut content = parts.next().unwrap_or_default().to_vec();
-    if tag == b"F" {
-        content.push(b'\n');
-    }
-    Some((stream, content))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cri_log_lines_become_stream_bytes() {
-        let (s, c) =
-            parse_cri_line(b"2026-12-01T05:00:00.000000001Z stdout F hello world").expect("line");
-        assert_eq!(
-            (s, c.as_slice()),
-            (Stream::Stdout, b"hello world\n".as_slice())
-        );
-        let (s, c) = parse_cri_line(b"2026-12-01T05:00:00Z stderr P part").expect("line");
-        assert_eq!((s, c.as_slice()), (Stream::Stderr, b"part".as_slice()));
-        let (_, c) = parse_cri_line(b"2026-12-01T05:00:00Z stdout F ").expect("empty line");
-        assert_eq!(c, b"\n");
-        assert!(parse_cri_line(b"garbage").is_none());
     }
 }

@@ -3,6 +3,10 @@
 //! the process never blocks on a full pipe), then record its exit in the
 //! sandbox's state once the last byte is in the log.
 //!
+//! The monitor is also the one reader of the process's output, so attach
+//! gets it from here: every chunk goes to the log first, then to whoever
+//! subscribed ([`Runtime::attach_output`]).
+//!
 //! A long-lived caller (vcrid) runs one monitor task per container, started
 //! at creation. A short-lived one (`virtc`, one process per call) calls
 //! [`Runtime::monitor_externally`] and runs [`Runtime::monitor_container`]
@@ -16,6 +20,17 @@ use crate::{
     sandbox::Runtime,
     Error, Result,
 };
+
+/// Chunks an attached client may fall behind by before it loses some (the
+/// log has them all).
+const ATTACH_BACKLOG: usize = 1024;
+
+/// A piece of a container's output, as its process wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub stream: Stream,
+    pub data: std::sync::Arc<[u8]>,
+}
 
 /// After the process exits, how long output may still trickle in (from a
 /// child it left behind that holds the pipe) before the copy stops.
@@ -53,9 +68,16 @@ impl Runtime {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(monitor_key(sandbox_id, id), log.clone());
         }
+        let (fanout, _) = tokio::sync::broadcast::channel(ATTACH_BACKLOG);
+        self.inner
+            .outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(monitor_key(sandbox_id, id), fanout.clone());
         let mut copies = Vec::new();
         for stream in [Stream::Stdout, Stream::Stderr] {
             let (agent, log, cid) = (agent.clone(), log.clone(), id.to_string());
+            let fanout = fanout.clone();
             copies.push(tokio::spawn(async move {
                 let mut out = log.as_ref().map(|l| l.stream(stream));
                 loop {
@@ -64,6 +86,11 @@ impl Runtime {
                             if let Some(Err(err)) = out.as_mut().map(|o| o.push(&data)) {
                                 tracing::warn!(container = %cid, "log write: {err}");
                             }
+                            // Nobody attached is fine.
+                            let _ = fanout.send(OutputChunk {
+                                stream,
+                                data: data.into(),
+                            });
                         }
                         Ok(None) => break,
                         Err(err) => {
@@ -91,6 +118,13 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&monitor_key(sandbox_id, id));
+        // The last sender goes: attached clients see the end of the output.
+        self.inner
+            .outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&monitor_key(sandbox_id, id));
+        drop(fanout);
         let (code, reason) = waited.map_err(|e| Error::from_agent(id, "wait for", e))?;
         self.record_exit(sandbox_id, id, code, reason).await?;
         Ok(code)
@@ -202,6 +236,42 @@ impl Runtime {
                 action: "reopen the log of",
                 state,
                 hint: " (only a running container's log can be reopened)",
+            }),
+        }
+    }
+
+    /// The output of a running container from now on, by stream, as its
+    /// process writes it (CRI Attach); the receiver ends with the output. A
+    /// receiver that falls more than a backlog behind skips ahead (`Lagged`).
+    /// Only where the container's monitor runs in this process.
+    pub async fn attach_output(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+    ) -> Result<tokio::sync::broadcast::Receiver<OutputChunk>> {
+        let status = self.container_status(sandbox_id, id).await?;
+        let rx = self
+            .inner
+            .outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&monitor_key(sandbox_id, id))
+            .map(|tx| tx.subscribe());
+        match (status.state, rx) {
+            (ContainerState::Running | ContainerState::Paused, Some(rx)) => Ok(rx),
+            (ContainerState::Running | ContainerState::Paused, None) => {
+                Err(Error::ContainerWrongState {
+                    id: id.into(),
+                    action: "attach to",
+                    state: status.state,
+                    hint: " (its output is read by a monitor in another process)",
+                })
+            }
+            (state, _) => Err(Error::ContainerWrongState {
+                id: id.into(),
+                action: "attach to",
+                state,
+                hint: " (only a running container can be attached to)",
             }),
         }
     }

@@ -52,6 +52,7 @@ pub use agent::{AgentClient, AgentDialer, AgentError, ForwardedStream, GuestDeta
 pub use agent_ttrpc::TtrpcDialer;
 pub use config::RuntimeConfig;
 pub use container_io::ProcessIo;
+pub use container_monitor::OutputChunk;
 pub use error::{Error, ErrorKind, Result};
 pub use hypervisor::DiskFormat;
 pub use network::{

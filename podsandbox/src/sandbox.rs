@@ -131,6 +131,13 @@ pub(crate) struct RuntimeInner {
         std::sync::Mutex<std::collections::HashMap<String, crate::container_log::LogFile>>,
     /// Container exits recorded by in-process monitors.
     pub(crate) exits: tokio::sync::broadcast::Sender<crate::container::ContainerExit>,
+    /// The live output of containers whose monitor runs here, for attach.
+    pub(crate) outputs: std::sync::Mutex<
+        std::collections::HashMap<
+            String,
+            tokio::sync::broadcast::Sender<crate::container_monitor::OutputChunk>,
+        >,
+    >,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -168,6 +175,7 @@ impl Runtime {
                 in_process_monitors: std::sync::atomic::AtomicBool::new(true),
                 exits: tokio::sync::broadcast::channel(256).0,
                 logs: Default::default(),
+                outputs: Default::default(),
             }),
         })
     }
