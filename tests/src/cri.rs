@@ -391,6 +391,44 @@ impl CriEnv {
     }
 }
 
+/// RunPodSandbox (its log directory made first); the pod's ID.
+pub async fn run_pod(rt: &mut Runtime, config: k8s_cri::v1::PodSandboxConfig) -> String {
+    std::fs::create_dir_all(&config.log_directory).expect("log dir");
+    rt.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+        config: Some(config),
+        runtime_handler: String::new(),
+    })
+    .await
+    .expect("RunPodSandbox")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// CreateContainer then StartContainer; the container's ID.
+pub async fn create_started(
+    rt: &mut Runtime,
+    pod: &str,
+    sandbox: &k8s_cri::v1::PodSandboxConfig,
+    config: k8s_cri::v1::ContainerConfig,
+) -> String {
+    let id = rt
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(sandbox.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    rt.start_container(k8s_cri::v1::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    id
+}
+
 /// The busybox image every CRI test runs (root, `sh` by default), pushed
 /// as `busybox:<tag>`; returns its reference.
 pub async fn push_busybox(registry: &crate::registry::Registry, tag: &str) -> String {

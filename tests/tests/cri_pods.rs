@@ -13,7 +13,7 @@ use std::{
 };
 
 use k8s_cri::v1 as cri;
-use tests::cri::{wait_for_log, CriEnv, Images, Runtime};
+use tests::cri::{create_started, run_pod, wait_for_log, CriEnv, Images, Runtime};
 use tonic::Code;
 
 fn pod_config(env: &CriEnv, name: &str, host_port: i32) -> cri::PodSandboxConfig {
@@ -65,42 +65,6 @@ fn container_config(image: &str, name: &str, cmd: &[&str]) -> cri::ContainerConf
         labels: HashMap::from([("role".to_string(), name.to_string())]),
         ..Default::default()
     }
-}
-
-async fn run_pod(rt: &mut Runtime, config: cri::PodSandboxConfig) -> String {
-    std::fs::create_dir_all(&config.log_directory).expect("log dir");
-    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-        config: Some(config),
-        runtime_handler: String::new(),
-    })
-    .await
-    .expect("RunPodSandbox")
-    .into_inner()
-    .pod_sandbox_id
-}
-
-async fn start(
-    rt: &mut Runtime,
-    pod: &str,
-    sandbox: &cri::PodSandboxConfig,
-    config: cri::ContainerConfig,
-) -> String {
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(config),
-            sandbox_config: Some(sandbox.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
 }
 
 async fn exec(rt: &mut Runtime, id: &str, cmd: &[&str]) -> cri::ExecSyncResponse {
@@ -229,7 +193,7 @@ async fn two_pods_serve_talk_and_leave_nothing() {
         a_ip.starts_with(&format!("10.211.{}.", env.subnet_octet)),
         "{a_ip}"
     );
-    let web = Box::pin(start(
+    let web = Box::pin(create_started(
         &mut rt,
         &a,
         &a_cfg,
@@ -295,7 +259,7 @@ async fn two_pods_serve_talk_and_leave_nothing() {
     // Pod B reaches pod A.
     let b_cfg = pod_config(&env, "client-b", 0);
     let b = run_pod(&mut rt, b_cfg.clone()).await;
-    let client = Box::pin(start(
+    let client = Box::pin(create_started(
         &mut rt,
         &b,
         &b_cfg,

@@ -14,7 +14,7 @@ use tests::registry as support;
 use std::{collections::HashMap, time::Duration};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{wait_for_log, CriEnv, Runtime};
+use tests::cri::{create_started, run_pod, wait_for_log, CriEnv, Runtime};
 
 async fn pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
     let config = cri::PodSandboxConfig {
@@ -29,15 +29,7 @@ async fn pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSan
         labels: HashMap::from([("test".to_string(), "restart".to_string())]),
         ..Default::default()
     };
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let id = run_pod(rt, config.clone()).await;
     (id, config)
 }
 
@@ -48,34 +40,20 @@ async fn container(
     name: &str,
     script: &str,
 ) -> String {
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.0.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: name.into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                log_path: format!("{name}.log"),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod.1.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    };
+    create_started(rt, &pod.0, &pod.1, config).await
 }
 
 async fn status(rt: &mut Runtime, id: &str) -> cri::ContainerStatus {

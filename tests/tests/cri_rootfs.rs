@@ -14,10 +14,10 @@
 use std::path::{Path, PathBuf};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{CriEnv, Runtime};
+use tests::cri::{create_started, run_pod, CriEnv, Runtime};
 use tests::registry as support;
 
-async fn run_pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
+async fn plain_pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
     run_pod_with(rt, env, name, &[], "").await
 }
 
@@ -29,7 +29,6 @@ async fn run_pod_with(
     cgroup_parent: &str,
 ) -> (String, cri::PodSandboxConfig) {
     let log_dir = env.dir.path().join("logs").join(name);
-    std::fs::create_dir_all(&log_dir).expect("log dir");
     let cfg = cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
             name: name.into(),
@@ -49,15 +48,7 @@ async fn run_pod_with(
         }),
         ..Default::default()
     };
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox")
-        .into_inner()
-        .pod_sandbox_id;
+    let id = run_pod(rt, cfg.clone()).await;
     (id, cfg)
 }
 
@@ -68,34 +59,20 @@ async fn sleeper(
     image: &str,
     name: &str,
 ) -> String {
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: name.into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image.into(),
-                    ..Default::default()
-                }),
-                command: vec!["/bin/sleep".into(), "3600".into()],
-                log_path: format!("{name}.log"),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod_cfg.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    id
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["/bin/sleep".into(), "3600".into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    };
+    create_started(rt, pod, pod_cfg, config).await
 }
 
 /// Runs `script` with sh in the container; its stdout, asserting exit 0.
@@ -324,7 +301,7 @@ async fn block_rootfs_is_a_disk_per_container_and_writes_stay_in_its_overlay() {
     env.start().await;
     env.pull(&image).await;
     let mut rt = env.runtime().await;
-    let (pod, cfg) = run_pod(&mut rt, &env, "block").await;
+    let (pod, cfg) = plain_pod(&mut rt, &env, "block").await;
     let a = sleeper(&mut rt, &pod, &cfg, &image, "a").await;
     let b = sleeper(&mut rt, &pod, &cfg, &image, "b").await;
     assert_eq!(root_fstype(&mut rt, &a).await, "ext4");
