@@ -24,13 +24,15 @@ boot_modules=(
   virtio_mmio                # the transport of microvm's devices
   vmw_vsock_virtio_transport # AF_VSOCK: the agent's channel to the host
 )
+# In the order a pod needs them: RunPodSandbox waits for the NIC driver,
+# the first CreateContainer for the rest.
 later_modules=(
-  virtio_scsi sd_mod         # block-device rootfs (disks on the virtio-scsi controller)
   virtio_net                 # pod network
   virtiofs                   # shared-dir rootfs (virtio-fs)
-  9pnet_virtio 9p            # shared-dir fallback
-  overlay ext4               # container rootfs layering and block images
+  overlay                    # container rootfs layering
+  virtio_scsi sd_mod ext4    # block-device rootfs (disks on the virtio-scsi controller)
   crc32c_generic             # ext4 metadata checksums (the kernel cannot modprobe it itself)
+  9pnet_virtio 9p            # shared-dir fallback
   virtio_rng                 # guest entropy without waiting on jitter
 )
 

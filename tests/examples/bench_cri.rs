@@ -615,6 +615,28 @@ async fn main() {
     println!(
         "wall time per runtime (pulls included): vcrid {vc_secs:.1} s, containerd {ctr_secs:.1} s"
     );
+    // Where a vcrid pod start goes: the RPCs' own times from vcrid's log.
+    let log = vc.log();
+    let parts: Vec<String> = ["RunPodSandbox", "CreateContainer", "StartContainer"]
+        .iter()
+        .map(|rpc| {
+            let mut ms: Vec<f64> = log
+                .lines()
+                .filter(|l| l.contains(&format!("RuntimeService/{rpc} ")))
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|f| f.strip_prefix("ms="))
+                        .and_then(|v| v.parse().ok())
+                })
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            match ms.get(ms.len() / 2) {
+                Some(m) => format!("{rpc} {m:.0} ms"),
+                None => format!("{rpc} ?"),
+            }
+        })
+        .collect();
+    println!("  vcrid per call (medians): {}", parts.join(", "));
 
     // Drop order: containerd, vcrid (guards), then the registry.
     drop(ctr_rt);

@@ -95,7 +95,8 @@ async fn run() -> anyhow::Result<()> {
     }
     let reaper = reaper::Reaper::spawn()?;
     let (modules_done, modules_loaded) = tokio::sync::watch::channel(false);
-    let containers = container::Containers::new(storage::Storage::new(modules_loaded), reaper);
+    let storage = storage::Storage::new(modules_loaded);
+    let containers = container::Containers::new(storage.clone(), reaper);
 
     let listener = bind_vsock(agent::AGENT_VSOCK_PORT).await?;
     forward::spawn(bind_vsock(agent::FORWARD_VSOCK_PORT).await?);
@@ -119,6 +120,13 @@ async fn run() -> anyhow::Result<()> {
             Err(err) => tracing::error!("loading modules: {err:#}"),
         }
         let _ = modules_done.send(true);
+    });
+    // Mount the shared filesystem as soon as its module is there, off the
+    // first CreateContainer's path (which would otherwise mount it).
+    tokio::spawn(async move {
+        if let Err(err) = storage.shared().await {
+            tracing::debug!("early shared filesystem mount: {err}");
+        }
     });
 
     services.wait_shutdown().await;

@@ -375,13 +375,11 @@ pub(crate) fn pod_sysctls(config: &cri::PodSandboxConfig) -> Result<PodSysctls> 
         if value.contains(['\n', '\0']) {
             return Err(CriError::invalid(field(), "the value must be one line"));
         }
-        // kubelet accepts a slash form (net/ipv4/ip_forward) too.
-        let dotted = if key.contains('.') {
-            key.clone()
-        } else {
-            key.replace('/', ".")
-        };
-        if dotted.starts_with("net.") {
+        // kubelet accepts a slash form (net/ipv4/ip_forward) too; a net.*
+        // name keeps its form (the agent reads both), IPC names have no
+        // dots inside their components.
+        let dotted = key.replace('/', ".");
+        if key.starts_with("net.") || key.starts_with("net/") {
             out.net.insert(key.clone(), value.clone());
         } else if IPC_SYSCTLS.contains(&dotted.as_str()) || dotted.starts_with("fs.mqueue.") {
             out.ipc.insert(dotted, value.clone());
@@ -413,11 +411,12 @@ mod tests {
         };
         let s = pod_sysctls(&pod(&[
             ("net.ipv4.ip_unprivileged_port_start", "0"),
+            ("net/ipv4/conf/eth0.100/forwarding", "1"),
             ("kernel/shm_rmid_forced", "1"),
             ("fs.mqueue.msg_max", "20"),
         ]))
         .expect("namespaced");
-        assert_eq!(s.net.len(), 1);
+        assert_eq!(s.net.len(), 2);
         assert_eq!(
             s.ipc.keys().collect::<Vec<_>>(),
             ["fs.mqueue.msg_max", "kernel.shm_rmid_forced"]
