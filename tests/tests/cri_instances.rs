@@ -198,6 +198,63 @@ async fn two_vcrids_rotation_resources_and_pod_stats() {
         Some(p1.clone())
     );
 
+    let listed = rt1
+        .list_container_stats(cri::ListContainerStatsRequest {
+            filter: Some(cri::ContainerStatsFilter {
+                pod_sandbox_id: p1.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("ListContainerStats")
+        .into_inner()
+        .stats;
+    assert_eq!(
+        listed
+            .iter()
+            .filter_map(|s| s.attributes.as_ref().map(|a| a.id.clone()))
+            .collect::<Vec<_>>(),
+        std::slice::from_ref(&c1)
+    );
+
+    // The runtime-wide calls kubelet makes at start.
+    let rc = rt1
+        .runtime_config(cri::RuntimeConfigRequest {})
+        .await
+        .expect("RuntimeConfig")
+        .into_inner();
+    assert_eq!(
+        rc.linux.map(|l| l.cgroup_driver),
+        Some(cri::CgroupDriver::Cgroupfs as i32)
+    );
+    rt1.update_runtime_config(cri::UpdateRuntimeConfigRequest {
+        runtime_config: Some(cri::RuntimeConfig {
+            network_config: Some(cri::NetworkConfig {
+                pod_cidr: "10.244.0.0/24".into(),
+            }),
+        }),
+    })
+    .await
+    .expect("UpdateRuntimeConfig");
+    let fs = one
+        .images()
+        .await
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .expect("ImageFsInfo")
+        .into_inner();
+    let images_fs = fs.image_filesystems.first().expect("the image filesystem");
+    assert!(
+        images_fs.used_bytes.as_ref().map(|u| u.value).unwrap_or(0) > 1 << 20,
+        "the pulled busybox is counted: {images_fs:?}"
+    );
+    assert!(
+        images_fs.fs_id.as_ref().is_some_and(|f| f
+            .mountpoint
+            .starts_with(&one.dir.path().display().to_string())),
+        "{images_fs:?}"
+    );
+
     // The same numbers as metrics: descriptors first, then one pod with its
     // VM's metrics and its running container's, labelled as described.
     let descriptors = rt1
