@@ -404,6 +404,20 @@ pub async fn run_pod(rt: &mut Runtime, config: k8s_cri::v1::PodSandboxConfig) ->
     .pod_sandbox_id
 }
 
+/// StopPodSandbox then RemovePodSandbox.
+pub async fn remove_pod(rt: &mut Runtime, pod: &str) {
+    rt.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    rt.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
 /// CreateContainer then StartContainer; the container's ID.
 pub async fn create_started(
     rt: &mut Runtime,

@@ -14,7 +14,7 @@ use tests::registry as support;
 use std::{path::Path, time::Duration};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{wait_for_log, CriEnv, Runtime};
+use tests::cri::{remove_pod, wait_for_log, CriEnv, Runtime};
 
 async fn pod_with_ticker(
     rt: &mut Runtime,
@@ -306,14 +306,7 @@ async fn two_vcrids_rotation_resources_and_pod_stats() {
     );
 
     // Removing one instance's pod leaves the other's running.
-    rt1.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: p1.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt1.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: p1 })
-        .await
-        .expect("RemovePodSandbox");
+    remove_pod(&mut rt1, &p1).await;
     let listed = rt2
         .list_pod_sandbox(cri::ListPodSandboxRequest::default())
         .await
@@ -323,13 +316,6 @@ async fn two_vcrids_rotation_resources_and_pod_stats() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].state, cri::PodSandboxState::SandboxReady as i32);
     one.assert_no_pods_left();
-    rt2.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: p2.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt2.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: p2 })
-        .await
-        .expect("RemovePodSandbox");
+    remove_pod(&mut rt2, &p2).await;
     two.assert_no_pods_left();
 }

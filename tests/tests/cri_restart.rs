@@ -14,7 +14,7 @@ use tests::registry as support;
 use std::{collections::HashMap, time::Duration};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{create_started, run_pod, wait_for_log, CriEnv, Runtime};
+use tests::cri::{create_started, remove_pod, run_pod, wait_for_log, CriEnv, Runtime};
 
 async fn pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
     let config = cri::PodSandboxConfig {
@@ -158,16 +158,7 @@ async fn three_pods_survive_a_sigkill_of_vcrid() {
     wait_for_log(&ticker_log, &format!("tick-{}", last + 2)).await;
 
     for (id, _) in &pods {
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: id.clone(),
-        })
-        .await
-        .expect("StopPodSandbox");
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: id.clone(),
-        })
-        .await
-        .expect("RemovePodSandbox");
+        remove_pod(&mut rt, id).await;
     }
     env.assert_no_pods_left();
 }

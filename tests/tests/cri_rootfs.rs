@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{create_started, run_pod, CriEnv, Runtime};
+use tests::cri::{create_started, remove_pod, run_pod, CriEnv, Runtime};
 use tests::registry as support;
 
 async fn plain_pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
@@ -143,19 +143,6 @@ async fn remove_container(rt: &mut Runtime, id: &str) {
     })
     .await
     .expect("RemoveContainer");
-}
-
-async fn remove_pod(rt: &mut Runtime, pod: &str) {
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.into(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod.into(),
-    })
-    .await
-    .expect("RemovePodSandbox");
 }
 
 /// Files under `dir` (recursively) whose name ends with `suffix`.

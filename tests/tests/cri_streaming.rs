@@ -389,15 +389,6 @@ async fn scenario() {
     assert!(String::from_utf8_lossy(&chans[0]).contains("forwarded-page"));
     let _ = sock.close(None).await;
 
-    rt.stop_pod_sandbox(cri_api::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    rt.remove_pod_sandbox(cri_api::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .expect("RemovePodSandbox");
+    tests::cri::remove_pod(&mut rt, &pod).await;
     env.assert_no_pods_left();
 }

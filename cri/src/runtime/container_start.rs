@@ -18,6 +18,24 @@ impl Cri {
         Ok(cri::StartContainerResponse {})
     }
 
+    /// The full ID of a pod named by ID or unique prefix (the request's
+    /// `pod_sandbox_id`); InvalidArgument when empty, NotFound else.
+    pub(crate) fn pod_id(&self, id: &str) -> Result<String> {
+        if id.is_empty() {
+            return Err(crate::error::CriError::invalid(
+                "pod_sandbox_id",
+                "must not be empty",
+            ));
+        }
+        self.inner
+            .store
+            .resolve_pod(id)
+            .ok_or_else(|| crate::error::CriError::NotFound {
+                what: "pod sandbox",
+                id: id.into(),
+            })
+    }
+
     /// The record of a container named by ID or unique prefix; NotFound else.
     pub(crate) fn container_meta(&self, id: &str) -> Result<crate::store::ContainerMeta> {
         if id.is_empty() {

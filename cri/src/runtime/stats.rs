@@ -137,17 +137,7 @@ impl Cri {
         &self,
         req: cri::PodSandboxStatsRequest,
     ) -> Result<cri::PodSandboxStatsResponse> {
-        if req.pod_sandbox_id.is_empty() {
-            return Err(CriError::invalid("pod_sandbox_id", "must not be empty"));
-        }
-        let id = self
-            .inner
-            .store
-            .resolve_pod(&req.pod_sandbox_id)
-            .ok_or_else(|| CriError::NotFound {
-                what: "pod sandbox",
-                id: req.pod_sandbox_id.clone(),
-            })?;
+        let id = self.pod_id(&req.pod_sandbox_id)?;
         Ok(cri::PodSandboxStatsResponse {
             stats: Some(self.pod_stats_of(&id).await?),
         })

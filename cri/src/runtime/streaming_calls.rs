@@ -45,17 +45,7 @@ impl Cri {
         &self,
         req: cri::PortForwardRequest,
     ) -> Result<cri::PortForwardResponse> {
-        if req.pod_sandbox_id.is_empty() {
-            return Err(CriError::invalid("pod_sandbox_id", "must not be empty"));
-        }
-        let id = self
-            .inner
-            .store
-            .resolve_pod(&req.pod_sandbox_id)
-            .ok_or_else(|| CriError::NotFound {
-                what: "pod sandbox",
-                id: req.pod_sandbox_id.clone(),
-            })?;
+        let id = self.pod_id(&req.pod_sandbox_id)?;
         let url = self
             .streaming()?
             .get_port_forward(streaming::PortForwardRequest {
