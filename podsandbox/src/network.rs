@@ -188,16 +188,9 @@ impl SandboxFiles {
     /// hostname (as kubelet writes it); resolv.conf from `dns` (left out,
     /// and the image's own kept, when there is none).
     pub fn new(hostname: &str, pod_ips: &[IpAddr], dns: Option<&DnsConfig>) -> Result<Self> {
-        if hostname.is_empty()
-            || hostname.len() > 63
-            || !hostname
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        {
-            return Err(Error::InvalidNetwork {
-                detail: format!("hostname {hostname:?} is not a valid host name"),
-            });
-        }
+        check_hostname(hostname).map_err(|detail| Error::InvalidNetwork {
+            detail: format!("hostname {hostname:?} {detail}"),
+        })?;
         let mut hosts = String::from(
             "# Kubernetes-managed hosts file (virtcontainers).\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
         );
@@ -214,6 +207,37 @@ impl SandboxFiles {
             resolv_conf,
         })
     }
+}
+
+/// The longest host name the guest kernel takes (`HOST_NAME_MAX`).
+pub const HOSTNAME_MAX: usize = 64;
+
+/// An RFC 1123 host name: dot-separated labels of 1-63 letters, digits and
+/// hyphens, none starting or ending with a hyphen, at most [`HOSTNAME_MAX`]
+/// bytes in all (what `sethostname(2)` accepts). `Err` says what is wrong.
+pub fn check_hostname(hostname: &str) -> std::result::Result<(), String> {
+    if hostname.is_empty() {
+        return Err("is empty".into());
+    }
+    if hostname.len() > HOSTNAME_MAX {
+        return Err(format!(
+            "is {} bytes long; a host name has at most {HOSTNAME_MAX}",
+            hostname.len()
+        ));
+    }
+    for label in hostname.split('.') {
+        let bad = label.is_empty()
+            || label.len() > 63
+            || label.starts_with('-')
+            || label.ends_with('-')
+            || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if bad {
+            return Err(format!(
+                "is not an RFC 1123 host name (label {label:?}: 1-63 letters, digits or '-', not starting or ending with '-')"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// resolv.conf from a DNS config, each value checked so that no line can be
@@ -343,6 +367,20 @@ mod tests {
         };
         assert!(SandboxFiles::new("web", &[ip], Some(&evil)).is_err());
         assert!(SandboxFiles::new("a b", &[ip], None).is_err());
+        for good in ["web", "Web-1", "a.b-c.d", &"a".repeat(63), "x1.example.com"] {
+            assert_eq!(check_hostname(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "-web",
+            "web-",
+            "a..b",
+            "a_b",
+            &"a".repeat(64),
+            &format!("{}.{}", "a".repeat(40), "b".repeat(30)),
+        ] {
+            assert!(check_hostname(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             SandboxFiles::new("web", &[], None)
                 .expect("files")

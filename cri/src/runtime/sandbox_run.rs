@@ -56,6 +56,7 @@ impl Cri {
         refuse_host_namespaces(&config)?;
         let (vcpus, memory_mib) = self.annotation_overrides(&config.annotations)?;
         let sysctls = pod_sysctls(&config)?;
+        let hostname = pod_hostname(&config.hostname, &md.name)?;
         if let Some(parent) = config.linux.as_ref().map(|l| &l.cgroup_parent) {
             if !parent.is_empty() {
                 podsandbox::cgroup::parent_path(parent)
@@ -76,6 +77,7 @@ impl Cri {
                 vcpus,
                 memory_mib,
                 sysctls.net,
+                hostname,
             )
             .await;
         if let Err(err) = ran {
@@ -95,19 +97,14 @@ impl Cri {
         vcpus: Option<u32>,
         memory_mib: Option<u32>,
         net_sysctls: BTreeMap<String, String>,
+        hostname: String,
     ) -> Result<()> {
-        let md = config.metadata.clone().unwrap_or_default();
         let network = self
             .inner
             .network
             .setup(&network_request(id, &config))
             .await?;
         let booted = async {
-            let hostname = if config.hostname.is_empty() {
-                md.name.clone()
-            } else {
-                config.hostname.clone()
-            };
             let sandbox = SandboxConfig {
                 id: id.into(),
                 vcpus,
@@ -202,6 +199,61 @@ impl Cri {
             }
         }
         Ok(out)
+    }
+}
+
+/// The pod's host name: the one asked for, checked (RFC 1123, at most 64
+/// bytes: refused naming `config.hostname`), or, when none is asked for, the
+/// node's own as containerd gives it — and if the node's is not a valid host
+/// name, the pod's name made into one. A name vcrid chose never fails a pod.
+fn pod_hostname(asked: &str, pod_name: &str) -> Result<String> {
+    if !asked.is_empty() {
+        podsandbox::network::check_hostname(asked).map_err(|detail| {
+            CriError::invalid("config.hostname", format!("{asked:?} {detail}"))
+        })?;
+        return Ok(asked.to_string());
+    }
+    let node = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    if podsandbox::network::check_hostname(&node).is_ok() {
+        return Ok(node);
+    }
+    Ok(sanitized_hostname(pod_name))
+}
+
+/// `name` as a host name: lower case, every other character than letters,
+/// digits, '-' and '.' a '-', labels trimmed of hyphens, at most 63 bytes;
+/// "pod" when nothing is left.
+fn sanitized_hostname(name: &str) -> String {
+    let mapped: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-' | '.') => c,
+            _ => '-',
+        })
+        .collect();
+    let mut out = String::new();
+    for label in mapped.split('.') {
+        let label: String = label.trim_matches('-').chars().take(63).collect();
+        let label = label.trim_end_matches('-');
+        if label.is_empty() {
+            continue;
+        }
+        let sep = usize::from(!out.is_empty());
+        if out.len() + sep + label.len() > 63 {
+            break;
+        }
+        if sep == 1 {
+            out.push('.');
+        }
+        out.push_str(label);
+    }
+    if out.is_empty() {
+        "pod".into()
+    } else {
+        out
     }
 }
 
@@ -433,6 +485,40 @@ mod tests {
             pod_sysctls(&cri::PodSandboxConfig::default()).ok(),
             Some(PodSysctls::default())
         );
+    }
+
+    #[test]
+    fn hostnames_asked_for_are_checked_and_chosen_ones_never_fail() {
+        assert_eq!(pod_hostname("web-0", "x").expect("valid"), "web-0");
+        let err = pod_hostname("bad_name", "x").expect_err("underscore");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().starts_with("config.hostname: "), "{err}");
+        assert!(pod_hostname(&"a".repeat(65), "x").is_err());
+        // None asked for: the node's (valid here) or the pod's name made valid.
+        let chosen = pod_hostname(
+            "",
+            "create-PodSandbox-for-container-d81bed96-edb7-11f1-9de8-de90307c4893",
+        )
+        .expect("never fails");
+        assert_eq!(podsandbox::network::check_hostname(&chosen), Ok(()));
+        let long = "create-PodSandbox-for-container-d81bed96-edb7-11f1-9de8-de90307c4893";
+        let s = sanitized_hostname(long);
+        assert_eq!(
+            s,
+            "create-podsandbox-for-container-d81bed96-edb7-11f1-9de8-de90307"
+        );
+        assert_eq!(podsandbox::network::check_hostname(&s), Ok(()));
+        for (name, want) in [
+            ("Web_1", "web-1"),
+            ("--", "pod"),
+            ("a..b", "a.b"),
+            ("x-", "x"),
+            ("héllo", "h-llo"),
+        ] {
+            let got = sanitized_hostname(name);
+            assert_eq!(got, want, "{name}");
+            assert_eq!(podsandbox::network::check_hostname(&got), Ok(()), "{name}");
+        }
     }
 
     #[test]
