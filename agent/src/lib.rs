@@ -37,7 +37,7 @@ pub use ttrpc;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision; bumped when the host needs to know a call exists.
-pub const API_VERSION: u32 = 4;
+pub const API_VERSION: u32 = 5;
 
 /// Where the agent writes the pod's hostname, hosts and resolv.conf files
 /// (SetSandboxFiles); containers bind-mount them from here.

@@ -32,6 +32,10 @@
 //! [annotations]
 //! # Annotations a pod may set to override hypervisor settings; none by default.
 //! allowed = []                # e.g. ["io.virtcontainers.vcpus", "io.virtcontainers.memory_mib"]
+//!
+//! [security]
+//! # Localhost seccomp profiles are read only from beneath these.
+//! seccomp_profile_dirs = ["/var/lib/kubelet/seccomp"]
 //! ```
 
 use std::{
@@ -72,6 +76,24 @@ pub struct Config {
     pub images: ImagesConfig,
     pub streaming: StreamingConfig,
     pub annotations: AnnotationsConfig,
+    pub security: SecurityConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Where `Localhost` seccomp profiles may be read from: a profile path
+    /// a pod names must resolve (symlinks followed) beneath one of these.
+    /// kubelet keeps them in its root's `seccomp/` directory.
+    pub seccomp_profile_dirs: Vec<PathBuf>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            seccomp_profile_dirs: vec![PathBuf::from("/var/lib/kubelet/seccomp")],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +167,7 @@ impl Default for Config {
             images: ImagesConfig::default(),
             streaming: StreamingConfig::default(),
             annotations: AnnotationsConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -225,6 +248,14 @@ impl Config {
                 return Err(format!(
                     "annotations.allowed: {a:?} is not an annotation vcrid knows ({})",
                     KNOWN_ANNOTATIONS.join(", ")
+                ));
+            }
+        }
+        for d in &self.security.seccomp_profile_dirs {
+            if !d.is_absolute() {
+                return Err(format!(
+                    "security.seccomp_profile_dirs: {} is not an absolute path",
+                    d.display()
                 ));
             }
         }

@@ -22,6 +22,17 @@ pub struct GuestDetails {
     pub agent_ready_ms: u64,
 }
 
+/// How the guest creates a container, beside its spec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Keep the init process's stdin open for writing.
+    pub stdin: bool,
+    /// Join the sandbox-wide PID namespace.
+    pub sandbox_pidns: bool,
+    /// Give the container every device of the guest (privileged).
+    pub all_devices: bool,
+}
+
 /// A container's rootfs as the guest finds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestRootfs {
@@ -71,18 +82,13 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
     /// Asks the guest to power off; the VMM exits shortly after.
     async fn shutdown(&self, timeout: Duration) -> Result<(), AgentError>;
 
-    /// Creates a container from an OCI spec (JSON) whose rootfs is
-    /// `rootfs`.
-    ///
-    /// `stdin` keeps the init process's stdin open for writing;
-    /// `sandbox_pidns` puts it in the sandbox-wide PID namespace.
+    /// Creates a container from an OCI spec whose rootfs is `rootfs`.
     async fn create_container(
         &self,
         id: &str,
-        oci_spec: Vec<u8>,
+        oci_spec: &crate::oci::Spec,
         rootfs: &GuestRootfs,
-        stdin: bool,
-        sandbox_pidns: bool,
+        options: &CreateOptions,
     ) -> Result<(), AgentError>;
     async fn start_container(&self, id: &str) -> Result<(), AgentError>;
     /// Signals a process of container `id`: its init when `exec_id` is

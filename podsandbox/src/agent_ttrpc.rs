@@ -180,14 +180,14 @@ impl AgentClient for TtrpcAgent {
     async fn create_container(
         &self,
         id: &str,
-        oci_spec: Vec<u8>,
+        oci_spec: &crate::oci::Spec,
         rootfs: &GuestRootfs,
-        stdin: bool,
-        sandbox_pidns: bool,
+        options: &crate::agent::CreateOptions,
     ) -> Result<(), AgentError> {
         let mut req = pb::CreateContainerRequest::new();
         req.container_id = id.into();
-        req.oci_spec = oci_spec;
+        req.oci_spec = serde_json::to_vec(oci_spec)
+            .map_err(|e| AgentError::new(format!("cannot encode the OCI spec: {e}")))?;
         match rootfs {
             GuestRootfs::Shared(rel) => req.rootfs_shared_path = rel.clone(),
             GuestRootfs::Disk { address, fstype } => {
@@ -198,8 +198,9 @@ impl AgentClient for TtrpcAgent {
                 req.rootfs_block = Some(disk).into();
             }
         }
-        req.stdin = stdin;
-        req.sandbox_pidns = sandbox_pidns;
+        req.stdin = options.stdin;
+        req.sandbox_pidns = options.sandbox_pidns;
+        req.all_devices = options.all_devices;
         self.agent
             .create_container(ctx(CONTAINER_CALL), &req)
             .await

@@ -17,7 +17,8 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+
+use crate::oci::LinuxSeccomp;
 
 /// What a caller asks for.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -31,11 +32,13 @@ pub struct ContainerConfig {
     pub cwd: Option<String>,
     /// uid and gid; root when `None`.
     pub user: Option<(u32, u32)>,
+    /// Supplementary groups of the process.
+    pub additional_gids: Vec<u32>,
     pub readonly_rootfs: bool,
     /// Where the host writes stdout and stderr in the CRI log format.
     pub log_path: Option<PathBuf>,
-    /// An OCI `linux.seccomp` profile, applied by the guest.
-    pub seccomp: Option<Value>,
+    /// An OCI `linux.seccomp` profile, applied by the guest (to execs too).
+    pub seccomp: Option<LinuxSeccomp>,
     /// cgroup limits (cpu, memory, pids).
     pub resources: Resources,
     /// A terminal for the process (stdout then carries stderr too).
@@ -51,6 +54,18 @@ pub struct ContainerConfig {
     /// (`CAP_NET_RAW` or `NET_RAW`; `ALL` drops all).
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
+    /// Ambient capabilities (kept across execve by a non-root user); each
+    /// is also in the bounding, permitted and effective sets.
+    pub cap_ambient: Vec<String>,
+    /// Paths of the container hidden (`/dev/null` or an empty tmpfs over
+    /// them) and bound read-only; `None`: runc's defaults
+    /// ([`crate::oci::DEFAULT_MASKED_PATHS`], [`crate::oci::DEFAULT_READONLY_PATHS`]).
+    pub masked_paths: Option<Vec<String>>,
+    pub readonly_paths: Option<Vec<String>>,
+    /// Privileged inside the VM (never on the host): every capability,
+    /// every device of the guest, a writable `/sys`, nothing masked, no
+    /// seccomp profile.
+    pub privileged: bool,
     pub no_new_privileges: bool,
     /// POSIX rlimits: (`RLIMIT_NOFILE`, soft, hard).
     pub rlimits: Vec<(String, u64, u64)>,
@@ -90,6 +105,18 @@ pub struct Mount {
     /// Where it appears in the container.
     pub destination: String,
     pub readonly: bool,
+    pub propagation: MountPropagation,
+}
+
+/// How mounts under a shared host path reach the container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MountPropagation {
+    /// Neither way (`rprivate`).
+    #[default]
+    Private,
+    /// Mounts the host makes under the source later appear in the container
+    /// (`rslave` all the way: host, shared dir, virtiofsd, guest).
+    HostToContainer,
 }
 
 /// cgroup limits of a container; `None` leaves a limit as it is (unset at
@@ -110,35 +137,7 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// The OCI `linux.resources` object.
-    pub fn to_oci(&self) -> Value {
-        let mut r = json!({});
-        if let Some(limit) = self.memory_limit_bytes {
-            r["memory"] = json!({ "limit": limit });
-        }
-        let mut cpu = serde_json::Map::new();
-        if let Some(v) = self.cpu_shares {
-            cpu.insert("shares".into(), json!(v));
-        }
-        if let Some(v) = self.cpu_quota {
-            cpu.insert("quota".into(), json!(v));
-        }
-        if let Some(v) = self.cpu_period {
-            cpu.insert("period".into(), json!(v));
-        }
-        if let Some(v) = &self.cpuset_cpus {
-            cpu.insert("cpus".into(), json!(v));
-        }
-        if !cpu.is_empty() {
-            r["cpu"] = Value::Object(cpu);
-        }
-        if let Some(limit) = self.pids_limit {
-            r["pids"] = json!({ "limit": limit });
-        }
-        r
-    }
-
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Self::default()
     }
 }
@@ -263,318 +262,4 @@ pub struct ContainerStats {
     pub pids_current: u64,
     pub io_read_bytes: u64,
     pub io_write_bytes: u64,
-}
-
-/// The capabilities a container process keeps by default (Docker's set).
-const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
-
-/// Every capability the guest kernel knows (for `add: ALL`).
-const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
-
-/// The OCI runtime spec for `config`: its own mount, PID, IPC and UTS
-/// namespaces (the VM's network), the usual API filesystems, masked and
-/// read-only paths as runc's defaults have them. `root.path` is set by the agent.
-///
-/// `mount_sources` are the guest paths of `config.mounts`, in order.
-pub fn oci_spec(config: &ContainerConfig, hostname: &str, mount_sources: &[String]) -> Value {
-    let mut spec = base_spec(config, hostname);
-    if let Some(mounts) = spec["mounts"].as_array_mut() {
-        mounts.extend(bind_mounts(config, mount_sources));
-    }
-    // Only when set: libcontainer 0.7 reads a present `false` as true for
-    // seccomp ordering (it would install the profile after dropping
-    // CAP_SYS_ADMIN, without no_new_privs, and fail).
-    if config.no_new_privileges {
-        spec["process"]["noNewPrivileges"] = Value::Bool(true);
-    }
-    if !config.rlimits.is_empty() {
-        spec["process"]["rlimits"] = config
-            .rlimits
-            .iter()
-            .map(|(kind, soft, hard)| json!({ "type": kind, "soft": soft, "hard": hard }))
-            .collect();
-    }
-    if let Some(profile) = &config.seccomp {
-        spec["linux"]["seccomp"] = profile.clone();
-    }
-    if !config.resources.is_empty() {
-        spec["linux"]["resources"] = config.resources.to_oci();
-    }
-    if !config.sysctls.is_empty() {
-        spec["linux"]["sysctl"] = json!(config.sysctls);
-    }
-    spec
-}
-
-/// The capability set: the defaults, less `drop`, plus `add`.
-fn capabilities(add: &[String], drop: &[String]) -> Vec<String> {
-    let norm = |c: &String| {
-        let c = c.to_ascii_uppercase();
-        if c == "ALL" || c.starts_with("CAP_") {
-            c
-        } else {
-            format!("CAP_{c}")
-        }
-    };
-    let drop: Vec<String> = drop.iter().map(norm).collect();
-    let mut caps: Vec<String> = if drop.iter().any(|c| c == "ALL") {
-        Vec::new()
-    } else {
-        DEFAULT_CAPS
-            .iter()
-            .map(|c| c.to_string())
-            .filter(|c| !drop.contains(c))
-            .collect()
-    };
-    for c in add.iter().map(norm) {
-        if c == "ALL" {
-            return ALL_CAPS.iter().map(|c| c.to_string()).collect();
-        }
-        if !caps.contains(&c) {
-            caps.push(c);
-        }
-    }
-    caps
-}
-
-/// Bind mounts of the container's shared mount sources: `shared` are their
-/// paths as the guest sees them.
-fn bind_mounts(config: &ContainerConfig, shared: &[String]) -> Vec<Value> {
-    config
-        .mounts
-        .iter()
-        .zip(shared)
-        .map(|(m, source)| {
-            json!({
-                "destination": m.destination,
-                "type": "bind",
-                "source": source,
-                "options": ["rbind", "rprivate", if m.readonly { "ro" } else { "rw" }],
-            })
-        })
-        .collect()
-}
-
-fn base_spec(config: &ContainerConfig, hostname: &str) -> Value {
-    let (uid, gid) = config.user.unwrap_or((0, 0));
-    let caps = capabilities(&config.cap_add, &config.cap_drop);
-    let mut env = config.env.clone();
-    if !env.iter().any(|e| e.starts_with("PATH=")) {
-        env.insert(
-            0,
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        );
-    }
-    json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": config.tty,
-            "user": { "uid": uid, "gid": gid },
-            "args": config.args,
-            "env": env,
-            "cwd": config.cwd.clone().unwrap_or_else(|| "/".into()),
-            "capabilities": {
-                "bounding": caps,
-                "effective": caps,
-                "permitted": caps,
-            },
-        },
-        "root": { "path": "rootfs", "readonly": config.readonly_rootfs },
-        "hostname": hostname.chars().take(63).collect::<String>(),
-        "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"] },
-            { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"] },
-            { "destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] },
-            { "destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"] },
-            { "destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"] },
-            { "destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"] },
-        ],
-        "linux": {
-            "namespaces": [ { "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" } ],
-            "cgroupsPath": format!("/vc/{}", config.id),
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-            ],
-        },
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spec_carries_the_process_and_isolation() {
-        let cfg = ContainerConfig {
-            id: "c1".into(),
-            args: vec!["/bin/echo".into(), "hello".into()],
-            env: vec!["A=b".into()],
-            user: Some((1000, 1000)),
-            readonly_rootfs: true,
-            ..Default::default()
-        };
-        let spec = oci_spec(&cfg, "pod1", &[]);
-        assert_eq!(spec["process"]["args"], json!(["/bin/echo", "hello"]));
-        assert_eq!(spec["process"]["user"], json!({"uid": 1000, "gid": 1000}));
-        assert_eq!(spec["process"]["cwd"], "/");
-        assert!(spec["process"]["env"][0]
-            .as_str()
-            .is_some_and(|p| p.starts_with("PATH=")));
-        assert_eq!(spec["process"]["env"][1], "A=b");
-        assert_eq!(spec["root"]["readonly"], true);
-        assert_eq!(spec["hostname"], "pod1");
-        let ns: Vec<&str> = spec["linux"]["namespaces"]
-            .as_array()
-            .expect("namespaces")
-            .iter()
-            .filter_map(|n| n["type"].as_str())
-            .collect();
-        assert_eq!(
-            ns,
-            ["pid", "ipc", "uts", "mount"],
-            "no network namespace: the pod shares the VM's"
-        );
-        assert_eq!(spec["linux"]["cgroupsPath"], "/vc/c1");
-        assert!(spec["linux"].get("seccomp").is_none());
-        assert!(spec["linux"].get("resources").is_none());
-        let limited = ContainerConfig {
-            resources: Resources {
-                memory_limit_bytes: Some(32 << 20),
-                ..Default::default()
-            },
-            ..cfg.clone()
-        };
-        assert_eq!(
-            oci_spec(&limited, "pod1", &[])["linux"]["resources"]["memory"]["limit"],
-            32 << 20
-        );
-        let with = ContainerConfig {
-            seccomp: Some(json!({"defaultAction": "SCMP_ACT_ALLOW"})),
-            ..cfg
-        };
-        assert_eq!(
-            oci_spec(&with, "pod1", &[])["linux"]["seccomp"]["defaultAction"],
-            "SCMP_ACT_ALLOW"
-        );
-    }
-
-    #[test]
-    fn capabilities_add_and_drop() {
-        let caps = capabilities(
-            &["sys_admin".into()],
-            &["NET_RAW".into(), "CAP_KILL".into()],
-        );
-        assert!(caps.contains(&"CAP_SYS_ADMIN".to_string()));
-        assert!(!caps.contains(&"CAP_NET_RAW".to_string()));
-        assert!(!caps.contains(&"CAP_KILL".to_string()));
-        assert!(caps.contains(&"CAP_CHOWN".to_string()));
-        assert_eq!(capabilities(&[], &["ALL".into()]), Vec::<String>::new());
-        assert_eq!(
-            capabilities(&["CAP_CHOWN".into()], &["all".into()]),
-            ["CAP_CHOWN"]
-        );
-        assert_eq!(capabilities(&["ALL".into()], &[]).len(), ALL_CAPS.len());
-    }
-
-    #[test]
-    fn mounts_rlimits_tty_and_resources_reach_the_spec() {
-        let cfg = ContainerConfig {
-            id: "c1".into(),
-            args: vec!["sh".into()],
-            tty: true,
-            no_new_privileges: true,
-            mounts: vec![Mount {
-                source: "/srv/data".into(),
-                destination: "/data".into(),
-                readonly: true,
-            }],
-            rlimits: vec![("RLIMIT_NOFILE".into(), 512, 1024)],
-            resources: Resources {
-                cpu_quota: Some(50_000),
-                cpu_period: Some(100_000),
-                pids_limit: Some(64),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let spec = oci_spec(&cfg, "pod1", &["/run/vc/shared/c1/mounts/0".into()]);
-        assert_eq!(spec["process"]["terminal"], true);
-        assert_eq!(spec["process"]["noNewPrivileges"], true);
-        assert_eq!(
-            spec["process"]["rlimits"],
-            json!([{ "type": "RLIMIT_NOFILE", "soft": 512, "hard": 1024 }])
-        );
-        let data = spec["mounts"]
-            .as_array()
-            .and_then(|m| m.iter().find(|m| m["destination"] == "/data"))
-            .cloned()
-            .expect("the bind mount");
-        assert_eq!(data["source"], "/run/vc/shared/c1/mounts/0");
-        assert_eq!(data["options"], json!(["rbind", "rprivate", "ro"]));
-        assert_eq!(
-            spec["linux"]["resources"],
-            json!({ "cpu": { "quota": 50_000, "period": 100_000 }, "pids": { "limit": 64 } })
-        );
-    }
 }

@@ -8,9 +8,7 @@ use std::{
 
 use crate::{
     agent::GuestRootfs,
-    container::{
-        oci_spec, ContainerConfig, ContainerRecord, ContainerState, ContainerStatus, Mount, Rootfs,
-    },
+    container::{ContainerConfig, ContainerRecord, ContainerState, ContainerStatus, Mount, Rootfs},
     mounts,
     sandbox::{check_id, now_secs, Runtime},
     state::SandboxState,
@@ -127,16 +125,19 @@ impl Runtime {
                 }
             };
             let sources = self.share_mounts(&config, &container_dir)?;
-            let spec = serde_json::to_vec(&oci_spec(&config, &hostname, &sources))
-                .map_err(|e| invalid(format!("cannot encode the OCI spec: {e}")))?;
+            let spec = crate::oci::spec(&config, &hostname, &sources)
+                .map_err(|e| invalid(e.to_string()))?;
             self.agent(sandbox_id, vm.as_ref())
                 .await?
                 .create_container(
                     &cid,
-                    spec,
+                    &spec,
                     &guest_rootfs,
-                    config.stdin,
-                    config.share_pid_namespace,
+                    &crate::agent::CreateOptions {
+                        stdin: config.stdin,
+                        sandbox_pidns: config.share_pid_namespace,
+                        all_devices: config.privileged,
+                    },
                 )
                 .await
                 .map_err(|e| Error::from_agent(&cid, "create", e))?;
@@ -236,7 +237,11 @@ impl Runtime {
                 path: target.clone(),
                 source,
             })?;
-            mounts::bind(&m.source, &target)?;
+            mounts::bind_propagating(
+                &m.source,
+                &target,
+                m.propagation == crate::container::MountPropagation::HostToContainer,
+            )?;
             if m.readonly {
                 mounts::remount_readonly(&target)?;
             }

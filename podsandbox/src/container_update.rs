@@ -27,11 +27,13 @@ impl Runtime {
                 ],
             )
             .await?;
-        let json =
-            serde_json::to_vec(&resources.to_oci()).map_err(|e| Error::InvalidContainer {
-                id: id.into(),
-                detail: format!("cannot encode the resources: {e}"),
-            })?;
+        let invalid = |detail: String| Error::InvalidContainer {
+            id: id.into(),
+            detail,
+        };
+        let oci = resources.to_oci().map_err(|e| invalid(e.to_string()))?;
+        let json = serde_json::to_vec(&oci)
+            .map_err(|e| invalid(format!("cannot encode the resources: {e}")))?;
         agent
             .update_container(id, json)
             .await

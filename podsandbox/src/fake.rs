@@ -196,10 +196,9 @@ impl AgentClient for FakeDialer {
     async fn create_container(
         &self,
         _id: &str,
-        _spec: Vec<u8>,
+        _spec: &crate::oci::Spec,
         _rootfs: &crate::agent::GuestRootfs,
-        _stdin: bool,
-        _sandbox_pidns: bool,
+        _options: &crate::agent::CreateOptions,
     ) -> Result<(), AgentError> {
         self.calls
             .lock()

@@ -36,6 +36,7 @@ mod error;
 pub mod fake;
 mod mounts;
 pub mod network;
+pub mod oci;
 mod sandbox;
 mod sandbox_create;
 mod sandbox_delete;

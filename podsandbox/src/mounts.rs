@@ -10,6 +10,14 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use crate::{Error, Result};
 
 pub fn bind(source: &Path, target: &Path) -> Result<()> {
+    bind_propagating(source, target, false)
+}
+
+/// A recursive bind mount of `source` at `target`: private, or, with
+/// `from_source`, a slave of the source's peer group, so that mounts the
+/// host makes later under `source` appear under `target` too (when the
+/// source's mount is shared, as kubelet's volume dirs are).
+pub fn bind_propagating(source: &Path, target: &Path, from_source: bool) -> Result<()> {
     mount(
         Some(source),
         target,
@@ -22,14 +30,28 @@ pub fn bind(source: &Path, target: &Path) -> Result<()> {
         path: target.to_path_buf(),
         source: std::io::Error::from(e),
     })?;
-    // Private: mounts made later under the source do not travel here.
-    let _ = mount(
+    // Private: mounts made later under the source do not travel here; a
+    // slave receives them (and sends nothing back).
+    let propagation = if from_source {
+        MsFlags::MS_SLAVE
+    } else {
+        MsFlags::MS_PRIVATE
+    };
+    mount(
         None::<&str>,
         target,
         None::<&str>,
-        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        propagation | MsFlags::MS_REC,
         None::<&str>,
-    );
+    )
+    .map_err(|e| {
+        let _ = umount2(target, MntFlags::MNT_DETACH);
+        Error::Io {
+            action: "set the mount propagation of",
+            path: target.to_path_buf(),
+            source: std::io::Error::from(e),
+        }
+    })?;
     Ok(())
 }
 

@@ -210,7 +210,7 @@ async fn scenario() {
         "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }],
     });
     let mut confined = container("confined", &["/bin/sh", "-c", "mkdir /tmp/x"]);
-    confined.seccomp = Some(deny_mkdir);
+    confined.seccomp = Some(serde_json::from_value(deny_mkdir).expect("an OCI profile"));
     rt.create_container("pod", confined).await.expect("create");
     rt.start_container("pod", "confined").await.expect("start");
     assert_eq!(rt.wait_container("pod", "confined").await.expect("wait"), 1);

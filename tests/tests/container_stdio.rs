@@ -101,11 +101,13 @@ async fn interactive() {
             source: shared.clone(),
             destination: "/data".into(),
             readonly: false,
+            propagation: Default::default(),
         },
         Mount {
             source: ro.clone(),
             destination: "/ro".into(),
             readonly: true,
+            propagation: Default::default(),
         },
     ];
     main.rlimits = vec![("RLIMIT_NOFILE".into(), 512, 512)];
@@ -263,11 +265,14 @@ async fn interactive() {
         .expect("exec");
     assert_eq!(r.exit_code, 0, "CAP_SYS_ADMIN added: {r:?}");
     admin.id = "admin-confined".into();
-    admin.seccomp = Some(serde_json::json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64"],
-        "syscalls": [{ "names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }],
-    }));
+    admin.seccomp = Some(
+        serde_json::from_value(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{ "names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }],
+        }))
+        .expect("an OCI profile"),
+    );
     create_start(admin).await;
     let r = rt
         .exec_sync(
@@ -317,6 +322,7 @@ async fn interactive() {
             source: source.clone(),
             destination: "/x".into(),
             readonly: false,
+            propagation: Default::default(),
         }];
         let err = rt
             .create_container("pod", bad)

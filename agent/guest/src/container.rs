@@ -14,7 +14,10 @@ use std::{
 use agent::protocol::agent as pb;
 use libcontainer::{
     container::{builder::ContainerBuilder, Container},
-    oci_spec::runtime::{LinuxSeccomp, Spec},
+    oci_spec::runtime::{
+        LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxNamespaceBuilder,
+        LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount, MountBuilder, Process, Spec,
+    },
     signal::Signal,
     syscall::syscall::SyscallType,
     workload::{default::DefaultExecutor, Executor, ExecutorError, ExecutorValidationError},
@@ -48,6 +51,17 @@ type Result<T> = std::result::Result<T, Failure>;
 
 type Exit = Arc<tokio::sync::OnceCell<i32>>;
 
+/// How a container is made, beside its spec (CreateContainerRequest).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateOptions {
+    /// Keep the init's stdin open for WriteStdin.
+    pub stdin: bool,
+    /// Join the sandbox-wide PID namespace.
+    pub sandbox_pidns: bool,
+    /// Privileged: every device of the guest.
+    pub all_devices: bool,
+}
+
 /// A process started by ExecProcess.
 struct Exec {
     pid: i32,
@@ -71,7 +85,7 @@ struct Entry {
     /// The container's cgroup directory (from the spec's cgroupsPath).
     cgroup: Option<PathBuf>,
     /// The spec's `process`: the template of every exec.
-    process: serde_json::Value,
+    process: Process,
     /// The spec's seccomp profile, which execs get too.
     seccomp: Option<LinuxSeccomp>,
     io: ProcessIo,
@@ -166,21 +180,25 @@ fn builder(
 /// Bind mounts may only take their source from the shared filesystem (what
 /// the host chose to share), resolved in the guest so that no symlink leads
 /// out of it; other mount types keep their source (`proc`, `tmpfs`, ...).
-fn check_mounts(spec: &mut serde_json::Value) -> Result<()> {
-    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+fn check_mounts(spec: &mut Spec) -> Result<()> {
+    let Some(mounts) = spec.mounts_mut().as_mut() else {
         return Ok(());
     };
     for m in mounts {
-        let is_bind = m["type"].as_str() == Some("bind")
-            || m["options"]
-                .as_array()
+        let is_bind = m.typ().as_deref() == Some("bind")
+            || m.options()
+                .as_ref()
                 .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
         if !is_bind {
             continue;
         }
-        let source = m["source"].as_str().unwrap_or_default().to_string();
+        let source = m
+            .source()
+            .as_ref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_default();
         let resolved = shared_source(&source)?;
-        m["source"] = serde_json::Value::String(resolved.display().to_string());
+        m.set_source(Some(resolved));
     }
     Ok(())
 }
@@ -188,31 +206,99 @@ fn check_mounts(spec: &mut serde_json::Value) -> Result<()> {
 /// The pod's hostname, hosts and resolv.conf (SetSandboxFiles), bound
 /// read-only into a container unless its spec mounts something there itself
 /// (kubelet brings its own /etc/hosts).
-fn add_sandbox_file_mounts(spec: &mut serde_json::Value, files: &[(&str, PathBuf)]) {
-    if files.is_empty() {
-        return;
-    }
-    let Some(obj) = spec.as_object_mut() else {
-        return;
-    };
-    let mounts = obj.entry("mounts").or_insert_with(|| serde_json::json!([]));
-    let Some(mounts) = mounts.as_array_mut() else {
-        return;
-    };
+fn add_sandbox_file_mounts(spec: &mut Spec, files: &[(&str, PathBuf)]) -> Result<()> {
+    let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
     for (dest, source) in files {
-        if mounts
-            .iter()
-            .any(|m| m["destination"].as_str() == Some(dest))
-        {
+        if mounts.iter().any(|m| m.destination() == Path::new(dest)) {
             continue;
         }
-        mounts.push(serde_json::json!({
-            "destination": dest,
-            "type": "bind",
-            "source": source.display().to_string(),
-            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
-        }));
+        let mount = MountBuilder::default()
+            .destination(dest)
+            .typ("bind")
+            .source(source)
+            .options(
+                ["rbind", "ro", "nosuid", "nodev", "noexec"]
+                    .map(String::from)
+                    .to_vec(),
+            )
+            .build()
+            .map_err(|e| Failure::Internal(format!("sandbox file mount: {e}")))?;
+        mounts.push(mount);
     }
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
+/// Directories of /dev that are no devices of their own (runc's list).
+const DEV_SKIP_DIRS: &[&str] = &["pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev"];
+
+/// Every character and block device of the guest's `/dev` (a privileged
+/// container gets them, as runc gives one the host's), but the console.
+fn guest_devices(dir: &Path, out: &mut Vec<libcontainer::oci_spec::runtime::LinuxDevice>) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            if !DEV_SKIP_DIRS.iter().any(|d| name == *d) {
+                guest_devices(&path, out);
+            }
+            continue;
+        }
+        if name == "console" {
+            continue;
+        }
+        let typ = if ft.is_char_device() {
+            LinuxDeviceType::C
+        } else if ft.is_block_device() {
+            LinuxDeviceType::B
+        } else {
+            continue;
+        };
+        let rdev = meta.rdev();
+        let device = LinuxDeviceBuilder::default()
+            .path(path.clone())
+            .typ(typ)
+            .major(i64::from(nix::sys::stat::major(rdev) as u32))
+            .minor(i64::from(nix::sys::stat::minor(rdev) as u32))
+            .file_mode(meta.mode() & 0o7777)
+            .uid(meta.uid())
+            .gid(meta.gid())
+            .build();
+        if let Ok(d) = device {
+            out.push(d);
+        }
+    }
+}
+
+/// Privileged: the guest's devices in the container and a device cgroup
+/// that allows every device.
+fn add_all_devices(spec: &mut Spec) -> Result<()> {
+    let mut devices = Vec::new();
+    guest_devices(Path::new("/dev"), &mut devices);
+    devices.sort_by(|a, b| a.path().cmp(b.path()));
+    let allow_all = LinuxDeviceCgroupBuilder::default()
+        .allow(true)
+        .typ(LinuxDeviceType::A)
+        .access("rwm")
+        .build()
+        .map_err(|e| Failure::Internal(format!("device rule: {e}")))?;
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .ok_or_else(|| Failure::InvalidArgument("OCI spec has no linux section".into()))?;
+    let mut resources: LinuxResources = linux.resources().clone().unwrap_or_default();
+    resources.set_devices(Some(vec![allow_all]));
+    linux.set_resources(Some(resources));
+    linux.set_devices(Some(devices));
+    Ok(())
 }
 
 /// `source` if it lies in the shared filesystem once resolved.
@@ -279,8 +365,7 @@ impl Containers {
         spec_json: &[u8],
         rootfs: &str,
         block: Option<&pb::BlockRootfs>,
-        stdin: bool,
-        sandbox_pidns: bool,
+        options: CreateOptions,
     ) -> Result<()> {
         check_id(id)?;
         let root = match block {
@@ -309,7 +394,7 @@ impl Containers {
             }
         };
         let created = self
-            .create_on(id, spec_json, rootfs, block.clone(), stdin, sandbox_pidns)
+            .create_on(id, spec_json, rootfs, block.clone(), options)
             .await;
         if created.is_err() {
             if let Some(b) = &block {
@@ -327,9 +412,13 @@ impl Containers {
         spec_json: &[u8],
         rootfs: PathBuf,
         block: Option<BlockMount>,
-        stdin: bool,
-        sandbox_pidns: bool,
+        options: CreateOptions,
     ) -> Result<()> {
+        let CreateOptions {
+            stdin,
+            sandbox_pidns,
+            all_devices,
+        } = options;
         self.storage
             .shared()
             .await
@@ -340,44 +429,51 @@ impl Containers {
                 rootfs.display()
             )));
         }
-        let mut spec: serde_json::Value = serde_json::from_slice(spec_json)
-            .map_err(|e| Failure::InvalidArgument(format!("OCI spec is not valid JSON: {e}")))?;
-        let root = spec
-            .as_object_mut()
-            .ok_or_else(|| Failure::InvalidArgument("OCI spec must be a JSON object".into()))?
-            .entry("root")
-            .or_insert_with(|| serde_json::json!({}));
-        root["path"] = serde_json::Value::String(rootfs.display().to_string());
-        // Parse it as libcontainer will, to name what it cannot honour
-        // (libcontainer itself only says "oci spec error").
-        serde_json::from_value::<Spec>(spec.clone()).map_err(|e| {
+        // Typed: what the guest cannot honour is named here (libcontainer
+        // itself only says "oci spec error").
+        let mut spec: Spec = serde_json::from_slice(spec_json).map_err(|e| {
             Failure::InvalidArgument(format!("the OCI spec cannot be honoured: {e}"))
         })?;
+        let mut root = spec.root().clone().unwrap_or_default();
+        root.set_path(rootfs.clone());
+        spec.set_root(Some(root));
         check_mounts(&mut spec)?;
-        add_sandbox_file_mounts(&mut spec, &crate::network::sandbox_file_mounts());
+        add_sandbox_file_mounts(&mut spec, &crate::network::sandbox_file_mounts())?;
+        if all_devices {
+            add_all_devices(&mut spec)?;
+        }
         if sandbox_pidns {
             let holder = self.pidns.holder().await?;
-            let path = format!("/proc/{holder}/ns/pid");
-            let namespaces = spec["linux"]["namespaces"].as_array_mut().ok_or_else(|| {
-                Failure::InvalidArgument("OCI spec has no linux.namespaces".into())
-            })?;
-            namespaces.retain(|n| n["type"] != "pid");
-            namespaces.push(serde_json::json!({ "type": "pid", "path": path }));
+            let linux = spec
+                .linux_mut()
+                .as_mut()
+                .ok_or_else(|| Failure::InvalidArgument("OCI spec has no linux section".into()))?;
+            let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+            namespaces.retain(|n| n.typ() != LinuxNamespaceType::Pid);
+            namespaces.push(
+                LinuxNamespaceBuilder::default()
+                    .typ(LinuxNamespaceType::Pid)
+                    .path(format!("/proc/{holder}/ns/pid"))
+                    .build()
+                    .map_err(|e| Failure::Internal(format!("pid namespace: {e}")))?,
+            );
+            linux.set_namespaces(Some(namespaces));
         }
-        let terminal = spec["process"]["terminal"].as_bool().unwrap_or(false);
-        let process = spec["process"].clone();
-        let seccomp =
-            match spec["linux"].get("seccomp") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(profile) => Some(serde_json::from_value(profile.clone()).map_err(|e| {
-                    Failure::InvalidArgument(format!("invalid seccomp profile: {e}"))
-                })?),
-            };
+        let process = spec
+            .process()
+            .clone()
+            .ok_or_else(|| Failure::InvalidArgument("OCI spec has no process".into()))?;
+        let terminal = process.terminal().unwrap_or(false);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         enable_controllers();
-        let cgroup = spec["linux"]["cgroupsPath"]
-            .as_str()
-            .filter(|p| p.starts_with('/') && !p.contains(".."))
-            .map(|p| Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')));
+        let cgroup = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .filter(|p| {
+                p.is_absolute() && p.components().all(|c| !matches!(c, Component::ParentDir))
+            })
+            .map(|p| Path::new("/sys/fs/cgroup").join(p.strip_prefix("/").unwrap_or(&p)));
         let bundle = Path::new(BUNDLES).join(id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| Failure::Internal(format!("mkdir bundle: {e}")))?;
@@ -816,26 +912,19 @@ fn process_name(id: &str, exec_id: &str) -> String {
 
 /// The container's `process` with an exec's args, environment, working
 /// directory and stdio.
-fn exec_process(template: &serde_json::Value, r: &pb::ExecProcessRequest) -> serde_json::Value {
+fn exec_process(template: &Process, r: &pb::ExecProcessRequest) -> Process {
     let mut p = template.clone();
-    let mut env: Vec<String> = p["env"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut env: Vec<String> = p.env().clone().unwrap_or_default();
     for kv in &r.env {
         let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
         env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
         env.push(kv.clone());
     }
-    p["args"] = serde_json::json!(r.args);
-    p["env"] = serde_json::json!(env);
-    p["terminal"] = serde_json::Value::Bool(r.terminal);
+    p.set_args(Some(r.args.clone()));
+    p.set_env(Some(env));
+    p.set_terminal(Some(r.terminal));
     if !r.cwd.is_empty() {
-        p["cwd"] = serde_json::Value::String(r.cwd.clone());
+        p.set_cwd(PathBuf::from(&r.cwd));
     }
     p
 }
@@ -1064,25 +1153,34 @@ mod tests {
 
     #[test]
     fn execs_start_from_the_container_process() {
-        let template = serde_json::json!({
+        let template: Process = serde_json::from_value(serde_json::json!({
             "args": ["/bin/sleep", "1000"],
             "env": ["PATH=/bin", "A=1"],
             "cwd": "/",
-            "user": { "uid": 1000, "gid": 1000 },
+            "user": { "uid": 1000, "gid": 1000, "additionalGids": [5] },
             "terminal": false,
-        });
+        }))
+        .expect("process");
         let mut r = pb::ExecProcessRequest::new();
         r.args = vec!["/bin/sh".into()];
         r.env = vec!["A=2".into(), "B=3".into()];
         r.terminal = true;
-        let p = exec_process(&template, &r);
+        let p = serde_json::to_value(exec_process(&template, &r)).expect("json");
         assert_eq!(p["args"], serde_json::json!(["/bin/sh"]));
         assert_eq!(p["env"], serde_json::json!(["PATH=/bin", "A=2", "B=3"]));
         assert_eq!(p["user"]["uid"], 1000, "the container's user");
+        assert_eq!(
+            p["user"]["additionalGids"],
+            serde_json::json!([5]),
+            "and groups"
+        );
         assert_eq!(p["terminal"], true);
         assert_eq!(p["cwd"], "/");
         r.cwd = "/tmp".into();
-        assert_eq!(exec_process(&template, &r)["cwd"], "/tmp");
+        assert_eq!(
+            exec_process(&template, &r).cwd(),
+            std::path::Path::new("/tmp")
+        );
     }
 
     #[test]
@@ -1100,10 +1198,12 @@ mod tests {
                 "{bad}: {err:?}"
             );
         }
-        let mut spec = serde_json::json!({ "mounts": [
-            { "destination": "/proc", "type": "proc", "source": "proc" },
-            { "destination": "/x", "type": "bind", "source": "/etc", "options": ["rbind"] },
-        ]});
+        let mut spec: Spec =
+            serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2", "mounts": [
+                { "destination": "/proc", "type": "proc", "source": "proc" },
+                { "destination": "/x", "type": "bind", "source": "/etc", "options": ["rbind"] },
+            ]}))
+            .expect("spec");
         assert!(
             check_mounts(&mut spec).is_err(),
             "a bind of /etc is refused"
@@ -1112,9 +1212,11 @@ mod tests {
 
     #[test]
     fn sandbox_files_are_bound_unless_the_spec_mounts_there() {
-        let mut spec = serde_json::json!({ "mounts": [
-            { "destination": "/etc/hosts", "type": "bind", "source": "/run/vc/shared/h" },
-        ]});
+        let mut spec: Spec =
+            serde_json::from_value(serde_json::json!({ "ociVersion": "1.0.2", "mounts": [
+                { "destination": "/etc/hosts", "type": "bind", "source": "/run/vc/shared/h" },
+            ]}))
+            .expect("spec");
         let files = [
             ("/etc/hosts", PathBuf::from("/run/vc/sandbox/hosts")),
             (
@@ -1122,7 +1224,8 @@ mod tests {
                 PathBuf::from("/run/vc/sandbox/resolv.conf"),
             ),
         ];
-        add_sandbox_file_mounts(&mut spec, &files);
+        add_sandbox_file_mounts(&mut spec, &files).expect("mounts");
+        let spec = serde_json::to_value(&spec).expect("json");
         let mounts = spec["mounts"].as_array().expect("mounts");
         assert_eq!(mounts.len(), 2);
         assert_eq!(

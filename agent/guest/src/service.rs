@@ -205,8 +205,11 @@ impl agent_ttrpc::Agent for AgentService {
             &r.oci_spec,
             &r.rootfs_shared_path,
             r.rootfs_block.as_ref(),
-            r.stdin,
-            r.sandbox_pidns,
+            crate::container::CreateOptions {
+                stdin: r.stdin,
+                sandbox_pidns: r.sandbox_pidns,
+                all_devices: r.all_devices,
+            },
         )
         .await
         .map_err(status)?;

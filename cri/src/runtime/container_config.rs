@@ -5,9 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use k8s_cri::v1 as cri;
-use podsandbox::container::{ContainerConfig, Mount, Resources, Rootfs};
+use podsandbox::container::{ContainerConfig, Mount, MountPropagation, Resources, Rootfs};
 
-use crate::error::{CriError, Result};
+use crate::{
+    error::{CriError, Result},
+    runtime::container_security::{security, SecurityPolicy},
+};
 
 /// What the image says (its OCI config), as far as a container needs it.
 #[derive(Debug, Clone, Default)]
@@ -68,90 +71,6 @@ pub fn environment(config: &cri::ContainerConfig, image: &ImageDefaults) -> Resu
     Ok(env)
 }
 
-/// uid and gid: the security context's, else the image's user (numeric,
-/// or a name looked up in the image's /etc/passwd and /etc/group).
-pub fn user(
-    sc: Option<&cri::LinuxContainerSecurityContext>,
-    image: &ImageDefaults,
-) -> Result<Option<(u32, u32)>> {
-    let (passwd, group) = (image.etc_passwd.as_deref(), image.etc_group.as_deref());
-    let uid_from = |v: i64, field: &str| {
-        u32::try_from(v).map_err(|_| CriError::invalid(field, format!("{v} is not a valid ID")))
-    };
-    if let Some(sc) = sc {
-        if let Some(uid) = &sc.run_as_user {
-            let uid = uid_from(uid.value, "config.linux.security_context.run_as_user")?;
-            let gid = match &sc.run_as_group {
-                Some(g) => uid_from(g.value, "config.linux.security_context.run_as_group")?,
-                None => primary_gid(passwd, uid).unwrap_or(0),
-            };
-            return Ok(Some((uid, gid)));
-        }
-        if !sc.run_as_username.is_empty() {
-            let (uid, gid) = lookup_user(passwd, &sc.run_as_username).ok_or_else(|| {
-                CriError::invalid(
-                    "config.linux.security_context.run_as_username",
-                    format!("{:?} is not in the image's /etc/passwd", sc.run_as_username),
-                )
-            })?;
-            return Ok(Some((uid, gid)));
-        }
-    }
-    let Some(spec) = image.user.as_deref().filter(|u| !u.is_empty()) else {
-        return Ok(None);
-    };
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let (uid, passwd_gid) = match u.parse::<u32>() {
-        Ok(uid) => (uid, primary_gid(passwd, uid)),
-        Err(_) => {
-            let (uid, gid) = lookup_user(passwd, u).ok_or_else(|| {
-                CriError::invalid(
-                    "image user",
-                    format!("user {u:?} of the image is not in its /etc/passwd"),
-                )
-            })?;
-            (uid, Some(gid))
-        }
-    };
-    let gid = match g {
-        None => passwd_gid.unwrap_or(0),
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => lookup_group(group, g).ok_or_else(|| {
-                CriError::invalid(
-                    "image user",
-                    format!("group {g:?} of the image is not in its /etc/group"),
-                )
-            })?,
-        },
-    };
-    Ok(Some((uid, gid)))
-}
-
-fn lookup_user(passwd: Option<&str>, name: &str) -> Option<(u32, u32)> {
-    passwd?.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-    })
-}
-
-fn primary_gid(passwd: Option<&str>, uid: u32) -> Option<u32> {
-    passwd?.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok())?
-    })
-}
-
-fn lookup_group(group: Option<&str>, name: &str) -> Option<u32> {
-    group?.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 3 && f[0] == name).then(|| f[2].parse().ok())?
-    })
-}
-
 /// `log_directory` + `log_path`, the latter relative and without `..`.
 pub fn log_path(log_directory: &str, log_path: &str) -> Result<Option<PathBuf>> {
     if log_path.is_empty() {
@@ -199,6 +118,7 @@ pub fn container_config(
     image: &ImageDefaults,
     rootfs: Rootfs,
     log: Option<PathBuf>,
+    policy: &SecurityPolicy,
 ) -> Result<ContainerConfig> {
     if !config.devices.is_empty() {
         return Err(CriError::invalid(
@@ -206,10 +126,59 @@ pub fn container_config(
             "host devices cannot be passed into a pod VM",
         ));
     }
+    if !config.cdi_devices.is_empty() {
+        return Err(CriError::invalid(
+            "config.cdi_devices",
+            "host devices cannot be passed into a pod VM",
+        ));
+    }
     let linux = config.linux.as_ref();
-    let sc = linux.and_then(|l| l.security_context.as_ref());
+    let sec = security(
+        linux.and_then(|l| l.security_context.as_ref()),
+        image,
+        policy,
+    )?;
+    let mounts = mounts(&config.mounts)?;
+    let cwd = if config.working_dir.is_empty() {
+        image.working_dir.clone().filter(|w| !w.is_empty())
+    } else {
+        Some(config.working_dir.clone())
+    };
+    Ok(ContainerConfig {
+        // The pod's IPC sysctls are added by CreateContainer.
+        sysctls: Default::default(),
+        id: id.into(),
+        user: sec.user,
+        additional_gids: sec.additional_gids,
+        rootfs,
+        args: process_args(config, image)?,
+        env: environment(config, image)?,
+        cwd,
+        readonly_rootfs: sec.readonly_rootfs,
+        log_path: log,
+        seccomp: sec.seccomp,
+        resources: resources(linux.and_then(|l| l.resources.as_ref())),
+        tty: config.tty,
+        stdin: config.stdin,
+        mounts,
+        share_pid_namespace: sec.share_pid_namespace,
+        cap_add: sec.cap_add,
+        cap_drop: sec.cap_drop,
+        cap_ambient: sec.cap_ambient,
+        masked_paths: sec.masked_paths,
+        readonly_paths: sec.readonly_paths,
+        privileged: sec.privileged,
+        no_new_privileges: sec.no_new_privileges,
+        rlimits: Vec::new(),
+    })
+}
+
+/// hostPath mounts: private or host-to-container propagation; what a VM
+/// cannot do (a mount made in the guest reaching the host, ID-mapped
+/// mounts, image volumes) is refused naming the field.
+fn mounts(list: &[cri::Mount]) -> Result<Vec<Mount>> {
     let mut mounts = Vec::new();
-    for (i, m) in config.mounts.iter().enumerate() {
+    for (i, m) in list.iter().enumerate() {
         if m.host_path.is_empty() || !m.container_path.starts_with('/') {
             return Err(CriError::invalid(
                 format!("config.mounts[{i}]"),
@@ -222,108 +191,40 @@ pub fn container_config(
                 "image volumes are not supported",
             ));
         }
+        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+            return Err(CriError::invalid(
+                format!("config.mounts[{i}].uidMappings"),
+                "ID-mapped mounts are not supported in a pod VM",
+            ));
+        }
+        let propagation = match cri::MountPropagation::try_from(m.propagation) {
+            Ok(cri::MountPropagation::PropagationPrivate) => MountPropagation::Private,
+            Ok(cri::MountPropagation::PropagationHostToContainer) => {
+                MountPropagation::HostToContainer
+            }
+            Ok(cri::MountPropagation::PropagationBidirectional) => {
+                return Err(CriError::invalid(
+                    format!("config.mounts[{i}].propagation"),
+                    "BIDIRECTIONAL: a mount made inside a pod VM cannot reach the host (HOST_TO_CONTAINER works)",
+                ))
+            }
+            Err(_) => {
+                return Err(CriError::invalid(
+                    format!("config.mounts[{i}].propagation"),
+                    format!("{} is not a mount propagation", m.propagation),
+                ))
+            }
+        };
+        // selinux_relabel: the guest has no SELinux labels, so nothing
+        // keeps the container from the volume: honoured as it stands.
         mounts.push(Mount {
             source: PathBuf::from(&m.host_path),
             destination: m.container_path.clone(),
             readonly: m.readonly || m.recursive_read_only,
+            propagation,
         });
     }
-    let seccomp = match sc.and_then(|s| s.seccomp.as_ref()) {
-        None => None,
-        Some(p) => match cri::security_profile::ProfileType::try_from(p.profile_type) {
-            Ok(cri::security_profile::ProfileType::Unconfined) => None,
-            Ok(cri::security_profile::ProfileType::RuntimeDefault) => {
-                Some(runtime_default_seccomp())
-            }
-            _ => {
-                return Err(CriError::invalid(
-                    "config.linux.security_context.seccomp",
-                    "Localhost profiles are not supported (use RuntimeDefault or Unconfined)",
-                ))
-            }
-        },
-    };
-    let (mut cap_add, cap_drop) = sc
-        .and_then(|s| s.capabilities.as_ref())
-        .map(|c| (c.add_capabilities.clone(), c.drop_capabilities.clone()))
-        .unwrap_or_default();
-    if sc.is_some_and(|s| s.privileged) {
-        // Privileged inside the VM: every capability of the guest, never the host's.
-        cap_add = vec!["ALL".into()];
-    }
-    let share_pid = sc
-        .and_then(|s| s.namespace_options.as_ref())
-        .is_some_and(|n| n.pid == cri::NamespaceMode::Pod as i32);
-    let cwd = if config.working_dir.is_empty() {
-        image.working_dir.clone().filter(|w| !w.is_empty())
-    } else {
-        Some(config.working_dir.clone())
-    };
-    Ok(ContainerConfig {
-        // The pod's IPC sysctls are added by CreateContainer.
-        sysctls: Default::default(),
-        id: id.into(),
-        user: user(sc, image)?,
-        rootfs,
-        args: process_args(config, image)?,
-        env: environment(config, image)?,
-        cwd,
-        readonly_rootfs: sc.is_some_and(|s| s.readonly_rootfs),
-        log_path: log,
-        seccomp,
-        resources: resources(linux.and_then(|l| l.resources.as_ref())),
-        tty: config.tty,
-        stdin: config.stdin,
-        mounts,
-        share_pid_namespace: share_pid,
-        cap_add,
-        cap_drop,
-        no_new_privileges: sc.is_some_and(|s| s.no_new_privs),
-        rlimits: Vec::new(),
-    })
-}
-
-/// RuntimeDefault: allow all but the calls that reach past a container
-/// (kernel modules, kexec, reboot, handles, keyrings, bpf, perf, ...), the
-/// spirit of Docker's default profile as a short deny list.
-fn runtime_default_seccomp() -> serde_json::Value {
-    let denied = [
-        "kexec_load",
-        "kexec_file_load",
-        "init_module",
-        "finit_module",
-        "delete_module",
-        "reboot",
-        "open_by_handle_at",
-        "name_to_handle_at",
-        "add_key",
-        "request_key",
-        "keyctl",
-        "bpf",
-        "perf_event_open",
-        "ptrace",
-        "process_vm_readv",
-        "process_vm_writev",
-        "swapon",
-        "swapoff",
-        "acct",
-        "lookup_dcookie",
-        "userfaultfd",
-        "quotactl",
-        "mount",
-        "umount2",
-        "pivot_root",
-        "unshare",
-        "setns",
-        "settimeofday",
-        "clock_settime",
-        "stime",
-    ];
-    serde_json::json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": [{ "names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }],
-    })
+    Ok(mounts)
 }
 
 #[cfg(test)]
@@ -391,27 +292,6 @@ mod tests {
     }
 
     #[test]
-    fn users_come_from_the_context_or_the_image() {
-        let mut img = image();
-        img.etc_passwd = Some("root:x:0:0::/:/bin/sh\nweb:x:33:34::/:/bin/sh\n".into());
-        img.etc_group = Some("root:x:0:\nstaff:x:50:\n".into());
-        assert_eq!(user(None, &img).expect("user"), None);
-        img.user = Some("web".into());
-        assert_eq!(user(None, &img).expect("user"), Some((33, 34)));
-        img.user = Some("web:staff".into());
-        assert_eq!(user(None, &img).expect("user"), Some((33, 50)));
-        img.user = Some("1000".into());
-        assert_eq!(user(None, &img).expect("user"), Some((1000, 0)));
-        img.user = Some("nobody".into());
-        assert!(user(None, &img).is_err());
-        let sc = cri::LinuxContainerSecurityContext {
-            run_as_user: Some(cri::Int64Value { value: 33 }),
-            ..Default::default()
-        };
-        assert_eq!(user(Some(&sc), &img).expect("user"), Some((33, 34)));
-    }
-
-    #[test]
     fn log_paths_stay_in_the_log_directory() {
         assert_eq!(
             log_path("/var/log/pods/p", "c/0.log").expect("path"),
@@ -425,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn devices_and_localhost_seccomp_are_refused() {
+    fn devices_and_bidirectional_mounts_are_refused() {
         let c = cri::ContainerConfig {
             command: vec!["/bin/true".into()],
             devices: vec![cri::Device {
@@ -435,8 +315,34 @@ mod tests {
             }],
             ..Default::default()
         };
-        let err = container_config("c", &c, &image(), Rootfs::Dir(PathBuf::from("/r")), None)
-            .expect_err("devices");
+        let err = container_config(
+            "c",
+            &c,
+            &image(),
+            Rootfs::Dir(PathBuf::from("/r")),
+            None,
+            &SecurityPolicy::default(),
+        )
+        .expect_err("devices");
         assert!(err.to_string().starts_with("config.devices"), "{err}");
+        let mount = |propagation: cri::MountPropagation| cri::Mount {
+            container_path: "/data".into(),
+            host_path: "/srv".into(),
+            propagation: propagation as i32,
+            ..Default::default()
+        };
+        let err = mounts(&[mount(cri::MountPropagation::PropagationBidirectional)])
+            .expect_err("bidirectional");
+        assert!(
+            err.to_string().starts_with("config.mounts[0].propagation"),
+            "{err}"
+        );
+        let ok = mounts(&[
+            mount(cri::MountPropagation::PropagationPrivate),
+            mount(cri::MountPropagation::PropagationHostToContainer),
+        ])
+        .expect("private and host-to-container");
+        assert_eq!(ok[0].propagation, MountPropagation::Private);
+        assert_eq!(ok[1].propagation, MountPropagation::HostToContainer);
     }
 }

@@ -10,6 +10,7 @@ use crate::{
     error::{CriError, Result},
     runtime::{
         container_config::{container_config, log_path, ImageDefaults},
+        container_security::SecurityPolicy,
         sandbox_run::{new_id, pod_sysctls},
     },
     server::Cri,
@@ -134,7 +135,15 @@ impl Cri {
             },
         };
         let created = async {
-            let mut cfg = container_config(id, &config, &defaults, rootfs, log.clone())?;
+            let policy = SecurityPolicy {
+                seccomp_profile_dirs: self.inner.config.security.seccomp_profile_dirs.clone(),
+                pod_privileged: pod_config
+                    .linux
+                    .as_ref()
+                    .and_then(|l| l.security_context.as_ref())
+                    .is_some_and(|s| s.privileged),
+            };
+            let mut cfg = container_config(id, &config, &defaults, rootfs, log.clone(), &policy)?;
             cfg.sysctls = pod_sysctls(pod_config)?.ipc;
             self.inner.runtime.create_container(sandbox_id, cfg).await?;
             let meta = ContainerMeta {

@@ -6,6 +6,7 @@ pub(crate) mod container_config;
 mod container_create;
 mod container_exec_sync;
 mod container_remove;
+mod container_security;
 mod container_start;
 pub(crate) mod container_status;
 mod container_stop;
@@ -16,6 +17,7 @@ pub(crate) mod sandbox_remove;
 pub(crate) mod sandbox_run;
 pub(crate) mod sandbox_status;
 mod sandbox_stop;
+mod seccomp;
 pub(crate) mod stats;
 mod streaming_calls;
 
@@ -71,7 +73,7 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::CreateContainerRequest>,
     ) -> Reply<cri::CreateContainerResponse> {
-        reply(Cri::create_container(self, r.into_inner()).await)
+        reply(Box::pin(Cri::create_container(self, r.into_inner())).await)
     }
     async fn start_container(
         &self,

@@ -69,17 +69,13 @@ impl Cri {
         self.inner.store.reserve("pod sandbox", &name, &id)?;
         let lock = self.pod_lock(&id);
         let _guard = lock.lock().await;
-        let ran = self
-            .run_steps(
-                &id,
-                config,
-                req.runtime_handler,
-                vcpus,
-                memory_mib,
-                sysctls.net,
-                hostname,
-            )
-            .await;
+        let plan = PodPlan {
+            vcpus,
+            memory_mib,
+            net_sysctls: sysctls.net,
+            hostname,
+        };
+        let ran = self.run_steps(&id, config, req.runtime_handler, plan).await;
         if let Err(err) = ran {
             self.inner.store.release(&name, &id);
             self.forget_pod_lock(&id);
@@ -94,11 +90,14 @@ impl Cri {
         id: &str,
         config: cri::PodSandboxConfig,
         runtime_handler: String,
-        vcpus: Option<u32>,
-        memory_mib: Option<u32>,
-        net_sysctls: BTreeMap<String, String>,
-        hostname: String,
+        plan: PodPlan,
     ) -> Result<()> {
+        let PodPlan {
+            vcpus,
+            memory_mib,
+            net_sysctls,
+            hostname,
+        } = plan;
         let network = self
             .inner
             .network
@@ -200,6 +199,14 @@ impl Cri {
         }
         Ok(out)
     }
+}
+
+/// What RunPodSandbox decided from the request before setting anything up.
+struct PodPlan {
+    vcpus: Option<u32>,
+    memory_mib: Option<u32>,
+    net_sysctls: BTreeMap<String, String>,
+    hostname: String,
 }
 
 /// The pod's host name: the one asked for, checked (RFC 1123, at most 64

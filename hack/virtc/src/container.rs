@@ -546,6 +546,7 @@ fn parse_mount(text: &str) -> anyhow::Result<Mount> {
         source: absolute(Path::new(source))?,
         destination: destination.to_string(),
         readonly,
+        propagation: Default::default(),
     })
 }
 
