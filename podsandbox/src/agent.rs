@@ -29,6 +29,8 @@ pub struct CreateOptions {
     pub stdin: bool,
     /// Join the sandbox-wide PID namespace.
     pub sandbox_pidns: bool,
+    /// Join the sandbox-wide IPC namespace.
+    pub sandbox_ipcns: bool,
     /// Give the container every device of the guest (privileged).
     pub all_devices: bool,
 }

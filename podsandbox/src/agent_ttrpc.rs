@@ -200,6 +200,7 @@ impl AgentClient for TtrpcAgent {
         }
         req.stdin = options.stdin;
         req.sandbox_pidns = options.sandbox_pidns;
+        req.sandbox_ipcns = options.sandbox_ipcns;
         req.all_devices = options.all_devices;
         self.agent
             .create_container(ctx(CONTAINER_CALL), &req)

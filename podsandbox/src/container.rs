@@ -50,6 +50,9 @@ pub struct ContainerConfig {
     /// Share the sandbox-wide PID namespace with the other containers that
     /// ask for it (CRI `NamespaceMode::POD`) instead of having one's own.
     pub share_pid_namespace: bool,
+    /// Share the sandbox-wide IPC namespace (CRI `NamespaceMode::POD`, the
+    /// Kubernetes default) instead of having one's own.
+    pub share_ipc_namespace: bool,
     /// Capabilities added to and dropped from the default set
     /// (`CAP_NET_RAW` or `NET_RAW`; `ALL` drops all).
     pub cap_add: Vec<String>,

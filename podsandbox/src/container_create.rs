@@ -136,6 +136,7 @@ impl Runtime {
                     &crate::agent::CreateOptions {
                         stdin: config.stdin,
                         sandbox_pidns: config.share_pid_namespace,
+                        sandbox_ipcns: config.share_ipc_namespace,
                         all_devices: config.privileged,
                     },
                 )

@@ -330,17 +330,33 @@ async fn the_security_context_is_enforced_in_the_guest() {
             },
         )
     };
-    let free = create_started(
-        &mut rt,
-        &plain,
-        &plain_cfg,
-        admin(
-            "free",
-            Some(seccomp_profile(ProfileType::Unconfined, "")),
-            "",
-        ),
-    )
-    .await;
+    let mut own_namespaces = admin(
+        "free",
+        Some(seccomp_profile(ProfileType::Unconfined, "")),
+        "",
+    );
+    if let Some(sc) = own_namespaces
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.namespace_options = Some(cri::NamespaceOption {
+            pid: cri::NamespaceMode::Container as i32,
+            ipc: cri::NamespaceMode::Container as i32,
+            ..Default::default()
+        });
+    }
+    let free = create_started(&mut rt, &plain, &plain_cfg, own_namespaces).await;
+    // PID and IPC: the pod's unless a container asks for its own (none
+    // given means POD, as containerd reads it).
+    for ns in ["ipc", "pid"] {
+        let script = format!("readlink /proc/self/ns/{ns}");
+        let a = sh_ok(&mut rt, &groups, &script).await;
+        let b = sh_ok(&mut rt, &paths, &script).await;
+        let own = sh_ok(&mut rt, &free, &script).await;
+        assert_eq!(a.trim(), b.trim(), "{ns}: one namespace for the pod");
+        assert_ne!(a.trim(), own.trim(), "{ns}: CONTAINER gets its own");
+    }
     sh_ok(
         &mut rt,
         &free,

@@ -58,6 +58,8 @@ pub struct CreateOptions {
     pub stdin: bool,
     /// Join the sandbox-wide PID namespace.
     pub sandbox_pidns: bool,
+    /// Join the sandbox-wide IPC namespace (the pod's).
+    pub sandbox_ipcns: bool,
     /// Privileged: every device of the guest.
     pub all_devices: bool,
 }
@@ -120,6 +122,7 @@ pub struct Containers {
     storage: Storage,
     reaper: Reaper,
     pidns: PidNamespace,
+    ipcns: PidNamespace,
 }
 
 impl std::fmt::Debug for Containers {
@@ -226,6 +229,25 @@ fn add_sandbox_file_mounts(spec: &mut Spec, files: &[(&str, PathBuf)]) -> Result
         mounts.push(mount);
     }
     spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
+/// The spec's namespace of `typ` becomes the existing one at `path`.
+fn join_namespace(spec: &mut Spec, typ: LinuxNamespaceType, path: String) -> Result<()> {
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .ok_or_else(|| Failure::InvalidArgument("OCI spec has no linux section".into()))?;
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|n| n.typ() != typ);
+    namespaces.push(
+        LinuxNamespaceBuilder::default()
+            .typ(typ)
+            .path(path)
+            .build()
+            .map_err(|e| Failure::Internal(format!("{typ:?} namespace: {e}")))?,
+    );
+    linux.set_namespaces(Some(namespaces));
     Ok(())
 }
 
@@ -344,7 +366,8 @@ impl Containers {
             entries: Arc::default(),
             storage,
             reaper,
-            pidns: PidNamespace::default(),
+            pidns: PidNamespace::new(crate::pidns::Kind::Pid),
+            ipcns: PidNamespace::new(crate::pidns::Kind::Ipc),
         }
     }
 
@@ -417,6 +440,7 @@ impl Containers {
         let CreateOptions {
             stdin,
             sandbox_pidns,
+            sandbox_ipcns,
             all_devices,
         } = options;
         self.storage
@@ -442,22 +466,13 @@ impl Containers {
         if all_devices {
             add_all_devices(&mut spec)?;
         }
-        if sandbox_pidns {
-            let holder = self.pidns.holder().await?;
-            let linux = spec
-                .linux_mut()
-                .as_mut()
-                .ok_or_else(|| Failure::InvalidArgument("OCI spec has no linux section".into()))?;
-            let mut namespaces = linux.namespaces().clone().unwrap_or_default();
-            namespaces.retain(|n| n.typ() != LinuxNamespaceType::Pid);
-            namespaces.push(
-                LinuxNamespaceBuilder::default()
-                    .typ(LinuxNamespaceType::Pid)
-                    .path(format!("/proc/{holder}/ns/pid"))
-                    .build()
-                    .map_err(|e| Failure::Internal(format!("pid namespace: {e}")))?,
-            );
-            linux.set_namespaces(Some(namespaces));
+        for (share, ns, typ) in [
+            (sandbox_pidns, &self.pidns, LinuxNamespaceType::Pid),
+            (sandbox_ipcns, &self.ipcns, LinuxNamespaceType::Ipc),
+        ] {
+            if share {
+                join_namespace(&mut spec, typ, ns.path().await?)?;
+            }
         }
         let process = spec
             .process()

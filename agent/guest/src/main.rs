@@ -23,7 +23,10 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use agent::protocol::agent_ttrpc;
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some(pidns::HOLDER_ARG) {
+    if matches!(
+        std::env::args().nth(1).as_deref(),
+        Some(pidns::HOLDER_ARG | pidns::IPC_HOLDER_ARG)
+    ) {
         return pidns::run_holder();
     }
     if std::process::id() != 1 {

@@ -1,11 +1,14 @@
-//! The sandbox-wide PID namespace: made on first use by a holder process
-//! that is its PID 1 and does nothing else, so containers that share it see
-//! each other's processes and none of them has to be an init.
+//! The sandbox-wide PID and IPC namespaces: each made on first use by a
+//! holder process that does nothing else. In the PID namespace it is PID 1,
+//! so containers that share it see each other's processes and none of them
+//! has to be an init; the IPC namespace is the pod's (Kubernetes' default:
+//! its containers share SysV IPC and POSIX message queues).
 //!
-//! The holder is this binary run again as `vc-agent --pidns-holder` after
-//! unshare(CLONE_NEWPID): its first child is PID 1 of the new namespace; it
-//! reports that child's PID on stdout and exits, and the child, orphaned,
-//! is reaped by the agent if it ever dies.
+//! The holder is this binary run again as `vc-agent --pidns-holder` (or
+//! `--ipcns-holder`) after unshare(CLONE_NEWPID or CLONE_NEWIPC): its first
+//! child is in the new namespace (PID 1 of a new PID namespace); it reports
+//! that child's PID on stdout and exits, and the child, orphaned, is reaped
+//! by the agent if it ever dies.
 
 use std::{io::Read, os::unix::process::CommandExt, process::Stdio};
 
@@ -14,18 +17,47 @@ use tokio::sync::OnceCell;
 use crate::container::Failure;
 
 pub const HOLDER_ARG: &str = "--pidns-holder";
+pub const IPC_HOLDER_ARG: &str = "--ipcns-holder";
+
+/// Which sandbox-wide namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kind {
+    #[default]
+    Pid,
+    Ipc,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct PidNamespace {
+    kind: Kind,
     holder: std::sync::Arc<OnceCell<i32>>,
 }
 
 impl PidNamespace {
+    /// The sandbox-wide namespace of `kind`, not made yet.
+    pub fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            holder: Default::default(),
+        }
+    }
+
+    /// `/proc/<holder>/ns/<pid|ipc>`: the path a container joins.
+    pub async fn path(&self) -> Result<String, Failure> {
+        let holder = self.holder().await?;
+        let ns = match self.kind {
+            Kind::Pid => "pid",
+            Kind::Ipc => "ipc",
+        };
+        Ok(format!("/proc/{holder}/ns/{ns}"))
+    }
+
     /// The PID (in the agent's namespace) of the namespace's PID 1.
     pub async fn holder(&self) -> Result<i32, Failure> {
         self.holder
             .get_or_try_init(|| async {
-                tokio::task::spawn_blocking(spawn_holder)
+                let kind = self.kind;
+                tokio::task::spawn_blocking(move || spawn_holder(kind))
                     .await
                     .map_err(|e| Failure::Internal(format!("pidns task: {e}")))?
             })
@@ -34,20 +66,22 @@ impl PidNamespace {
     }
 }
 
-fn spawn_holder() -> Result<i32, Failure> {
+fn spawn_holder(kind: Kind) -> Result<i32, Failure> {
     let fail = |e: &dyn std::fmt::Display| {
-        Failure::Internal(format!("cannot make the sandbox PID namespace: {e}"))
+        Failure::Internal(format!("cannot make the sandbox {kind:?} namespace: {e}"))
+    };
+    let (arg, flag) = match kind {
+        Kind::Pid => (HOLDER_ARG, nix::sched::CloneFlags::CLONE_NEWPID),
+        Kind::Ipc => (IPC_HOLDER_ARG, nix::sched::CloneFlags::CLONE_NEWIPC),
     };
     let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg(HOLDER_ARG)
+    cmd.arg(arg)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     // SAFETY: between fork and exec the closure only makes one syscall.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).map_err(Into::into)
-        });
+        cmd.pre_exec(move || nix::sched::unshare(flag).map_err(Into::into));
     }
     // The agent's reaper collects the holder's exit; it is never waited on here.
     let mut child = cmd.spawn().map_err(|e| fail(&e))?;

@@ -208,6 +208,7 @@ impl agent_ttrpc::Agent for AgentService {
             crate::container::CreateOptions {
                 stdin: r.stdin,
                 sandbox_pidns: r.sandbox_pidns,
+                sandbox_ipcns: r.sandbox_ipcns,
                 all_devices: r.all_devices,
             },
         )

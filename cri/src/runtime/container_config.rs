@@ -162,6 +162,7 @@ pub fn container_config(
         stdin: config.stdin,
         mounts,
         share_pid_namespace: sec.share_pid_namespace,
+        share_ipc_namespace: sec.share_ipc_namespace,
         cap_add: sec.cap_add,
         cap_drop: sec.cap_drop,
         cap_ambient: sec.cap_ambient,

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `capabilities` (add, drop, ambient) | the process's sets; unknown names refused |
 //! | `privileged` | every capability and device of the guest, writable `/sys`, nothing masked, no seccomp; only in a privileged pod |
-//! | `namespace_options` | pid POD/CONTAINER; network POD; ipc POD/CONTAINER (the container's own IPC namespace); NODE, TARGET and user namespaces refused |
+//! | `namespace_options` | pid and ipc POD (the pod's, made in the guest on first use) or CONTAINER; network POD; NODE, TARGET and user namespaces refused; absent means POD, as in containerd |
 //! | `selinux_options` | refused when set (the guest has no SELinux) |
 //! | `run_as_user`, `run_as_group`, `run_as_username` | uid/gid; a group without a user is refused unless the image's user is numeric |
 //! | `readonly_rootfs`, `no_new_privs` | as asked |
@@ -51,6 +51,7 @@ pub struct Security {
     pub no_new_privileges: bool,
     pub readonly_rootfs: bool,
     pub share_pid_namespace: bool,
+    pub share_ipc_namespace: bool,
 }
 
 fn field(name: &str) -> String {
@@ -82,7 +83,7 @@ pub fn security(
             ));
         }
     }
-    let share_pid_namespace = namespaces(sc.namespace_options.as_ref())?;
+    let (share_pid_namespace, share_ipc_namespace) = namespaces(sc.namespace_options.as_ref())?;
     apparmor(sc)?;
     let (cap_add, cap_drop, cap_ambient) = sc
         .capabilities
@@ -148,15 +149,16 @@ pub fn security(
         no_new_privileges: sc.no_new_privs,
         readonly_rootfs: sc.readonly_rootfs,
         share_pid_namespace,
+        share_ipc_namespace,
     })
 }
 
 /// Namespace modes a container in a pod VM can have; whether it shares
-/// the pod's PID namespace.
-fn namespaces(ns: Option<&cri::NamespaceOption>) -> Result<bool> {
-    let Some(ns) = ns else {
-        return Ok(false);
-    };
+/// the pod's PID and IPC namespaces. None given: every mode is POD (the
+/// proto's zero), as containerd reads it.
+fn namespaces(ns: Option<&cri::NamespaceOption>) -> Result<(bool, bool)> {
+    let default = cri::NamespaceOption::default();
+    let ns = ns.unwrap_or(&default);
     let mode = |m: i32| cri::NamespaceMode::try_from(m).ok();
     use cri::NamespaceMode::{Container, Node, Pod, Target};
     match mode(ns.network) {
@@ -166,8 +168,9 @@ fn namespaces(ns: Option<&cri::NamespaceOption>) -> Result<bool> {
             "a container shares its pod VM's network (POD): the VM is the pod's network namespace",
         )),
     }
-    match mode(ns.ipc) {
-        Some(Pod | Container) => {}
+    let share_ipc = match mode(ns.ipc) {
+        Some(Pod) => true,
+        Some(Container) => false,
         Some(Node) => {
             return Err(CriError::invalid(
                 field("namespace_options.ipc"),
@@ -180,7 +183,7 @@ fn namespaces(ns: Option<&cri::NamespaceOption>) -> Result<bool> {
                 "is not a mode of an IPC namespace",
             ))
         }
-    }
+    };
     if ns
         .userns_options
         .as_ref()
@@ -192,8 +195,8 @@ fn namespaces(ns: Option<&cri::NamespaceOption>) -> Result<bool> {
         ));
     }
     match mode(ns.pid) {
-        Some(Pod) => Ok(true),
-        Some(Container) => Ok(false),
+        Some(Pod) => Ok((true, share_ipc)),
+        Some(Container) => Ok((false, share_ipc)),
         Some(Node) => Err(CriError::invalid(
             field("namespace_options.pid"),
             "NODE: a pod VM cannot share the host's PID namespace",
@@ -727,7 +730,22 @@ mod tests {
             ..Default::default()
         };
         let s = security(Some(&fine), &image(), &policy()).expect("fine");
-        assert!(s.share_pid_namespace);
+        assert!(s.share_pid_namespace && s.share_ipc_namespace);
+        let own = cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Container as i32,
+                ipc: cri::NamespaceMode::Container as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = security(Some(&own), &image(), &policy()).expect("own");
+        assert!(!s.share_pid_namespace && !s.share_ipc_namespace);
+        let s = security(None, &image(), &policy()).expect("none given");
+        assert!(
+            s.share_pid_namespace && s.share_ipc_namespace,
+            "POD, as containerd"
+        );
         assert_eq!(s.masked_paths, Some(vec!["/proc/kcore".to_string()]));
         assert_eq!(s.cap_ambient, ["NET_BIND_SERVICE"]);
     }
