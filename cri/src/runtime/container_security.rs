@@ -746,6 +746,7 @@ mod tests {
             s.share_pid_namespace && s.share_ipc_namespace,
             "POD, as containerd"
         );
+        let s = security(Some(&fine), &image(), &policy()).expect("fine");
         assert_eq!(s.masked_paths, Some(vec!["/proc/kcore".to_string()]));
         assert_eq!(s.cap_ambient, ["NET_BIND_SERVICE"]);
     }
