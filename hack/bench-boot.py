@@ -10,6 +10,9 @@ Reports medians of N runs and the ratio a/b against the floor of the machine
 type in use, measured in the same run.
 
 usage: hack/bench-boot.py [--runs N] [--virtc PATH] [--guest DIR]
+
+--guest: the image directory (vmlinux, initramfs.cpio, modules.img if any)
+both the floor and the sandboxes boot; default build/guest.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -101,6 +104,7 @@ def main():
     ap.add_argument("--guest", default=os.path.join(ROOT, "build/guest"))
     ap.add_argument("--memory", type=int, default=256)
     args = ap.parse_args()
+    args.guest = os.path.abspath(args.guest)
     kernel = os.path.join(args.guest, "vmlinux")
 
     tmp = tempfile.mkdtemp(prefix="vcbench", dir="/tmp")
@@ -109,6 +113,9 @@ def main():
         cfg = os.path.join(tmp, "config.toml")
         with open(cfg, "w") as f:
             f.write(f'state_dir = "{tmp}/state"\nrun_dir = "{tmp}/run"\n')
+            # The sandboxes boot the image the floor does (and its
+            # modules.img, if that directory has one).
+            f.write(f'[hypervisor]\nkernel = "{kernel}"\ninitrd = "{args.guest}/initramfs.cpio"\n')
         virtc = [args.virtc, "--config", cfg, "sandbox"]
 
         floors = {"q35": [], "microvm": []}

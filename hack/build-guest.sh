@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the guest image: build/guest/vmlinux (uncompressed, PVH entry) and
+# Builds the guest image: build/guest/vmlinux (uncompressed, PVH entry),
 # build/guest/initramfs.cpio (vc-agent as /init plus the kernel modules the
-# guest needs). Rebuilds only when an input changes.
+# guest needs to boot) and build/guest/modules.img (the kernel's whole module
+# tree, an ext4 image every VM gets as a read-only disk, for modprobe).
+# Rebuilds only what an input changed for.
 #
 # usage: hack/build-guest.sh PATH/TO/static/vc-agent
 #
@@ -34,6 +36,7 @@ later_modules=(
   crc32c_generic             # ext4 metadata checksums (the kernel cannot modprobe it itself)
   9pnet_virtio 9p            # shared-dir fallback
   virtio_rng                 # guest entropy without waiting on jitter
+  virtio_blk                 # the read-only modules disk (modules.img), mounted last
 )
 
 die() { echo "build-guest: $*" >&2; exit 1; }
@@ -65,8 +68,19 @@ if [ -z "$deb" ]; then
 fi
 
 key=$( { basename "$deb"; sha256sum "$agent_bin" | cut -d' ' -f1; sha256sum "$0" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+# The modules image depends on the kernel package and this script only: a
+# new agent does not rebuild it.
+modules_key=$( { basename "$deb"; sha256sum "$0" | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+boot_current=false modules_current=false
 if [ -f "$out/.inputs" ] && [ "$(cat "$out/.inputs")" = "$key" ] \
    && [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio" ]; then
+  boot_current=true
+fi
+if [ -f "$out/.inputs-modules" ] && [ "$(cat "$out/.inputs-modules")" = "$modules_key" ] \
+   && [ -f "$out/modules.img" ]; then
+  modules_current=true
+fi
+if $boot_current && $modules_current; then
   echo "build-guest: up to date ($out)"
   exit 0
 fi
@@ -79,6 +93,38 @@ release=$(ls "$work/kernel/lib/modules" | head -n1)
 [ -n "$release" ] || die "no modules in $deb"
 vmlinuz="$work/kernel/boot/vmlinuz-$release"
 moddir="$work/kernel/lib/modules/$release"
+
+# The package leaves modules.dep to the install-time depmod; make it here.
+depmod -b "$work/kernel" "$release"
+
+# The whole module tree as a read-only ext4 image (root: <release>/, with
+# depmod's modules.dep, .alias, .builtin, .builtin.modinfo, ...). ext4
+# because the guest loads ext4 already (block rootfs) and e2fsprogs is
+# installed: no new guest module, no new host package. No journal (nothing
+# ever writes it), no reserved blocks; the file is sparse, sized from the
+# tree with headroom, then shrunk to its minimum.
+if ! $modules_current; then
+  started=$(date +%s.%N)
+  tree="$work/kernel/lib/modules"
+  img="$out/modules.img.new"
+  kib=$(du -s --apparent-size -k "$tree" | cut -f1)
+  files=$(find "$tree" | wc -l)
+  rm -f "$img"
+  mkfs.ext4 -q -F -L vc-modules -t ext4 -O ^has_journal -m 0 -b 4096 \
+    -N $((files + 256)) -E root_owner=0:0 -d "$tree" "$img" $((kib * 5 / 4 + files * 4 + 16384))k \
+    || die "mkfs.ext4 -d $tree failed"
+  resize2fs -M "$img" >/dev/null 2>&1 || die "resize2fs -M $img failed"
+  e2fsck -fn "$img" >/dev/null 2>&1 || die "$img does not check clean"
+  chmod 0644 "$img"
+  mv -f "$img" "$out/modules.img"
+  echo "$modules_key" > "$out/.inputs-modules"
+  echo "build-guest: $out/modules.img ($(du -h --apparent-size "$out/modules.img" | cut -f1), $files files from $((kib / 1024)) MiB) in $(python3 -c "import sys,time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$started") s"
+fi
+if $boot_current; then
+  echo "build-guest: $out/vmlinux and initramfs.cpio up to date"
+  rm -rf "$work/kernel"
+  exit 0
+fi
 
 # The bzImage is a decompressor plus an xz payload; QEMU can boot the
 # uncompressed ELF directly through its PVH entry point, which saves the ~2 s
@@ -117,9 +163,6 @@ with open(path, "r+b") as f:
             trimmed += p_filesz - keep
 print(f"build-guest: {trimmed / 2**20:.1f} MiB of zero file bytes declared as memory-only")
 PY
-
-# The package leaves modules.dep to the install-time depmod; make it here.
-depmod -b "$work/kernel" "$release"
 
 # Resolve module dependencies: modules.dep lists "path: dep dep ..."; load
 # dependencies first, each module once.
@@ -168,6 +211,10 @@ print(f"build-guest: {len(lists['vc-modules-boot'])} boot and {len(lists['vc-mod
 PY
 
 install -m 0755 "$agent_bin" "$staging/init"
+# The agent is also the guest's modprobe (it dispatches on argv[0]); it
+# points /proc/sys/kernel/modprobe here once the modules disk is there.
+mkdir -p "$staging/sbin"
+ln -s /init "$staging/sbin/modprobe"
 mkdir -p "$staging/proc" "$staging/sys" "$staging/dev" "$staging/run" "$staging/tmp"
 # An uncompressed newc archive: the kernel unpacks it without a decompressor.
 (cd "$staging" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible -R 0:0) > "$work/initramfs.cpio"

@@ -79,6 +79,11 @@ pub const SHARED_FS_TAG: &str = "vcshared";
 /// Where the agent mounts the shared directory in the guest.
 pub const SHARED_FS_GUEST_PATH: &str = "/run/vc/shared";
 
+/// The serial number of the read-only modules disk (the guest kernel's
+/// whole module tree), by which the agent finds it; the hypervisor gives it
+/// the same (`hypervisor::MODULES_DISK_SERIAL`).
+pub const MODULES_DISK_SERIAL: &str = "vc-modules";
+
 /// What the agent writes on the readiness connection.
 pub const READY_MESSAGE: &[u8] = b"READY\n";
 

@@ -78,6 +78,11 @@ pub struct HypervisorConfig {
     pub kernel: PathBuf,
     /// Guest initramfs with `vc-agent` as `/init`.
     pub initrd: PathBuf,
+    /// The guest kernel's whole module tree as a read-only ext4 image
+    /// (`modules.img` from `hack/build-guest.sh`), attached to every VM
+    /// read-only for the guest's modprobe. Empty: `modules.img` next to the
+    /// kernel if there is one (see `podsandbox::config`), else no disk.
+    pub modules: PathBuf,
     pub machine: MachineType,
     pub accel: Accel,
     /// vCPUs of a sandbox that asks for none.
@@ -114,6 +119,7 @@ impl Default for HypervisorConfig {
             qemu_path: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             kernel: PathBuf::new(),
             initrd: PathBuf::new(),
+            modules: PathBuf::new(),
             machine: MachineType::default(),
             accel: Accel::default(),
             default_vcpus: 1,

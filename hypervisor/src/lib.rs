@@ -241,5 +241,9 @@ pub fn restore_vm(config: &HypervisorConfig, state: VmState) -> Result<Arc<dyn H
     }
 }
 
+/// The serial number the modules disk carries, by which the guest agent
+/// finds it (`agent::MODULES_DISK_SERIAL` says the same).
+pub const MODULES_DISK_SERIAL: &str = "vc-modules";
+
 /// How long a graceful VMM quit may take before it is killed.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(3);

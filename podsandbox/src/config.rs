@@ -10,6 +10,7 @@
 //! qemu_path = "/usr/bin/qemu-system-x86_64"
 //! kernel = "/usr/share/virtcontainers/guest/vmlinux"
 //! initrd = "/usr/share/virtcontainers/guest/initramfs.cpio"
+//! modules = ""             # modules.img next to the kernel, if there
 //! machine = "q35"          # or "microvm"
 //! accel = "auto"           # or "kvm", "tcg"
 //! default_vcpus = 1
@@ -126,7 +127,9 @@ impl RuntimeConfig {
     }
 
     /// An empty kernel or initrd means "the guest image that was built or
-    /// installed with these binaries".
+    /// installed with these binaries"; an empty modules image, the
+    /// `modules.img` next to the kernel (built for that kernel) if there is
+    /// one, else none (the VM gets no modules disk).
     pub fn fill_guest_image(&mut self) {
         let hv = &mut self.hypervisor;
         if hv.kernel.as_os_str().is_empty() || hv.initrd.as_os_str().is_empty() {
@@ -136,6 +139,13 @@ impl RuntimeConfig {
                 }
                 if hv.initrd.as_os_str().is_empty() {
                     hv.initrd = dir.join("initramfs.cpio");
+                }
+            }
+        }
+        if hv.modules.as_os_str().is_empty() {
+            if let Some(image) = hv.kernel.parent().map(|d| d.join("modules.img")) {
+                if image.is_file() {
+                    hv.modules = image;
                 }
             }
         }
@@ -165,6 +175,28 @@ pub fn find_guest_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_modules_image_is_the_one_next_to_the_kernel_if_any() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = RuntimeConfig::default();
+        config.hypervisor.kernel = dir.path().join("vmlinux");
+        config.hypervisor.initrd = dir.path().join("initramfs.cpio");
+        config.fill_guest_image();
+        assert_eq!(
+            config.hypervisor.modules,
+            PathBuf::new(),
+            "none there: no disk"
+        );
+        std::fs::write(dir.path().join("modules.img"), b"m").expect("write");
+        config.fill_guest_image();
+        assert_eq!(config.hypervisor.modules, dir.path().join("modules.img"));
+        config.hypervisor.modules = PathBuf::from("/elsewhere/m.img");
+        config.fill_guest_image();
+        assert_eq!(config.hypervisor.modules, PathBuf::from("/elsewhere/m.img"));
+        // The host names the disk as the guest looks for it.
+        assert_eq!(hypervisor::MODULES_DISK_SERIAL, agent::MODULES_DISK_SERIAL);
+    }
 
     #[test]
     fn empty_file_is_all_defaults() {

@@ -86,6 +86,11 @@ impl TestEnv {
         };
         config.hypervisor.kernel = guest.join("vmlinux");
         config.hypervisor.initrd = guest.join("initramfs.cpio");
+        // As podsandbox resolves an empty `modules`: the image next to the
+        // kernel when it was built.
+        if guest.join("modules.img").is_file() {
+            config.hypervisor.modules = guest.join("modules.img");
+        }
         assert!(
             config.hypervisor.qemu_path.is_file(),
             "{} is missing: run hack/install-deps.sh",

@@ -115,12 +115,8 @@ pub fn load_modules(list: &str) -> anyhow::Result<usize> {
         if rel.is_empty() || rel.starts_with('#') {
             continue;
         }
-        let path = dir.join(rel);
-        let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
-            Ok(()) => loaded += 1,
-            Err(nix::errno::Errno::EEXIST) => {}
-            Err(err) => return Err(err).with_context(|| format!("load module {rel}")),
+        if crate::modules::load(&dir.join(rel), "")? {
+            loaded += 1;
         }
     }
     Ok(loaded)

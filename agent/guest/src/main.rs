@@ -6,10 +6,15 @@
 //!
 //! Run as anything but PID 1 it refuses to touch the system (it would mount
 //! over the host's /proc), so it is safe to execute by mistake on a host.
+//! Run as `modprobe` (the initramfs's `/sbin/modprobe` links here) it is the
+//! kernel's module loader helper instead (`modprobe.rs`).
 
 mod container;
 mod forward;
 mod init;
+mod modprobe;
+mod modules;
+mod modules_disk;
 mod network;
 mod notify;
 mod pidns;
@@ -23,6 +28,10 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use agent::protocol::agent_ttrpc;
 
 fn main() -> ExitCode {
+    // Before the PID 1 check: the kernel's usermode helper is not PID 1.
+    if modprobe::invoked() {
+        return modprobe::main();
+    }
     if matches!(
         std::env::args().nth(1).as_deref(),
         Some(pidns::HOLDER_ARG | pidns::IPC_HOLDER_ARG)
@@ -36,6 +45,9 @@ fn main() -> ExitCode {
     if let Err(err) = init::early() {
         // Without /proc and the console there is little to report through.
         eprintln!("vc-agent: early init failed: {err:#}");
+    }
+    if let Err(err) = modules_disk::disable_modprobe() {
+        eprintln!("vc-agent: {err:#}");
     }
     // Log to the console through a handle of our own, not fd 2: processes
     // forked by libcontainer inherit the subscriber, and their fd 2 is the
@@ -123,6 +135,16 @@ async fn run() -> anyhow::Result<()> {
             Err(err) => tracing::error!("loading modules: {err:#}"),
         }
         let _ = modules_done.send(true);
+        // Last: nothing on the way to a first container needs it.
+        match modules_disk::mount_and_enable() {
+            Ok(Some(at)) => tracing::info!(
+                at = %at.display(),
+                uptime_ms = service::uptime().map(|u| u.as_millis()).unwrap_or(0),
+                "modules disk mounted, modprobe on"
+            ),
+            Ok(None) => tracing::info!("no modules disk: only the image's own modules load"),
+            Err(err) => tracing::error!("modules disk: {err:#}"),
+        }
     });
     // Mount the shared filesystem as soon as its module is there, off the
     // first CreateContainer's path (which would otherwise mount it).

@@ -433,7 +433,7 @@ fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
     })
 }
 
-fn uptime() -> anyhow::Result<Duration> {
+pub fn uptime() -> anyhow::Result<Duration> {
     let text = std::fs::read_to_string("/proc/uptime")?;
     let secs: f64 = text
         .split_whitespace()

@@ -96,6 +96,8 @@ pub struct Spec<'a> {
     pub hotplug_slots: u32,
     /// The virtio-scsi controller `scsi0` that disks are attached to.
     pub disk_controller: bool,
+    /// The read-only modules disk image (the guest kernel's module tree).
+    pub modules: Option<&'a Path>,
 }
 
 /// Kernel parameters that every guest gets. `quiet` keeps the slow emulated
@@ -323,6 +325,35 @@ fn disk_controller_args(spec: &Spec<'_>) -> Vec<String> {
     strings(&["-device", &format!("{device},id=scsi0")])
 }
 
+/// The modules disk: virtio-blk, not a target on the SCSI controller, so
+/// it needs no controller (`disk_hotplug = false` keeps it), can never take
+/// a target a hot-plugged rootfs disk wants, and is found by its serial.
+/// Read-only twice over: QEMU opens the file `O_RDONLY` (one image, shared
+/// by every VM, that a hostile guest must not change) and the guest sees a
+/// write-protected device.
+fn modules_disk_args(spec: &Spec<'_>) -> Vec<String> {
+    let Some(image) = spec.modules else {
+        return Vec::new();
+    };
+    let device = if spec.machine == MachineType::Microvm {
+        "virtio-blk-device"
+    } else {
+        "virtio-blk-pci"
+    };
+    strings(&[
+        "-drive",
+        &format!(
+            "if=none,id=modules,file={},format=raw,readonly=on",
+            escape(image)
+        ),
+        "-device",
+        &format!(
+            "{device},id=modules0,drive=modules,serial={}",
+            crate::MODULES_DISK_SERIAL
+        ),
+    ])
+}
+
 fn nic_args(spec: &Spec<'_>) -> Vec<String> {
     let device = if spec.machine == MachineType::Microvm {
         "virtio-net-device"
@@ -360,6 +391,7 @@ pub fn build(spec: &Spec<'_>) -> Vec<String> {
         shared_fs_args,
         nic_args,
         disk_controller_args,
+        modules_disk_args,
         hotplug_args,
     ]
     .iter()
@@ -400,6 +432,7 @@ mod tests {
             nics: Vec::new(),
             hotplug_slots: 2,
             disk_controller: true,
+            modules: None,
         }
     }
 
@@ -462,6 +495,34 @@ mod tests {
         ));
         s.disk_controller = false;
         assert!(!build(&s).iter().any(|a| a.contains("scsi")));
+    }
+
+    #[test]
+    fn the_modules_disk_is_read_only_virtio_blk_on_either_machine() {
+        let paths = RunPaths::new(Path::new("/r"));
+        let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        assert!(!build(&s).iter().any(|a| a.contains("modules")));
+        s.modules = Some(Path::new("/g/a,b/modules.img"));
+        let args = build(&s);
+        assert!(has_pair(
+            &args,
+            "-drive",
+            "if=none,id=modules,file=/g/a,,b/modules.img,format=raw,readonly=on"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-blk-pci,id=modules0,drive=modules,serial=vc-modules"
+        ));
+        s.machine = MachineType::Microvm;
+        s.disk_controller = false;
+        let args = build(&s);
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-blk-device,id=modules0,drive=modules,serial=vc-modules"
+        ));
+        assert!(!args.iter().any(|a| a.contains("scsi")));
     }
 
     #[test]

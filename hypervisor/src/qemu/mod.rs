@@ -264,6 +264,10 @@ impl Qemu {
         shared: Option<SharedDevice>,
     ) -> Result<ProcessRef> {
         let state = self.lock().clone();
+        let modules = Some(self.config.modules.as_path()).filter(|p| !p.as_os_str().is_empty());
+        if modules.is_none() {
+            tracing::info!(id = %state.id, "no modules disk (hypervisor.modules is empty and no modules.img is next to the kernel): the guest has no modprobe");
+        }
         let spec = Spec {
             id: &state.id,
             machine: self.config.machine,
@@ -280,6 +284,7 @@ impl Qemu {
             shared,
             hotplug_slots: self.config.hotplug_slots,
             disk_controller: self.config.disk_hotplug,
+            modules,
             nics: self
                 .nics
                 .iter()
@@ -411,6 +416,13 @@ fn validate(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
                 path: path.clone(),
             });
         }
+    }
+    // Optional, but one that is named must be there.
+    if !config.modules.as_os_str().is_empty() && !config.modules.is_file() {
+        return Err(HypervisorError::MissingFile {
+            what: "guest modules image",
+            path: config.modules.clone(),
+        });
     }
     for socket in RunPaths::new(&vm.run_dir).sockets() {
         if socket.as_os_str().len() > 107 {
@@ -805,6 +817,14 @@ mod tests {
         assert!(err.to_string().starts_with("guest kernel "), "{err}");
         assert!(err.to_string().ends_with("/nope does not exist"), "{err}");
         assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
+        let named_modules = HypervisorConfig {
+            modules: dir.path().join("modules.img"),
+            ..cfg.clone()
+        };
+        let err = validate(&named_modules, &vm(dir.path(), 1, 256)).expect_err("missing modules");
+        assert!(err.to_string().starts_with("guest modules image "), "{err}");
+        std::fs::write(dir.path().join("modules.img"), b"m").expect("write");
+        assert!(validate(&named_modules, &vm(dir.path(), 1, 256)).is_ok());
         let mut bad_mac = vm(dir.path(), 1, 256);
         bad_mac.nics.push(crate::Nic {
             tap: std::sync::Arc::new(std::fs::File::open("/dev/null").expect("open").into()),
