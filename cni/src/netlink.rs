@@ -1,29 +1,25 @@
-//! A small synchronous rtnetlink client for the calling thread's network
-//! namespace (create it inside [`crate::NetNs::run`]): links, addresses,
-//! routes, ingress qdiscs and u32 + mirred redirect filters.
+//! The host's typed rtnetlink operations in the calling thread's network
+//! namespace (create [`Rtnl`] inside [`crate::NetNs::run`]): links,
+//! addresses, routes, ingress qdiscs and u32 + mirred redirect filters. The
+//! request loop is the workspace's one ([`rtnl::Rtnl`]), shared with the guest.
 
 use std::io;
 use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
-};
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
+use netlink_packet_route::address::{AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteScope, RouteType,
-};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionMirrorOption, TcActionOption, TcActionType, TcAttribute,
     TcFilterU32Option, TcHandle, TcMessage, TcMirror, TcMirrorActionType, TcOption, TcU32Key,
     TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use rtnl::{address_ip, format_mac, route_ip, route_table};
 
 use crate::result::IpNet;
 
@@ -34,8 +30,7 @@ const RT_TABLE_MAIN: u8 = 254;
 
 /// One netlink socket in the current thread's netns.
 pub(crate) struct Rtnl {
-    sock: Socket,
-    seq: u32,
+    nl: rtnl::Rtnl,
 }
 
 /// What we read of a link.
@@ -57,67 +52,24 @@ pub(crate) struct Route {
     pub scope: &'static str,
 }
 
-fn nl_err(code: i32) -> io::Error {
-    io::Error::from_raw_os_error(code.abs())
-}
-
-fn bad(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
 impl Rtnl {
     pub fn new() -> io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind_auto()?;
-        sock.connect(&SocketAddr::new(0, 0))?;
-        Ok(Self { sock, seq: 0 })
+        Ok(Self {
+            nl: rtnl::Rtnl::new()?,
+        })
     }
 
-    /// Send one request; collect the replies of a dump, or wait for the ACK.
+    /// A change or a single get: acknowledged by the kernel.
     fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        let mut packet = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(msg));
-        packet.header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
-        packet.header.sequence_number = seq;
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf[..]);
-        self.sock.send(&buf, 0)?;
+        self.nl.request(msg, flags | NLM_F_ACK)
+    }
 
-        let mut out = Vec::new();
-        let mut rbuf = vec![0u8; 64 * 1024];
-        loop {
-            let size = self.sock.recv(&mut &mut rbuf[..], 0)?;
-            let mut offset = 0;
-            while offset < size {
-                let msg: NetlinkMessage<RouteNetlinkMessage> =
-                    NetlinkMessage::deserialize(&rbuf[offset..size])
-                        .map_err(|e| bad(e.to_string()))?;
-                let len = msg.header.length as usize;
-                if len == 0 {
-                    return Err(bad("netlink message of length 0"));
-                }
-                offset += len;
-                if msg.header.sequence_number != seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) => match e.code {
-                        Some(code) => return Err(nl_err(code.get())),
-                        None => return Ok(out),
-                    },
-                    NetlinkPayload::InnerMessage(m) => out.push(m),
-                    _ => {}
-                }
-            }
-        }
+    fn dump(&mut self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.nl.request(msg, NLM_F_DUMP)
     }
 
     /// The link called `name`, or `None`.
@@ -181,10 +133,7 @@ impl Rtnl {
 
     /// Global-scope addresses of `index`, IPv4 first.
     pub fn addrs(&mut self, index: u32) -> io::Result<Vec<IpNet>> {
-        let replies = self.request(
-            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            NLM_F_DUMP,
-        )?;
+        let replies = self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
         let mut out = Vec::new();
         for r in replies {
             let RouteNetlinkMessage::NewAddress(a) = r else {
@@ -193,16 +142,7 @@ impl Rtnl {
             if a.header.index != index || a.header.scope != AddressScope::Universe {
                 continue;
             }
-            let mut local = None;
-            let mut address = None;
-            for attr in &a.attributes {
-                match attr {
-                    AddressAttribute::Local(ip) => local = Some(*ip),
-                    AddressAttribute::Address(ip) => address = Some(*ip),
-                    _ => {}
-                }
-            }
-            if let Some(addr) = local.or(address) {
+            if let Some(addr) = address_ip(&a) {
                 out.push(IpNet {
                     addr,
                     prefix_len: a.header.prefix_len,
@@ -219,29 +159,26 @@ impl Rtnl {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut m = RouteMessage::default();
             m.header.address_family = family;
-            let replies = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+            let replies = self.dump(RouteNetlinkMessage::GetRoute(m))?;
             for r in replies {
                 let RouteNetlinkMessage::NewRoute(r) = r else {
                     continue;
                 };
-                if r.header.kind != RouteType::Unicast {
+                if r.header.kind != RouteType::Unicast
+                    || route_table(&r) != u32::from(RT_TABLE_MAIN)
+                {
                     continue;
                 }
-                let mut table = u32::from(r.header.table);
                 let mut dst = None;
                 let mut gateway = None;
                 let mut oif = None;
                 for a in &r.attributes {
                     match a {
-                        RouteAttribute::Table(t) => table = *t,
                         RouteAttribute::Destination(d) => dst = route_ip(d),
                         RouteAttribute::Gateway(g) => gateway = route_ip(g),
                         RouteAttribute::Oif(i) => oif = Some(*i),
                         _ => {}
                     }
-                }
-                if table != u32::from(RT_TABLE_MAIN) {
-                    continue;
                 }
                 let addr = match (dst, family) {
                     (Some(a), _) => a,
@@ -269,10 +206,9 @@ impl Rtnl {
 
     /// Permanent (static) neighbour entries on `index`: (IP, MAC).
     pub fn permanent_neighbours(&mut self, index: u32) -> io::Result<Vec<(IpAddr, String)>> {
-        let replies = self.request(
-            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
-            NLM_F_DUMP,
-        )?;
+        let replies = self.dump(RouteNetlinkMessage::GetNeighbour(
+            NeighbourMessage::default(),
+        ))?;
         let mut out = Vec::new();
         for r in replies {
             let RouteNetlinkMessage::NewNeighbour(n) = r else {
@@ -385,7 +321,7 @@ impl Rtnl {
             major: 0xffff,
             minor: 0,
         };
-        let replies = self.request(RouteNetlinkMessage::GetTrafficFilter(m), NLM_F_DUMP)?;
+        let replies = self.dump(RouteNetlinkMessage::GetTrafficFilter(m))?;
         let mut kinds = Vec::new();
         for r in replies {
             let RouteNetlinkMessage::NewTrafficFilter(f) = r else {
@@ -408,21 +344,5 @@ impl Rtnl {
             }
         }
         Ok(kinds)
-    }
-}
-
-fn format_mac(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
     }
 }

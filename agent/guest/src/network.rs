@@ -14,10 +14,7 @@ use std::{
 };
 
 use agent::protocol::agent as pb;
-use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkFlags, LinkMessage},
@@ -28,7 +25,7 @@ use netlink_packet_route::{
     },
     AddressFamily, RouteNetlinkMessage,
 };
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+use rtnl::{address_ip, format_mac, route_ip, route_table};
 
 use crate::container::Failure;
 
@@ -37,71 +34,30 @@ type Result<T> = std::result::Result<T, Failure>;
 /// How long UpdateInterface waits for a NIC whose driver is still loading.
 const NIC_APPEAR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// One rtnetlink socket, used for one request at a time.
+/// One rtnetlink socket (the workspace's request loop, [`rtnl::Rtnl`]),
+/// used for one request at a time; its errors name what was being done.
 struct Netlink {
-    socket: Socket,
-    seq: u32,
+    nl: rtnl::Rtnl,
 }
 
 impl Netlink {
     fn open() -> Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| internal("netlink socket", e))?;
-        socket
-            .bind_auto()
-            .map_err(|e| internal("netlink bind", e))?;
-        Ok(Self { socket, seq: 0 })
+        let nl = rtnl::Rtnl::new().map_err(|e| internal("netlink socket", e))?;
+        Ok(Self { nl })
     }
 
-    /// Sends `msg` with `flags` and collects every reply message up to the
-    /// ACK (or the end of a dump). A netlink error becomes an error naming `what`.
+    /// Sends `msg` with `flags` and collects the replies (up to the ACK, or
+    /// the end of a dump: [`rtnl::Rtnl::request`]). A netlink error becomes
+    /// an error naming `what`.
     fn request(
         &mut self,
         what: &str,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut req = NetlinkMessage::from(msg);
-        req.header.flags = NLM_F_REQUEST | flags;
-        req.header.sequence_number = self.seq;
-        req.finalize();
-        let mut buf = vec![0u8; req.buffer_len()];
-        req.serialize(&mut buf);
-        self.socket.send(&buf, 0).map_err(|e| internal(what, e))?;
-        let mut replies = Vec::new();
-        let mut rx = vec![0u8; 64 * 1024];
-        loop {
-            let n = self
-                .socket
-                .recv(&mut &mut rx[..], 0)
-                .map_err(|e| internal(what, e))?;
-            let mut offset = 0;
-            while offset < n {
-                let bytes = &rx[offset..n];
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
-                    .map_err(|e| internal(what, std::io::Error::other(e.to_string())))?;
-                let len = msg.header.length as usize;
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(replies),
-                    NetlinkPayload::Error(err) => {
-                        return match err.code {
-                            None => Ok(replies),
-                            Some(code) => Err(netlink_failure(what, -code.get())),
-                        };
-                    }
-                    NetlinkPayload::InnerMessage(inner) => replies.push(inner),
-                    _ => {}
-                }
-                if len == 0 {
-                    break;
-                }
-                offset += len;
-            }
-            // A plain request without ACK ends with its single answer.
-            if flags & (NLM_F_ACK | NLM_F_DUMP) == 0 {
-                return Ok(replies);
-            }
-        }
+        self.nl
+            .request(msg, flags)
+            .map_err(|e| netlink_failure(what, e))
     }
 
     fn links(&mut self) -> Result<Vec<LinkMessage>> {
@@ -157,15 +113,16 @@ fn internal(what: &str, err: std::io::Error) -> Failure {
     Failure::Internal(format!("{what}: {err}"))
 }
 
-fn netlink_failure(what: &str, errno: i32) -> Failure {
-    let err = std::io::Error::from_raw_os_error(errno);
-    match errno {
-        libc::EINVAL | libc::ERANGE | libc::ENETUNREACH => {
+/// The kernel's refusal by its errno; anything else (the socket, a reply
+/// that does not parse) is internal.
+fn netlink_failure(what: &str, err: std::io::Error) -> Failure {
+    match err.raw_os_error() {
+        Some(libc::EINVAL | libc::ERANGE | libc::ENETUNREACH) => {
             Failure::InvalidArgument(format!("{what}: {err}"))
         }
-        libc::EEXIST => Failure::AlreadyExists(format!("{what}: {err}")),
-        libc::ENODEV | libc::ESRCH => Failure::NotFound(format!("{what}: {err}")),
-        _ => Failure::Internal(format!("{what}: {err}")),
+        Some(libc::EEXIST) => Failure::AlreadyExists(format!("{what}: {err}")),
+        Some(libc::ENODEV | libc::ESRCH) => Failure::NotFound(format!("{what}: {err}")),
+        _ => internal(what, err),
     }
 }
 
@@ -191,14 +148,6 @@ fn parse_mac(text: &str) -> Result<Vec<u8>> {
             "hardware address {text:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"
         ))),
     }
-}
-
-fn format_mac(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 fn parse_ip(text: &str, what: &str) -> Result<IpAddr> {
@@ -253,21 +202,6 @@ fn link_mtu(link: &LinkMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(0)
-}
-
-fn address_ip(addr: &AddressMessage) -> Option<IpAddr> {
-    // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
-    // point-to-point links); IPv6 only sends IFA_ADDRESS.
-    let local = addr.attributes.iter().find_map(|a| match a {
-        AddressAttribute::Local(ip) => Some(*ip),
-        _ => None,
-    });
-    local.or_else(|| {
-        addr.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        })
-    })
 }
 
 fn describe(link: &LinkMessage, addrs: &[AddressMessage]) -> pb::Interface {
@@ -435,25 +369,6 @@ pub fn list_routes() -> Result<Vec<pb::Route>> {
         .iter()
         .filter_map(|r| describe_route(r, &names))
         .collect())
-}
-
-fn route_ip(addr: &RouteAddress) -> Option<IpAddr> {
-    match addr {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
-}
-
-fn route_table(route: &RouteMessage) -> u32 {
-    route
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(route.header.table))
 }
 
 fn describe_route(route: &RouteMessage, names: &[(u32, String)]) -> Option<pb::Route> {
