@@ -3,7 +3,8 @@
 //! groups with the image's own memberships, seccomp (RuntimeDefault shows
 //! `Seccomp: 2`, a Localhost profile blocks what it names, in both the
 //! field's and the deprecated path's form), a privileged container (the
-//! guest's devices, every capability, a writable /sys), host-to-container
+//! guest's devices, every capability, a writable /sys, kernel modules
+//! loaded on demand), host-to-container
 //! mount propagation; and every combination a VM cannot honour refused with
 //! InvalidArgument naming its field. The first pod has a 68-character
 //! mixed-case name and no hostname, as the CRI validation suite sends.
@@ -512,6 +513,14 @@ async fn the_security_context_is_enforced_in_the_guest() {
         caps.split_whitespace().nth(1),
         Some("000001ffffffffff"),
         "every capability of a 6.1 kernel: {caps}"
+    );
+    // Kernel modules on demand: brctl needs `bridge`, which the guest's
+    // modprobe loads from its read-only module tree.
+    sh_ok(&mut rt, &root, "brctl addbr vcbr0 && ip link show vcbr0").await;
+    let modules = sh_ok(&mut rt, &root, "cat /proc/modules").await;
+    assert!(
+        modules.lines().any(|l| l.starts_with("bridge ")),
+        "bridge loaded: {modules}"
     );
     let sys = sh_ok(&mut rt, &root, "grep ' /sys sysfs ' /proc/mounts").await;
     assert!(sys.contains(" rw,"), "a writable /sys: {sys}");
