@@ -10,6 +10,8 @@
 //! malformed client stream ends that connection with an `InvalidData` error,
 //! logged once at warn.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 pub mod frames;
 pub mod hpack;
 mod huffman;
