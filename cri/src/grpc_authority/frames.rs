@@ -121,17 +121,54 @@ impl Rewriter {
         self.rewritten
     }
 
-    /// Inside a passed-through payload: how many bytes of it are left (the
-    /// caller may move them itself, then tell [`Self::passed`]).
-    pub fn pass_remaining(&self) -> Option<usize> {
-        match self.state {
-            State::Pass(n) if n > 0 => Some(n),
-            _ => None,
-        }
+    /// Whether the next bytes may be read straight into the caller's
+    /// buffer and given to [`Self::pass_prefix`]: past the preface and not
+    /// inside a header block.
+    pub fn direct(&self) -> bool {
+        self.block.is_none() && !matches!(self.state, State::Preface(_))
     }
 
-    /// `n` bytes of the current payload went through the caller.
-    pub fn passed(&mut self, n: usize) {
+    /// Of `bytes`, just read from the client (with nothing held back
+    /// before them), how many from the start pass as they are: the rest of
+    /// the current passed-through payload, and whole heads of frames that
+    /// are not header frames, with their payloads. Stops at a header frame
+    /// or an incomplete frame head, which the caller gives to [`Self::feed`]
+    /// with what follows.
+    pub fn pass_prefix(&mut self, bytes: &[u8]) -> usize {
+        let mut pos = 0;
+        while self.block.is_none() {
+            match self.state {
+                State::Pass(left) => {
+                    let n = left.min(bytes.len() - pos);
+                    pos += n;
+                    self.passed(n);
+                    if pos == bytes.len() {
+                        break;
+                    }
+                }
+                State::Head => {
+                    let Some(head) = bytes.get(pos..pos + HEAD_LEN) else {
+                        break;
+                    };
+                    if matches!(head[3], HEADERS | CONTINUATION | PUSH_PROMISE) {
+                        break;
+                    }
+                    let len = (usize::from(head[0]) << 16)
+                        | (usize::from(head[1]) << 8)
+                        | usize::from(head[2]);
+                    pos += HEAD_LEN;
+                    if len > 0 {
+                        self.state = State::Pass(len);
+                    }
+                }
+                State::Preface(_) => break,
+            }
+        }
+        pos
+    }
+
+    /// `n` bytes of the current payload went through.
+    fn passed(&mut self, n: usize) {
         if let State::Pass(left) = self.state {
             let left = left.saturating_sub(n);
             self.state = if left == 0 {
@@ -570,9 +607,37 @@ mod tests {
         r.feed(&mut input, &mut out).unwrap();
         assert!(input.is_empty(), "nothing held back");
         assert_eq!(out.len(), 24 + 9 + 100);
-        assert_eq!(r.pass_remaining(), Some((1 << 24) - 1 - 100));
-        r.passed((1 << 24) - 1 - 100);
-        assert_eq!(r.pass_remaining(), None);
+        assert!(matches!(r.state, State::Pass(n) if n == (1 << 24) - 1 - 100));
+    }
+
+    #[test]
+    fn pass_prefix_stops_at_header_frames_and_partial_heads() {
+        let mut r = Rewriter::new();
+        let mut input = BytesMut::from(&PREFACE[..]);
+        r.feed(&mut input, &mut BytesMut::new()).unwrap();
+        assert!(r.direct());
+        let mut bytes = frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]);
+        bytes.extend(frame(DATA, 0, 1, &[5; 10]));
+        let passable = bytes.len();
+        bytes.extend(frame(HEADERS, END_HEADERS, 3, &[0x82]));
+        assert_eq!(r.pass_prefix(&bytes), passable);
+        assert_eq!(r.pass_prefix(&bytes[passable..]), 0);
+        // A payload split across reads, then half a head.
+        let mut r = Rewriter::new();
+        r.feed(&mut BytesMut::from(&PREFACE[..]), &mut BytesMut::new())
+            .unwrap();
+        let data = frame(DATA, 0, 1, &[5; 100]);
+        assert_eq!(r.pass_prefix(&data[..50]), 50);
+        assert_eq!(r.pass_prefix(&data[50..]), 59);
+        assert_eq!(r.pass_prefix(&data[..4]), 0);
+        // Not before the preface is through, nor inside a header block.
+        assert!(!Rewriter::new().direct());
+        let mut r = Rewriter::new();
+        let mut input = BytesMut::from(&PREFACE[..]);
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        r.feed(&mut input, &mut BytesMut::new()).unwrap();
+        assert!(!r.direct());
+        assert_eq!(r.pass_prefix(&frame(CONTINUATION, END_HEADERS, 1, &[])), 0);
     }
 
     #[test]

@@ -29,9 +29,11 @@ use tonic::transport::server::Connected;
 
 pub use frames::FrameError;
 
-/// How much is read from the client at once when not passing a payload
-/// straight through.
+/// How much is read from the client at once into our own buffer (inside
+/// header frames).
 const READ_CHUNK: usize = 16 * 1024;
+/// How much is read at most straight into the caller's buffer.
+const DIRECT_READ: usize = 256 * 1024;
 
 /// An accepted HTTP/2 connection whose client→server header blocks get
 /// `:authority: localhost`; everything else is passed as it is.
@@ -96,18 +98,25 @@ impl<T: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<T> {
             if let Some(why) = &this.failed {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why.clone())));
             }
-            if this.input.is_empty() {
-                if let Some(left) = this.rewriter.pass_remaining() {
-                    // Inside a DATA (or other passed) payload: straight into
-                    // the caller's buffer, no copy of ours.
-                    let n = left.min(buf.remaining());
-                    let mut part = ReadBuf::new(buf.initialize_unfilled_to(n));
-                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
-                    let got = part.filled().len();
-                    buf.advance(got);
-                    this.rewriter.passed(got);
+            if this.input.is_empty() && this.rewriter.direct() {
+                // Straight into the caller's buffer; what passes as it is
+                // (payloads, frames other than HEADERS) stays there, the
+                // rest goes through the rewriter.
+                let n = buf.remaining().min(DIRECT_READ);
+                let mut part = ReadBuf::new(buf.initialize_unfilled_to(n));
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
+                let got = part.filled();
+                if got.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
+                let pass = this.rewriter.pass_prefix(got);
+                this.input.extend_from_slice(&got[pass..]);
+                buf.advance(pass);
+                if pass > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                fed = false;
+                continue;
             } else if !fed {
                 fed = true;
                 if let Err(e) = this.rewriter.feed(&mut this.input, &mut this.output) {
