@@ -48,6 +48,7 @@ bench: build
 	$(CARGO) run --profile release-unwind -p tests --example bench_network
 	$(CARGO) run --profile release-unwind -p tests --example bench_cri
 	$(CARGO) run --profile release-unwind -p tests --example bench_rootfs
+	$(CARGO) run --profile release-unwind -p cri --example bench_authority
 
 # vcrid with the defaults (or /etc/vcrid/config.toml): the guest image from
 # build/guest, a default CNI bridge config written only when

@@ -32,6 +32,19 @@ packages=(
   protobuf-compiler    # protoc, for the CRI protocol (k8s-cri) and the agent API
   golang-go            # the streaming interop test's client: moby/spdystream, kubectl's SPDY library
   golang-github-docker-spdystream-dev  # (that library's source, for the Go client above)
+  golang-google-grpc-dev  # the CRI interop test's Go client: gRPC-Go, kubelet's and crictl's gRPC
+  protoc-gen-go        # Go messages generated from the CRI proto for that client
+  protoc-gen-go-grpc   # Go gRPC stubs generated from the CRI proto for that client
+  golang-github-golang-protobuf-1-5-dev  # the protobuf runtime both use (1.3's lacks the API protoc-gen-go targets)
+  python3-venv         # the venv for grpcio (below)
+)
+
+# PyPI packages for the CRI interop test's Python client (grpcio sends the
+# socket path percent-encoded as :authority), in a venv under build/: name version.
+py_env=build/pyenv
+py_packages=(
+  "grpcio 1.85.1"
+  "grpcio-tools 1.85.1"
 )
 
 # Cargo-installed helpers: name version binary.
@@ -69,3 +82,17 @@ for entry in "${cargo_helpers[@]}"; do
     cargo install --quiet --locked "$name@$version"
   fi
 done
+
+# A second run only looks for the packages' dist-info directories.
+cd "$(dirname "$0")/.."
+[ -x "$py_env/bin/python3" ] || python3 -m venv "$py_env"
+want=()
+for entry in "${py_packages[@]}"; do
+  read -r name version <<<"$entry"
+  compgen -G "$py_env/lib/python3*/site-packages/${name//-/_}-$version.dist-info" >/dev/null ||
+    want+=("$name==$version")
+done
+if [ ${#want[@]} -gt 0 ]; then
+  echo "install-deps: pip install ${want[*]} into $py_env"
+  "$py_env/bin/python3" -m pip install --quiet --disable-pip-version-check "${want[@]}"
+fi

@@ -11,6 +11,7 @@
 pub mod check;
 pub mod config;
 pub mod error;
+pub mod grpc_authority;
 mod image;
 mod rpc_log;
 mod runtime;

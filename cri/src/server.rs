@@ -188,9 +188,30 @@ impl Cri {
     }
 }
 
+/// What `serve_with` does to the `:authority` of the requests it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authority {
+    /// Every `:authority` becomes `localhost` before h2 sees it
+    /// (`crate::grpc_authority`): kubelet, crictl, grpc-java and grpc-python
+    /// send socket paths that h2 refuses.
+    Rewrite,
+    /// Requests reach h2 as sent (benchmarks, and tests proving the rewrite
+    /// is needed).
+    AsSent,
+}
+
 /// Serves `cri` on its configured socket until `shutdown` resolves. Pods keep
 /// running after a shutdown; the next `vcrid` finds them.
 pub async fn serve(cri: Cri, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    serve_with(cri, Authority::Rewrite, shutdown).await
+}
+
+/// [`serve`], choosing what happens to `:authority`.
+pub async fn serve_with(
+    cri: Cri,
+    authority: Authority,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let path = cri
         .inner
         .config
@@ -200,14 +221,24 @@ pub async fn serve(cri: Cri, shutdown: impl std::future::Future<Output = ()>) ->
     cri.start_streaming().await?;
     cri.recover().await?;
     cri.spawn_exit_events();
-    tracing::info!(socket = %path.display(), "vcrid serves");
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let result = tonic::transport::Server::builder()
+    tracing::info!(socket = %path.display(), ?authority, "vcrid serves");
+    let router = tonic::transport::Server::builder()
         .layer(crate::rpc_log::RpcLogLayer)
         .add_service(RuntimeServiceServer::new(cri.clone()))
-        .add_service(ImageServiceServer::new(cri.clone()))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(ImageServiceServer::new(cri.clone()));
+    let result = match authority {
+        Authority::Rewrite => {
+            router
+                .serve_with_incoming_shutdown(crate::grpc_authority::incoming(listener), shutdown)
+                .await
+        }
+        Authority::AsSent => {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     let _ = std::fs::remove_file(&path);
     result.map_err(|e| CriError::Internal(format!("gRPC server: {e}")))
 }
