@@ -135,13 +135,15 @@ async fn an_agent_that_never_answers_times_out_and_the_vm_is_cleaned_up() {
         env.dir.path(),
         "echo no agent here; exec /bin/busybox sleep 3600",
     );
-    config.agent.dial_timeout_ms = 4000;
+    // Long enough for the busybox init to print under a loaded TCG host
+    // (4 s was not, once: the tail was empty).
+    config.agent.dial_timeout_ms = 15000;
     let rt = Runtime::new(config).expect("runtime");
     let err = rt.create_sandbox(cfg("mute")).await.expect_err("no agent");
     let text = err.chain();
     assert_eq!(err.kind(), ErrorKind::DeadlineExceeded, "{text}");
     assert!(
-        text.contains("the agent did not answer within 4s"),
+        text.contains("the agent did not answer within 15s"),
         "{text}"
     );
     assert!(
