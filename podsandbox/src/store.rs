@@ -217,7 +217,26 @@ impl Store {
 
     /// Removes everything of a sandbox. Gone already is fine.
     pub fn remove(&self, id: &str) -> Result<()> {
+        // Moved aside first, in one rename: a lock() racing with the removal
+        // (a monitor recording an exit) then finds no directory, instead of
+        // creating its lock file in one being emptied (ENOTEMPTY).
         let dir = self.dir(id);
+        let doomed = self.root.join(format!(".deleting-{id}"));
+        if doomed.exists() {
+            // A removal that was cut short earlier.
+            let _ = fs::remove_dir_all(&doomed);
+        }
+        let dir = match fs::rename(&dir, &doomed) {
+            Ok(()) => doomed,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(Error::Io {
+                    action: "move aside",
+                    path: dir,
+                    source,
+                })
+            }
+        };
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -290,6 +309,12 @@ mod tests {
         assert!(matches!(store.load("a"), Err(Error::NotFound { .. })));
         assert!(matches!(store.lock("a").await, Err(Error::NotFound { .. })));
         store.remove("a").expect("idempotent");
+        let left: Vec<String> = fs::read_dir(dir.path().join("sandboxes"))
+            .expect("root")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["b"], "not even the moved-aside dir of a");
     }
 
     #[tokio::test]
