@@ -89,6 +89,49 @@ impl ProcessRef {
         }
     }
 
+    /// Resolves once the process has exited: woken by the kernel through a
+    /// pidfd (no polling), which works for processes that are not our
+    /// children (a VMM started by an earlier vcrid). The PID is checked to
+    /// be this very process after the pidfd is open, so a recycled PID is
+    /// never waited for. Falls back to polling where pidfds do not exist.
+    pub async fn exited(&self) {
+        let Some(pid) = rustix::process::Pid::from_raw(self.pid) else {
+            return;
+        };
+        let fd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK) {
+            Ok(fd) => fd,
+            // Gone already.
+            Err(rustix::io::Errno::SRCH) => return,
+            Err(err) => {
+                tracing::debug!(pid = self.pid, "pidfd_open: {err}; polling instead");
+                while self.is_alive() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return;
+            }
+        };
+        if !self.is_alive() {
+            return;
+        }
+        // Deprecated because a caller could close the fd behind tokio's
+        // back; this one owns it (an OwnedFd moved in) for its whole life.
+        #[allow(deprecated)]
+        let registered = tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE);
+        match registered {
+            // A pidfd becomes readable when its process exits (a zombie
+            // counts as exited).
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            Err(err) => {
+                tracing::debug!(pid = self.pid, "pidfd: {err}; polling instead");
+                while self.is_alive() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     /// SIGTERM, then SIGKILL after `grace`; returns once it is gone.
     pub async fn terminate(&self, grace: Duration) -> Result<()> {
         self.signal(Signal::SIGTERM)?;
@@ -274,5 +317,28 @@ mod tests {
             .await
             .expect("terminate");
         assert!(!p.is_alive());
+    }
+
+    #[tokio::test]
+    async fn exited_wakes_on_the_exit_of_a_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = spawn_detached(
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            &dir.path().join("log"),
+        )
+        .expect("spawn");
+        let waiter = tokio::spawn(async move { p.exited().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "the process still runs");
+        p.signal(Signal::SIGKILL).expect("kill");
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the exit")
+            .expect("join");
+        // A process that is gone resolves at once.
+        tokio::time::timeout(Duration::from_secs(1), p.exited())
+            .await
+            .expect("gone already");
     }
 }

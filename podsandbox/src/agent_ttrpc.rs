@@ -27,6 +27,9 @@ const NETWORK_CALL: Duration = Duration::from_secs(20);
 const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Container management calls (create runs the guest's OCI runtime).
 const CONTAINER_CALL: Duration = Duration::from_secs(60);
+/// A signal is one kill(2) in the guest: a guest that does not answer in
+/// this long is hung, and a stop must not wait for it longer.
+const SIGNAL_CALL: Duration = Duration::from_secs(10);
 /// Bytes per ReadStdout/ReadStderr round trip (the guest's pipes hold 1 MiB).
 const READ_CHUNK: u32 = 1 << 20;
 
@@ -232,7 +235,7 @@ impl AgentClient for TtrpcAgent {
         req.signal = signal;
         req.all = all;
         self.agent
-            .signal_process(ctx(CONTAINER_CALL), &req)
+            .signal_process(ctx(SIGNAL_CALL), &req)
             .await
             .map_err(rpc_error)
             .map(drop)

@@ -187,9 +187,13 @@ pub struct ContainerRecord {
     pub rootfs_disk: Option<hypervisor::DiskAddress>,
     pub log_path: Option<PathBuf>,
     pub exit_code: Option<i32>,
-    /// Why it ended, when the guest knows ("OOMKilled").
+    /// Why it ended, when the guest knows ("OOMKilled"), or "VMExited".
     #[serde(default)]
     pub reason: Option<String>,
+    /// What a person reads about the end: for a VM that died, QEMU's exit
+    /// and its last log and console lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     pub created_at: u64,
     /// Its stdio is a terminal.
     #[serde(default)]
@@ -213,6 +217,8 @@ pub struct ContainerStatus {
     pub log_path: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     pub created_at: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at_ns: Option<i64>,
@@ -246,6 +252,7 @@ impl ContainerRecord {
             exit_code: self.exit_code,
             log_path: self.log_path.clone(),
             reason: self.reason.clone(),
+            message: self.message.clone(),
             created_at: self.created_at,
             started_at_ns: self.started_at_ns,
             finished_at_ns: self.finished_at_ns,

@@ -165,6 +165,7 @@ impl Runtime {
             log_path: config.log_path.clone(),
             exit_code: None,
             reason: None,
+            message: None,
             created_at: now_secs(),
             tty: config.tty,
             started_at_ns: None,

@@ -10,6 +10,9 @@ use crate::{
 
 /// How long a waiter gives the container's monitor to record an exit.
 const MONITOR_GRACE: Duration = Duration::from_secs(10);
+/// How long a stop waits for the exit after SIGKILL: the kernel tears a
+/// killed process down in milliseconds unless the guest is hung.
+const KILL_WAIT: Duration = Duration::from_secs(10);
 
 impl Runtime {
     /// Sends `signal` to the container's process (or all its processes).
@@ -98,25 +101,52 @@ impl Runtime {
             }
             ContainerState::Running => {}
         }
-        self.kill_container(
-            sandbox_id,
-            id,
-            nix::sys::signal::Signal::SIGTERM as u32,
-            false,
-        )
-        .await?;
+        if let Err(err) = self
+            .kill_container(
+                sandbox_id,
+                id,
+                nix::sys::signal::Signal::SIGTERM as u32,
+                false,
+            )
+            .await
+        {
+            return self.ended_anyway(sandbox_id, id, err).await;
+        }
         match tokio::time::timeout(grace, self.wait_container(sandbox_id, id)).await {
             Ok(result) => result,
             Err(_) => {
-                self.kill_container(
-                    sandbox_id,
-                    id,
-                    nix::sys::signal::Signal::SIGKILL as u32,
-                    true,
-                )
-                .await?;
-                self.wait_container(sandbox_id, id).await
+                if let Err(err) = self
+                    .kill_container(
+                        sandbox_id,
+                        id,
+                        nix::sys::signal::Signal::SIGKILL as u32,
+                        true,
+                    )
+                    .await
+                {
+                    return self.ended_anyway(sandbox_id, id, err).await;
+                }
+                match tokio::time::timeout(KILL_WAIT, self.wait_container(sandbox_id, id)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::StopTimeout {
+                        id: id.into(),
+                        secs: KILL_WAIT.as_secs(),
+                    }),
+                }
             }
+        }
+    }
+
+    /// A signal failed: if that is because the container ended meanwhile
+    /// (or its VM died, which ends it: see `Runtime::vm_gone`), the stop
+    /// succeeded; otherwise the signal's error stands.
+    async fn ended_anyway(&self, sandbox_id: &str, id: &str, err: Error) -> Result<i32> {
+        // Under the lock the record is reconciled with the VM.
+        drop(self.locked(sandbox_id).await?);
+        let status = self.container_status(sandbox_id, id).await?;
+        match (status.state, status.exit_code) {
+            (ContainerState::Stopped, code) => Ok(code.unwrap_or(crate::VM_EXIT_CODE)),
+            _ => Err(err),
         }
     }
 

@@ -130,12 +130,22 @@ impl Runtime {
         Ok(code)
     }
 
-    /// Has the monitor of every container run outside this process (see
-    /// the module's doc).
+    /// For a caller that makes one process per call (`virtc`): the monitor
+    /// of every container runs outside this process (see the module's doc),
+    /// and every read goes to disk, since other processes write.
     pub fn monitor_externally(&self) {
         self.inner
             .in_process_monitors
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.inner.store.uncached();
+    }
+
+    /// Whether this process owns the state dir (monitors and the VMs'
+    /// watchers run here, records are read from memory).
+    pub(crate) fn owns_state(&self) -> bool {
+        self.inner
+            .in_process_monitors
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts the in-process monitor of a new container, unless monitors
@@ -280,25 +290,6 @@ impl Runtime {
     /// recorded.
     pub fn subscribe_exits(&self) -> tokio::sync::broadcast::Receiver<ContainerExit> {
         self.inner.exits.subscribe()
-    }
-
-    /// Starts in-process monitors for every container that has not exited,
-    /// in every sandbox whose VM runs: what a restarted long-lived caller
-    /// does to pick up log copying and exit recording where it stopped.
-    pub async fn resume_monitors(&self) -> Result<usize> {
-        let mut resumed = 0;
-        for sandbox in self.list_sandboxes().await? {
-            if !sandbox.state.vm_expected() {
-                continue;
-            }
-            for c in self.list_containers(&sandbox.id).await? {
-                if c.state != ContainerState::Stopped {
-                    self.spawn_container_monitor(&sandbox.id, &c.id);
-                    resumed += 1;
-                }
-            }
-        }
-        Ok(resumed)
     }
 }
 

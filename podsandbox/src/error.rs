@@ -72,6 +72,8 @@ pub enum Error {
         state: crate::container::ContainerState,
         hint: &'static str,
     },
+    #[error("container {id} did not exit within {secs}s of SIGKILL (is its guest hung?)")]
+    StopTimeout { id: String, secs: u64 },
     #[error("exec in container {id} did not finish within {secs}s; it was killed")]
     ExecTimeout { id: String, secs: f64 },
     #[error("container {id}: the agent refused {call}: {detail}")]
@@ -143,7 +145,7 @@ impl Error {
             Error::InvalidContainer { .. } => ErrorKind::InvalidArgument,
             Error::ContainerWrongState { .. } => ErrorKind::FailedPrecondition,
             Error::AgentRefused { kind, .. } => *kind,
-            Error::ExecTimeout { .. } => ErrorKind::DeadlineExceeded,
+            Error::ExecTimeout { .. } | Error::StopTimeout { .. } => ErrorKind::DeadlineExceeded,
         }
     }
 

@@ -35,6 +35,7 @@ mod error;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 mod mounts;
+mod recover;
 pub mod network;
 pub mod oci;
 mod sandbox;
@@ -56,8 +57,11 @@ pub use container_io::ProcessIo;
 pub use container_monitor::OutputChunk;
 pub use error::{Error, ErrorKind, Result};
 pub use hypervisor::DiskFormat;
+pub use recover::Recovery;
 pub use network::{
     DnsConfig, NetInterface, NetNeighbor, NetRoute, SandboxFiles, SandboxNetwork, TapFd,
 };
-pub use sandbox::{Runtime, Sandbox, SandboxConfig, SandboxStatus, VmFactory};
+pub use sandbox::{
+    Runtime, Sandbox, SandboxConfig, SandboxStatus, VmFactory, VM_EXIT_CODE, VM_EXIT_REASON,
+};
 pub use state::SandboxState;

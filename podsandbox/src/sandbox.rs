@@ -124,6 +124,9 @@ pub(crate) struct RuntimeInner {
     #[allow(clippy::type_complexity)]
     pub(crate) agents:
         std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, Arc<dyn AgentClient>)>>,
+    /// Guest details by sandbox, with the PIDs of the VM that gave them.
+    #[allow(clippy::type_complexity)]
+    pub(crate) guests: std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, GuestDetails)>>,
     /// Whether monitors run here (else in processes of their own).
     pub(crate) in_process_monitors: std::sync::atomic::AtomicBool,
     /// Log files open in in-process monitors, by "sandbox/container".
@@ -151,6 +154,41 @@ pub struct Sandbox {
 /// Agent calls on a live guest answer in milliseconds; this bounds a wedged one.
 pub(crate) const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The exit code of a container whose VM died under it (containerd's code
+/// for an exit nobody saw).
+pub const VM_EXIT_CODE: i32 = 255;
+/// The reason of such an exit.
+pub const VM_EXIT_REASON: &str = "VMExited";
+
+/// Ends every container of `record` that has not exited, with `code`,
+/// `reason` and `message`; returns the exits to announce.
+pub(crate) fn end_containers(
+    record: &mut SandboxRecord,
+    code: i32,
+    reason: Option<&str>,
+    message: &str,
+) -> Vec<crate::container::ContainerExit> {
+    let finished_at_ns = crate::container::now_ns();
+    let mut exits = Vec::new();
+    for c in &mut record.containers {
+        if c.state == crate::container::ContainerState::Stopped {
+            continue;
+        }
+        c.state = crate::container::ContainerState::Stopped;
+        c.exit_code = Some(code);
+        c.reason = reason.map(str::to_string);
+        c.message = Some(message.to_string());
+        c.finished_at_ns = Some(finished_at_ns);
+        exits.push(crate::container::ContainerExit {
+            sandbox_id: record.id.clone(),
+            id: c.id.clone(),
+            exit_code: code,
+            finished_at_ns,
+        });
+    }
+    exits
+}
+
 impl Runtime {
     /// A runtime with the real hypervisor and agent transport.
     pub fn new(config: RuntimeConfig) -> Result<Self> {
@@ -172,6 +210,7 @@ impl Runtime {
                 dialer,
                 monitors: Default::default(),
                 agents: Default::default(),
+                guests: Default::default(),
                 in_process_monitors: std::sync::atomic::AtomicBool::new(true),
                 exits: tokio::sync::broadcast::channel(256).0,
                 logs: Default::default(),
@@ -249,7 +288,7 @@ impl Runtime {
     }
 
     /// If the record says the VM is up but the VMM is gone, the sandbox is
-    /// stopped: record why, and stop what is left (helpers). Needs the lock.
+    /// stopped: see [`Runtime::vm_gone`]. Needs the lock.
     pub(crate) async fn reconcile(
         &self,
         record: &mut SandboxRecord,
@@ -267,17 +306,45 @@ impl Runtime {
                 return Ok(());
             }
         };
+        self.vm_gone(record, vm, reason).await
+    }
+
+    /// The VM of `record` died without being asked: what is left of it
+    /// (helpers) is stopped, the sandbox becomes `stopped` with the reason,
+    /// and every container that had not exited ends with it (exit code 255,
+    /// reason `VMExited`, QEMU's last words as the message); the record is
+    /// saved, then the exits are announced. Needs the lock.
+    pub(crate) async fn vm_gone(
+        &self,
+        record: &mut SandboxRecord,
+        vm: &dyn Hypervisor,
+        reason: String,
+    ) -> Result<()> {
         tracing::warn!(id = %record.id, "VM exited unexpectedly: {reason}");
         if let Err(err) = vm.stop(hypervisor::DEFAULT_STOP_GRACE).await {
             tracing::warn!(id = %record.id, "cleanup after VM exit: {err}");
         }
+        self.forget_agent(&record.id);
         record.state = record
             .state
             .next(Action::VmExited)
             .unwrap_or(SandboxState::Stopped);
+        let message = format!("the pod's VM exited: {reason}");
         record.reason = Some(reason);
         record.vm = Some(vm.state());
-        self.inner.store.save(record)
+        let exits = end_containers(record, VM_EXIT_CODE, Some(VM_EXIT_REASON), &message);
+        self.inner.store.save(record)?;
+        self.announce(exits);
+        Ok(())
+    }
+
+    /// Tells the subscribers of [`Runtime::subscribe_exits`].
+    pub(crate) fn announce(&self, exits: Vec<crate::container::ContainerExit>) {
+        for exit in exits {
+            tracing::info!(sandbox = %exit.sandbox_id, container = %exit.id, code = exit.exit_code, "container exited");
+            // Nobody listening is fine.
+            let _ = self.inner.exits.send(exit);
+        }
     }
 
     /// A connection to a sandbox's agent: the one this runtime already has
@@ -322,13 +389,54 @@ impl Runtime {
         Ok(client)
     }
 
-    /// Drops the cached agent connection of a sandbox whose VM is going.
+    /// Drops the cached agent connection (and guest details) of a sandbox
+    /// whose VM is going.
     pub(crate) fn forget_agent(&self, id: &str) {
         self.inner
             .agents
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        self.inner
+            .guests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// The guest's details (kernel, agent version): asked once per boot of
+    /// a VM, then answered from memory (they do not change while it runs).
+    pub(crate) async fn guest_details(
+        &self,
+        id: &str,
+        vm: &dyn Hypervisor,
+    ) -> Result<GuestDetails> {
+        let pids = vm.pids();
+        if let Some((_, details)) = self
+            .inner
+            .guests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|(p, _)| *p == pids)
+        {
+            return Ok(details.clone());
+        }
+        let agent = self.agent(id, vm).await?;
+        let details = agent
+            .guest_details(AGENT_CALL_TIMEOUT)
+            .await
+            .map_err(|e| Error::Agent {
+                id: id.into(),
+                call: "GetGuestDetails",
+                detail: e.detail,
+            })?;
+        self.inner
+            .guests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), (pids, details.clone()));
+        Ok(details)
     }
 
     /// Under the sandbox's lock: container `id` must be in one of `allowed`
@@ -781,6 +889,57 @@ mod lifecycle_tests {
         let err = h.rt.pause_sandbox("s1").await.expect_err("dead");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         h.rt.delete_sandbox("s1").await.expect("delete cleans up");
+    }
+
+    #[tokio::test]
+    async fn a_vm_that_dies_takes_its_containers_with_it() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        h.rt.start_sandbox("s1").await.expect("start");
+        h.rt.create_container("s1", block_container(&h, "c1"))
+            .await
+            .expect("c1");
+        h.rt.start_container("s1", "c1").await.expect("start c1");
+        h.rt.create_container("s1", block_container(&h, "c2"))
+            .await
+            .expect("c2");
+        let mut exits = h.rt.subscribe_exits();
+        h.vms
+            .get("s1")
+            .expect("vm")
+            .crash("QEMU (pid 1) was killed by SIGKILL; last console lines: x");
+        // No call made: the VM's watcher records the death by itself.
+        let mut ended = Vec::new();
+        while ended.len() < 2 {
+            let exit = tokio::time::timeout(std::time::Duration::from_secs(10), exits.recv())
+                .await
+                .expect("announced")
+                .expect("exit");
+            assert_eq!(exit.exit_code, crate::VM_EXIT_CODE);
+            ended.push(exit.id);
+        }
+        ended.sort();
+        assert_eq!(ended, ["c1", "c2"]);
+        for id in ["c1", "c2"] {
+            let c = h.rt.container_status("s1", id).await.expect("status");
+            assert_eq!(c.state, crate::container::ContainerState::Stopped);
+            assert_eq!(c.reason.as_deref(), Some(crate::VM_EXIT_REASON));
+            assert!(c.message.as_deref().unwrap_or("").contains("SIGKILL"));
+            // Stopping an exited container is a no-op; removing it works.
+            assert_eq!(
+                h.rt.stop_container("s1", id, std::time::Duration::ZERO)
+                    .await
+                    .expect("stop"),
+                crate::VM_EXIT_CODE
+            );
+            h.rt.delete_container("s1", id).await.expect("delete");
+        }
+        assert_eq!(
+            h.rt.status_sandbox("s1").await.expect("status").state,
+            SandboxState::Stopped
+        );
+        h.rt.stop_sandbox("s1").await.expect("stop");
+        h.rt.delete_sandbox("s1").await.expect("delete");
     }
 
     #[tokio::test]

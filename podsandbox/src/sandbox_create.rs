@@ -99,7 +99,7 @@ impl Runtime {
         }
         drop(lock);
         tracing::info!(%id, pid = ?vm.pids().first(), "sandbox ready");
-        self.spawn_monitor(&id, vm);
+        self.watch_vm(&id, vm);
         Ok(Runtime::summary(&record))
     }
 
@@ -262,7 +262,7 @@ impl Runtime {
     /// Undoes a create: stops the VM, removes the run dir and the record. If
     /// cleanup fails, the record stays (stopped, with the reason) so that a
     /// later delete can finish it.
-    async fn unwind(&self, id: &str, vm: Option<&dyn Hypervisor>) {
+    pub(crate) async fn unwind(&self, id: &str, vm: Option<&dyn Hypervisor>) {
         let mut problems = Vec::new();
         if let Some(vm) = vm {
             if let Err(err) = vm.stop(Duration::from_millis(500)).await {
@@ -297,10 +297,11 @@ impl Runtime {
         }
     }
 
-    /// Watches the VMM of a sandbox this process created; when it exits,
-    /// the sandbox's state is reconciled at once (other processes reconcile
-    /// on their next call).
-    fn spawn_monitor(&self, id: &str, vm: Arc<dyn Hypervisor>) {
+    /// Watches the VMM of a sandbox: when it exits (a pidfd event, see
+    /// [`hypervisor::ProcessRef::exited`]) the sandbox is reconciled at once
+    /// — stopped, its containers exited and announced
+    /// ([`Runtime::vm_gone`]). Other processes reconcile on their next call.
+    pub(crate) fn watch_vm(&self, id: &str, vm: Arc<dyn Hypervisor>) {
         let runtime = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
@@ -309,7 +310,7 @@ impl Runtime {
             // Not found: deleted. Anything else is reported by the next call.
             if let Err(err) = runtime.locked(&id).await {
                 if !matches!(err, Error::NotFound { .. }) {
-                    tracing::warn!(%id, "monitor: {err}");
+                    tracing::warn!(%id, "VM watcher: {err}");
                 }
             }
         });

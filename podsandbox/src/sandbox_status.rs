@@ -1,8 +1,10 @@
 //! StatusSandbox and ListSandboxes. Reading needs no lock; only when the VM
-//! is found dead is the sandbox locked to record that.
+//! is found dead is the sandbox locked to record that. Where this process
+//! owns the state dir, both read memory: the record, the guest's details
+//! (asked once per boot) and the VMM's PID.
 
 use crate::{
-    sandbox::{Runtime, Sandbox, SandboxStatus, AGENT_CALL_TIMEOUT},
+    sandbox::{Runtime, Sandbox, SandboxStatus},
     state::SandboxState,
     Error, Result,
 };
@@ -14,17 +16,14 @@ impl Sandbox {
         let mut record = rt.inner.store.load(self.id())?;
         let vm = rt.restore_vm(&record)?;
         if let (Some(vm), true) = (&vm, record.state.vm_expected()) {
-            if matches!(vm.status().await, Ok(hypervisor::VmStatus::Exited { .. })) {
+            if rt.vm_seems_gone(vm.as_ref()).await {
                 record = rt.locked(self.id()).await?.record.clone();
             }
         }
         let mut status = Runtime::summary(&record);
         if let (Some(vm), SandboxState::Ready | SandboxState::Running) = (&vm, record.state) {
-            match rt.agent(self.id(), vm.as_ref()).await {
-                Ok(agent) => match agent.guest_details(AGENT_CALL_TIMEOUT).await {
-                    Ok(details) => status.guest = Some(details),
-                    Err(err) => tracing::warn!(id = %self.id(), "guest details: {err}"),
-                },
+            match rt.guest_details(self.id(), vm.as_ref()).await {
+                Ok(details) => status.guest = Some(details),
                 Err(err) => tracing::warn!(id = %self.id(), "guest details: {err}"),
             }
         }
@@ -45,9 +44,7 @@ impl Runtime {
             };
             let vm = self.restore_vm(&record)?;
             let record = match (&vm, record.state.vm_expected()) {
-                (Some(vm), true)
-                    if matches!(vm.status().await, Ok(hypervisor::VmStatus::Exited { .. })) =>
-                {
+                (Some(vm), true) if self.vm_seems_gone(vm.as_ref()).await => {
                     match self.locked(&id).await {
                         Ok(locked) => locked.record.clone(),
                         Err(Error::NotFound { .. }) => continue,
@@ -59,5 +56,16 @@ impl Runtime {
             out.push(Runtime::summary(&record));
         }
         Ok(out)
+    }
+
+    /// Whether a VM the record says is up may have exited. Where this
+    /// process owns the state dir, a watcher records every VM's exit as it
+    /// happens ([`Runtime::watch_vm`]): only the VMM's PID is looked at (no
+    /// QMP), as a safety net. Elsewhere the VMM is asked.
+    pub(crate) async fn vm_seems_gone(&self, vm: &dyn hypervisor::Hypervisor) -> bool {
+        if self.owns_state() {
+            return !vm.state().vmm.is_some_and(|p| p.is_alive());
+        }
+        matches!(vm.status().await, Ok(hypervisor::VmStatus::Exited { .. }))
     }
 }

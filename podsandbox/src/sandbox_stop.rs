@@ -9,6 +9,9 @@ use crate::{
     Result,
 };
 
+/// 128 + SIGKILL: what a shell reports for a killed process.
+const KILLED_EXIT_CODE: i32 = 137;
+
 impl Sandbox {
     pub async fn stop(&self) -> Result<SandboxStatus> {
         let rt = self.runtime();
@@ -35,13 +38,19 @@ impl Sandbox {
         }
         s.stop_vm(Duration::from_secs(2)).await?;
         rt.forget_agent(self.id());
-        // Containers end with their VM.
-        for c in &mut s.record.containers {
-            c.state = crate::container::ContainerState::Stopped;
-        }
+        // Containers end with their VM, as if killed.
+        let exits = crate::sandbox::end_containers(
+            &mut s.record,
+            KILLED_EXIT_CODE,
+            None,
+            "the pod sandbox was stopped while the container ran",
+        );
         s.record.state = next;
         rt.inner.store.save(&s.record)?;
+        let status = Runtime::summary(&s.record);
+        drop(s);
+        rt.announce(exits);
         tracing::info!(id = %self.id(), "sandbox stopped");
-        Ok(Runtime::summary(&s.record))
+        Ok(status)
     }
 }

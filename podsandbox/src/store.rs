@@ -2,6 +2,11 @@
 //! holding `state.json` (written temp file → fsync → rename → fsync dir) and
 //! `lock` (flock'ed by every mutating operation, so concurrent calls on one
 //! sandbox, from any process, serialize).
+//!
+//! A long-lived owner of the state dir (vcrid) keeps every record in memory
+//! as well: the disk is the checkpoint written on every transition, reads
+//! (status, list) never touch it. Where each call may come from another
+//! process (`virtc`), [`Store::uncached`] makes every read go to disk.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -58,6 +63,15 @@ pub struct SandboxLock {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Records by ID and the IDs of every sandbox dir, while this process
+    /// owns the state dir; `None` once [`Store::uncached`].
+    cache: std::sync::Arc<std::sync::Mutex<Option<Cache>>>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    records: std::collections::HashMap<String, SandboxRecord>,
+    ids: std::collections::BTreeSet<String>,
 }
 
 impl Store {
@@ -72,7 +86,57 @@ impl Store {
                 path: root.clone(),
                 source,
             })?;
-        Ok(Self { root })
+        let store = Self {
+            root,
+            cache: Default::default(),
+        };
+        let ids = store.ids_on_disk()?;
+        *store.cache() = Some(Cache {
+            records: Default::default(),
+            ids: ids.into_iter().collect(),
+        });
+        Ok(store)
+    }
+
+    /// Every read goes to disk from now on: other processes may write.
+    pub fn uncached(&self) {
+        *self.cache() = None;
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Option<Cache>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where records are moved that do not parse (outside `sandboxes/`, so
+    /// they are no longer listed).
+    pub fn corrupt_dir(&self) -> PathBuf {
+        self.root.with_file_name("corrupt")
+    }
+
+    /// Moves the directory of a sandbox whose record does not parse to
+    /// [`Store::corrupt_dir`], kept for a person to look at; returns where.
+    pub fn set_aside(&self, id: &str) -> Result<PathBuf> {
+        let to_dir = self.corrupt_dir();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&to_dir)
+            .map_err(|source| Error::Io {
+                action: "create",
+                path: to_dir.clone(),
+                source,
+            })?;
+        let to = to_dir.join(format!("{id}.{}", crate::sandbox::now_secs()));
+        fs::rename(self.dir(id), &to).map_err(|source| Error::Io {
+            action: "move aside",
+            path: self.dir(id),
+            source,
+        })?;
+        if let Some(cache) = self.cache().as_mut() {
+            cache.records.remove(id);
+            cache.ids.remove(id);
+        }
+        Ok(to)
     }
 
     fn dir(&self, id: &str) -> PathBuf {
@@ -83,7 +147,12 @@ impl Store {
     pub fn reserve(&self, id: &str) -> Result<()> {
         let dir = self.dir(id);
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(cache) = self.cache().as_mut() {
+                    cache.ids.insert(id.to_string());
+                }
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(Error::AlreadyExists { id: id.into() })
             }
@@ -137,6 +206,26 @@ impl Store {
     /// Reads a sandbox's record. A directory without a record is a create
     /// that has not written one yet (or crashed before it could).
     pub fn load(&self, id: &str) -> Result<SandboxRecord> {
+        if let Some(cache) = self.cache().as_ref() {
+            if let Some(record) = cache.records.get(id) {
+                return Ok(record.clone());
+            }
+            if !cache.ids.contains(id) {
+                return Err(Error::NotFound { id: id.into() });
+            }
+        }
+        let record = self.load_from_disk(id)?;
+        if record.state != SandboxState::Creating || record.vm.is_some() {
+            if let Some(cache) = self.cache().as_mut() {
+                if cache.ids.contains(id) {
+                    cache.records.insert(id.to_string(), record.clone());
+                }
+            }
+        }
+        Ok(record)
+    }
+
+    fn load_from_disk(&self, id: &str) -> Result<SandboxRecord> {
         let dir = self.dir(id);
         let path = dir.join(RECORD);
         let text = match fs::read_to_string(&path) {
@@ -212,6 +301,10 @@ impl Store {
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io("fsync dir", e))?;
+        if let Some(cache) = self.cache().as_mut() {
+            cache.ids.insert(record.id.clone());
+            cache.records.insert(record.id.clone(), record.clone());
+        }
         Ok(())
     }
 
@@ -220,6 +313,10 @@ impl Store {
         // Moved aside first, in one rename: a lock() racing with the removal
         // (a monitor recording an exit) then finds no directory, instead of
         // creating its lock file in one being emptied (ENOTEMPTY).
+        if let Some(cache) = self.cache().as_mut() {
+            cache.records.remove(id);
+            cache.ids.remove(id);
+        }
         let dir = self.dir(id);
         let doomed = self.root.join(format!(".deleting-{id}"));
         if doomed.exists() {
@@ -250,6 +347,13 @@ impl Store {
 
     /// IDs of all sandboxes, sorted.
     pub fn ids(&self) -> Result<Vec<String>> {
+        if let Some(cache) = self.cache().as_ref() {
+            return Ok(cache.ids.iter().cloned().collect());
+        }
+        self.ids_on_disk()
+    }
+
+    fn ids_on_disk(&self) -> Result<Vec<String>> {
         let entries = fs::read_dir(&self.root).map_err(|source| Error::Io {
             action: "list",
             path: self.root.clone(),
@@ -341,7 +445,12 @@ mod tests {
         assert!(err.to_string().contains("is unreadable"), "{err}");
         let mut future = record("a");
         future.version = RECORD_VERSION + 1;
-        store.save(&future).expect("save");
+        // Written by a newer binary, not through this store.
+        fs::write(
+            store.dir("a").join(RECORD),
+            serde_json::to_vec(&future).expect("json"),
+        )
+        .expect("write");
         assert!(store
             .load("a")
             .expect_err("future")

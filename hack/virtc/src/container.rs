@@ -192,7 +192,6 @@ fn rootfs_arg(path: &std::path::Path) -> anyhow::Result<Rootfs> {
 
 /// Runs one command; the exit status virtc should end with.
 pub async fn run(rt: &Runtime, cmd: ContainerCmd, passthrough: &[String]) -> anyhow::Result<u8> {
-    rt.monitor_externally();
     match cmd {
         ContainerCmd::Create {
             sandbox,

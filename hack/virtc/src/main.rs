@@ -137,6 +137,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         config.run_dir = dir;
     }
     let rt = Runtime::new(config).map_err(chain)?;
+    // One process per call: others write the state dir between our calls.
+    rt.monitor_externally();
     let cmd = match cli.command {
         Command::Sandbox(cmd) => cmd,
         Command::Container(cmd) => return container::run(&rt, cmd, &passthrough).await,

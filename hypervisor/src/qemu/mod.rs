@@ -532,9 +532,7 @@ impl crate::Hypervisor for Qemu {
     async fn wait_exit(&self) -> String {
         let vmm = self.lock().vmm;
         if let Some(vmm) = vmm {
-            while vmm.is_alive() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            vmm.exited().await;
         }
         self.exit_reason(vmm.map(|p| p.pid))
     }

@@ -1,0 +1,304 @@
+//! Recover: what a restarted owner of the state dir (vcrid) does before it
+//! serves anything, so that a crash at any step leaves nothing it does not
+//! either finish or remove.
+//!
+//! ```text
+//!   each sandbox dir ─┬─ record unreadable ──► moved to <state>/corrupt/, warned
+//!                     ├─ creating (no final record) ──► torn down (VM, run dir, cgroup, record)
+//!                     ├─ VM expected, VMM gone ──► stopped, containers exited (255, VMExited)
+//!                     └─ VM runs ──► its watcher and its containers' monitors resumed
+//!   each run dir without a live VM ──► processes naming it killed, dir removed
+//! ```
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use crate::{container::ContainerState, sandbox::Runtime, Error, Result};
+
+/// What [`Runtime::recover`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Sandboxes whose VM runs: watched again.
+    pub running: Vec<String>,
+    /// Sandboxes whose VM had died meanwhile: now stopped.
+    pub found_dead: Vec<String>,
+    /// Sandboxes whose creation had not finished: torn down.
+    pub torn_down: Vec<String>,
+    /// Records that did not parse, and where they were moved.
+    pub set_aside: Vec<(String, PathBuf)>,
+    /// Processes of VMs no record owns, killed.
+    pub orphans_killed: Vec<i32>,
+    /// Container monitors started again.
+    pub monitors: usize,
+}
+
+impl Runtime {
+    /// Picks up where a previous owner of the state dir left off (see the
+    /// module's doc). Problems with one sandbox are logged and do not stop
+    /// the others.
+    pub async fn recover(&self) -> Result<Recovery> {
+        let mut out = Recovery::default();
+        for id in self.inner.store.ids()? {
+            match self.inner.store.load(&id) {
+                Ok(record) if record.state == crate::SandboxState::Creating => {
+                    tracing::warn!(%id, "tearing down a sandbox whose creation did not finish");
+                    let vm = self.restore_vm(&record).ok().flatten();
+                    self.unwind(&id, vm.as_deref()).await;
+                    out.torn_down.push(id);
+                }
+                Ok(record) if record.state.vm_expected() => match self.locked(&id).await {
+                    Ok(s) if s.record.state.vm_expected() => {
+                        if let Some(vm) = s.vm.clone() {
+                            self.watch_vm(&id, vm);
+                        }
+                        let live: Vec<String> = s
+                            .record
+                            .containers
+                            .iter()
+                            .filter(|c| c.state != ContainerState::Stopped)
+                            .map(|c| c.id.clone())
+                            .collect();
+                        drop(s);
+                        for cid in live {
+                            self.spawn_container_monitor(&id, &cid);
+                            out.monitors += 1;
+                        }
+                        out.running.push(id);
+                    }
+                    Ok(_) => out.found_dead.push(id),
+                    Err(err) => tracing::error!(%id, "recovering: {}", err.chain()),
+                },
+                Ok(_) => {}
+                Err(Error::NotFound { .. }) => {}
+                Err(err @ Error::CorruptState { .. }) => match self.inner.store.set_aside(&id) {
+                    Ok(to) => {
+                        tracing::error!(%id, moved_to = %to.display(), "unreadable sandbox record set aside: {err}");
+                        out.set_aside.push((id, to));
+                    }
+                    Err(move_err) => {
+                        tracing::error!(%id, "unreadable sandbox record ({err}) cannot be set aside: {move_err}")
+                    }
+                },
+                Err(err) => tracing::error!(%id, "recovering: {}", err.chain()),
+            }
+        }
+        out.orphans_killed = self.remove_orphans(&out.running);
+        tracing::info!(
+            running = out.running.len(),
+            found_dead = out.found_dead.len(),
+            torn_down = out.torn_down.len(),
+            set_aside = out.set_aside.len(),
+            orphans_killed = out.orphans_killed.len(),
+            monitors = out.monitors,
+            "sandboxes recovered"
+        );
+        Ok(out)
+    }
+
+    /// Kills the processes (a QEMU, its helpers) that name the run dir of a
+    /// sandbox whose VM is not supposed to run — no record, stopped, torn
+    /// down, set aside — and removes run dirs no sandbox has. Returns the
+    /// PIDs killed.
+    fn remove_orphans(&self, running: &[String]) -> Vec<i32> {
+        let run_root = &self.inner.config.run_dir;
+        let Ok(entries) = std::fs::read_dir(run_root) else {
+            return Vec::new();
+        };
+        let running: BTreeSet<&str> = running.iter().map(String::as_str).collect();
+        let known: BTreeSet<String> = self.inner.store.ids().unwrap_or_default().into_iter().collect();
+        let mut killed = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if running.contains(name.as_str()) || !entry.path().is_dir() {
+                continue;
+            }
+            for pid in processes_naming(&entry.path()) {
+                tracing::warn!(sandbox = %name, pid, "killing a process of a VM no running sandbox owns");
+                if let Some(p) = hypervisor::ProcessRef::of(pid) {
+                    if let Err(err) = p.signal(nix::sys::signal::Signal::SIGKILL) {
+                        tracing::warn!(pid, "kill: {err}");
+                        continue;
+                    }
+                    killed.push(pid);
+                }
+            }
+            if !known.contains(&name) {
+                if let Err(err) = crate::mounts::remove_tree(&entry.path()) {
+                    tracing::warn!(sandbox = %name, "removing an orphan run dir: {}", err.chain());
+                }
+            }
+        }
+        killed
+    }
+}
+
+/// The processes whose command line names a path inside `dir` (how a VMM
+/// and its helpers are told their sockets), other than this one.
+pub(crate) fn processes_naming(dir: &Path) -> Vec<i32> {
+    let needle = format!("{}/", dir.display());
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| u32::try_from(*pid).ok() != Some(me))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|raw| {
+                    raw.split(|b| *b == 0)
+                        .any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use crate::{
+        fake::{FakeDialer, FakeVms},
+        Runtime, RuntimeConfig, SandboxConfig, SandboxState,
+    };
+
+    fn runtime(dir: &std::path::Path, vms: Arc<FakeVms>) -> Runtime {
+        let config = RuntimeConfig {
+            state_dir: dir.join("state"),
+            run_dir: dir.join("run"),
+            ..RuntimeConfig::default()
+        };
+        Runtime::with_parts(config, vms, Arc::new(FakeDialer::new(true))).expect("runtime")
+    }
+
+    async fn first_owner(dir: &std::path::Path, vms: Arc<FakeVms>) {
+        let rt = runtime(dir, vms);
+        for id in ["live", "dead", "corrupt"] {
+            rt.create_sandbox(SandboxConfig {
+                id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+        }
+        let image = dir.join("c1.qcow2");
+        std::fs::write(&image, b"QFI\xfb").expect("image");
+        rt.create_container(
+            "dead",
+            crate::container::ContainerConfig {
+                id: "c1".into(),
+                rootfs: crate::container::Rootfs::Block {
+                    image: image.clone(),
+                    format: hypervisor::DiskFormat::Qcow2,
+                    fstype: "ext4".into(),
+                },
+                args: vec!["/bin/true".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("container");
+        // A creation cut short: reserved, no final record.
+        rt.inner.store.reserve("half").expect("reserve");
+        std::fs::create_dir_all(dir.join("run/half")).expect("run dir");
+        // A run dir nothing owns.
+        std::fs::create_dir_all(dir.join("run/stray/shared")).expect("stray");
+        std::fs::write(dir.join("state/sandboxes/corrupt/state.json"), b"{garbage")
+            .expect("corrupt");
+    }
+
+    #[tokio::test]
+    async fn a_restart_sorts_every_sandbox_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vms = Arc::new(FakeVms::default());
+        // The first owner runs in a tokio runtime of its own, dropped at
+        // the end like a killed process: none of its tasks outlives it.
+        let (path, first_vms) = (dir.path().to_path_buf(), vms.clone());
+        std::thread::spawn(move || {
+            let tokio_rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio");
+            tokio_rt.block_on(first_owner(&path, first_vms));
+        })
+        .join()
+        .expect("first owner");
+        vms.get("dead").expect("vm").crash("QEMU (pid 7) was killed by SIGKILL");
+
+        let rt = runtime(dir.path(), vms.clone());
+        let mut exits = rt.subscribe_exits();
+        let got = rt.recover().await.expect("recover");
+        assert_eq!(got.running, ["live"]);
+        assert_eq!(got.found_dead, ["dead"]);
+        assert_eq!(got.torn_down, ["half"]);
+        assert_eq!(got.set_aside.len(), 1);
+        assert_eq!(got.set_aside[0].0, "corrupt");
+        assert!(got.set_aside[0].1.join("state.json").exists(), "kept to look at");
+
+        let ids: Vec<String> = rt
+            .list_sandboxes()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, ["dead", "live"]);
+        let dead = rt.status_sandbox("dead").await.expect("status");
+        assert_eq!(dead.state, SandboxState::Stopped);
+        let c = rt.container_status("dead", "c1").await.expect("container");
+        assert_eq!(c.state, crate::container::ContainerState::Stopped);
+        assert_eq!(c.exit_code, Some(crate::VM_EXIT_CODE));
+        assert_eq!(c.reason.as_deref(), Some(crate::VM_EXIT_REASON));
+        assert!(
+            c.message.as_deref().unwrap_or("").contains("SIGKILL"),
+            "{c:?}"
+        );
+        let exit = tokio::time::timeout(Duration::from_secs(5), exits.recv())
+            .await
+            .expect("announced")
+            .expect("exit");
+        assert_eq!((exit.id.as_str(), exit.exit_code), ("c1", 255));
+        assert!(!dir.path().join("run/half").exists());
+        assert!(!dir.path().join("run/stray").exists());
+        assert!(!dir.path().join("run/corrupt").exists());
+        // And the dead one is removable.
+        rt.delete_container("dead", "c1").await.expect("delete container");
+        rt.delete_sandbox("dead").await.expect("delete");
+    }
+
+    #[test]
+    fn a_process_naming_a_dir_is_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("x");
+        std::fs::create_dir_all(&marker).expect("dir");
+        // Not the last command: sh does not exec sleep, keeps its argv.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30; true"])
+            .arg(marker.join("qmp.sock"))
+            .spawn()
+            .expect("spawn");
+        // spawn() may return before the child's exec has set its argv.
+        let mut found = Vec::new();
+        for _ in 0..500 {
+            found = super::processes_naming(&marker);
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            found,
+            [i32::try_from(child.id()).expect("pid")],
+            "sleep names the dir"
+        );
+        assert!(super::processes_naming(&dir.path().join("y")).is_empty());
+    }
+}
