@@ -114,11 +114,17 @@ impl Cri {
     /// Picks up where a previous vcrid left off: monitors of live
     /// containers, and container exits turned into events.
     pub async fn recover(&self) -> Result<()> {
-        let resumed = self.inner.runtime.resume_monitors().await?;
+        let recovered = self.inner.runtime.recover().await?;
+        for (id, moved_to) in &recovered.set_aside {
+            tracing::error!(pod = %id, moved_to = %moved_to.display(), "the pod's VM record was corrupt and set aside; its pod is NOTREADY");
+        }
         tracing::info!(
             pods = self.inner.store.pods().len(),
             containers = self.inner.store.containers().len(),
-            monitors = resumed,
+            monitors = recovered.monitors,
+            vms_found_dead = recovered.found_dead.len(),
+            torn_down = recovered.torn_down.len(),
+            orphans_killed = recovered.orphans_killed.len(),
             "state recovered"
         );
         Ok(())

@@ -58,7 +58,11 @@ impl Cri {
             image: c.config.image.clone(),
             image_ref: c.image_ref.clone(),
             reason,
-            message: String::new(),
+            message: rt
+                .as_ref()
+                .ok()
+                .and_then(|s| s.message.clone())
+                .unwrap_or_default(),
             labels: c.config.labels.clone(),
             annotations: c.config.annotations.clone(),
             mounts: c.config.mounts.clone(),

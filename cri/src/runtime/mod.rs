@@ -34,6 +34,19 @@ fn reply<T>(r: crate::error::Result<T>) -> Reply<T> {
     r.map(Response::new).map_err(Status::from)
 }
 
+/// Runs a mutation to its end (or its own rollback) in a task of its own:
+/// a client that goes away — a deadline passed, a kubelet restarted — drops
+/// only its wait for the answer, never the handler half-way.
+async fn to_completion<T, F>(work: F) -> crate::error::Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+{
+    tokio::spawn(work)
+        .await
+        .map_err(|e| crate::error::CriError::Internal(format!("the call's task failed: {e}")))?
+}
+
 #[tonic::async_trait]
 impl RuntimeService for Cri {
     async fn version(&self, r: Request<cri::VersionRequest>) -> Reply<cri::VersionResponse> {
@@ -43,19 +56,22 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::RunPodSandboxRequest>,
     ) -> Reply<cri::RunPodSandboxResponse> {
-        reply(Cri::run_pod_sandbox(self, r.into_inner()).await)
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(to_completion(async move { Cri::run_pod_sandbox(&cri, r).await }).await)
     }
     async fn stop_pod_sandbox(
         &self,
         r: Request<cri::StopPodSandboxRequest>,
     ) -> Reply<cri::StopPodSandboxResponse> {
-        reply(Cri::stop_pod_sandbox(self, r.into_inner()).await)
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(to_completion(async move { Cri::stop_pod_sandbox(&cri, r).await }).await)
     }
     async fn remove_pod_sandbox(
         &self,
         r: Request<cri::RemovePodSandboxRequest>,
     ) -> Reply<cri::RemovePodSandboxResponse> {
-        reply(Cri::remove_pod_sandbox(self, r.into_inner()).await)
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(to_completion(async move { Cri::remove_pod_sandbox(&cri, r).await }).await)
     }
     async fn pod_sandbox_status(
         &self,
@@ -73,25 +89,29 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::CreateContainerRequest>,
     ) -> Reply<cri::CreateContainerResponse> {
-        reply(Box::pin(Cri::create_container(self, r.into_inner())).await)
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(to_completion(async move { Box::pin(Cri::create_container(&cri, r)).await }).await)
     }
     async fn start_container(
         &self,
         r: Request<cri::StartContainerRequest>,
     ) -> Reply<cri::StartContainerResponse> {
-        reply(Cri::start_container(self, r.into_inner()).await)
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(to_completion(async move { Cri::start_container(&cri, r).await }).await)
     }
     async fn stop_container(
         &self,
         r: Request<cri::StopContainerRequest>,
     ) -> Reply<cri::StopContainerResponse> {
-        reply(Cri::stop_container(self, r.into_inner()).await)
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(to_completion(async move { Cri::stop_container(&cri, r).await }).await)
     }
     async fn remove_container(
         &self,
         r: Request<cri::RemoveContainerRequest>,
     ) -> Reply<cri::RemoveContainerResponse> {
-        reply(Cri::remove_container(self, r.into_inner()).await)
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(to_completion(async move { Cri::remove_container(&cri, r).await }).await)
     }
     async fn list_containers(
         &self,

@@ -15,6 +15,10 @@ use crate::{
 /// grace period.
 const CONTAINER_GRACE: Duration = Duration::ZERO;
 
+/// How long StopPodSandbox waits for its containers before it stops the
+/// VM under them.
+const CONTAINERS_STOP_BOUND: Duration = Duration::from_secs(15);
+
 impl Cri {
     pub(crate) async fn stop_pod_sandbox(
         &self,
@@ -38,16 +42,27 @@ impl Cri {
         let rt = &self.inner.runtime;
         match rt.list_containers(id).await {
             Ok(containers) => {
-                for c in containers {
-                    if matches!(
-                        c.state,
-                        podsandbox::container::ContainerState::Running
-                            | podsandbox::container::ContainerState::Paused
-                    ) {
-                        if let Err(err) = rt.stop_container(id, &c.id, CONTAINER_GRACE).await {
-                            tracing::warn!(pod = %id, container = %c.id, "stop: {err}");
+                let stops = async {
+                    for c in containers {
+                        if matches!(
+                            c.state,
+                            podsandbox::container::ContainerState::Running
+                                | podsandbox::container::ContainerState::Paused
+                        ) {
+                            if let Err(err) = rt.stop_container(id, &c.id, CONTAINER_GRACE).await
+                            {
+                                tracing::warn!(pod = %id, container = %c.id, "stop: {err}");
+                            }
                         }
                     }
+                };
+                // A hung guest cannot hold the pod's stop: past the bound
+                // the VM is stopped, which ends whatever still runs.
+                if tokio::time::timeout(CONTAINERS_STOP_BOUND, stops)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(pod = %id, "containers did not stop within {CONTAINERS_STOP_BOUND:?}; stopping the VM");
                 }
             }
             Err(err) if err.kind() == podsandbox::ErrorKind::NotFound => {}
