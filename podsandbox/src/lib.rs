@@ -35,9 +35,9 @@ mod error;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 mod mounts;
-mod recover;
 pub mod network;
 pub mod oci;
+mod recover;
 mod sandbox;
 mod sandbox_create;
 mod sandbox_delete;
@@ -57,10 +57,10 @@ pub use container_io::ProcessIo;
 pub use container_monitor::OutputChunk;
 pub use error::{Error, ErrorKind, Result};
 pub use hypervisor::DiskFormat;
-pub use recover::Recovery;
 pub use network::{
     DnsConfig, NetInterface, NetNeighbor, NetRoute, SandboxFiles, SandboxNetwork, TapFd,
 };
+pub use recover::Recovery;
 pub use sandbox::{
     Runtime, Sandbox, SandboxConfig, SandboxStatus, VmFactory, VM_EXIT_CODE, VM_EXIT_REASON,
 };

@@ -107,7 +107,13 @@ impl Runtime {
             return Vec::new();
         };
         let running: BTreeSet<&str> = running.iter().map(String::as_str).collect();
-        let known: BTreeSet<String> = self.inner.store.ids().unwrap_or_default().into_iter().collect();
+        let known: BTreeSet<String> = self
+            .inner
+            .store
+            .ids()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let mut killed = Vec::new();
         for entry in entries.flatten() {
             let Ok(name) = entry.file_name().into_string() else {
@@ -229,7 +235,9 @@ mod tests {
         })
         .join()
         .expect("first owner");
-        vms.get("dead").expect("vm").crash("QEMU (pid 7) was killed by SIGKILL");
+        vms.get("dead")
+            .expect("vm")
+            .crash("QEMU (pid 7) was killed by SIGKILL");
 
         let rt = runtime(dir.path(), vms.clone());
         let mut exits = rt.subscribe_exits();
@@ -239,7 +247,10 @@ mod tests {
         assert_eq!(got.torn_down, ["half"]);
         assert_eq!(got.set_aside.len(), 1);
         assert_eq!(got.set_aside[0].0, "corrupt");
-        assert!(got.set_aside[0].1.join("state.json").exists(), "kept to look at");
+        assert!(
+            got.set_aside[0].1.join("state.json").exists(),
+            "kept to look at"
+        );
 
         let ids: Vec<String> = rt
             .list_sandboxes()
@@ -268,7 +279,9 @@ mod tests {
         assert!(!dir.path().join("run/stray").exists());
         assert!(!dir.path().join("run/corrupt").exists());
         // And the dead one is removable.
-        rt.delete_container("dead", "c1").await.expect("delete container");
+        rt.delete_container("dead", "c1")
+            .await
+            .expect("delete container");
         rt.delete_sandbox("dead").await.expect("delete");
     }
 

@@ -126,7 +126,8 @@ pub(crate) struct RuntimeInner {
         std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, Arc<dyn AgentClient>)>>,
     /// Guest details by sandbox, with the PIDs of the VM that gave them.
     #[allow(clippy::type_complexity)]
-    pub(crate) guests: std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, GuestDetails)>>,
+    pub(crate) guests:
+        std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, GuestDetails)>>,
     /// Whether monitors run here (else in processes of their own).
     pub(crate) in_process_monitors: std::sync::atomic::AtomicBool,
     /// Log files open in in-process monitors, by "sandbox/container".

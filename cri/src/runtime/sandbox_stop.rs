@@ -49,8 +49,7 @@ impl Cri {
                             podsandbox::container::ContainerState::Running
                                 | podsandbox::container::ContainerState::Paused
                         ) {
-                            if let Err(err) = rt.stop_container(id, &c.id, CONTAINER_GRACE).await
-                            {
+                            if let Err(err) = rt.stop_container(id, &c.id, CONTAINER_GRACE).await {
                                 tracing::warn!(pod = %id, container = %c.id, "stop: {err}");
                             }
                         }
