@@ -122,6 +122,15 @@ impl Runtime {
             if running.contains(name.as_str()) || !entry.path().is_dir() {
                 continue;
             }
+            // The run dir may be shared with others (vcrid keeps its netns
+            // and CNI state there): only what a sandbox made is touched —
+            // a sandbox's own ID, or a dir with the `shared/` every sandbox
+            // run dir has.
+            if !known.contains(&name)
+                && !(crate::sandbox::valid_id(&name) && entry.path().join("shared").is_dir())
+            {
+                continue;
+            }
             for pid in processes_naming(&entry.path()) {
                 tracing::warn!(sandbox = %name, pid, "killing a process of a VM no running sandbox owns");
                 if let Some(p) = hypervisor::ProcessRef::of(pid) {
@@ -213,8 +222,9 @@ mod tests {
         // A creation cut short: reserved, no final record.
         rt.inner.store.reserve("half").expect("reserve");
         std::fs::create_dir_all(dir.join("run/half")).expect("run dir");
-        // A run dir nothing owns.
+        // A run dir nothing owns, and one that is not a sandbox's.
         std::fs::create_dir_all(dir.join("run/stray/shared")).expect("stray");
+        std::fs::create_dir_all(dir.join("run/netns")).expect("netns");
         std::fs::write(dir.join("state/sandboxes/corrupt/state.json"), b"{garbage")
             .expect("corrupt");
     }
@@ -277,6 +287,7 @@ mod tests {
         assert_eq!((exit.id.as_str(), exit.exit_code), ("c1", 255));
         assert!(!dir.path().join("run/half").exists());
         assert!(!dir.path().join("run/stray").exists());
+        assert!(dir.path().join("run/netns").exists(), "not a sandbox's");
         assert!(!dir.path().join("run/corrupt").exists());
         // And the dead one is removable.
         rt.delete_container("dead", "c1")
