@@ -322,9 +322,6 @@ impl Runtime {
         reason: String,
     ) -> Result<()> {
         tracing::warn!(id = %record.id, "VM exited unexpectedly: {reason}");
-        if let Err(err) = vm.stop(hypervisor::DEFAULT_STOP_GRACE).await {
-            tracing::warn!(id = %record.id, "cleanup after VM exit: {err}");
-        }
         self.forget_agent(&record.id);
         record.state = record
             .state
@@ -332,11 +329,15 @@ impl Runtime {
             .unwrap_or(SandboxState::Stopped);
         let message = format!("the pod's VM exited: {reason}");
         record.reason = Some(reason);
-        record.vm = Some(vm.state());
         let exits = end_containers(record, VM_EXIT_CODE, Some(VM_EXIT_REASON), &message);
+        // Recorded and announced first; the helpers' stop may take its grace.
         self.inner.store.save(record)?;
         self.announce(exits);
-        Ok(())
+        if let Err(err) = vm.stop(hypervisor::DEFAULT_STOP_GRACE).await {
+            tracing::warn!(id = %record.id, "cleanup after VM exit: {err}");
+        }
+        record.vm = Some(vm.state());
+        self.inner.store.save(record)
     }
 
     /// Tells the subscribers of [`Runtime::subscribe_exits`].
