@@ -126,9 +126,9 @@ impl Runtime {
             // and CNI state there): only what a sandbox made is touched —
             // a sandbox's own ID, or a dir with the `shared/` every sandbox
             // run dir has.
-            if !known.contains(&name)
-                && !(crate::sandbox::valid_id(&name) && entry.path().join("shared").is_dir())
-            {
+            let sandbox_made = known.contains(&name)
+                || (crate::sandbox::valid_id(&name) && entry.path().join("shared").is_dir());
+            if !sandbox_made {
                 continue;
             }
             for pid in processes_naming(&entry.path()) {
