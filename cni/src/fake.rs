@@ -25,6 +25,7 @@ struct Inner {
     pods: HashMap<String, NetworkStatus>,
     next_host: u8,
     fail: Vec<&'static str>,
+    no_taps: bool,
 }
 
 /// Hands out 10.99.0.N addresses; `fail_on("setup" | "teardown" | "status")`
@@ -37,6 +38,12 @@ pub struct FakeNetwork {
 impl FakeNetwork {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Pods get no tap (a caller's unit test cannot open a real one).
+    pub fn without_taps(self) -> Self {
+        self.lock().no_taps = true;
+        self
     }
 
     /// Make every later `op` call fail.
@@ -84,7 +91,7 @@ impl NetworkPlugin for FakeNetwork {
             netns: format!("/fake/netns/{}", req.sandbox_id).into(),
             network_name: "fake".into(),
             interfaces: vec![InterfaceInfo {
-                tap_name: Some("tap0_vc".into()),
+                tap_name: (!g.no_taps).then(|| "tap0_vc".into()),
                 guest_name: "eth0".into(),
                 mac: format!("02:00:0a:63:00:{:02x}", g.next_host),
                 mtu: 1500,
@@ -121,6 +128,10 @@ impl NetworkPlugin for FakeNetwork {
         }
         g.pods.remove(sandbox_id);
         Ok(())
+    }
+
+    fn sandboxes(&self) -> Result<Vec<String>> {
+        Ok(self.pods())
     }
 
     async fn status(&self, sandbox_id: &str) -> Result<NetworkStatus> {

@@ -84,6 +84,10 @@ pub trait NetworkPlugin: Send + Sync + fmt::Debug {
     async fn teardown(&self, sandbox_id: &str) -> Result<()>;
     /// The status [`setup`](Self::setup) returned.
     async fn status(&self, sandbox_id: &str) -> Result<NetworkStatus>;
+    /// Every sandbox with something set up — a state file, or a netns a
+    /// setup that did not finish left — sorted: what a restarted caller
+    /// compares with its own records.
+    fn sandboxes(&self) -> Result<Vec<String>>;
 }
 
 /// Where pod netns mount points go by default (tmpfs: gone after a reboot).
@@ -392,6 +396,24 @@ impl NetworkPlugin for PodNetwork {
                 self.state_path(sandbox_id),
             )(e)),
         }
+    }
+
+    fn sandboxes(&self) -> Result<Vec<String>> {
+        let mut ids = std::collections::BTreeSet::new();
+        for (dir, suffix) in [(&self.state_dir, ".json"), (&self.netns_dir, "")] {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(CniError::io("list", dir.clone())(e)),
+            };
+            ids.extend(entries.flatten().filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let id = name.strip_suffix(suffix)?.to_string();
+                crate::valid_name("sandbox id", &id).ok()?;
+                Some(id)
+            }));
+        }
+        Ok(ids.into_iter().collect())
     }
 
     async fn status(&self, sandbox_id: &str) -> Result<NetworkStatus> {

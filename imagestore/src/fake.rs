@@ -34,6 +34,8 @@ struct State {
     rootfs: BTreeMap<String, PathBuf>,
     calls: Vec<Call>,
     fail_next: Option<ImageError>,
+    /// Where rootfs are made as real (empty) files and directories.
+    root: Option<PathBuf>,
 }
 
 /// Pull "succeeds" for any well-formed reference with a made-up image.
@@ -45,6 +47,14 @@ pub struct FakeImageService {
 impl FakeImageService {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Rootfs become real, empty, under `root`: a directory (SharedDir) or
+    /// a file (Block), so that callers that check them find them.
+    pub fn in_dir(root: &std::path::Path) -> Self {
+        let fake = Self::default();
+        fake.lock().root = Some(root.to_path_buf());
+        fake
     }
 
     /// The next call fails with this error.
@@ -151,18 +161,41 @@ impl ImageService for FakeImageService {
                 container_id: container_id.to_string(),
             });
         }
-        let p = PathBuf::from(format!("/fake/containers/{container_id}/rootfs"));
+        let p = match &s.root {
+            Some(root) => {
+                let p = root.join(container_id);
+                match mode {
+                    RootfsMode::SharedDir => std::fs::create_dir(&p),
+                    RootfsMode::Block => std::fs::write(&p, b""),
+                }
+                .map_err(|e| ImageError::io("create", &p, e))?;
+                p
+            }
+            None => PathBuf::from(format!("/fake/containers/{container_id}/rootfs")),
+        };
         s.rootfs.insert(container_id.to_string(), p.clone());
         Ok(p)
     }
     async fn remove_rootfs(&self, container_id: &str) -> Result<()> {
         let mut s = self.begin(Call::RemoveRootfs(container_id.to_string()))?;
-        s.rootfs
+        let p = s
+            .rootfs
             .remove(container_id)
-            .map(|_| ())
             .ok_or_else(|| ImageError::RootfsNotFound {
                 container_id: container_id.to_string(),
-            })
+            })?;
+        if s.root.is_some() {
+            let removed = if p.is_dir() {
+                std::fs::remove_dir(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            removed.map_err(|e| ImageError::io("remove", &p, e))?;
+        }
+        Ok(())
+    }
+    fn rootfs_ids(&self) -> Result<Vec<String>> {
+        Ok(self.lock().rootfs.keys().cloned().collect())
     }
     fn image_file(&self, image_ref: &str, _path: &str) -> Result<Option<Vec<u8>>> {
         let s = self.begin(Call::ImageFile(image_ref.to_string()))?;

@@ -85,6 +85,25 @@ impl ImageStore {
         Ok(())
     }
 
+    /// Every container with a rootfs: recorded, or a directory a prepare
+    /// that did not finish left (sorted, unique).
+    pub fn rootfs_ids(&self) -> Result<Vec<String>> {
+        let mut ids: std::collections::BTreeSet<String> =
+            self.meta.read(|s| s.containers.keys().cloned().collect());
+        let dir = self.root().join("containers");
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => ids.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| crate::util::valid_container_id(n)),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ImageError::io("list", &dir, e)),
+        }
+        Ok(ids.into_iter().collect())
+    }
+
     /// The rootfs record of a container, if any.
     pub fn container_rootfs(&self, container_id: &str) -> Option<ContainerRootfs> {
         self.meta.read(|s| s.containers.get(container_id).cloned())

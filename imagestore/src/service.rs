@@ -40,6 +40,8 @@ pub trait ImageService: Send + Sync + std::fmt::Debug {
     ) -> Result<PathBuf>;
     /// Unmounts / deletes the container's rootfs; NotFound when there is none.
     async fn remove_rootfs(&self, container_id: &str) -> Result<()>;
+    /// The containers that have a rootfs (a record or a leftover directory).
+    fn rootfs_ids(&self) -> Result<Vec<String>>;
     /// A small regular file of the image's rootfs (`etc/passwd`), read from
     /// its layers; `None` when there is none.
     fn image_file(&self, image_ref: &str, path: &str) -> Result<Option<Vec<u8>>>;
@@ -77,6 +79,9 @@ impl ImageService for ImageStore {
     }
     async fn remove_rootfs(&self, container_id: &str) -> Result<()> {
         ImageStore::remove_rootfs(self, container_id).await
+    }
+    fn rootfs_ids(&self) -> Result<Vec<String>> {
+        ImageStore::rootfs_ids(self)
     }
     fn image_file(&self, image_ref: &str, path: &str) -> Result<Option<Vec<u8>>> {
         ImageStore::image_file(self, image_ref, path)

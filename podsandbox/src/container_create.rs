@@ -86,6 +86,7 @@ impl Runtime {
                 source,
             })?;
         let mut attached = None;
+        let mut in_guest = false;
         let created = async {
             let (guest_rootfs, rootfs_mount) = match &config.rootfs {
                 Rootfs::Dir(dir) => {
@@ -142,12 +143,19 @@ impl Runtime {
                 )
                 .await
                 .map_err(|e| Error::from_agent(&cid, "create", e))?;
+            in_guest = true;
+            // The guest holds the container; no record names it yet.
+            self.fail_point("create_container.guest_created")?;
             Ok(rootfs_mount)
         }
         .await;
         let rootfs_mount = match created {
             Ok(m) => m,
             Err(err) => {
+                if in_guest {
+                    self.discard_guest_container(sandbox_id, vm.as_ref(), &cid)
+                        .await;
+                }
                 if let Some(address) = attached {
                     if let Err(e) = vm.remove_disk(address).await {
                         tracing::warn!(container = %cid, "undo disk attach: {e}");
@@ -184,6 +192,27 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// Removes a container the guest holds but no record names (a create
+    /// undone, or found after a crash); best effort, logged.
+    pub(crate) async fn discard_guest_container(
+        &self,
+        sandbox_id: &str,
+        vm: &dyn hypervisor::Hypervisor,
+        cid: &str,
+    ) {
+        let removed = match self.agent(sandbox_id, vm).await {
+            Ok(agent) => match agent.remove_container(cid, true).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.code == Some(crate::agent::AgentCode::NotFound) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = removed {
+            tracing::warn!(sandbox = %sandbox_id, container = %cid, "removing an unrecorded container from the guest: {err}");
+        }
+    }
+
     /// A mount source must be an existing absolute host path, with no `..`,
     /// and not inside the runtime's own state or run directory; its
     /// destination an absolute container path.

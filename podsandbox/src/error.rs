@@ -21,6 +21,8 @@ pub enum ErrorKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
     #[error("invalid sandbox ID {id:?}: use 1-128 characters of [A-Za-z0-9_.-], starting with a letter or digit")]
     InvalidId { id: String },
     #[error("sandbox {id} already exists")]
@@ -136,7 +138,9 @@ impl Error {
             },
             Error::VmExitedDuringBoot { .. } | Error::Agent { .. } => ErrorKind::Unavailable,
             Error::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
-            Error::Io { .. } | Error::CorruptState { .. } => ErrorKind::Internal,
+            Error::Io { .. } | Error::CorruptState { .. } | Error::Injected(_) => {
+                ErrorKind::Internal
+            }
             Error::Config { .. }
             | Error::InvalidNetwork { .. }
             | Error::InvalidCgroupParent { .. } => ErrorKind::InvalidArgument,

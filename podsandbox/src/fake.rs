@@ -36,6 +36,12 @@ impl FakeVms {
         self
     }
 
+    /// Every VM handed out, by sandbox ID.
+    pub fn all(&self) -> Vec<(String, FakeHypervisor)> {
+        let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     pub fn get(&self, id: &str) -> Option<FakeHypervisor> {
         self.vms
             .lock()

@@ -32,6 +32,7 @@ mod container_pause;
 mod container_start;
 mod container_update;
 mod error;
+pub mod failpoint;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 mod mounts;

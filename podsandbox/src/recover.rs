@@ -32,6 +32,9 @@ pub struct Recovery {
     pub orphans_killed: Vec<i32>,
     /// Container monitors started again.
     pub monitors: usize,
+    /// Containers whose creation had not finished (in the guest or the
+    /// shared directory, with no record): removed, as `(sandbox, container)`.
+    pub containers_discarded: Vec<(String, String)>,
 }
 
 impl Runtime {
@@ -60,6 +63,12 @@ impl Runtime {
                             .filter(|c| c.state != ContainerState::Stopped)
                             .map(|c| c.id.clone())
                             .collect();
+                        let recorded: BTreeSet<String> =
+                            s.record.containers.iter().map(|c| c.id.clone()).collect();
+                        if let Some(vm) = s.vm.clone() {
+                            out.containers_discarded
+                                .extend(self.discard_unrecorded(&id, vm.as_ref(), &recorded).await);
+                        }
                         drop(s);
                         for cid in live {
                             self.spawn_container_monitor(&id, &cid);
@@ -92,9 +101,43 @@ impl Runtime {
             set_aside = out.set_aside.len(),
             orphans_killed = out.orphans_killed.len(),
             monitors = out.monitors,
+            containers_discarded = out.containers_discarded.len(),
             "sandboxes recovered"
         );
         Ok(out)
+    }
+
+    /// Removes what a create that did not finish left of a container in a
+    /// running sandbox: its entry of the shared directory (bind mounts
+    /// detached first) and its container in the guest. Only names a
+    /// container could have are touched.
+    async fn discard_unrecorded(
+        &self,
+        sandbox_id: &str,
+        vm: &dyn hypervisor::Hypervisor,
+        recorded: &BTreeSet<String>,
+    ) -> Vec<(String, String)> {
+        let shared = self.run_dir(sandbox_id).join("shared");
+        let Ok(entries) = std::fs::read_dir(&shared) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(cid) = entry.file_name().into_string() else {
+                continue;
+            };
+            if recorded.contains(&cid) || !crate::sandbox::valid_id(&cid) {
+                continue;
+            }
+            tracing::warn!(sandbox = %sandbox_id, container = %cid, "removing a container whose creation did not finish");
+            self.discard_guest_container(sandbox_id, vm, &cid).await;
+            if let Err(err) = crate::mounts::remove_tree(&entry.path()) {
+                tracing::warn!(sandbox = %sandbox_id, container = %cid, "removing its shared dir: {}", err.chain());
+                continue;
+            }
+            out.push((sandbox_id.to_string(), cid));
+        }
+        out
     }
 
     /// Kills the processes (a QEMU, its helpers) that name the run dir of a

@@ -142,6 +142,8 @@ pub(crate) struct RuntimeInner {
             tokio::sync::broadcast::Sender<crate::container_monitor::OutputChunk>,
         >,
     >,
+    /// Where tests make multi-step operations fail (see [`crate::failpoint`]).
+    pub(crate) fail_points: crate::failpoint::FailPoints,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -216,12 +218,23 @@ impl Runtime {
                 exits: tokio::sync::broadcast::channel(256).0,
                 logs: Default::default(),
                 outputs: Default::default(),
+                fail_points: crate::failpoint::FailPoints::from_env(),
             }),
         })
     }
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// The fail points of this runtime's multi-step operations (see
+    /// [`crate::failpoint`]).
+    pub fn fail_points(&self) -> &crate::failpoint::FailPoints {
+        &self.inner.fail_points
+    }
+
+    pub(crate) fn fail_point(&self, point: &'static str) -> Result<()> {
+        Ok(self.inner.fail_points.hit(point)?)
     }
 
     /// Finds an existing sandbox (the virtcontainers `fetchSandbox`).

@@ -183,6 +183,9 @@ impl Runtime {
         if let Err(source) = vm.boot().await {
             return Err((Error::Hypervisor { id, source }, None));
         }
+        // A VM runs that no record names yet.
+        self.fail_point("create_sandbox.vm_spawned")
+            .map_err(|e| (e, Some(vm.clone())))?;
         if let Some(parent) = cgroup_parent {
             match crate::cgroup::place(&id, parent, self.inner.config.cgroup_root, &vm.pids()) {
                 Ok(cg) => record.cgroup = Some(cg),
@@ -198,7 +201,11 @@ impl Runtime {
             Ok(agent) => agent,
             Err(err) => return Err((err, Some(vm))),
         };
-        match configure_guest(&id, agent.as_ref(), network, files).await {
+        if let Err(err) = configure_guest(&id, agent.as_ref(), network, files).await {
+            return Err((err, Some(vm)));
+        }
+        // The guest is ready; the record still says creating.
+        match self.fail_point("create_sandbox.guest_ready") {
             Ok(()) => Ok(vm),
             Err(err) => Err((err, Some(vm))),
         }
