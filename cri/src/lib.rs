@@ -4,7 +4,7 @@
 //! Layout: `runtime/` holds the RuntimeService (one file per RPC), `image/`
 //! the ImageService, `streaming/` the server Exec, Attach and PortForward
 //! hand out URLs for (SPDY and WebSocket), `store` the CRI metadata vcrid
-//! persists, `error` the one mapping of failures to gRPC codes, `server` the
+//! persists, `reconcile` what start-up removes that no record names, `error` the one mapping of failures to gRPC codes, `server` the
 //! shared state and the socket, `check` the host readiness report.
 #![forbid(unsafe_code)]
 
@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod grpc_authority;
 mod image;
+pub mod reconcile;
 mod rpc_log;
 mod runtime;
 pub mod server;

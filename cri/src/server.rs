@@ -19,6 +19,19 @@ use crate::{
     store::Store,
 };
 
+/// Runs a mutation to its end (or its own rollback) in a task of its own:
+/// a client that goes away — a deadline passed, a kubelet restarted — drops
+/// only its wait for the answer, never the handler half-way.
+pub(crate) async fn to_completion<T, F>(work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    tokio::spawn(work)
+        .await
+        .map_err(|e| CriError::Internal(format!("the call's task failed: {e}")))?
+}
+
 /// The server's state; cheap to clone (one `Arc`).
 #[derive(Debug, Clone)]
 pub struct Cri {
@@ -103,6 +116,16 @@ impl Cri {
             .clone()
     }
 
+    /// Passes a fail point of a multi-step call (see podsandbox's
+    /// `failpoint`: armed by unit tests, or by `VC_CRASH_AT` in debug builds).
+    pub(crate) fn fail_point(&self, point: &'static str) -> Result<()> {
+        self.inner
+            .runtime
+            .fail_points()
+            .hit(point)
+            .map_err(|e| podsandbox::Error::from(e).into())
+    }
+
     pub(crate) fn forget_pod_lock(&self, id: &str) {
         self.inner
             .pod_locks
@@ -111,12 +134,17 @@ impl Cri {
             .remove(id);
     }
 
-    /// Picks up where a previous vcrid left off: monitors of live
-    /// containers, and container exits turned into events.
-    pub async fn recover(&self) -> Result<()> {
+    /// Picks up where a previous vcrid left off: podsandbox's recovery
+    /// (monitors of live containers, dead VMs, half-made sandboxes), then
+    /// [`Cri::reconcile`]: whatever no record names is removed.
+    pub async fn recover(&self) -> Result<crate::reconcile::Reconciled> {
         let recovered = self.inner.runtime.recover().await?;
         for (id, moved_to) in &recovered.set_aside {
             tracing::error!(pod = %id, moved_to = %moved_to.display(), "the pod's VM record was corrupt and set aside; its pod is NOTREADY");
+        }
+        let removed = self.reconcile().await;
+        if !removed.is_empty() {
+            tracing::warn!(?removed, "removed what no pod or container record names");
         }
         tracing::info!(
             pods = self.inner.store.pods().len(),
@@ -127,7 +155,7 @@ impl Cri {
             orphans_killed = recovered.orphans_killed.len(),
             "state recovered"
         );
-        Ok(())
+        Ok(removed)
     }
 
     /// Starts the streaming server (loopback by default) for Exec, Attach

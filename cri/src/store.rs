@@ -8,9 +8,15 @@
 //!
 //! ```text
 //!   RunPodSandbox: reserve name ──► network ──► VM ──► save PodMeta
-//!                        │ any failure: undo in reverse, release the name
+//!                        │ any failure: undo in reverse, release the name;
+//!                        │ an undo that fails: PodMeta saved NOTREADY with the reason
 //!   RemovePodSandbox: remove containers ──► VM ──► network ──► delete PodMeta, release name
 //! ```
+//!
+//! These records are the authority on what exists: at start-up
+//! (`reconcile.rs`) every sandbox, network, container and rootfs that no
+//! record here names — what a crash between two steps above leaves — is
+//! removed.
 
 use std::{
     collections::HashMap,
@@ -37,6 +43,11 @@ pub struct PodMeta {
     pub network: Option<cni::NetworkStatus>,
     /// StopPodSandbox ran: the pod is NOTREADY for good.
     pub stopped: bool,
+    /// Why the last clean-up of this pod (a RunPodSandbox rolled back, a
+    /// StopPodSandbox or RemovePodSandbox) did not finish: the pod is kept,
+    /// NOTREADY, so that the next RemovePodSandbox finishes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_error: Option<String>,
 }
 
 /// A container as vcrid knows it.
@@ -305,6 +316,7 @@ mod tests {
             created_at_ns: 1,
             network: None,
             stopped: false,
+            cleanup_error: None,
         }
     }
 

@@ -147,7 +147,10 @@ impl ImageService for Cri {
         reply(Cri::image_status(self, r.into_inner()).await)
     }
     async fn pull_image(&self, r: Request<cri::PullImageRequest>) -> Reply<cri::PullImageResponse> {
-        reply(Cri::pull_image(self, r.into_inner()).await)
+        // A pull the client gave up on still finishes: kubelet's retry
+        // then finds the image instead of starting over.
+        let (cri, r) = (self.clone(), r.into_inner());
+        reply(crate::server::to_completion(async move { Cri::pull_image(&cri, r).await }).await)
     }
     async fn remove_image(
         &self,

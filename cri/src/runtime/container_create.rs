@@ -135,6 +135,7 @@ impl Cri {
             },
         };
         let created = async {
+            self.fail_point("create_container.rootfs_prepared")?;
             let policy = SecurityPolicy {
                 seccomp_profile_dirs: self.inner.config.security.seccomp_profile_dirs.clone(),
                 pod_privileged: pod_config
@@ -154,7 +155,10 @@ impl Cri {
                 log_path: log,
                 created_at_ns: podsandbox::container::now_ns(),
             };
-            if let Err(err) = self.inner.store.save_container(&meta) {
+            let saved = self
+                .fail_point("create_container.container_created")
+                .and_then(|()| self.inner.store.save_container(&meta));
+            if let Err(err) = saved {
                 if let Err(e) = self.inner.runtime.delete_container(sandbox_id, id).await {
                     tracing::error!(container = %id, "undo create: {e}");
                 }

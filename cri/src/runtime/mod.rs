@@ -19,6 +19,8 @@ pub(crate) mod sandbox_status;
 mod sandbox_stop;
 mod seccomp;
 pub(crate) mod stats;
+#[cfg(test)]
+mod step_failures;
 mod streaming_calls;
 
 use k8s_cri::v1::{self as cri, runtime_service_server::RuntimeService};
@@ -26,25 +28,12 @@ use tonic::{Request, Response, Status};
 
 pub use runtime_status::{RUNTIME_API_VERSION, RUNTIME_NAME};
 
-use crate::server::Cri;
+use crate::server::{to_completion, Cri};
 
 type Reply<T> = Result<Response<T>, Status>;
 
 fn reply<T>(r: crate::error::Result<T>) -> Reply<T> {
     r.map(Response::new).map_err(Status::from)
-}
-
-/// Runs a mutation to its end (or its own rollback) in a task of its own:
-/// a client that goes away — a deadline passed, a kubelet restarted — drops
-/// only its wait for the answer, never the handler half-way.
-async fn to_completion<T, F>(work: F) -> crate::error::Result<T>
-where
-    T: Send + 'static,
-    F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
-{
-    tokio::spawn(work)
-        .await
-        .map_err(|e| crate::error::CriError::Internal(format!("the call's task failed: {e}")))?
 }
 
 #[tonic::async_trait]

@@ -75,23 +75,49 @@ impl Cri {
             net_sysctls: sysctls.net,
             hostname,
         };
-        let ran = self.run_steps(&id, config, req.runtime_handler, plan).await;
-        if let Err(err) = ran {
-            self.inner.store.release(&name, &id);
-            self.forget_pod_lock(&id);
+        let ran = self
+            .run_steps(&id, config.clone(), req.runtime_handler.clone(), plan)
+            .await;
+        if let Err((err, undo_problems)) = ran {
+            if undo_problems.is_empty() {
+                self.inner.store.release(&name, &id);
+                self.forget_pod_lock(&id);
+                return Err(err);
+            }
+            // As containerd does: a pod whose undo failed is kept, NOTREADY
+            // with the reason, so that RemovePodSandbox finishes the job.
+            let reason = format!(
+                "RunPodSandbox failed ({err}) and its undo did not finish: {}",
+                undo_problems.join("; ")
+            );
+            tracing::error!(pod = %id, "{reason}");
+            let meta = PodMeta {
+                id: id.clone(),
+                config,
+                runtime_handler: req.runtime_handler,
+                created_at_ns: podsandbox::container::now_ns(),
+                network: None,
+                stopped: true,
+                cleanup_error: Some(reason),
+            };
+            if let Err(save) = self.inner.store.save_pod(&meta) {
+                tracing::error!(pod = %id, "keeping the pod whose undo failed: {save}");
+            }
             return Err(err);
         }
         tracing::info!(pod = %id, name = %name, "pod sandbox ready");
         Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
+    /// Network, VM, record — each a step a failure undoes in reverse. On
+    /// error, also what of the undo failed (empty: nothing is left).
     async fn run_steps(
         &self,
         id: &str,
         config: cri::PodSandboxConfig,
         runtime_handler: String,
         plan: PodPlan,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), (CriError, Vec<String>)> {
         let PodPlan {
             vcpus,
             memory_mib,
@@ -102,8 +128,12 @@ impl Cri {
             .inner
             .network
             .setup(&network_request(id, &config))
-            .await?;
-        let booted = async {
+            .await
+            .map_err(|e| (e.into(), Vec::new()))?;
+        let booted: std::result::Result<(), (CriError, bool)> = async {
+            let before_vm = |e: CriError| (e, false);
+            self.fail_point("run_pod_sandbox.network_set_up")
+                .map_err(before_vm)?;
             let sandbox = SandboxConfig {
                 id: id.into(),
                 vcpus,
@@ -111,7 +141,7 @@ impl Cri {
                 hostname: Some(hostname),
                 network: SandboxNetwork {
                     sysctls: net_sysctls,
-                    ..sandbox_network(&network)?
+                    ..sandbox_network(&network).map_err(before_vm)?
                 },
                 cgroup_parent: config
                     .linux
@@ -124,40 +154,54 @@ impl Cri {
                     options: d.options.clone(),
                 }),
             };
-            self.inner.runtime.create_sandbox(sandbox).await?;
-            if let Err(err) = self.inner.runtime.start_sandbox(id).await {
-                self.undo_vm(id).await;
-                return Err(err.into());
+            // A create that fails undoes itself.
+            self.inner
+                .runtime
+                .create_sandbox(sandbox)
+                .await
+                .map_err(|e| before_vm(e.into()))?;
+            let started = async {
+                self.fail_point("run_pod_sandbox.sandbox_created")?;
+                self.inner.runtime.start_sandbox(id).await?;
+                self.fail_point("run_pod_sandbox.sandbox_started")?;
+                self.inner.store.save_pod(&PodMeta {
+                    id: id.into(),
+                    config,
+                    runtime_handler,
+                    created_at_ns: podsandbox::container::now_ns(),
+                    network: Some(network.clone()),
+                    stopped: false,
+                    cleanup_error: None,
+                })
             }
-            let meta = PodMeta {
-                id: id.into(),
-                config,
-                runtime_handler,
-                created_at_ns: podsandbox::container::now_ns(),
-                network: Some(network.clone()),
-                stopped: false,
-            };
-            if let Err(err) = self.inner.store.save_pod(&meta) {
-                self.undo_vm(id).await;
-                return Err(err);
-            }
-            Ok(())
+            .await;
+            started.map_err(|err| (err, true))
         }
         .await;
-        if booted.is_err() {
-            if let Err(err) = self.inner.network.teardown(id).await {
-                tracing::error!(pod = %id, "undoing the network of a failed pod: {err}");
+        let Err((err, vm_made)) = booted else {
+            return Ok(());
+        };
+        let mut problems = Vec::new();
+        if vm_made {
+            if let Err(undo) = self.undo_vm(id).await {
+                problems.push(format!("removing the VM: {undo}"));
             }
         }
-        booted
+        if let Err(undo) = self.inner.network.teardown(id).await {
+            problems.push(format!("tearing the network down: {undo}"));
+        }
+        Err((err, problems))
     }
 
-    async fn undo_vm(&self, id: &str) {
+    /// Stops and deletes the VM of a pod being undone.
+    async fn undo_vm(&self, id: &str) -> Result<()> {
         if let Err(err) = self.inner.runtime.stop_sandbox(id).await {
             tracing::debug!(pod = %id, "undo: stop: {err}");
         }
-        if let Err(err) = self.inner.runtime.delete_sandbox(id).await {
-            tracing::error!(pod = %id, "undoing the VM of a failed pod: {err}");
+        match self.inner.runtime.delete_sandbox(id).await {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == podsandbox::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(err.into()),
         }
     }
 

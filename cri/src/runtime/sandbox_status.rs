@@ -30,6 +30,9 @@ impl Cri {
         let mut status = pod_status_brief(&meta);
         status.state = state as i32;
         let mut info = HashMap::new();
+        if let Some(reason) = &meta.cleanup_error {
+            info.insert("cleanup_error".to_string(), reason.clone());
+        }
         if req.verbose {
             let detail = serde_json::json!({
                 "id": id,
@@ -37,6 +40,7 @@ impl Cri {
                 "vm": vm.as_ref().ok(),
                 "vm_error": vm.as_ref().err().map(|e| e.to_string()),
                 "network": meta.network,
+                "cleanup_error": meta.cleanup_error,
                 "config": meta.config,
             });
             info.insert("info".to_string(), detail.to_string());
@@ -87,10 +91,12 @@ impl Cri {
     }
 }
 
-/// READY while its VM runs and nobody stopped it.
+/// READY while its VM runs, nobody stopped it and no clean-up failed.
 pub(crate) fn pod_state(meta: &PodMeta, vm: Option<SandboxState>) -> cri::PodSandboxState {
     match vm {
-        Some(SandboxState::Ready | SandboxState::Running) if !meta.stopped => {
+        Some(SandboxState::Ready | SandboxState::Running)
+            if !meta.stopped && meta.cleanup_error.is_none() =>
+        {
             cri::PodSandboxState::SandboxReady
         }
         _ => cri::PodSandboxState::SandboxNotready,
@@ -123,7 +129,7 @@ pub(crate) fn pod_status_brief(meta: &PodMeta) -> cri::PodSandboxStatus {
     cri::PodSandboxStatus {
         id: meta.id.clone(),
         metadata: meta.config.metadata.clone(),
-        state: if meta.stopped {
+        state: if meta.stopped || meta.cleanup_error.is_some() {
             cri::PodSandboxState::SandboxNotready as i32
         } else {
             cri::PodSandboxState::SandboxReady as i32

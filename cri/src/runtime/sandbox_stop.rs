@@ -32,7 +32,10 @@ impl Cri {
         };
         let lock = self.pod_lock(&id);
         let _guard = lock.lock().await;
-        self.stop_pod_locked(&id).await?;
+        if let Err(err) = self.stop_pod_locked(&id).await {
+            self.keep_with_cleanup_error(&id, "StopPodSandbox", &err);
+            return Err(err);
+        }
         Ok(cri::StopPodSandboxResponse {})
     }
 
@@ -82,8 +85,9 @@ impl Cri {
         }
         self.inner.network.teardown(id).await?;
         if let Some(mut meta) = self.inner.store.pod(id) {
-            if !meta.stopped {
+            if !meta.stopped || meta.cleanup_error.is_some() {
                 meta.stopped = true;
+                meta.cleanup_error = None;
                 self.inner.store.save_pod(&meta)?;
             }
         }
