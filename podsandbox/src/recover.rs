@@ -48,6 +48,12 @@ impl Runtime {
                 Ok(record) if record.state == crate::SandboxState::Creating => {
                     tracing::warn!(%id, "tearing down a sandbox whose creation did not finish");
                     let vm = self.restore_vm(&record).ok().flatten();
+                    if vm.is_none() {
+                        // The VM may have been spawned before the record
+                        // named it: its processes name the run dir.
+                        out.orphans_killed
+                            .extend(kill_processes_naming(&id, &self.run_dir(&id)));
+                    }
                     self.unwind(&id, vm.as_deref()).await;
                     out.torn_down.push(id);
                 }
@@ -93,7 +99,8 @@ impl Runtime {
                 Err(err) => tracing::error!(%id, "recovering: {}", err.chain()),
             }
         }
-        out.orphans_killed = self.remove_orphans(&out.running);
+        let more = self.remove_orphans(&out.running);
+        out.orphans_killed.extend(more);
         tracing::info!(
             running = out.running.len(),
             found_dead = out.found_dead.len(),
@@ -174,16 +181,7 @@ impl Runtime {
             if !sandbox_made {
                 continue;
             }
-            for pid in processes_naming(&entry.path()) {
-                tracing::warn!(sandbox = %name, pid, "killing a process of a VM no running sandbox owns");
-                if let Some(p) = hypervisor::ProcessRef::of(pid) {
-                    if let Err(err) = p.signal(nix::sys::signal::Signal::SIGKILL) {
-                        tracing::warn!(pid, "kill: {err}");
-                        continue;
-                    }
-                    killed.push(pid);
-                }
-            }
+            killed.extend(kill_processes_naming(&name, &entry.path()));
             if !known.contains(&name) {
                 if let Err(err) = crate::mounts::remove_tree(&entry.path()) {
                     tracing::warn!(sandbox = %name, "removing an orphan run dir: {}", err.chain());
@@ -192,6 +190,23 @@ impl Runtime {
         }
         killed
     }
+}
+
+/// SIGKILLs the processes naming `dir` (see [`processes_naming`]): those of
+/// a VM no running sandbox owns. Returns the PIDs killed.
+fn kill_processes_naming(sandbox: &str, dir: &Path) -> Vec<i32> {
+    let mut killed = Vec::new();
+    for pid in processes_naming(dir) {
+        tracing::warn!(%sandbox, pid, "killing a process of a VM no running sandbox owns");
+        if let Some(p) = hypervisor::ProcessRef::of(pid) {
+            if let Err(err) = p.signal(nix::sys::signal::Signal::SIGKILL) {
+                tracing::warn!(pid, "kill: {err}");
+                continue;
+            }
+            killed.push(pid);
+        }
+    }
+    killed
 }
 
 /// The processes whose command line names a path inside `dir` (how a VMM

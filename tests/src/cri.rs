@@ -97,6 +97,12 @@ impl CriEnv {
 
     /// Starts `vcrid serve` and waits until its socket answers.
     pub async fn start(&mut self) {
+        self.start_with_env(&[]).await;
+    }
+
+    /// [`CriEnv::start`] with extra environment variables (such as
+    /// podsandbox's `VC_CRASH_AT` fail point).
+    pub async fn start_with_env(&mut self, vars: &[(&str, &str)]) {
         assert!(self.vcrid.is_none(), "vcrid already runs");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -108,6 +114,7 @@ impl CriEnv {
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "info,vcrid=debug,cri=debug")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -145,6 +152,24 @@ impl CriEnv {
         if let Some(mut c) = self.vcrid.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Waits (up to 60 s) for vcrid to end by itself — a fail point's
+    /// SIGKILL — and returns how it ended.
+    pub fn wait_ended(&mut self) -> std::process::ExitStatus {
+        let mut child = self.vcrid.take().expect("vcrid runs");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("vcrid did not end: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -343,8 +368,9 @@ impl CriClientOnly {
 
 impl Drop for CriEnv {
     fn drop(&mut self) {
-        if self.vcrid.is_none() && !processes_mentioning(&self.dir.path().join("run")).is_empty() {
-            // Pods outlived a killed vcrid: start one to remove them.
+        if self.vcrid.is_none() {
+            // Pods (or half-made ones) outlived a killed vcrid: start one,
+            // whose recovery and RemovePodSandbox remove them.
             self.start_quietly();
         }
         self.remove_all_pods();
@@ -488,4 +514,67 @@ pub async fn wait_for_log(path: &Path, needle: &str) -> String {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// ContainerStatus (not verbose) of `id`.
+pub async fn container_status(rt: &mut Runtime, id: &str) -> k8s_cri::v1::ContainerStatus {
+    rt.container_status(k8s_cri::v1::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("ContainerStatus")
+    .into_inner()
+    .status
+    .expect("status")
+}
+
+/// A pod config as kubelet sends one: metadata (uid `uid-<name>`), host
+/// name, and a log directory under the environment's dir.
+pub fn pod_config(env: &CriEnv, name: &str, namespace: &str) -> k8s_cri::v1::PodSandboxConfig {
+    k8s_cri::v1::PodSandboxConfig {
+        metadata: Some(k8s_cri::v1::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: namespace.into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: env.dir.path().join("logs").join(name).display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// A busybox container config running `command`, logging to `<name>.log`.
+pub fn container_config(image: &str, name: &str, command: &[&str]) -> k8s_cri::v1::ContainerConfig {
+    k8s_cri::v1::ContainerConfig {
+        metadata: Some(k8s_cri::v1::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// The PID of a pod's QEMU, from verbose PodSandboxStatus.
+pub async fn qemu_pid(rt: &mut Runtime, pod: &str) -> i32 {
+    let info = rt
+        .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.into(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .info;
+    let detail: serde_json::Value =
+        serde_json::from_str(info.get("info").expect("verbose info")).expect("json");
+    let pid = detail["vm"]["pid"].as_i64().expect("the VM's pid");
+    i32::try_from(pid).expect("pid")
 }

@@ -14,7 +14,9 @@ use tests::registry as support;
 use std::{collections::HashMap, time::Duration};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{create_started, remove_pod, run_pod, wait_for_log, CriEnv, Runtime};
+use tests::cri::{
+    container_status as status, create_started, remove_pod, run_pod, wait_for_log, CriEnv, Runtime,
+};
 
 async fn pod(rt: &mut Runtime, env: &CriEnv, name: &str) -> (String, cri::PodSandboxConfig) {
     let config = cri::PodSandboxConfig {
@@ -54,18 +56,6 @@ async fn container(
         ..Default::default()
     };
     create_started(rt, &pod.0, &pod.1, config).await
-}
-
-async fn status(rt: &mut Runtime, id: &str) -> cri::ContainerStatus {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .expect("ContainerStatus")
-    .into_inner()
-    .status
-    .expect("status")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,35 +14,9 @@ use tests::registry as support;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{create_started, remove_pod, run_pod, CriEnv, Runtime};
-
-async fn status(rt: &mut Runtime, id: &str) -> cri::ContainerStatus {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .expect("ContainerStatus")
-    .into_inner()
-    .status
-    .expect("status")
-}
-
-async fn qemu_pid(rt: &mut Runtime, pod: &str) -> i32 {
-    let info = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: true,
-        })
-        .await
-        .expect("PodSandboxStatus")
-        .into_inner()
-        .info;
-    let detail: serde_json::Value =
-        serde_json::from_str(info.get("info").expect("verbose info")).expect("json");
-    let pid = detail["vm"]["pid"].as_i64().expect("the VM's pid");
-    i32::try_from(pid).expect("pid")
-}
+use tests::cri::{
+    container_status as status, create_started, qemu_pid, remove_pod, run_pod, CriEnv,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_vm_takes_its_containers_with_it() {
