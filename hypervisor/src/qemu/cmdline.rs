@@ -9,7 +9,11 @@ use crate::MachineType;
 /// Files QEMU uses, all inside the VM's run dir.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunPaths {
+    /// The runtime's own monitor: one long-lived connection holds it.
     pub qmp: PathBuf,
+    /// A second monitor, free for operators and tools (QEMU serves one
+    /// client per socket).
+    pub qmp_extra: PathBuf,
     pub console: PathBuf,
     pub log: PathBuf,
     /// vhost-user control socket of the userspace vsock device.
@@ -26,6 +30,7 @@ impl RunPaths {
     pub fn new(run_dir: &Path) -> Self {
         Self {
             qmp: run_dir.join("qmp.sock"),
+            qmp_extra: run_dir.join("qmp-extra.sock"),
             console: run_dir.join("console.log"),
             log: run_dir.join("qemu.log"),
             vhost_vsock: run_dir.join("vhost-vsock.sock"),
@@ -37,9 +42,10 @@ impl RunPaths {
     }
 
     /// Paths that must fit in `sockaddr_un`.
-    pub fn sockets(&self) -> [&Path; 4] {
+    pub fn sockets(&self) -> [&Path; 5] {
         [
             &self.qmp,
+            &self.qmp_extra,
             &self.vhost_vsock,
             &self.vsock_uds,
             &self.virtiofsd,
@@ -220,6 +226,8 @@ fn qmp_args(spec: &Spec<'_>) -> Vec<String> {
     strings(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", escape(&spec.paths.qmp)),
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", escape(&spec.paths.qmp_extra)),
     ])
 }
 
@@ -472,6 +480,11 @@ mod tests {
             &args,
             "-qmp",
             "unix:/run/vc/s1/qmp.sock,server=on,wait=off"
+        ));
+        assert!(has_pair(
+            &args,
+            "-qmp",
+            "unix:/run/vc/s1/qmp-extra.sock,server=on,wait=off"
         ));
         assert!(has_pair(
             &args,

@@ -17,7 +17,7 @@ use serde_json::Value;
 use self::{
     accel::{HostFacts, Resolved},
     cmdline::{NicArg, RunPaths, SharedDevice, Spec, VsockDevice},
-    qmp::Qmp,
+    qmp::QmpSession,
 };
 use crate::{
     process::{self, ProcessRef},
@@ -139,11 +139,12 @@ impl Qemu {
     }
 
     async fn qmp(&self, command: &str, args: Option<Value>) -> Result<Value> {
-        self.qmp_connection().await?.execute(command, args).await
+        self.session().await?.execute(command, args).await
     }
 
-    /// A QMP connection to the running VMM (NotRunning when it is gone).
-    async fn qmp_connection(&self) -> Result<Qmp> {
+    /// The QMP session of the running VMM (NotRunning when it is gone):
+    /// the process's one session for this VM ([`qmp::session_for`]).
+    async fn session(&self) -> Result<QmpSession> {
         let vmm = self.lock().vmm;
         match vmm {
             Some(p) if p.is_alive() => {}
@@ -153,7 +154,7 @@ impl Qemu {
                 })
             }
         }
-        Qmp::connect(&self.paths.qmp).await
+        qmp::session_for(&self.paths.qmp).await
     }
 
     /// Starts a vhost-user helper (`name`, from `program`) and waits until it
@@ -321,7 +322,9 @@ impl Qemu {
                 });
             }
             if self.paths.qmp.exists() {
-                if let Ok(mut qmp) = Qmp::connect(&self.paths.qmp).await {
+                // The session made here is kept: every later command and
+                // event of this VM rides it.
+                if let Ok(qmp) = qmp::session_for(&self.paths.qmp).await {
                     if qmp.execute("query-status", None).await.is_ok() {
                         return Ok(vmm);
                     }
@@ -482,10 +485,13 @@ impl crate::Hypervisor for Qemu {
         let vmm = self.lock().vmm;
         if let Some(vmm) = vmm.filter(ProcessRef::is_alive) {
             // A paused VM quits as well as a running one.
-            if let Ok(mut qmp) = Qmp::connect(&self.paths.qmp).await {
-                if let Err(err) = qmp.execute("quit", None).await {
-                    tracing::debug!("QMP quit: {err}");
+            match self.session().await {
+                Ok(qmp) => {
+                    if let Err(err) = qmp.execute("quit", None).await {
+                        tracing::debug!("QMP quit: {err}");
+                    }
                 }
+                Err(err) => tracing::debug!("QMP for quit: {err}"),
             }
             if !vmm.wait_gone(grace).await {
                 tracing::warn!(pid = vmm.pid, "QEMU did not quit in {grace:?}; killing it");
@@ -579,7 +585,7 @@ impl crate::Hypervisor for Qemu {
                 .find(|s| !state.hotplugged_nics.iter().any(|(used, _)| used == s))
                 .ok_or(HypervisorError::NoHotplugSlot { slots })?
         };
-        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
+        let qmp = self.session().await?;
         let (fdname, netdev, device) = (
             format!("hptap{slot}"),
             format!("hpnet{slot}"),
@@ -631,12 +637,13 @@ impl crate::Hypervisor for Qemu {
             .map(|(s, _)| *s)
             .ok_or_else(|| HypervisorError::NicNotFound { mac: mac.into() })?;
         let (netdev, device) = (format!("hpnet{slot}"), format!("hpnic{slot}"));
-        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
+        let qmp = self.session().await?;
+        let mark = qmp.mark();
         qmp.execute("device_del", Some(serde_json::json!({ "id": device })))
             .await?;
         // The guest must release the slot (pciehp waits ~5 s after the
         // attention button); only then is the device gone.
-        qmp.wait_event("DEVICE_DELETED", NIC_RELEASE_TIMEOUT, |d| {
+        qmp.wait_event("DEVICE_DELETED", mark, NIC_RELEASE_TIMEOUT, |d| {
             d.get("device").and_then(Value::as_str) == Some(device.as_str())
         })
         .await?;
@@ -673,7 +680,7 @@ impl crate::Hypervisor for Qemu {
                 })?
         };
         let (node, device) = disk_names(address);
-        let mut qmp = self.qmp_connection().await?;
+        let qmp = self.session().await?;
         let mut blockdev = serde_json::json!({
             "driver": disk.format.as_str(),
             "node-name": node,
@@ -719,13 +726,14 @@ impl crate::Hypervisor for Qemu {
         let vmm = self.lock().vmm;
         if vmm.is_some_and(|p| p.is_alive()) {
             let (node, device) = disk_names(address);
-            let mut qmp = self.qmp_connection().await?;
+            let qmp = self.session().await?;
+            let mark = qmp.mark();
             match qmp
                 .execute("device_del", Some(serde_json::json!({ "id": device })))
                 .await
             {
                 Ok(_) => {
-                    qmp.wait_event("DEVICE_DELETED", DISK_RELEASE_TIMEOUT, |d| {
+                    qmp.wait_event("DEVICE_DELETED", mark, DISK_RELEASE_TIMEOUT, |d| {
                         d.get("device").and_then(Value::as_str) == Some(device.as_str())
                     })
                     .await?;
