@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt},
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -234,6 +234,45 @@ pub enum Authority {
     AsSent,
 }
 
+/// Takes `<state_dir>/vcrid.lock` (an exclusive `flock`, released when the
+/// process ends however it ends) and writes this process's PID in it; an
+/// error naming the holder's PID if another vcrid has it.
+fn claim_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = state_dir.join("vcrid.lock");
+    let io = |action, source| CriError::Io {
+        action,
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(|e| io("create the state dir of", e))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io("open", e))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((mut file, _)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(CriError::FailedPrecondition(format!(
+                "the state dir {} is in use by another vcrid (pid {})",
+                state_dir.display(),
+                holder.trim()
+            )));
+        }
+    };
+    lock.set_len(0).map_err(|e| io("truncate", e))?;
+    lock.rewind().map_err(|e| io("rewind", e))?;
+    writeln!(lock, "{}", std::process::id()).map_err(|e| io("write", e))?;
+    Ok(lock)
+}
+
 /// Serves `cri` on its configured socket until `shutdown` resolves. Pods keep
 /// running after a shutdown; the next `vcrid` finds them.
 pub async fn serve(cri: Cri, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
@@ -251,6 +290,9 @@ pub async fn serve_with(
         .config
         .socket_path()
         .map_err(|detail| CriError::invalid("listen", detail))?;
+    // Recovery removes what no record names: two servers over one state
+    // dir would remove each other's pods.
+    let _owner = claim_state_dir(&cri.inner.config.state_dir)?;
     let listener = bind_socket(&path).await?;
     cri.start_streaming().await?;
     cri.recover().await?;
@@ -313,4 +355,28 @@ async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
         }
     })?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn one_vcrid_owns_a_state_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let first = claim_state_dir(&state).expect("first");
+        let err = claim_state_dir(&state).expect_err("second");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.to_string().contains(&format!(
+                "in use by another vcrid (pid {})",
+                std::process::id()
+            )),
+            "{err}"
+        );
+        drop(first);
+        claim_state_dir(&state).expect("free again");
+    }
 }
