@@ -104,10 +104,7 @@ impl ProcessRef {
             Err(rustix::io::Errno::SRCH) => return,
             Err(err) => {
                 tracing::debug!(pid = self.pid, "pidfd_open: {err}; polling instead");
-                while self.is_alive() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                return;
+                return self.poll_until_gone().await;
             }
         };
         if !self.is_alive() {
@@ -125,10 +122,15 @@ impl ProcessRef {
             }
             Err(err) => {
                 tracing::debug!(pid = self.pid, "pidfd: {err}; polling instead");
-                while self.is_alive() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                self.poll_until_gone().await;
             }
+        }
+    }
+
+    /// [`ProcessRef::exited`] where there is no pidfd to wait on.
+    async fn poll_until_gone(&self) {
+        while self.is_alive() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

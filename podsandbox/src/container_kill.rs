@@ -101,40 +101,43 @@ impl Runtime {
             }
             ContainerState::Running => {}
         }
-        if let Err(err) = self
-            .kill_container(
-                sandbox_id,
-                id,
-                nix::sys::signal::Signal::SIGTERM as u32,
-                false,
-            )
+        let term = nix::sys::signal::Signal::SIGTERM as u32;
+        if let Some(done) = self
+            .signal_then_wait(sandbox_id, id, term, false, grace)
             .await
         {
-            return self.ended_anyway(sandbox_id, id, err).await;
+            return done;
         }
-        match tokio::time::timeout(grace, self.wait_container(sandbox_id, id)).await {
-            Ok(result) => result,
-            Err(_) => {
-                if let Err(err) = self
-                    .kill_container(
-                        sandbox_id,
-                        id,
-                        nix::sys::signal::Signal::SIGKILL as u32,
-                        true,
-                    )
-                    .await
-                {
-                    return self.ended_anyway(sandbox_id, id, err).await;
-                }
-                match tokio::time::timeout(KILL_WAIT, self.wait_container(sandbox_id, id)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Error::StopTimeout {
-                        id: id.into(),
-                        secs: KILL_WAIT.as_secs(),
-                    }),
-                }
-            }
+        let kill = nix::sys::signal::Signal::SIGKILL as u32;
+        match self
+            .signal_then_wait(sandbox_id, id, kill, true, KILL_WAIT)
+            .await
+        {
+            Some(done) => done,
+            None => Err(Error::StopTimeout {
+                id: id.into(),
+                secs: KILL_WAIT.as_secs(),
+            }),
         }
+    }
+
+    /// One step of a stop: `signal`, then up to `wait` for the exit. `None`
+    /// when the container still runs after `wait`; a signal that fails
+    /// because the container ended meanwhile is the stop's success.
+    async fn signal_then_wait(
+        &self,
+        sandbox_id: &str,
+        id: &str,
+        signal: u32,
+        all: bool,
+        wait: Duration,
+    ) -> Option<Result<i32>> {
+        if let Err(err) = self.kill_container(sandbox_id, id, signal, all).await {
+            return Some(self.ended_anyway(sandbox_id, id, err).await);
+        }
+        tokio::time::timeout(wait, self.wait_container(sandbox_id, id))
+            .await
+            .ok()
     }
 
     /// A signal failed: if that is because the container ended meanwhile
