@@ -47,6 +47,7 @@ bench: build
 	$(CARGO) build --profile release-unwind -p cri --bins
 	$(CARGO) run --profile release-unwind -p tests --example bench_network
 	$(CARGO) run --profile release-unwind -p tests --example bench_cri
+	$(CARGO) run --profile release-unwind -p tests --example soak_cri
 	$(CARGO) run --profile release-unwind -p tests --example bench_rootfs
 	$(CARGO) run --profile release-unwind -p cri --example bench_authority
 

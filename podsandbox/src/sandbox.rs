@@ -482,6 +482,16 @@ impl Runtime {
 
     /// Builds the status of a record (no agent call).
     pub(crate) fn summary(record: &SandboxRecord) -> SandboxStatus {
+        Self::summary_checked(record, true)
+    }
+
+    /// [`Runtime::summary`]; `check_pids` looks in /proc that the VMM and
+    /// helpers still run (a reader that does not watch them), otherwise the
+    /// record — kept current by the watchers of this process — is trusted.
+    pub(crate) fn summary_checked(record: &SandboxRecord, check_pids: bool) -> SandboxStatus {
+        let up = |p: &hypervisor::ProcessRef| {
+            record.state.vm_expected() && (!check_pids || p.is_alive())
+        };
         let vm = record.vm.as_ref();
         SandboxStatus {
             id: record.id.clone(),
@@ -491,15 +501,12 @@ impl Runtime {
             machine: vm.map(|v| v.machine.clone()).unwrap_or_default(),
             vcpus: record.vcpus,
             memory_mib: record.memory_mib,
-            pid: vm
-                .and_then(|v| v.vmm)
-                .filter(|p| record.state.vm_expected() && p.is_alive())
-                .map(|p| p.pid),
+            pid: vm.and_then(|v| v.vmm).filter(up).map(|p| p.pid),
             helper_pids: vm
                 .map(|v| v.helpers.as_slice())
                 .unwrap_or_default()
                 .iter()
-                .filter(|p| record.state.vm_expected() && p.is_alive())
+                .filter(|p| up(p))
                 .map(|p| p.pid)
                 .collect(),
             created_at: record.created_at,

@@ -32,9 +32,32 @@ impl Sandbox {
 }
 
 impl Runtime {
-    /// Every sandbox, sorted by ID, without asking the agents.
+    /// A sandbox's status without its guest's details (no agent call):
+    /// where this process owns the state dir, memory only.
+    pub async fn sandbox_summary(&self, id: &str) -> Result<SandboxStatus> {
+        if self.owns_state() {
+            return Ok(Runtime::summary_checked(&self.inner.store.load(id)?, false));
+        }
+        let mut status = self.status_sandbox(id).await?;
+        status.guest = None;
+        Ok(status)
+    }
+
+    /// Every sandbox, sorted by ID, without asking the agents. Where this
+    /// process owns the state dir, the records in memory as they are: each
+    /// VM's watcher records its exit the moment it happens.
     pub async fn list_sandboxes(&self) -> Result<Vec<SandboxStatus>> {
         let mut out = Vec::new();
+        if self.owns_state() {
+            for id in self.inner.store.ids()? {
+                match self.inner.store.load(&id) {
+                    Ok(record) => out.push(Runtime::summary_checked(&record, false)),
+                    Err(Error::NotFound { .. }) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            return Ok(out);
+        }
         for id in self.inner.store.ids()? {
             let record = match self.inner.store.load(&id) {
                 Ok(record) => record,

@@ -384,8 +384,16 @@ fn container_config(image: &str) -> cri::ContainerConfig {
 struct Samples {
     pod_start: Vec<Duration>,
     exec: Vec<Duration>,
+    /// With every pod running: what kubelet polls.
+    pod_status: Vec<Duration>,
+    list_pods: Vec<Duration>,
+    container_status: Vec<Duration>,
+    list_containers: Vec<Duration>,
     teardown: Vec<Duration>,
 }
+
+/// How many of each status and list call are timed.
+const READS: usize = 100;
 
 /// The measurement, the same for both runtimes.
 async fn measure(
@@ -462,6 +470,45 @@ async fn measure(
         exec.push(t.elapsed());
         assert_eq!(out.exit_code, 0, "{what}: ExecSync true: {out:?}");
     }
+    let (mut pod_status, mut list_pods) = (Vec::new(), Vec::new());
+    let (mut container_status, mut list_containers) = (Vec::new(), Vec::new());
+    for i in 0..READS {
+        let (pod, ctr) = &ids[i % ids.len()];
+        let t = Instant::now();
+        rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: PodSandboxStatus: {e}"));
+        pod_status.push(t.elapsed());
+        let t = Instant::now();
+        let listed = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: ListPodSandbox: {e}"))
+            .into_inner()
+            .items;
+        list_pods.push(t.elapsed());
+        assert_eq!(listed.len(), ids.len(), "{what}: ListPodSandbox");
+        let t = Instant::now();
+        rt.container_status(cri::ContainerStatusRequest {
+            container_id: ctr.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: ContainerStatus: {e}"));
+        container_status.push(t.elapsed());
+        let t = Instant::now();
+        let listed = rt
+            .list_containers(cri::ListContainersRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("{what}: ListContainers: {e}"))
+            .into_inner()
+            .containers;
+        list_containers.push(t.elapsed());
+        assert_eq!(listed.len(), ids.len(), "{what}: ListContainers");
+    }
     let mut teardown = Vec::new();
     for (pod, _) in ids {
         let t = Instant::now();
@@ -480,6 +527,10 @@ async fn measure(
     Samples {
         pod_start,
         exec,
+        pod_status,
+        list_pods,
+        container_status,
+        list_containers,
         teardown,
     }
 }
@@ -607,6 +658,22 @@ async fn main() {
         &ctrs.pod_start,
     );
     row("ExecSync `true`", &vcs.exec, &ctrs.exec);
+    row(
+        &format!("PodSandboxStatus ({pods} pods up)"),
+        &vcs.pod_status,
+        &ctrs.pod_status,
+    );
+    row("ListPodSandbox", &vcs.list_pods, &ctrs.list_pods);
+    row(
+        "ContainerStatus",
+        &vcs.container_status,
+        &ctrs.container_status,
+    );
+    row(
+        "ListContainers",
+        &vcs.list_containers,
+        &ctrs.list_containers,
+    );
     row(
         "stop + remove pod (not asked)",
         &vcs.teardown,

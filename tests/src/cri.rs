@@ -142,6 +142,11 @@ impl CriEnv {
         }
     }
 
+    /// The running vcrid's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.vcrid.as_ref().map(Child::id)
+    }
+
     /// vcrid's own log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("vcrid.log")).unwrap_or_default()

@@ -25,7 +25,12 @@ impl Cri {
                 what: "pod sandbox",
                 id: id.clone(),
             })?;
-        let vm = self.inner.runtime.status_sandbox(&id).await;
+        // Only verbose needs the guest's own details.
+        let vm = if req.verbose {
+            self.inner.runtime.status_sandbox(&id).await
+        } else {
+            self.inner.runtime.sandbox_summary(&id).await
+        };
         let state = pod_state(&meta, vm.as_ref().ok().map(|s| s.state));
         let mut status = pod_status_brief(&meta);
         status.state = state as i32;
