@@ -8,7 +8,12 @@
 //!   cargo build --profile release-unwind -p cri --bins
 //!   cargo run --profile release-unwind -p tests --example soak_cri [-- CYCLES]
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::large_futures
+)]
 
 use std::{collections::BTreeMap, path::Path, time::Instant};
 
