@@ -11,6 +11,7 @@
 pub mod check;
 pub mod config;
 pub mod error;
+pub mod fail_points;
 pub mod grpc_authority;
 mod image;
 pub mod reconcile;

@@ -16,21 +16,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use k8s_cri::v1 as cri;
 use tests::cri::{container_config, pod_config, remove_pod, run_pod, CriEnv, Runtime};
 
-/// RunPodSandbox's steps, in order (vcrid's and podsandbox's fail points).
-const POD_POINTS: &[&str] = &[
-    "run_pod_sandbox.network_set_up",
-    "create_sandbox.vm_spawned",
-    "create_sandbox.guest_ready",
-    "run_pod_sandbox.sandbox_created",
-    "run_pod_sandbox.sandbox_started",
-];
-
-/// CreateContainer's steps, in order.
-const CONTAINER_POINTS: &[&str] = &[
-    "create_container.rootfs_prepared",
-    "create_container.guest_created",
-    "create_container.container_created",
-];
+use ::cri::fail_points::{CREATE_CONTAINER as CONTAINER_POINTS, RUN_POD_SANDBOX as POD_POINTS};
 
 /// Starts vcrid armed to die at `point`, runs `call` (which must fail: the
 /// connection is gone), checks that vcrid died of SIGKILL at that point, and

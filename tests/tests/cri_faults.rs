@@ -172,17 +172,25 @@ fn log_lines(env: &CriEnv, needles: &[&str]) -> String {
         .join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_killed_while_vcrid_is_down_is_found_at_restart() {
-    tests::become_subreaper();
-    let t0 = Instant::now();
+/// A vcrid (subnet `octet`) with the busybox image pulled and one pod
+/// `name` running a `sleep 3600` container.
+struct OnePod {
+    _registry: support::Registry,
+    env: CriEnv,
+    rt: Runtime,
+    pod: String,
+    ctr: String,
+    qemu: i32,
+}
+
+async fn one_pod(octet: u8, name: &str) -> OnePod {
     let registry = support::Registry::start().await;
     let image = tests::cri::push_busybox(&registry, "1").await;
-    let mut env = CriEnv::new(53);
+    let mut env = CriEnv::new(octet);
     env.start().await;
     let mut rt = env.runtime().await;
     env.pull(&image).await;
-    let sandbox = pod_config(&env, "lonely", "faults");
+    let sandbox = pod_config(&env, name, "faults");
     let pod = run_pod(&mut rt, sandbox.clone()).await;
     let ctr = create_started(
         &mut rt,
@@ -191,7 +199,30 @@ async fn a_vm_killed_while_vcrid_is_down_is_found_at_restart() {
         container_config(&image, "sleeper", &["sleep", "3600"]),
     )
     .await;
-    let pid = qemu_pid(&mut rt, &pod).await;
+    let qemu = qemu_pid(&mut rt, &pod).await;
+    OnePod {
+        _registry: registry,
+        env,
+        rt,
+        pod,
+        ctr,
+        qemu,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_killed_while_vcrid_is_down_is_found_at_restart() {
+    tests::become_subreaper();
+    let t0 = Instant::now();
+    let OnePod {
+        _registry,
+        mut env,
+        rt,
+        pod,
+        ctr,
+        qemu: pid,
+    } = one_pod(53, "lonely").await;
+    drop(rt);
 
     env.kill9();
     kill9(pid);
@@ -339,22 +370,14 @@ async fn a_client_that_gives_up_on_run_pod_sandbox_leaks_nothing() {
 async fn stop_pod_sandbox_of_a_frozen_guest_returns() {
     tests::become_subreaper();
     let t0 = Instant::now();
-    let registry = support::Registry::start().await;
-    let image = tests::cri::push_busybox(&registry, "1").await;
-    let mut env = CriEnv::new(59);
-    env.start().await;
-    let mut rt = env.runtime().await;
-    env.pull(&image).await;
-    let sandbox = pod_config(&env, "frozen", "faults");
-    let pod = run_pod(&mut rt, sandbox.clone()).await;
-    let ctr = create_started(
-        &mut rt,
-        &pod,
-        &sandbox,
-        container_config(&image, "sleeper", &["sleep", "3600"]),
-    )
-    .await;
-    let pid = qemu_pid(&mut rt, &pod).await;
+    let OnePod {
+        _registry,
+        env,
+        mut rt,
+        pod,
+        ctr,
+        qemu: pid,
+    } = one_pod(59, "frozen").await;
     let socket = qmp_socket(pid);
     println!("QMP socket of QEMU {pid}: {}", socket.display());
 

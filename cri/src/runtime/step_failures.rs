@@ -24,21 +24,7 @@ use crate::{
     server::Cri,
 };
 
-/// Every fail point of RunPodSandbox, in the order the steps run.
-const POD_POINTS: &[&str] = &[
-    "run_pod_sandbox.network_set_up",
-    "create_sandbox.vm_spawned",
-    "create_sandbox.guest_ready",
-    "run_pod_sandbox.sandbox_created",
-    "run_pod_sandbox.sandbox_started",
-];
-
-/// Every fail point of CreateContainer, in order.
-const CONTAINER_POINTS: &[&str] = &[
-    "create_container.rootfs_prepared",
-    "create_container.guest_created",
-    "create_container.container_created",
-];
+use crate::fail_points::{CREATE_CONTAINER as CONTAINER_POINTS, RUN_POD_SANDBOX as POD_POINTS};
 
 struct Harness {
     dir: tempfile::TempDir,
