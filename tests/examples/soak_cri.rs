@@ -53,7 +53,13 @@ fn status_field(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Everything counted, by name.
+/// Everything counted, by name, after a quiet spell: tokio's blocking
+/// threads end after 10 s idle, so a thread count is comparable only then.
+async fn quiet_snapshot(env: &CriEnv) -> BTreeMap<&'static str, u64> {
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    snapshot(env)
+}
+
 fn snapshot(env: &CriEnv) -> BTreeMap<&'static str, u64> {
     let pid = env.pid().expect("vcrid runs");
     let dir = env.dir.path();
@@ -116,7 +122,7 @@ async fn main() {
     let mut measured = Instant::now();
     for i in 0..WARM_UP + cycles {
         if i == WARM_UP {
-            before = snapshot(&env);
+            before = quiet_snapshot(&env).await;
             measured = Instant::now();
         }
         let mut config = parent.clone();
@@ -146,8 +152,8 @@ async fn main() {
             eprintln!("{} cycles, {:.0} s", i + 1, started.elapsed().as_secs_f64());
         }
     }
-    let after = snapshot(&env);
     let secs = measured.elapsed().as_secs_f64();
+    let after = quiet_snapshot(&env).await;
     println!();
     println!(
         "soak: {cycles} cycles (RunPodSandbox, CreateContainer, StartContainer, ExecSync, StopPodSandbox, RemovePodSandbox) after {WARM_UP} warm-up cycles, {secs:.0} s ({:.1} s per cycle)",
