@@ -3,7 +3,7 @@
 use std::{
     collections::HashMap,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -342,18 +342,29 @@ async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
             source,
         })?;
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|source| CriError::Io {
-        action: "bind",
-        path: path.into(),
+    // Bound under a name of its own, made 0600, then renamed into place:
+    // the socket is never reachable at `path` with looser permissions.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let io = |action, source| CriError::Io {
+        action,
+        path: staging.clone(),
         source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        CriError::Io {
-            action: "chmod 0600",
-            path: path.into(),
-            source,
-        }
-    })?;
+    };
+    match std::fs::remove_file(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove stale", e)),
+    }
+    let listener = tokio::net::UnixListener::bind(&staging).map_err(|e| io("bind", e))?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("chmod 0600", e))
+        .and_then(|()| std::fs::rename(&staging, path).map_err(|e| io("rename into place", e)));
+    if let Err(err) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(err);
+    }
     Ok(listener)
 }
 

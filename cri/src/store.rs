@@ -22,6 +22,7 @@ use std::{
     collections::HashMap,
     fs,
     io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -94,13 +95,19 @@ impl Store {
     /// Opens (creating) the store and loads every object. A file that does
     /// not parse is moved aside (`.corrupt`) and reported, not fatal.
     pub fn open(dir: &Path) -> Result<Self> {
-        for sub in ["pods", "containers"] {
-            let d = dir.join(sub);
-            fs::create_dir_all(&d).map_err(|source| CriError::Io {
-                action: "create",
-                path: d.clone(),
-                source,
-            })?;
+        // The records hold the pods' configs, environment secrets included:
+        // 0700 directories, 0600 files.
+        for d in [dir.to_path_buf(), dir.join("pods"), dir.join("containers")] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .and_then(|()| fs::set_permissions(&d, fs::Permissions::from_mode(0o700)))
+                .map_err(|source| CriError::Io {
+                    action: "create (0700)",
+                    path: d.clone(),
+                    source,
+                })?;
         }
         let mut maps = Maps::default();
         for pod in load_all::<PodMeta>(&dir.join("pods"))? {
@@ -277,11 +284,24 @@ fn write_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes =
         serde_json::to_vec_pretty(value).map_err(|e| CriError::Internal(format!("encode: {e}")))?;
     let tmp = path.with_extension("json.tmp");
-    let mut f = fs::File::create(&tmp).map_err(|e| io("create", e))?;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("create", e))?;
     f.write_all(&bytes).map_err(|e| io("write", e))?;
     f.sync_all().map_err(|e| io("sync", e))?;
     drop(f);
-    fs::rename(&tmp, path).map_err(|e| io("rename", e))
+    fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
+    // The rename is durable once the directory is.
+    match path.parent() {
+        Some(dir) => fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync the directory of", e)),
+        None => Ok(()),
+    }
 }
 
 fn remove_file(path: &Path) -> Result<()> {
@@ -340,6 +360,22 @@ mod tests {
         again.remove_pod("aaaa1111").expect("remove");
         again.reserve("pod", &name, "cccc").expect("free again");
         assert!(Store::open(dir.path()).expect("reopen").pods().is_empty());
+    }
+
+    #[test]
+    fn records_are_0600_in_0700_dirs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("cri");
+        let store = Store::open(&root).expect("open");
+        store.save_pod(&pod("aaaa1111", "web")).expect("save");
+        let mode = |p: &Path| {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::metadata(p).expect("stat").permissions().mode() & 0o777
+        };
+        for d in [root.clone(), root.join("pods"), root.join("containers")] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        assert_eq!(mode(&root.join("pods/aaaa1111.json")), 0o600);
     }
 
     #[test]

@@ -72,21 +72,44 @@ pub fn remount_readonly(target: &Path) -> Result<()> {
     })
 }
 
-/// Mount points at or below `dir`, deepest first.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
+/// Mount points at or below `dir`, deepest first. Fails — never an empty
+/// list — when mountinfo cannot be read or a line of it parsed: a caller
+/// about to delete the tree must not take "unknown" for "none".
+fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mountinfo = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(mountinfo).map_err(|source| Error::Io {
+        action: "read",
+        path: mountinfo.to_path_buf(),
+        source,
+    })?;
+    mount_points_in(&text, dir).map_err(|line| Error::Io {
+        action: "parse",
+        path: mountinfo.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a line without a mount point: {line:?}"),
+        ),
+    })
+}
+
+/// The mount points (field 5) of mountinfo `text` at or below `dir`,
+/// deepest first; the first line that has none is the error.
+fn mount_points_in(text: &str, dir: &Path) -> std::result::Result<Vec<PathBuf>, String> {
+    let mut found = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let point = line
+            .split(' ')
+            .nth(4)
+            .filter(|p| p.starts_with('/'))
+            .ok_or_else(|| line.to_string())?;
+        let point = PathBuf::from(unescape(point));
+        if point.starts_with(dir) {
+            found.push(point);
+        }
+    }
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found.dedup();
-    found
+    Ok(found)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -109,21 +132,37 @@ fn unescape(field: &str) -> String {
     out
 }
 
-/// Detaches every mount at or below `dir`.
+/// Detaches every mount at or below `dir` — again while some are left:
+/// mounts stacked on one point come off one per pass — and fails if any is
+/// still there (a mount it cannot detach is an error, not a tree to walk).
 pub fn unmount_under(dir: &Path) -> Result<()> {
-    for point in mounts_under(dir) {
-        match umount2(&point, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => {
-                return Err(Error::Io {
-                    action: "unmount",
-                    path: point,
-                    source: std::io::Error::from(e),
-                })
+    const PASSES: usize = 8;
+    for _ in 0..PASSES {
+        let points = mounts_under(dir)?;
+        if points.is_empty() {
+            return Ok(());
+        }
+        for point in points {
+            match umount2(&point, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => {
+                    return Err(Error::Io {
+                        action: "unmount",
+                        path: point,
+                        source: std::io::Error::from(e),
+                    })
+                }
             }
         }
     }
-    Ok(())
+    match mounts_under(dir)?.first() {
+        None => Ok(()),
+        Some(left) => Err(Error::Io {
+            action: "unmount (still mounted)",
+            path: left.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::ResourceBusy),
+        }),
+    }
 }
 
 /// Removes a directory tree that may have mounts below it, never following
@@ -144,6 +183,51 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_is_parsed_or_refused() {
+        let text = "22 1 0:21 / /run rw shared:5 - tmpfs tmpfs rw\n\
+                    30 22 0:40 / /run/vc/a\\040b rw - tmpfs tmpfs rw\n\
+                    31 30 0:41 / /run/vc/a\\040b/c rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mount_points_in(text, Path::new("/run/vc")),
+            Ok(vec![
+                PathBuf::from("/run/vc/a b/c"),
+                PathBuf::from("/run/vc/a b")
+            ])
+        );
+        // A line it cannot read fails the whole answer: "no mounts" would
+        // let a removal walk into a bind mount's source.
+        assert!(mount_points_in("22 1 0:21\n", Path::new("/run")).is_err());
+        assert!(mount_points_in("22 1 0:21 / run rw\n", Path::new("/run")).is_err());
+    }
+
+    /// Needs root: two mounts stacked on one point both come off, and the
+    /// tree goes.
+    #[test]
+    fn stacked_mounts_are_all_detached() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP stacked_mounts_are_all_detached: needs root for mount(2)");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let point = dir.path().join("run/a");
+        std::fs::create_dir_all(&point).expect("mkdir");
+        for _ in 0..2 {
+            mount(
+                Some("tmpfs"),
+                &point,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mount tmpfs");
+        }
+        assert_eq!(mounts_under(dir.path()).expect("mountinfo").len(), 1);
+        remove_tree(&dir.path().join("run")).expect("remove");
+        assert!(mounts_under(dir.path()).expect("mountinfo").is_empty());
+        assert!(!dir.path().join("run").exists());
+    }
 
     #[test]
     fn mountinfo_escapes() {
