@@ -186,14 +186,15 @@ fn mount_overlay_legacy(
         .map(|p| option_path(p))
         .collect::<Result<Vec<_>>>()?;
     data.push_str(&parts.join(":"));
-    let mut flags = MountFlags::RDONLY;
+    // An image's device nodes and set-id files mean nothing on the host.
+    let mut flags = MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID;
     if let Some((upper, work)) = upper_work {
         data.push_str(&format!(
             ",upperdir={},workdir={}",
             option_path(upper)?,
             option_path(work)?
         ));
-        flags = MountFlags::empty();
+        flags = MountFlags::NODEV | MountFlags::NOSUID;
     }
     let cdata = std::ffi::CString::new(data).map_err(|_| mount_err(Errno::INVAL))?;
     rustix::mount::mount("overlay", target, "overlay", flags, cdata.as_c_str()).map_err(mount_err)
@@ -212,11 +213,12 @@ fn mount_overlay_fsconfig(
     for l in lowers {
         fsconfig_set_string(&fs, "lowerdir+", l)?;
     }
-    let mut attrs = MountAttrFlags::MOUNT_ATTR_RDONLY;
+    let host_safe = MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOSUID;
+    let mut attrs = MountAttrFlags::MOUNT_ATTR_RDONLY | host_safe;
     if let Some((upper, work)) = upper_work {
         fsconfig_set_string(&fs, "upperdir", upper)?;
         fsconfig_set_string(&fs, "workdir", work)?;
-        attrs = MountAttrFlags::empty();
+        attrs = host_safe;
     }
     fsconfig_create(&fs)?;
     let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;

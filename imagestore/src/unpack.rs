@@ -422,6 +422,13 @@ pub(crate) fn remove_tree(parent: impl AsFd, name: &[u8]) -> io::Result<()> {
     rustix::fs::unlinkat(&parent, os(name), AtFlags::REMOVEDIR).map_err(io::Error::from)
 }
 
+/// The xattrs an image may set on its files: file capabilities and the
+/// user namespace. Others are dropped — `trusted.overlay.*` would steer the
+/// host's overlayfs (opaque dirs, redirects), `security.*` the host's LSMs.
+fn xattr_allowed(name: &str) -> bool {
+    name == "security.capability" || name.starts_with("user.")
+}
+
 /// Ownership, mode, mtime and xattrs of an entry.
 struct Meta {
     uid: u32,
@@ -453,7 +460,11 @@ impl Meta {
                         .and_then(|s| s.split('.').next()?.parse::<u64>().ok())
                 };
                 if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
-                    m.xattrs.push((x.to_string(), value.to_vec()));
+                    if xattr_allowed(x) {
+                        m.xattrs.push((x.to_string(), value.to_vec()));
+                    } else {
+                        tracing::debug!(xattr = x, "image xattr outside the allowlist dropped");
+                    }
                 } else if key == "uid" {
                     m.uid = num().and_then(|n| u32::try_from(n).ok()).unwrap_or(m.uid);
                 } else if key == "gid" {
@@ -528,6 +539,46 @@ mod tests {
             b.append(&h, *data).unwrap();
         }
         b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn only_allowlisted_xattrs_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..]),
+            ("SCHILY.xattr.trusted.overlay.redirect", &b"/etc"[..]),
+            (
+                "SCHILY.xattr.security.selinux",
+                &b"system_u:object_r:etc_t:s0"[..],
+            ),
+            ("SCHILY.xattr.user.note", &b"kept"[..]),
+        ])
+        .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("d/").unwrap();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        unpack_layer(&tar[..], Compression::None, dir.path(), "test").unwrap();
+        let d = dir.path().join("d");
+        let mut buf = [0u8; 64];
+        let n = rustix::fs::lgetxattr(&d, "user.note", &mut buf).expect("user.* is applied");
+        assert_eq!(&buf[..n], b"kept");
+        for dropped in [
+            "trusted.overlay.opaque",
+            "trusted.overlay.redirect",
+            "security.selinux",
+        ] {
+            assert!(
+                rustix::fs::lgetxattr(&d, dropped, &mut buf).is_err(),
+                "{dropped} was applied"
+            );
+        }
+        assert!(xattr_allowed("security.capability"));
     }
 
     #[test]

@@ -103,6 +103,20 @@ async fn pull_by_tag_digest_and_index_then_run_busybox() {
     // The rootfs matches the layer and runs busybox; writes land in the upper dir only.
     let rootfs = store.prepare_rootfs(&image.id, "c1").await.unwrap();
     assert_eq!(read_tree(&rootfs), model(&[&entries]));
+    // On the host the image's device nodes and set-id files are inert.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let options = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4).map(std::path::Path::new) == Some(rootfs.as_path()))
+        .and_then(|f| f.get(5).map(|o| o.to_string()))
+        .unwrap_or_else(|| panic!("{} is not mounted", rootfs.display()));
+    for flag in ["nodev", "nosuid"] {
+        assert!(
+            options.split(',').any(|o| o == flag),
+            "{flag} missing: {options}"
+        );
+    }
     let out = std::process::Command::new("chroot")
         .arg(&rootfs)
         .args([
