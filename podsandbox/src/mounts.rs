@@ -169,9 +169,10 @@ pub fn unmount_under(dir: &Path) -> Result<()> {
 /// a mount into its source.
 pub fn remove_tree(dir: &Path) -> Result<()> {
     unmount_under(dir)?;
-    match std::fs::remove_dir_all(dir) {
+    // The shared dir is the guest's to shape: no recursion, nothing
+    // followed, no mount crossed.
+    match safefs::remove_all(dir) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(Error::Io {
             action: "remove",
             path: dir.to_path_buf(),
