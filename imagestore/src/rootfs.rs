@@ -245,7 +245,10 @@ fn option_path(p: &Path) -> Result<String> {
 }
 
 pub(crate) fn unmount_if_mounted(path: &Path) -> Result<()> {
-    match rustix::mount::unmount(path, UnmountFlags::empty()) {
+    // Detached, not waited for: a VM's virtiofsd may still hold files of a
+    // container's rootfs open for a moment after the guest let go of them
+    // (EBUSY otherwise, and a rootfs left behind).
+    match rustix::mount::unmount(path, UnmountFlags::DETACH) {
         Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
         Err(source) => Err(ImageError::Mount {
             action: "unmount",

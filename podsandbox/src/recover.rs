@@ -359,10 +359,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = dir.path().join("x");
         std::fs::create_dir_all(&marker).expect("dir");
-        // Not the last command: sh does not exec sleep, keeps its argv.
+        // A builtin that blocks: sh keeps its argv and forks nothing (a
+        // forked child carries sh's argv until it execs, and would be
+        // found too).
         let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", "sleep 30; true"])
+            .args(["-c", "read x"])
             .arg(marker.join("qmp.sock"))
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("spawn");
         // spawn() may return before the child's exec has set its argv.
