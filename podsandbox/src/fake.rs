@@ -96,11 +96,15 @@ impl VmFactory for FakeVms {
     }
 }
 
-/// An agent that answers every call, or none.
+/// An agent that answers every call, or none. A container's init process
+/// runs until it is signalled (as a real one would: a container never ends
+/// on its own under a test's feet); an exec'd process ends at once with 0.
 #[derive(Debug, Clone)]
 pub struct FakeDialer {
     pub answers: bool,
     calls: Arc<Mutex<Vec<&'static str>>>,
+    /// The signal that ended each container, once one did.
+    signalled: Arc<tokio::sync::watch::Sender<HashMap<String, u32>>>,
 }
 
 impl FakeDialer {
@@ -108,6 +112,7 @@ impl FakeDialer {
         Self {
             answers,
             calls: Arc::default(),
+            signalled: Arc::new(tokio::sync::watch::channel(HashMap::new()).0),
         }
     }
 
@@ -221,15 +226,20 @@ impl AgentClient for FakeDialer {
     }
     async fn signal_container(
         &self,
-        _id: &str,
-        _exec: &str,
-        _signal: u32,
+        id: &str,
+        exec: &str,
+        signal: u32,
         _all: bool,
     ) -> Result<(), AgentError> {
         self.calls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push("signal_container");
+        if exec.is_empty() && signal != 0 {
+            self.signalled.send_modify(|ended| {
+                ended.entry(id.to_string()).or_insert(signal);
+            });
+        }
         Ok(())
     }
     async fn exec_process(
@@ -246,14 +256,25 @@ impl AgentClient for FakeDialer {
     }
     async fn wait_container(
         &self,
-        _id: &str,
-        _exec: &str,
+        id: &str,
+        exec: &str,
     ) -> Result<(i32, Option<String>), AgentError> {
         self.calls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push("wait_container");
-        Ok((0, None))
+        if !exec.is_empty() {
+            return Ok((0, None));
+        }
+        let mut ended = self.signalled.subscribe();
+        let signal = ended
+            .wait_for(|ended| ended.contains_key(id))
+            .await
+            .map_err(|_| AgentError::new("the fake agent went away"))?
+            .get(id)
+            .copied()
+            .unwrap_or(0);
+        Ok((128 + i32::try_from(signal).unwrap_or(0), None))
     }
     async fn stats_container(
         &self,
