@@ -56,11 +56,33 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest reply line we accept from the device ("OK 4294967295\n").
 const MAX_REPLY: usize = 32;
 
-/// Opens one connection to the agent's port and returns it as a ttrpc socket.
-/// A single attempt: callers that wait for a booting guest retry.
+/// Opens one connection to the agent's port and returns it as a ttrpc socket,
+/// authenticated with the VM's `secret` (see [`crate::auth`]; `None` only for
+/// a VM booted before agents required one). A single attempt: callers that
+/// wait for a booting guest retry.
 pub async fn dial(
     endpoint: &Endpoint,
+    secret: Option<&crate::AgentSecret>,
 ) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
+    let mut socket = connect(endpoint).await?;
+    if let Some(secret) = secret {
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            socket.write_all(secret.auth_line().as_bytes()),
+        )
+        .await
+        .map_err(|_| DialError::HandshakeTimeout {
+            endpoint: endpoint.to_string(),
+        })?
+        .map_err(|source| DialError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
+    }
+    Ok(socket)
+}
+
+async fn connect(endpoint: &Endpoint) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
     match endpoint {
         Endpoint::Hybrid { uds, port } => {
             let name = endpoint.to_string();
@@ -107,6 +129,7 @@ pub async fn dial(
 /// carries the connection's bytes.
 pub async fn dial_forward(
     endpoint: &Endpoint,
+    secret: Option<&crate::AgentSecret>,
     port: u16,
 ) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
     let endpoint = match endpoint {
@@ -119,7 +142,7 @@ pub async fn dial_forward(
             port: crate::FORWARD_VSOCK_PORT,
         },
     };
-    let mut socket = dial(&endpoint).await?;
+    let mut socket = dial(&endpoint, secret).await?;
     let name = endpoint.to_string();
     let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT * 5, async {
         socket
@@ -250,14 +273,37 @@ mod tests {
     async fn hybrid_ok_is_accepted() {
         let (_dir, uds) = fake_device(b"OK 1073741824\n").await;
         let ep = Endpoint::Hybrid { uds, port: 1024 };
-        assert!(dial(&ep).await.is_ok());
+        assert!(dial(&ep, None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_secret_is_the_first_line_after_the_handshake() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uds = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&uds).expect("bind");
+        let device = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            assert_eq!(
+                read_line(&mut s, 64).await.expect("CONNECT"),
+                "CONNECT 1024"
+            );
+            s.write_all(b"OK 1\n").await.expect("ok");
+            read_line(&mut s, crate::auth::AUTH_LINE_MAX)
+                .await
+                .expect("auth")
+        });
+        let secret = crate::AgentSecret::generate().expect("random");
+        let ep = Endpoint::Hybrid { uds, port: 1024 };
+        let _socket = dial(&ep, Some(&secret)).await.expect("dial");
+        let line = device.await.expect("join");
+        assert!(secret.accepts(line.as_bytes()), "{line}");
     }
 
     #[tokio::test]
     async fn hybrid_close_is_refused() {
         let (_dir, uds) = fake_device(b"").await;
         let ep = Endpoint::Hybrid { uds, port: 1024 };
-        let err = dial(&ep).await.err().expect("must fail");
+        let err = dial(&ep, None).await.err().expect("must fail");
         assert!(
             matches!(err, DialError::Refused { port: 1024, .. }),
             "{err}"
@@ -324,7 +370,7 @@ mod tests {
     async fn forwarded_connections_carry_bytes_after_ok() {
         let (_dir, uds) = fake_forwarder(b"OK\n").await;
         let ep = Endpoint::Hybrid { uds, port: 1024 };
-        let mut s = dial_forward(&ep, 8080).await.expect("forward");
+        let mut s = dial_forward(&ep, None, 8080).await.expect("forward");
         s.write_all(b"ping").await.expect("write");
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).await.expect("read");
@@ -336,7 +382,10 @@ mod tests {
         let (_dir, uds) =
             fake_forwarder(b"ERR connect to localhost:8080 in the pod: refused\n").await;
         let ep = Endpoint::Hybrid { uds, port: 1024 };
-        let err = dial_forward(&ep, 8080).await.err().expect("must fail");
+        let err = dial_forward(&ep, None, 8080)
+            .await
+            .err()
+            .expect("must fail");
         assert!(
             matches!(err, DialError::Forward { port: 8080, .. }),
             "{err}"
@@ -353,7 +402,7 @@ mod tests {
             uds: "/nonexistent/vsock.sock".into(),
             port: 1024,
         };
-        let err = dial(&ep).await.err().expect("must fail");
+        let err = dial(&ep, None).await.err().expect("must fail");
         assert!(matches!(err, DialError::Connect { .. }), "{err}");
     }
 }

@@ -9,8 +9,10 @@
 //! Only the protocol lives here; guest-only code never links into host binaries.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod dial;
 
+pub use auth::AgentSecret;
 pub use dial::{dial, dial_forward, wait_ready_hybrid, DialError, Endpoint};
 
 /// Generated code: `agent` holds the protobuf messages, `agent_ttrpc` the
@@ -37,7 +39,8 @@ pub use ttrpc;
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision; bumped when the host needs to know a call exists.
-pub const API_VERSION: u32 = 5;
+/// 6: every connection authenticates ([`auth`]).
+pub const API_VERSION: u32 = 6;
 
 /// Where the agent writes the pod's hostname, hosts and resolv.conf files
 /// (SetSandboxFiles); containers bind-mount them from here.

@@ -172,6 +172,27 @@ pub struct VmState {
     /// Disks added to the running VM, by address.
     #[serde(default)]
     pub hotplugged_disks: Vec<(DiskAddress, PathBuf)>,
+    /// The secret the guest agent requires on every connection (64 hex
+    /// digits, made for this VM alone and handed to the guest as the fw_cfg
+    /// file [`AGENT_SECRET_FW_CFG`]); `None` in a record of a VM booted
+    /// before agents required one.
+    #[serde(default)]
+    pub agent_secret: Option<String>,
+}
+
+/// The fw_cfg file that carries a VM's agent secret; the agent protocol's
+/// `agent::auth::SECRET_FW_CFG_NAME`, which a test of podsandbox checks.
+pub const AGENT_SECRET_FW_CFG: &str = "opt/io.virtcontainers/agent-secret";
+
+/// A new agent secret: 32 bytes of the kernel's randomness, in hex.
+pub fn new_agent_secret() -> std::io::Result<String> {
+    use std::{fmt::Write as _, io::Read as _};
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    }))
 }
 
 /// One virtual machine.

@@ -171,8 +171,13 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
 /// Opens connections to agents.
 #[async_trait]
 pub trait AgentDialer: Send + Sync + std::fmt::Debug {
-    /// One attempt; the caller retries while a guest boots.
-    async fn dial(&self, channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError>;
+    /// One attempt, authenticated with the VM's `secret`
+    /// ([`agent_secret`]); the caller retries while a guest boots.
+    async fn dial(
+        &self,
+        channel: &VsockChannel,
+        secret: Option<&agent::AgentSecret>,
+    ) -> Result<Arc<dyn AgentClient>, AgentError>;
 
     /// Waits until a freshly booted guest's agent says it serves, where the
     /// transport lets it say so; returns at once where it cannot (callers
@@ -185,8 +190,18 @@ pub trait AgentDialer: Send + Sync + std::fmt::Debug {
     async fn dial_port_forward(
         &self,
         channel: &VsockChannel,
+        secret: Option<&agent::AgentSecret>,
         port: u16,
     ) -> Result<ForwardedStream, AgentError>;
+}
+
+/// The secret the agent of `vm` requires (`None` for a VM booted before
+/// agents required one: its agent takes none).
+pub fn agent_secret(vm: &dyn hypervisor::Hypervisor) -> Option<agent::AgentSecret> {
+    vm.state()
+        .agent_secret
+        .as_deref()
+        .and_then(agent::AgentSecret::from_hex)
 }
 
 /// The bytes of one forwarded connection, both ways.
@@ -195,3 +210,14 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ForwardedIo
 
 /// A forwarded connection (see [`AgentDialer::dial_port_forward`]).
 pub type ForwardedStream = Box<dyn ForwardedIo>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_and_agent_name_the_same_secret_file() {
+        assert_eq!(
+            hypervisor::AGENT_SECRET_FW_CFG,
+            agent::auth::SECRET_FW_CFG_NAME
+        );
+    }
+}

@@ -53,8 +53,12 @@ pub struct TtrpcDialer;
 
 #[async_trait]
 impl AgentDialer for TtrpcDialer {
-    async fn dial(&self, channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError> {
-        let socket = agent::dial(&endpoint(channel))
+    async fn dial(
+        &self,
+        channel: &VsockChannel,
+        secret: Option<&agent::AgentSecret>,
+    ) -> Result<Arc<dyn AgentClient>, AgentError> {
+        let socket = agent::dial(&endpoint(channel), secret)
             .await
             .map_err(|e| AgentError::new(error_chain(&e)))?;
         let client = ttrpc::asynchronous::Client::new(socket);
@@ -86,9 +90,10 @@ impl AgentDialer for TtrpcDialer {
     async fn dial_port_forward(
         &self,
         channel: &VsockChannel,
+        secret: Option<&agent::AgentSecret>,
         port: u16,
     ) -> Result<ForwardedStream, AgentError> {
-        let socket = agent::dial_forward(&endpoint(channel), port)
+        let socket = agent::dial_forward(&endpoint(channel), secret, port)
             .await
             .map_err(|e| AgentError::new(error_chain(&e)))?;
         Ok(Box::new(socket))

@@ -72,6 +72,7 @@ impl VmFactory for FakeVms {
             }),
             hotplugged_nics: Vec::new(),
             hotplugged_disks: Vec::new(),
+            agent_secret: None,
         };
         let mut fake = FakeHypervisor::new(state);
         if let Some(op) = *self.fail_at.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -131,7 +132,11 @@ impl FakeDialer {
 
 #[async_trait]
 impl AgentDialer for FakeDialer {
-    async fn dial(&self, _channel: &VsockChannel) -> Result<Arc<dyn AgentClient>, AgentError> {
+    async fn dial(
+        &self,
+        _channel: &VsockChannel,
+        _secret: Option<&agent::AgentSecret>,
+    ) -> Result<Arc<dyn AgentClient>, AgentError> {
         if !self.answers {
             return Err(AgentError::new("connection refused (fake)"));
         }
@@ -154,6 +159,7 @@ impl AgentDialer for FakeDialer {
     async fn dial_port_forward(
         &self,
         _channel: &VsockChannel,
+        _secret: Option<&agent::AgentSecret>,
         _port: u16,
     ) -> Result<crate::agent::ForwardedStream, AgentError> {
         self.calls

@@ -389,7 +389,7 @@ impl Runtime {
         let client = self
             .inner
             .dialer
-            .dial(&channel)
+            .dial(&channel, crate::agent::agent_secret(vm).as_ref())
             .await
             .map_err(|e| Error::Agent {
                 id: id.into(),

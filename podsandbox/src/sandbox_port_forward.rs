@@ -28,15 +28,18 @@ impl Runtime {
                     hint: "",
                 });
             }
-            s.vm()?.vsock().ok_or_else(|| Error::Agent {
+            let vm = s.vm()?;
+            let channel = vm.vsock().ok_or_else(|| Error::Agent {
                 id: sandbox_id.into(),
                 call: "port forward",
                 detail: "the VM has no vsock channel".into(),
-            })?
+            })?;
+            (channel, crate::agent::agent_secret(vm.as_ref()))
         };
+        let (channel, secret) = channel;
         self.inner
             .dialer
-            .dial_port_forward(&channel, port)
+            .dial_port_forward(&channel, secret.as_ref(), port)
             .await
             .map_err(|e| Error::Agent {
                 id: sandbox_id.into(),

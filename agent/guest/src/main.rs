@@ -9,8 +9,10 @@
 //! Run as `modprobe` (the initramfs's `/sbin/modprobe` links here) it is the
 //! kernel's module loader helper instead (`modprobe.rs`).
 
+mod auth;
 mod container;
 mod forward;
+mod fw_cfg;
 mod init;
 mod modprobe;
 mod modules;
@@ -67,6 +69,15 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
 
+    // Before any other thread exists: the read needs this thread's I/O
+    // port permission, which it drops again.
+    let secret = match auth::secret_from_host() {
+        Ok(secret) => secret,
+        Err(err) => {
+            tracing::error!("no agent secret, serving nobody: {err:#}");
+            init::power_off();
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,7 +89,7 @@ fn main() -> ExitCode {
             init::power_off();
         }
     };
-    if let Err(err) = runtime.block_on(run()) {
+    if let Err(err) = runtime.block_on(run(secret)) {
         tracing::error!("agent failed: {err:#}");
     }
     // PID 1 must never return: that panics the kernel. Power off instead so
@@ -102,7 +113,7 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT))
 }
 
-async fn run() -> anyhow::Result<()> {
+async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
     let loaded = init::load_modules(init::BOOT_MODULES)?;
     tracing::debug!(loaded, "boot modules loaded");
     if let Err(err) = init::loopback_up() {
@@ -113,8 +124,8 @@ async fn run() -> anyhow::Result<()> {
     let storage = storage::Storage::new(modules_loaded);
     let containers = container::Containers::new(storage.clone(), reaper);
 
-    let listener = bind_vsock(agent::AGENT_VSOCK_PORT).await?;
-    forward::spawn(bind_vsock(agent::FORWARD_VSOCK_PORT).await?);
+    let listener = auth::listen(agent::AGENT_VSOCK_PORT, secret.clone()).await?;
+    forward::spawn(auth::listen(agent::FORWARD_VSOCK_PORT, secret).await?);
     let services = service::AgentService::new(containers);
     let health = agent_ttrpc::create_health(Arc::new(services.clone()));
     let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
@@ -160,22 +171,4 @@ async fn run() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(20)).await;
     server.shutdown().await.ok();
     Ok(())
-}
-
-/// The vsock device appears when its transport module has probed; binding
-/// can race with that, so retry briefly.
-async fn bind_vsock(port: u32) -> anyhow::Result<ttrpc::asynchronous::transport::Listener> {
-    let addr = format!("-1:{port}");
-    let mut last = None;
-    for _ in 0..100 {
-        match ttrpc::asynchronous::transport::Listener::bind_vsock(&addr) {
-            Ok(listener) => return Ok(listener),
-            Err(err) => last = Some(err),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Err(anyhow::anyhow!(
-        "cannot listen on vsock port {port}: {}",
-        last.map(|e| e.to_string()).unwrap_or_default()
-    ))
 }

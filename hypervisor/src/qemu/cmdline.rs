@@ -104,6 +104,10 @@ pub struct Spec<'a> {
     pub disk_controller: bool,
     /// The read-only modules disk image (the guest kernel's module tree).
     pub modules: Option<&'a Path>,
+    /// The descriptor QEMU inherits with the agent's secret on it (a pipe),
+    /// read once into the fw_cfg file [`crate::AGENT_SECRET_FW_CFG`]: the
+    /// command line names the descriptor, never the secret.
+    pub agent_secret_fd: Option<i32>,
 }
 
 /// Kernel parameters that every guest gets. `quiet` keeps the slow emulated
@@ -220,6 +224,19 @@ fn console_args(spec: &Spec<'_>) -> Vec<String> {
         "-serial",
         "chardev:console",
     ])
+}
+
+fn fw_cfg_args(spec: &Spec<'_>) -> Vec<String> {
+    match spec.agent_secret_fd {
+        Some(fd) => strings(&[
+            "-fw_cfg",
+            &format!(
+                "name={},file=/proc/self/fd/{fd}",
+                crate::AGENT_SECRET_FW_CFG
+            ),
+        ]),
+        None => Vec::new(),
+    }
 }
 
 fn qmp_args(spec: &Spec<'_>) -> Vec<String> {
@@ -394,6 +411,7 @@ pub fn build(spec: &Spec<'_>) -> Vec<String> {
         memory_args,
         kernel_args,
         console_args,
+        fw_cfg_args,
         qmp_args,
         vsock_args,
         shared_fs_args,
@@ -441,11 +459,28 @@ mod tests {
             hotplug_slots: 2,
             disk_controller: true,
             modules: None,
+            agent_secret_fd: Some(9),
         }
     }
 
     fn has_pair(args: &[String], flag: &str, value: &str) -> bool {
         args.windows(2).any(|w| w[0] == flag && w[1] == value)
+    }
+
+    #[test]
+    fn the_agent_secret_is_named_by_descriptor_only() {
+        let paths = RunPaths::new(Path::new("/r"));
+        for machine in [MachineType::Q35, MachineType::Microvm] {
+            let args = build(&spec(&paths, machine, Resolved::Tcg));
+            assert!(has_pair(
+                &args,
+                "-fw_cfg",
+                "name=opt/io.virtcontainers/agent-secret,file=/proc/self/fd/9"
+            ));
+        }
+        let mut none = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        none.agent_secret_fd = None;
+        assert!(!build(&none).iter().any(|a| a == "-fw_cfg"));
     }
 
     #[test]

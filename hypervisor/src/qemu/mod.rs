@@ -40,6 +40,8 @@ const DISK_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 const SCSI_TARGETS: u32 = 256;
 /// The descriptor number QEMU sees its first tap at (after stdio).
 const FIRST_NIC_FD: i32 = 3;
+/// The descriptor on which QEMU reads the agent's secret (above any NIC's).
+const AGENT_SECRET_FD: i32 = 200;
 /// Guest memory below this cannot hold the kernel and agent.
 const MIN_MEMORY_MIB: u32 = 64;
 /// Console lines quoted in errors.
@@ -85,6 +87,13 @@ impl Qemu {
             vsock: None,
             hotplugged_nics: Vec::new(),
             hotplugged_disks: Vec::new(),
+            agent_secret: Some(crate::new_agent_secret().map_err(|source| {
+                HypervisorError::Io {
+                    action: "read randomness for the agent secret from",
+                    path: "/dev/urandom".into(),
+                    source,
+                }
+            })?),
         };
         Ok(Self {
             config: config.clone(),
@@ -286,6 +295,7 @@ impl Qemu {
             hotplug_slots: self.config.hotplug_slots,
             disk_controller: self.config.disk_hotplug,
             modules,
+            agent_secret_fd: state.agent_secret.as_ref().map(|_| AGENT_SECRET_FD),
             nics: self
                 .nics
                 .iter()
@@ -310,6 +320,10 @@ impl Qemu {
                     .map_err(|source| HypervisorError::TapFd { index, source })
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut fds = fds;
+        if let Some(secret) = &state.agent_secret {
+            fds.push((secret_pipe(secret)?, AGENT_SECRET_FD));
+        }
         tracing::debug!(id = %state.id, args = ?args, "starting QEMU");
         let vmm =
             process::spawn_detached_with_fds(&self.config.qemu_path, &args, &self.paths.log, fds)?;
@@ -381,6 +395,23 @@ impl Qemu {
         }
         Ok(())
     }
+}
+
+/// The read end of a pipe that holds `secret` and has no writer left:
+/// QEMU reads it to its end once, at start-up. Nothing touches the disk.
+fn secret_pipe(secret: &str) -> Result<std::os::fd::OwnedFd> {
+    let failed = |e: nix::Error| HypervisorError::Io {
+        action: "pass the agent secret through a pipe",
+        path: "pipe".into(),
+        source: std::io::Error::from(e),
+    };
+    let (read, write) = nix::unistd::pipe().map_err(failed)?;
+    // 64 bytes: far below a pipe's buffer, so the write never blocks.
+    let written = nix::unistd::write(&write, secret.as_bytes()).map_err(failed)?;
+    if written != secret.len() {
+        return Err(failed(nix::Error::EIO));
+    }
+    Ok(read)
 }
 
 fn validate(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
