@@ -50,9 +50,14 @@ impl Runtime {
             }
             _ => {}
         }
-        for m in &config.mounts {
-            self.check_mount(m).map_err(invalid)?;
-        }
+        // Each source resolved once, here, and mounted by that descriptor:
+        // a path swapped after the check is not the one mounted.
+        let sources = config
+            .mounts
+            .iter()
+            .map(|m| self.open_mount_source(m))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(invalid)?;
         let mut s = self.locked(sandbox_id).await?;
         if !matches!(s.record.state, SandboxState::Ready | SandboxState::Running) {
             return Err(Error::WrongState {
@@ -75,7 +80,9 @@ impl Runtime {
         } else {
             s.record.hostname.clone()
         };
-        let container_dir = self.run_dir(sandbox_id).join("shared").join(&cid);
+        // Built where only the host writes; the guest sees it read-only.
+        let run_dir = self.run_dir(sandbox_id);
+        let container_dir = mounts::host_share(&run_dir).join(&cid);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -125,8 +132,8 @@ impl Runtime {
                     (rootfs, std::path::PathBuf::new())
                 }
             };
-            let sources = self.share_mounts(&config, &container_dir)?;
-            let spec = crate::oci::spec(&config, &hostname, &sources)
+            let guest_sources = share_mounts(&config, &sources, &container_dir)?;
+            let spec = crate::oci::spec(&config, &hostname, &guest_sources)
                 .map_err(|e| invalid(e.to_string()))?;
             self.agent(sandbox_id, vm.as_ref())
                 .await?
@@ -161,7 +168,9 @@ impl Runtime {
                         tracing::warn!(container = %cid, "undo disk attach: {e}");
                     }
                 }
-                let _ = mounts::remove_tree(&container_dir);
+                if let Err(e) = mounts::remove_container_share(&run_dir, &cid) {
+                    tracing::warn!(container = %cid, "undo the container's shares: {e}");
+                }
                 return Err(err);
             }
         };
@@ -215,8 +224,10 @@ impl Runtime {
 
     /// A mount source must be an existing absolute host path, with no `..`,
     /// and not inside the runtime's own state or run directory; its
-    /// destination an absolute container path.
-    fn check_mount(&self, m: &Mount) -> std::result::Result<(), String> {
+    /// destination an absolute container path. Returns the source opened
+    /// (symlinks followed, as containerd resolves a hostPath), which is what
+    /// gets mounted.
+    fn open_mount_source(&self, m: &Mount) -> std::result::Result<MountSource, String> {
         let src = &m.source;
         if !src.is_absolute() || src.components().any(|c| c == Component::ParentDir) {
             return Err(format!(
@@ -230,13 +241,11 @@ impl Runtime {
                 m.destination
             ));
         }
-        let real = src
-            .canonicalize()
-            .map_err(|e| format!("mount source {}: {e}", src.display()))?;
+        let source = MountSource::open(src)?;
         let config = self.config();
         for own in [&config.state_dir, &config.run_dir] {
             let own = own.canonicalize().unwrap_or_else(|_| own.clone());
-            if real.starts_with(&own) || own.starts_with(&real) {
+            if source.real.starts_with(&own) || own.starts_with(&source.real) {
                 return Err(format!(
                     "mount source {} overlaps the runtime's own directory {}",
                     src.display(),
@@ -244,44 +253,86 @@ impl Runtime {
                 ));
             }
         }
-        Ok(())
+        Ok(source)
+    }
+}
+
+/// A mount source, opened once: the path it resolved to (for the checks)
+/// and the descriptor the mount is made from.
+struct MountSource {
+    fd: std::os::fd::OwnedFd,
+    real: std::path::PathBuf,
+    is_dir: bool,
+}
+
+impl MountSource {
+    fn open(path: &Path) -> std::result::Result<Self, String> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let failed = |e: std::io::Error| format!("mount source {}: {e}", path.display());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_PATH | nix::libc::O_CLOEXEC)
+            .open(path)
+            .map_err(failed)?;
+        let fd = std::os::fd::OwnedFd::from(file);
+        let proc_path = Self::proc_path_of(&fd);
+        let real = std::fs::read_link(&proc_path).map_err(failed)?;
+        let is_dir = std::fs::metadata(&proc_path).map_err(failed)?.is_dir();
+        Ok(Self { fd, real, is_dir })
     }
 
-    /// Bind-mounts each mount source into the container's directory of the
-    /// shared filesystem (read-only ones read-only on the host already);
-    /// returns their paths as the guest sees them.
-    fn share_mounts(&self, config: &ContainerConfig, container_dir: &Path) -> Result<Vec<String>> {
-        let mut guest = Vec::new();
-        for (i, m) in config.mounts.iter().enumerate() {
-            let target = container_dir.join("mounts").join(i.to_string());
-            let made = if m.source.is_dir() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&target)
-            } else {
-                std::fs::create_dir_all(container_dir.join("mounts"))
-                    .and_then(|()| std::fs::File::create(&target).map(drop))
-            };
-            made.map_err(|source| Error::Io {
-                action: "create",
-                path: target.clone(),
-                source,
-            })?;
-            mounts::bind_propagating(
-                &m.source,
-                &target,
-                m.propagation == crate::container::MountPropagation::HostToContainer,
-            )?;
-            if m.readonly {
-                mounts::remount_readonly(&target)?;
-            }
-            guest.push(format!(
-                "{}/{}/mounts/{i}",
-                agent::SHARED_FS_GUEST_PATH,
-                config.id
-            ));
-        }
-        Ok(guest)
+    fn proc_path_of(fd: &std::os::fd::OwnedFd) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd as _;
+        std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
     }
+
+    /// The path a mount takes this source by: the descriptor's own link.
+    fn mount_path(&self) -> std::path::PathBuf {
+        Self::proc_path_of(&self.fd)
+    }
+}
+
+/// Bind-mounts each opened mount source into the container's host-only
+/// directory (read-only ones read-only on the host already); returns their
+/// paths as the guest sees them.
+fn share_mounts(
+    config: &ContainerConfig,
+    sources: &[MountSource],
+    container_dir: &Path,
+) -> Result<Vec<String>> {
+    let mut guest = Vec::new();
+    for (i, (m, source)) in config.mounts.iter().zip(sources).enumerate() {
+        let target = container_dir.join("mounts").join(i.to_string());
+        let made = if source.is_dir {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&target)
+        } else {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(container_dir.join("mounts"))
+                .and_then(|()| std::fs::File::create(&target).map(drop))
+        };
+        made.map_err(|source| Error::Io {
+            action: "create",
+            path: target.clone(),
+            source,
+        })?;
+        mounts::bind_propagating(
+            &source.mount_path(),
+            &target,
+            m.propagation == crate::container::MountPropagation::HostToContainer,
+        )?;
+        if m.readonly {
+            mounts::remount_readonly(&target)?;
+        }
+        guest.push(format!(
+            "{}/{}/mounts/{i}",
+            agent::SHARED_FS_GUEST_PATH,
+            config.id
+        ));
+    }
+    Ok(guest)
 }

@@ -38,8 +38,7 @@ impl Runtime {
                     })?;
             }
         }
-        let container_dir = self.run_dir(sandbox_id).join("shared").join(id);
-        mounts::remove_tree(&container_dir)?;
+        mounts::remove_container_share(&self.run_dir(sandbox_id), id)?;
         s.record.containers.remove(idx);
         if let Some(vm) = &s.vm {
             s.record.vm = Some(vm.state());

@@ -373,3 +373,23 @@ impl AgentClient for FakeDialer {
         Ok(())
     }
 }
+
+/// Detaches every mount under `dir`, for the guard of a test's temporary
+/// directory: a sandbox a test does not delete keeps its shares mounted
+/// (see [`crate::mounts`]), and a temp dir's removal does not unmount.
+pub fn detach_mounts_under(dir: &std::path::Path) {
+    if let Err(err) = crate::mounts::unmount_under(dir) {
+        tracing::warn!(dir = %dir.display(), "test clean-up: {err}");
+    }
+}
+
+/// Calls [`detach_mounts_under`] on its directory when dropped (declare it
+/// after the temp dir, so it goes first).
+#[derive(Debug)]
+pub struct MountGuard(pub std::path::PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        detach_mounts_under(&self.0);
+    }
+}

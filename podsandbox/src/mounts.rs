@@ -1,7 +1,17 @@
-//! Host mounts a sandbox owns: container rootfs bind mounts in its shared
-//! directory. Removing a directory that still has a bind mount under it
-//! would delete the files of the mounted source, so every removal of a run
-//! dir first detaches whatever is mounted below it.
+//! Host mounts a sandbox owns: container rootfs and volume bind mounts in
+//! its shared directory. Removing a directory that still has a bind mount
+//! under it would delete the files of the mounted source, so every removal
+//! of a run dir first detaches whatever is mounted below it.
+//!
+//! The guest writes its shared directory (virtio-fs exports it read-write),
+//! so the host never creates a mount point there: a guest that swapped a
+//! directory for a symlink between the host's mkdir and its mount would have
+//! the host mount a volume wherever it liked (Kata's CVE-2020-2026). The
+//! host works in `mounts/`, a directory only it sees, and `shared/` — what
+//! the guest gets — is a read-only view of it that receives its mounts
+//! (a slave bind, see [`share_read_only`]): the guest can write inside a
+//! container's rootfs mount, never rename or replace the entries the host
+//! mounts on.
 
 use std::path::{Path, PathBuf};
 
@@ -53,6 +63,115 @@ pub fn bind_propagating(source: &Path, target: &Path, from_source: bool) -> Resu
         }
     })?;
     Ok(())
+}
+
+/// Mounts a tmpfs of `size_mib` at `dir` (a sandbox's run dir): private,
+/// 0700, and nothing on it is a device, setuid or executable.
+pub fn bounded_tmpfs(dir: &Path, size_mib: u32) -> Result<()> {
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(format!("size={size_mib}m,mode=0700").as_str()),
+    )
+    .and_then(|()| {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+    })
+    .map_err(|e| {
+        let _ = umount2(dir, MntFlags::MNT_DETACH);
+        Error::Io {
+            action: "mount a bounded tmpfs at",
+            path: dir.to_path_buf(),
+            source: std::io::Error::from(e),
+        }
+    })
+}
+
+/// The host-only directory of a sandbox's shares (see the module's doc).
+pub fn host_share(run_dir: &Path) -> PathBuf {
+    run_dir.join("mounts")
+}
+
+/// The guest's view of [`host_share`], which virtio-fs or 9p exports.
+pub fn guest_share(run_dir: &Path) -> PathBuf {
+    run_dir.join("shared")
+}
+
+/// Makes `view` a read-only view of `host_only` (two empty directories)
+/// that receives every mount made later under `host_only`, each with its
+/// own flags (a rootfs stays writable), and sends nothing back:
+/// `host_only` becomes a mount of its own peer group, `view` its slave,
+/// remounted read-only. On error nothing stays mounted.
+pub fn share_read_only(host_only: &Path, view: &Path) -> Result<()> {
+    let step = |action: &'static str, path: &Path, res: nix::Result<()>| {
+        res.map_err(|e| Error::Io {
+            action,
+            path: path.to_path_buf(),
+            source: std::io::Error::from(e),
+        })
+    };
+    let made = (|| {
+        let none = None::<&str>;
+        step(
+            "bind-mount onto itself",
+            host_only,
+            mount(Some(host_only), host_only, none, MsFlags::MS_BIND, none),
+        )?;
+        // Out of whatever peer group the parent mount is in, then a group
+        // of its own: its mounts travel to the view and nowhere else.
+        step(
+            "make private",
+            host_only,
+            mount(none, host_only, none, MsFlags::MS_PRIVATE, none),
+        )?;
+        step(
+            "make shared",
+            host_only,
+            mount(none, host_only, none, MsFlags::MS_SHARED, none),
+        )?;
+        step(
+            "bind-mount the host-only share onto",
+            view,
+            mount(Some(host_only), view, none, MsFlags::MS_BIND, none),
+        )?;
+        step(
+            "make a slave",
+            view,
+            mount(none, view, none, MsFlags::MS_SLAVE, none),
+        )?;
+        step(
+            "remount read-only",
+            view,
+            mount(
+                none,
+                view,
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                none,
+            ),
+        )
+    })();
+    if made.is_err() {
+        for dir in [view, host_only] {
+            let _ = umount2(dir, MntFlags::MNT_DETACH);
+        }
+    }
+    made
+}
+
+/// Removes what a container has in a sandbox's shares: the copies of its
+/// mounts in the guest's view first (a private mount's copy does not go
+/// with it), then its host-only tree.
+pub fn remove_container_share(run_dir: &Path, id: &str) -> Result<()> {
+    unmount_under(&guest_share(run_dir).join(id))?;
+    remove_tree(&host_share(run_dir).join(id))
 }
 
 /// Makes the bind mount at `target` read-only (a bind mount takes its own

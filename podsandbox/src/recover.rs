@@ -124,8 +124,8 @@ impl Runtime {
         vm: &dyn hypervisor::Hypervisor,
         recorded: &BTreeSet<String>,
     ) -> Vec<(String, String)> {
-        let shared = self.run_dir(sandbox_id).join("shared");
-        let Ok(entries) = std::fs::read_dir(&shared) else {
+        let run_dir = self.run_dir(sandbox_id);
+        let Ok(entries) = std::fs::read_dir(crate::mounts::host_share(&run_dir)) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -138,7 +138,7 @@ impl Runtime {
             }
             tracing::warn!(sandbox = %sandbox_id, container = %cid, "removing a container whose creation did not finish");
             self.discard_guest_container(sandbox_id, vm, &cid).await;
-            if let Err(err) = crate::mounts::remove_tree(&entry.path()) {
+            if let Err(err) = crate::mounts::remove_container_share(&run_dir, &cid) {
                 tracing::warn!(sandbox = %sandbox_id, container = %cid, "removing its shared dir: {}", err.chain());
                 continue;
             }
@@ -290,6 +290,7 @@ mod tests {
     #[tokio::test]
     async fn a_restart_sorts_every_sandbox_out() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let _mounts = crate::fake::MountGuard(dir.path().to_path_buf());
         let vms = Arc::new(FakeVms::default());
         // The first owner runs in a tokio runtime of its own, dropped at
         // the end like a killed process: none of its tasks outlives it.

@@ -652,6 +652,12 @@ mod lifecycle_tests {
         dir: tempfile::TempDir,
     }
 
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            crate::fake::detach_mounts_under(self.dir.path());
+        }
+    }
+
     fn harness_with(vms: FakeVms, answers: bool) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = RuntimeConfig {

@@ -35,6 +35,12 @@ struct Harness {
     images: Arc<FakeImageService>,
 }
 
+impl Drop for Harness {
+    fn drop(&mut self) {
+        podsandbox::fake::detach_mounts_under(self.dir.path());
+    }
+}
+
 fn config(dir: &std::path::Path) -> Config {
     let mut config = Config {
         state_dir: dir.join("state"),
