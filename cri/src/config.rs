@@ -72,6 +72,9 @@ pub struct Config {
     /// Where pods' cgroup parents are rooted: `root` or `own` (see
     /// `podsandbox::cgroup::CgroupRoot`).
     pub cgroup_root: podsandbox::cgroup::CgroupRoot,
+    /// Each pod's run dir is a tmpfs of this many MiB (0: a plain dir);
+    /// see `podsandbox::RuntimeConfig::run_dir_max_mib`.
+    pub run_dir_max_mib: u32,
     pub network: NetworkConfig,
     pub images: ImagesConfig,
     pub streaming: StreamingConfig,
@@ -163,6 +166,7 @@ impl Default for Config {
             hypervisor: HypervisorConfig::default(),
             agent: AgentConfig::default(),
             cgroup_root: podsandbox::cgroup::CgroupRoot::default(),
+            run_dir_max_mib: podsandbox::RuntimeConfig::default().run_dir_max_mib,
             network: NetworkConfig::default(),
             images: ImagesConfig::default(),
             streaming: StreamingConfig::default(),
@@ -281,6 +285,7 @@ impl Config {
             hypervisor: self.hypervisor.clone(),
             agent: self.agent.clone(),
             cgroup_root: self.cgroup_root,
+            run_dir_max_mib: self.run_dir_max_mib,
         }
     }
 

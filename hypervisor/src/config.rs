@@ -111,6 +111,11 @@ pub struct HypervisorConfig {
     /// A virtio-scsi controller at boot, so disks (block-device container
     /// rootfs) can be attached to the running VM without a PCIe slot each.
     pub disk_hotplug: bool,
+    /// The most the guest console's log (and each helper's log) may hold
+    /// before it is rotated: the newest quarter goes to `<log>.1`, the log
+    /// starts again (see [`crate::Hypervisor::trim_logs`]). The guest
+    /// writes the console, so this is what it can make the host keep.
+    pub console_log_max_kib: u32,
 }
 
 impl Default for HypervisorConfig {
@@ -134,6 +139,7 @@ impl Default for HypervisorConfig {
             tcg_tb_size_mib: 16,
             hotplug_slots: 2,
             disk_hotplug: true,
+            console_log_max_kib: 1024,
         }
     }
 }

@@ -212,6 +212,13 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// the helpers. Idempotent: stopping a VM that is gone succeeds.
     async fn stop(&self, grace: Duration) -> Result<()>;
 
+    /// Rotates the logs the guest can grow (its console, the helpers' logs)
+    /// that are over [`HypervisorConfig::console_log_max_kib`]; the owner
+    /// of a running VM calls it periodically.
+    async fn trim_logs(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Where the VM stands now.
     async fn status(&self) -> Result<VmStatus>;
 

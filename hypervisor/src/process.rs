@@ -3,7 +3,7 @@
 
 use std::{
     os::fd::OwnedFd,
-    path::Path,
+    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -225,9 +225,10 @@ pub fn spawn_detached_with_fds(
 /// read. If an earlier line matches `headline` (say, the "Kernel panic" line
 /// above a long backtrace), it is kept in front, followed by "...".
 pub fn tail_with(path: &Path, lines: usize, headline: Option<&str>) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return String::new();
-    };
+    // A rotated log's newest part first, then the log: the last window of
+    // each, never the whole file (the guest writes the console).
+    let mut bytes = end_of(&rotated(path), TAIL_WINDOW);
+    bytes.extend(end_of(path, TAIL_WINDOW));
     let text = String::from_utf8_lossy(&bytes);
     let cleaned: Vec<&str> = text
         .lines()
@@ -244,6 +245,64 @@ pub fn tail_with(path: &Path, lines: usize, headline: Option<&str>) -> String {
     }
     out.extend_from_slice(&cleaned[start..]);
     out.join("\n")
+}
+
+/// The most of a log [`tail_with`] reads, from each of its two files.
+const TAIL_WINDOW: u64 = 64 * 1024;
+
+/// Where a log's older part goes when it is rotated: `<log>.1`.
+pub fn rotated(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// The last `window` bytes of a file (empty if it cannot be read).
+fn end_of(path: &Path, window: u64) -> Vec<u8> {
+    use std::io::{Read as _, Seek as _};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(std::io::SeekFrom::Start(len.saturating_sub(window)))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let _ = file.take(window).read_to_end(&mut out);
+    out
+}
+
+/// If the log at `path` holds more than `max` bytes, keeps its newest
+/// quarter in [`rotated`] (replacing the last one) and truncates it; its
+/// writer appends (O_APPEND), so it writes on at the new end. Returns
+/// whether it rotated. What is written between the copy and the
+/// truncation is lost, as with logrotate's copytruncate.
+pub fn rotate_if_over(path: &Path, max: u64) -> std::io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let keep = end_of(path, (max / 4).max(1));
+    let older = rotated(path);
+    let staging = {
+        let mut name = older.as_os_str().to_owned();
+        name.push(".tmp");
+        PathBuf::from(name)
+    };
+    std::fs::write(&staging, &keep)?;
+    std::fs::rename(&staging, &older)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
 }
 
 /// The last `lines` non-empty lines of a text file.
@@ -265,6 +324,37 @@ mod tests {
                 start_time: 98765
             })
         );
+    }
+
+    #[test]
+    fn a_log_over_its_cap_is_rotated_and_its_tail_reads_both_parts() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("console.log");
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open");
+        for i in 0..2000 {
+            writeln!(writer, "line {i}").expect("write");
+        }
+        assert!(
+            !rotate_if_over(&log, 1 << 20).expect("small"),
+            "under the cap"
+        );
+        assert!(rotate_if_over(&log, 4096).expect("rotate"));
+        assert_eq!(std::fs::metadata(&log).expect("log").len(), 0);
+        let older = std::fs::read_to_string(rotated(&log)).expect("rotated");
+        assert!(
+            older.len() <= 1024 && older.ends_with("line 1999\n"),
+            "{older}"
+        );
+        // The writer appends at the new end, not at its old offset.
+        writeln!(writer, "after").expect("write");
+        assert_eq!(std::fs::read_to_string(&log).expect("log"), "after\n");
+        assert_eq!(tail(&log, 2), "line 1999\nafter");
+        assert!(!rotate_if_over(&dir.path().join("none"), 1).expect("missing"));
     }
 
     #[test]

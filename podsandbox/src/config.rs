@@ -52,6 +52,11 @@ pub struct RuntimeConfig {
     /// (a node's kubelet layout) or `own` (beneath the runtime's own cgroup,
     /// for a runtime that itself runs inside a container).
     pub cgroup_root: crate::cgroup::CgroupRoot,
+    /// Each sandbox's run dir is a tmpfs of this size (MiB): what its logs
+    /// (the guest's console among them), sockets and share mount points
+    /// can take of the host's memory, whatever the guest writes. 0: a plain
+    /// directory of `run_dir`'s filesystem.
+    pub run_dir_max_mib: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +88,7 @@ impl Default for RuntimeConfig {
             hypervisor: HypervisorConfig::default(),
             agent: AgentConfig::default(),
             cgroup_root: crate::cgroup::CgroupRoot::default(),
+            run_dir_max_mib: 32,
         }
     }
 }

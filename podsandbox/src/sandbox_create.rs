@@ -20,6 +20,8 @@ use crate::{
 
 /// Pause between attempts to reach a booting guest's agent.
 const DIAL_RETRY: Duration = Duration::from_millis(10);
+/// How often a running VM's logs are checked against their cap.
+const LOG_TRIM_PERIOD: Duration = Duration::from_secs(1);
 
 impl Runtime {
     pub async fn create_sandbox(&self, config: SandboxConfig) -> Result<SandboxStatus> {
@@ -132,20 +134,28 @@ impl Runtime {
                     None,
                 )
             })?;
-        let shared = run_dir.join("shared");
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&shared)
-            .map_err(|source| {
-                (
-                    Error::Io {
-                        action: "create shared dir",
-                        path: shared.clone(),
-                        source,
-                    },
-                    None,
-                )
-            })?;
+        let size = self.inner.config.run_dir_max_mib;
+        if size > 0 {
+            crate::mounts::bounded_tmpfs(&run_dir, size).map_err(|e| (e, None))?;
+        }
+        let shared = crate::mounts::guest_share(&run_dir);
+        let host_share = crate::mounts::host_share(&run_dir);
+        for dir in [&shared, &host_share] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| {
+                    (
+                        Error::Io {
+                            action: "create shared dir",
+                            path: dir.clone(),
+                            source,
+                        },
+                        None,
+                    )
+                })?;
+        }
+        crate::mounts::share_read_only(&host_share, &shared).map_err(|e| (e, None))?;
         let vm_config = VmConfig {
             shared: Some(hypervisor::SharedDir {
                 host_path: shared,
@@ -304,7 +314,7 @@ impl Runtime {
         }
     }
 
-    /// Watches the VMM of a sandbox: when it exits (a pidfd event, see
+    /// Watches the VMM of a sandbox (and keeps its logs trimmed): when it exits (a pidfd event, see
     /// [`hypervisor::ProcessRef::exited`]) the sandbox is reconciled at once
     /// — stopped, its containers exited and announced
     /// ([`Runtime::vm_gone`]). Other processes reconcile on their next call.
@@ -312,7 +322,20 @@ impl Runtime {
         let runtime = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            let reason = vm.wait_exit().await;
+            // The logs the guest grows are kept in bounds while it runs.
+            let exited = vm.wait_exit();
+            tokio::pin!(exited);
+            let mut trim = tokio::time::interval(LOG_TRIM_PERIOD);
+            let reason = loop {
+                tokio::select! {
+                    reason = &mut exited => break reason,
+                    _ = trim.tick() => {
+                        if let Err(err) = vm.trim_logs().await {
+                            tracing::warn!(%id, "{err}");
+                        }
+                    }
+                }
+            };
             tracing::debug!(%id, "VMM exited: {reason}");
             // Not found: deleted. Anything else is reported by the next call.
             if let Err(err) = runtime.locked(&id).await {

@@ -220,7 +220,11 @@ fn kernel_args(spec: &Spec<'_>) -> Vec<String> {
 fn console_args(spec: &Spec<'_>) -> Vec<String> {
     strings(&[
         "-chardev",
-        &format!("file,id=console,path={}", escape(&spec.paths.console)),
+        // O_APPEND: a rotation's truncation is where the next byte goes.
+        &format!(
+            "file,id=console,path={},append=on",
+            escape(&spec.paths.console)
+        ),
         "-serial",
         "chardev:console",
     ])
@@ -524,7 +528,7 @@ mod tests {
         assert!(has_pair(
             &args,
             "-chardev",
-            "file,id=console,path=/run/vc/s1/console.log"
+            "file,id=console,path=/run/vc/s1/console.log,append=on"
         ));
         assert!(args.contains(&"-no-reboot".to_string()));
         assert!(args.contains(&"-nodefaults".to_string()));

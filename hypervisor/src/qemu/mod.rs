@@ -592,6 +592,25 @@ impl crate::Hypervisor for Qemu {
         self.lock().clone()
     }
 
+    async fn trim_logs(&self) -> Result<()> {
+        let max = u64::from(self.config.console_log_max_kib) * 1024;
+        for log in [
+            &self.paths.console,
+            &self.paths.log,
+            &self.paths.virtiofsd_log,
+            &self.paths.vsock_log,
+        ] {
+            if process::rotate_if_over(log, max).map_err(|source| HypervisorError::Io {
+                action: "rotate",
+                path: log.clone(),
+                source,
+            })? {
+                tracing::debug!(log = %log.display(), "rotated");
+            }
+        }
+        Ok(())
+    }
+
     fn console_tail(&self, lines: usize) -> String {
         process::tail_with(&self.paths.console, lines, Some("Kernel panic"))
     }
