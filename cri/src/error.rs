@@ -122,9 +122,32 @@ impl CriError {
     }
 }
 
+/// The longest status message sent, in bytes. Messages quote request
+/// fields (IDs, names, paths) that may be megabytes long; the message goes
+/// out percent-encoded in an HTTP/2 header, and a header list past the
+/// client's limit (16 KiB in hyper's h2) makes it drop the whole connection
+/// (GOAWAY `ENHANCE_YOUR_CALM`), failing every other call on it.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `text` cut to at most [`MAX_STATUS_MESSAGE`] bytes (on a character
+/// boundary), saying how much was cut.
+fn bounded(mut text: String) -> String {
+    if text.len() <= MAX_STATUS_MESSAGE {
+        return text;
+    }
+    let total = text.len();
+    let mut end = MAX_STATUS_MESSAGE - 40;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("... ({} more bytes)", total - end));
+    text
+}
+
 impl From<CriError> for Status {
     fn from(err: CriError) -> Self {
-        Status::new(err.code(), err.chain())
+        Status::new(err.code(), bounded(err.chain()))
     }
 }
 
@@ -160,5 +183,31 @@ mod tests {
             Status::from(io).message(),
             "write /x: No space left on device (os error 28)"
         );
+    }
+
+    #[test]
+    fn a_message_quoting_a_huge_request_field_is_cut() {
+        // A 64 KiB container ID (the CRI fuzz test's input) once came back
+        // whole in grpc-message, and the client dropped the connection.
+        for id in ["a".repeat(65_536), "\u{e9}".repeat(40_000)] {
+            let s = Status::from(CriError::NotFound {
+                what: "container",
+                id: id.clone(),
+            });
+            assert!(
+                s.message().len() <= MAX_STATUS_MESSAGE,
+                "{}",
+                s.message().len()
+            );
+            assert!(
+                s.message().starts_with("container \""),
+                "{}",
+                &s.message()[..20]
+            );
+            assert!(s.message().ends_with("more bytes)"), "{}", s.message());
+        }
+        let short = Status::from(CriError::invalid("f", "x".repeat(MAX_STATUS_MESSAGE - 3)));
+        assert_eq!(short.message().len(), MAX_STATUS_MESSAGE);
+        assert!(!short.message().contains("more bytes"));
     }
 }

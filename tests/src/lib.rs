@@ -18,6 +18,7 @@ use std::{
 use podsandbox::RuntimeConfig;
 
 pub mod cri;
+pub mod fuzz;
 pub mod interop;
 
 /// The image store's test support, shared: a real `docker-registry` on a

@@ -132,7 +132,7 @@ impl std::fmt::Debug for Containers {
 }
 
 /// Container and exec IDs become directory names.
-fn check_id(id: &str) -> Result<()> {
+pub(crate) fn check_id(id: &str) -> Result<()> {
     if agent::valid_id(id) {
         Ok(())
     } else {
@@ -147,7 +147,7 @@ enum Root<'a> {
 }
 
 /// A path relative to the shared filesystem, without `..` or a root.
-fn shared_path(rel: &str) -> Result<PathBuf> {
+pub(crate) fn shared_path(rel: &str) -> Result<PathBuf> {
     let rel_path = Path::new(rel);
     if rel.is_empty()
         || !rel_path
@@ -183,7 +183,7 @@ fn builder(
 /// Bind mounts may only take their source from the shared filesystem (what
 /// the host chose to share), resolved in the guest so that no symlink leads
 /// out of it; other mount types keep their source (`proc`, `tmpfs`, ...).
-fn check_mounts(spec: &mut Spec) -> Result<()> {
+pub(crate) fn check_mounts(spec: &mut Spec) -> Result<()> {
     let Some(mounts) = spec.mounts_mut().as_mut() else {
         return Ok(());
     };
@@ -927,7 +927,7 @@ fn process_name(id: &str, exec_id: &str) -> String {
 
 /// The container's `process` with an exec's args, environment, working
 /// directory and stdio.
-fn exec_process(template: &Process, r: &pb::ExecProcessRequest) -> Process {
+pub(crate) fn exec_process(template: &Process, r: &pb::ExecProcessRequest) -> Process {
     let mut p = template.clone();
     let mut env: Vec<String> = p.env().clone().unwrap_or_default();
     for kv in &r.env {
@@ -968,7 +968,7 @@ fn process_info(pid: i32) -> pb::ProcessInfo {
 
 /// cgroup v2 files and values for an OCI `linux.resources` object (the
 /// conversions runc and crun use).
-fn cgroup_writes(r: &serde_json::Value) -> Result<Vec<(&'static str, String)>> {
+pub(crate) fn cgroup_writes(r: &serde_json::Value) -> Result<Vec<(&'static str, String)>> {
     let int = |v: &serde_json::Value, what: &str| -> Result<Option<i64>> {
         match v {
             serde_json::Value::Null => Ok(None),

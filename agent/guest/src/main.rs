@@ -21,6 +21,8 @@ mod network;
 mod notify;
 mod pidns;
 mod reaper;
+#[cfg(test)]
+mod request_fuzz;
 mod service;
 mod stdio;
 mod storage;

@@ -131,7 +131,7 @@ fn invalid(msg: String) -> Failure {
 }
 
 /// "aa:bb:cc:dd:ee:ff" → 6 bytes.
-fn parse_mac(text: &str) -> Result<Vec<u8>> {
+pub(crate) fn parse_mac(text: &str) -> Result<Vec<u8>> {
     let bytes: Option<Vec<u8>> = text
         .split(':')
         .map(|p| {
@@ -150,13 +150,13 @@ fn parse_mac(text: &str) -> Result<Vec<u8>> {
     }
 }
 
-fn parse_ip(text: &str, what: &str) -> Result<IpAddr> {
+pub(crate) fn parse_ip(text: &str, what: &str) -> Result<IpAddr> {
     text.parse()
         .map_err(|_| invalid(format!("{what} {text:?} is not an IP address")))
 }
 
 /// "10.0.0.0/24" → (address, prefix length).
-fn parse_cidr(text: &str) -> Result<(IpAddr, u8)> {
+pub(crate) fn parse_cidr(text: &str) -> Result<(IpAddr, u8)> {
     let (addr, len) = text
         .split_once('/')
         .ok_or_else(|| invalid(format!("route destination {text:?} is not in CIDR form")))?;
@@ -567,7 +567,10 @@ pub fn set_sysctls(sysctls: &std::collections::HashMap<String, String>) -> Resul
     set_sysctls_in(Path::new("/proc/sys"), sysctls)
 }
 
-fn set_sysctls_in(root: &Path, sysctls: &std::collections::HashMap<String, String>) -> Result<()> {
+pub(crate) fn set_sysctls_in(
+    root: &Path,
+    sysctls: &std::collections::HashMap<String, String>,
+) -> Result<()> {
     let mut keys: Vec<&String> = sysctls.keys().collect();
     keys.sort();
     for key in keys {
@@ -632,7 +635,7 @@ pub fn set_sandbox_files(req: &pb::SetSandboxFilesRequest) -> Result<()> {
     set_sandbox_files_in(Path::new(agent::SANDBOX_FILES_GUEST_PATH), req)
 }
 
-fn set_sandbox_files_in(dir: &Path, req: &pb::SetSandboxFilesRequest) -> Result<()> {
+pub(crate) fn set_sandbox_files_in(dir: &Path, req: &pb::SetSandboxFilesRequest) -> Result<()> {
     if req.hostname.contains(['\n', '\0', '/']) || req.hostname.len() > 253 {
         return Err(invalid(format!(
             "hostname {:?} is not a valid host name",

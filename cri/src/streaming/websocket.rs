@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -43,6 +43,19 @@ const STDERR: u8 = 2;
 const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
+
+/// The largest WebSocket message (and frame) a client may send. kubectl
+/// and kubelet write stdin and port-forward data in 32 KiB chunks;
+/// tungstenite's defaults (64 MiB messages, 16 MiB frames) let one
+/// connection make vcrid buffer 64 MiB.
+pub(crate) const MAX_MESSAGE: usize = 1 << 20;
+
+/// The server side's limits.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
 
 /// How channels are put into messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +173,10 @@ pub(crate) fn upgrade(
     let task_inner = inner.clone();
     inner.spawn(async move {
         let ws = match on_upgrade.await {
-            Ok(u) => WebSocketStream::from_raw_socket(TokioIo::new(u), Role::Server, None).await,
+            Ok(u) => {
+                WebSocketStream::from_raw_socket(TokioIo::new(u), Role::Server, Some(ws_config()))
+                    .await
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "WebSocket upgrade failed");
                 return;
@@ -489,5 +505,148 @@ mod tests {
         };
         assert_eq!(ports(&req, None), Ok(vec![22]));
         assert!(ports(&req, Some("port=23")).unwrap_err().contains("23"));
+    }
+
+    mod prop {
+        use super::*;
+        use futures_util::StreamExt;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngSeed};
+        use tokio::io::AsyncWriteExt;
+
+        fn config(cases: u32) -> Config {
+            Config {
+                cases,
+                rng_seed: RngSeed::Fixed(0x7e55_0c37),
+                failure_persistence: None,
+                ..Config::default()
+            }
+        }
+
+        /// A client frame: FIN and opcode, the mask bit, a 7-, 16- or
+        /// 64-bit length that may claim more than follows, masked payload.
+        fn client_frame(opcode: u8, fin: bool, claimed: Option<u64>, payload: &[u8]) -> Vec<u8> {
+            let mut v = vec![(u8::from(fin) << 7) | (opcode & 0x0f)];
+            let len = claimed.unwrap_or(payload.len() as u64);
+            match len {
+                0..=125 => v.push(0x80 | len as u8),
+                126..=0xffff => {
+                    v.push(0x80 | 126);
+                    v.extend_from_slice(&(len as u16).to_be_bytes());
+                }
+                _ => {
+                    v.push(0x80 | 127);
+                    v.extend_from_slice(&len.to_be_bytes());
+                }
+            }
+            let mask = [0x37, 0xfa, 0x21, 0x3d];
+            v.extend_from_slice(&mask);
+            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            v
+        }
+
+        /// What the server side (vcrid's config) makes of `input`: the
+        /// messages read until the end or the first error, and that error.
+        fn serve(input: Vec<u8>) -> (Vec<Message>, Option<String>) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (mut client, server) = tokio::io::duplex(1 << 16);
+                let writer = tokio::spawn(async move {
+                    let _ = client.write_all(&input).await;
+                    let _ = client.shutdown().await;
+                    // Keep the pipe open until the server has read it all.
+                    let mut sink = Vec::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink).await;
+                });
+                let mut ws =
+                    WebSocketStream::from_raw_socket(server, Role::Server, Some(ws_config())).await;
+                let mut messages = Vec::new();
+                let mut error = None;
+                while let Ok(next) =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await
+                {
+                    match next {
+                        Some(Ok(m)) => messages.push(m),
+                        Some(Err(e)) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                drop(ws);
+                let _ = writer.await;
+                (messages, error)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(config(500))]
+
+            /// Channel frames, mutated: every message either decodes to a
+            /// channel and data or is refused by `Framing::decode` — no panic.
+            #[test]
+            fn mutated_client_frames_never_panic(
+                frames in proptest::collection::vec((0u8..16, any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300)), 1..5),
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            ) {
+                let mut wire = Vec::new();
+                for (op, fin, payload) in &frames {
+                    let op = [0x1, 0x2, 0x0, 0x8, 0x9, 0xa][usize::from(*op) % 6];
+                    wire.extend(client_frame(op, *fin, None, payload));
+                }
+                for (at, b) in flips {
+                    let i = at % wire.len();
+                    wire[i] ^= b;
+                }
+                let (messages, _) = serve(wire);
+                for m in &messages {
+                    for f in [Framing::Binary, Framing::Base64] {
+                        if let Some((ch, data)) = f.decode(m) {
+                            prop_assert!(f != Framing::Base64 || ch < 10);
+                            prop_assert!(data.len() <= MAX_MESSAGE);
+                        }
+                    }
+                }
+            }
+
+            /// A frame header claiming more than the limit is refused from
+            /// the header (nothing that large is ever buffered).
+            #[test]
+            fn a_claimed_length_over_the_limit_is_refused(len in (MAX_MESSAGE as u64 + 1)..u64::MAX / 2, op in prop_oneof![Just(1u8), Just(2u8)]) {
+                let (messages, error) = serve(client_frame(op, true, Some(len), b"short"));
+                prop_assert!(messages.is_empty());
+                let error = error.unwrap_or_default();
+                prop_assert!(error.contains("too long") || error.contains("Space limit"), "{}", error);
+            }
+        }
+
+        /// Fragments adding up past the limit are refused too.
+        #[test]
+        fn a_message_over_the_limit_in_fragments_is_refused() {
+            let chunk = vec![7u8; 256 * 1024];
+            let mut wire = client_frame(0x2, false, None, &chunk);
+            for _ in 0..4 {
+                wire.extend(client_frame(0x0, false, None, &chunk));
+            }
+            wire.extend(client_frame(0x0, true, None, b"end"));
+            let (messages, error) = serve(wire);
+            assert!(messages.is_empty(), "{} messages", messages.len());
+            assert!(error.is_some_and(|e| e.contains("too long")));
+            // ...and one just under the limit is read whole.
+            let mut wire = client_frame(0x2, false, None, &chunk);
+            wire.extend(client_frame(0x0, true, None, &chunk[..1000]));
+            let (messages, error) = serve(wire);
+            assert_eq!(messages.len(), 1, "{error:?}");
+            assert_eq!(
+                Framing::Binary
+                    .decode(&messages[0])
+                    .map(|(c, d)| (c, d.len())),
+                Some((7, chunk.len() + 999))
+            );
+        }
     }
 }
