@@ -12,7 +12,7 @@ use crate::manifest::{
 };
 use crate::metadata::Image;
 use crate::reference::Reference;
-use crate::registry::{AuthConfig, Session};
+use crate::registry::{AuthConfig, Session, MAX_CONFIG};
 use crate::store::ImageStore;
 
 const DEFAULT_PARALLEL: usize = 3;
@@ -79,6 +79,15 @@ impl ImageStore {
             })?);
         }
 
+        // The config is read into memory: bounded before it is fetched.
+        if config_desc.size > MAX_CONFIG.bytes {
+            return Err(ImageError::TooLarge {
+                what: format!("image config {}", config_desc.digest),
+                url: r.to_string(),
+                limit_name: MAX_CONFIG.name,
+                limit: MAX_CONFIG.bytes,
+            });
+        }
         self.content
             .fetch(&session, &config_desc.digest, Some(config_desc.size))
             .await?;

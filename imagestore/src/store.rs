@@ -57,7 +57,7 @@ impl ImageStore {
         let store = ImageStore {
             content: ContentStore::open(&root)?,
             meta: Metadata::open(&root)?,
-            client: RegistryClient::new(config.registries.clone())?,
+            client: RegistryClient::new(config.registries.clone(), config.pull_progress_timeout())?,
             root,
             config,
             snapshot_locks: KeyedLocks::default(),
