@@ -23,6 +23,7 @@
 //!
 //! [images]
 //! rootfs = "shared-dir"       # or "block"
+//! pull_progress_timeout_secs = 60   # a download receiving nothing this long fails
 //! [images.registries.hosts."docker.io"]
 //! mirrors = ["http://127.0.0.1:5000"]
 //!
@@ -123,11 +124,16 @@ pub enum Interworking {
 pub struct ImagesConfig {
     pub rootfs: RootfsKind,
     pub registries: imagestore::RegistryConfig,
+    /// A download that receives nothing for this many seconds fails the pull
+    /// (DeadlineExceeded); unset: imagestore's default (60 s, as kubelet's
+    /// image pull progress deadline).
+    pub pull_progress_timeout_secs: Option<u64>,
 }
 
 impl PartialEq for ImagesConfig {
     fn eq(&self, other: &Self) -> bool {
         self.rootfs == other.rootfs
+            && self.pull_progress_timeout_secs == other.pull_progress_timeout_secs
             && serde_json::to_value(&self.registries).ok()
                 == serde_json::to_value(&other.registries).ok()
     }

@@ -64,6 +64,7 @@ impl Cri {
             registries: config.images.registries.clone(),
             max_concurrent_downloads: None,
             block_headroom_mib: None,
+            pull_progress_timeout_secs: config.images.pull_progress_timeout_secs,
         })?;
         if config.network.write_default_conflist {
             cni::defaults::ensure_default_conflist(&config.network.conf_dir)?;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
 use crate::error::{ImageError, Result};
+use crate::locks::{block_key, snapshot_key, Lease};
 use crate::metadata::{ContainerRootfs, Image, RootfsKind};
 use crate::rootfs::{lowerdirs, mount_overlay, unmount_if_mounted};
 use crate::snapshot::remove_dir;
@@ -30,8 +31,22 @@ impl ImageStore {
             .image_locks
             .lock(&format!("container/{container_id}"))
             .await;
-        let _gc = self.gc.read().await;
-        let image = self.image_status(image_ref)?;
+        // Leased, not locked: the ext4 build (mkfs of the whole image) holds
+        // up no collection, and so no other container's rootfs.
+        let mut lease = Lease::new(&self.leases);
+        let image = {
+            let _gc = self.gc.read().await;
+            let image = self.image_status(image_ref)?;
+            let id = image.id.trim_start_matches("sha256:");
+            lease.extend(
+                image
+                    .chain_ids
+                    .iter()
+                    .map(snapshot_key)
+                    .chain([block_key(id)]),
+            );
+            image
+        };
         let ext4 = self.ensure_block_image(&image).await?;
         self.claim_container_dir(container_id, &dir)?;
         let qcow2 = dir.join("rootfs.qcow2");

@@ -19,6 +19,24 @@ pub struct StoreConfig {
     /// Extra space in an ext4 block image beyond its content, in MiB (default 64 + 20 %).
     #[serde(default)]
     pub block_headroom_mib: Option<u64>,
+    /// A download (manifest, token, blob) that receives nothing for this many
+    /// seconds is cancelled (DeadlineExceeded); default
+    /// [`DEFAULT_PULL_PROGRESS_TIMEOUT`], like kubelet's image pull progress deadline.
+    #[serde(default)]
+    pub pull_progress_timeout_secs: Option<u64>,
+}
+
+/// How long a download may receive nothing before it is cancelled.
+pub const DEFAULT_PULL_PROGRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl StoreConfig {
+    /// The pull progress timeout in effect (at least one second).
+    pub fn pull_progress_timeout(&self) -> std::time::Duration {
+        self.pull_progress_timeout_secs
+            .map_or(DEFAULT_PULL_PROGRESS_TIMEOUT, |s| {
+                std::time::Duration::from_secs(s.max(1))
+            })
+    }
 }
 
 /// Per-registry endpoints, keyed by registry host as written in references

@@ -48,6 +48,30 @@ pub enum ImageError {
         status: u16,
         detail: String,
     },
+    /// A registry (or its token endpoint) sent more than a limit allows; the
+    /// rest was not read.
+    #[error("{what} from {url} is larger than {limit_name} ({limit} bytes)")]
+    TooLarge {
+        what: String,
+        url: String,
+        limit_name: &'static str,
+        limit: u64,
+    },
+    /// A blob download sent more bytes than its descriptor declares; the rest
+    /// was not read and nothing was kept.
+    #[error("blob {digest} from {url} is longer than its declared {declared} bytes")]
+    BlobTooLong {
+        digest: String,
+        url: String,
+        declared: u64,
+    },
+    /// A download made no progress for the pull progress timeout and was cancelled.
+    #[error("{what} from {url} made no progress for {timeout:?}; download cancelled")]
+    Stalled {
+        what: String,
+        url: String,
+        timeout: std::time::Duration,
+    },
     /// The registry (or its token endpoint) refused our credentials.
     #[error("registry {url} refused authentication ({status})")]
     Unauthorized { url: String, status: u16 },
@@ -154,6 +178,7 @@ impl ImageError {
             RootfsExists { .. } => ErrorKind::AlreadyExists,
             RootInUse { .. } => ErrorKind::FailedPrecondition,
             Http { source, .. } if source.is_timeout() => ErrorKind::DeadlineExceeded,
+            Stalled { .. } => ErrorKind::DeadlineExceeded,
             Http { .. } => ErrorKind::Unavailable,
             Registry { status, .. } if *status >= 500 => ErrorKind::Unavailable,
             Registry { .. } => ErrorKind::FailedPrecondition,
@@ -163,6 +188,8 @@ impl ImageError {
             | DigestMismatch { .. }
             | DiffIdMismatch { .. }
             | UnsupportedLayer { .. }
+            | TooLarge { .. }
+            | BlobTooLong { .. }
             | HostileEntry { .. } => ErrorKind::FailedPrecondition,
             Unpack { .. }
             | Io { .. }

@@ -1,18 +1,24 @@
 //! PullImage: resolve the reference (index → platform manifest), fetch the
 //! config and layers (up to N in parallel, each blob once), unpack each layer
 //! into its snapshot, record the image.
+//!
+//! Downloads and unpacks hold no store-wide lock: what the pull fetched is
+//! leased (garbage collection spares it) until the image record commits, and
+//! only that commit takes the gc lock, shared. Concurrent pulls of one blob
+//! share one download (the content store's per-digest lock).
 
 use futures::StreamExt as _;
 
 use crate::digest::{chain_ids, Digest};
 use crate::error::{ImageError, Result};
+use crate::locks::{blob_key, snapshot_key, Lease};
 use crate::manifest::{
     Compression, Descriptor, Document, ImageConfigFile, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
     OCI_MANIFEST,
 };
 use crate::metadata::Image;
 use crate::reference::Reference;
-use crate::registry::{AuthConfig, Session};
+use crate::registry::{AuthConfig, Session, MAX_CONFIG};
 use crate::store::ImageStore;
 
 const DEFAULT_PARALLEL: usize = 3;
@@ -21,8 +27,28 @@ impl ImageStore {
     /// Pulls an image (short names allowed) and returns its record.
     pub async fn pull_image(&self, reference: &str, auth: Option<AuthConfig>) -> Result<Image> {
         let r = Reference::parse(reference)?;
-        let _gc = self.gc.read().await;
-        let session = self.client.session(&r, auth);
+        let mut lease = Lease::new(&self.leases);
+        let res = self.pull_leased(&r, auth, &mut lease).await;
+        if res.is_err() {
+            // What this pull fetched and nothing records is freed now (another
+            // in-flight pull's lease still spares it), not at the next restart.
+            let (blobs, chains) = lease.blobs_and_snapshots();
+            drop(lease);
+            let _gc = self.gc.write().await;
+            if let Err(e) = self.collect_garbage("", &blobs, &chains) {
+                tracing::warn!(reference = %r, error = %e, "clean-up after a failed pull");
+            }
+        }
+        res
+    }
+
+    async fn pull_leased(
+        &self,
+        r: &Reference,
+        auth: Option<AuthConfig>,
+        lease: &mut Lease<'_>,
+    ) -> Result<Image> {
+        let session = self.client.session(r, auth);
         let (top_bytes, header_type) = session.manifest(&r.api_reference()).await?;
         let top_digest = Digest::of(&top_bytes);
         if let Some(want) = &r.digest {
@@ -79,6 +105,16 @@ impl ImageStore {
             })?);
         }
 
+        // The config is read into memory: bounded before it is fetched.
+        if config_desc.size > MAX_CONFIG.bytes {
+            return Err(ImageError::TooLarge {
+                what: format!("image config {}", config_desc.digest),
+                url: r.to_string(),
+                limit_name: MAX_CONFIG.name,
+                limit: MAX_CONFIG.bytes,
+            });
+        }
+        self.lease(lease, [blob_key(&config_desc.digest)]).await;
         self.content
             .fetch(&session, &config_desc.digest, Some(config_desc.size))
             .await?;
@@ -101,6 +137,14 @@ impl ImageStore {
             });
         }
         let chains = chain_ids(&config.rootfs.diff_ids);
+        self.lease(
+            lease,
+            layers
+                .iter()
+                .map(|l| blob_key(&l.digest))
+                .chain(chains.iter().map(snapshot_key)),
+        )
+        .await;
         let parallel = self
             .config
             .max_concurrent_downloads
@@ -135,6 +179,9 @@ impl ImageStore {
             .collect()
             .await;
         results.into_iter().collect::<Result<Vec<()>>>()?;
+        // The commit: no collection between storing the manifests and
+        // recording the image that keeps them.
+        let _gc = self.gc.read().await;
         // Manifests are stored last: a stored manifest means a complete image.
         self.content
             .put(&manifest_digest, &manifest_bytes, &r.to_string())

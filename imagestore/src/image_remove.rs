@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use crate::digest::Digest;
 use crate::error::{ImageError, Result};
+use crate::locks::{blob_key, block_key, snapshot_key};
 use crate::store::ImageStore;
 
 impl ImageStore {
@@ -53,13 +54,23 @@ impl ImageStore {
                 .any(|c| c.image_id == image_id && c.kind == crate::metadata::RootfsKind::Block);
             (lb, lc, alive, in_use)
         });
-        for b in blobs.iter().filter(|b| !live_blobs.contains(b)) {
+        // What an in-flight pull or rootfs preparation leased is theirs: it
+        // becomes an image's or a container's, or a later collection's.
+        let leased = |key: String| self.leases.held(&key);
+        for b in blobs
+            .iter()
+            .filter(|b| !live_blobs.contains(b) && !leased(blob_key(b)))
+        {
             self.content.remove(b)?;
         }
-        for c in chain_ids.iter().filter(|c| !live_chains.contains(c)) {
+        for c in chain_ids
+            .iter()
+            .filter(|c| !live_chains.contains(c) && !leased(snapshot_key(c)))
+        {
             self.remove_snapshot(c)?;
         }
-        if !image_alive && !image_in_use {
+        let block_leased = leased(block_key(image_id.trim_start_matches("sha256:")));
+        if !image_alive && !image_in_use && !block_leased {
             self.remove_block_image(image_id)?;
         }
         Ok(())

@@ -26,13 +26,17 @@ mod rootfs;
 mod service;
 mod snapshot;
 mod store;
+#[cfg(test)]
+mod stub_registry;
 mod unpack;
 mod util;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 
-pub use config::{is_loopback, Endpoint, HostConfig, RegistryConfig, StoreConfig};
+pub use config::{
+    is_loopback, Endpoint, HostConfig, RegistryConfig, StoreConfig, DEFAULT_PULL_PROGRESS_TIMEOUT,
+};
 pub use digest::{chain_ids, Digest};
 pub use error::{ErrorKind, ImageError, Result};
 pub use image_fs_info::FsInfo;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,153 @@ use crate::digest::Digest;
 use crate::error::{ImageError, Result};
 use crate::manifest::ACCEPT_MANIFESTS;
 use crate::reference::Reference;
+
+/// A named bound on how much of a registry's answer is read; the name is the
+/// constant's, so an error says which limit was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limit {
+    pub name: &'static str,
+    pub bytes: u64,
+}
+
+/// Manifests and indexes: 4 MiB, containerd's limit too. Real ones are a few KiB.
+pub(crate) const MAX_MANIFEST: Limit = Limit {
+    name: "MAX_MANIFEST",
+    bytes: 4 << 20,
+};
+
+/// A token endpoint's JSON answer: 1 MiB (real tokens are a few KiB).
+pub(crate) const MAX_TOKEN: Limit = Limit {
+    name: "MAX_TOKEN",
+    bytes: 1 << 20,
+};
+
+/// An image config, read into memory and parsed: 8 MiB (real ones are a few
+/// KiB; a long history makes some a few hundred).
+pub(crate) const MAX_CONFIG: Limit = Limit {
+    name: "MAX_CONFIG",
+    bytes: 8 << 20,
+};
+
+/// How much of an error answer's body is read for its message; the rest is
+/// never read (the connection is dropped).
+pub(crate) const MAX_ERROR_BODY: Limit = Limit {
+    name: "MAX_ERROR_BODY",
+    bytes: 4 << 10,
+};
+
+/// How much of an error body goes into the error message.
+const ERROR_DETAIL_CHARS: usize = 300;
+
+/// A URL as it may be shown in errors and logs: without user name and password.
+pub(crate) fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if !u.username().is_empty() || u.password().is_some() {
+                // Only fails for URLs that cannot carry credentials at all.
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+            }
+            u.to_string()
+        }
+        Err(_) => match url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((_, host)) => format!("{scheme}://{host}"),
+                None => url.to_string(),
+            },
+            None => url.to_string(),
+        },
+    }
+}
+
+/// A transport error with its URL shown once, redacted, by our own message.
+pub(crate) fn http_error(url: &str, source: reqwest::Error) -> ImageError {
+    ImageError::Http {
+        url: redact(url),
+        source: source.without_url(),
+    }
+}
+
+/// The next piece of a body (`None` at its end); each piece must arrive within
+/// `progress`, else the download is cancelled as stalled.
+pub(crate) async fn next_chunk(
+    resp: &mut reqwest::Response,
+    progress: Duration,
+    what: &str,
+    url: &str,
+) -> Result<Option<bytes::Bytes>> {
+    match tokio::time::timeout(progress, resp.chunk()).await {
+        Err(_) => Err(ImageError::Stalled {
+            what: what.to_string(),
+            url: redact(url),
+            timeout: progress,
+        }),
+        Ok(res) => res.map_err(|source| http_error(url, source)),
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes, piece by piece: a longer one
+/// (declared or sent) is refused without reading the rest.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: Limit,
+    progress: Duration,
+    what: &str,
+    url: &str,
+) -> Result<Vec<u8>> {
+    let too_large = || ImageError::TooLarge {
+        what: what.to_string(),
+        url: redact(url),
+        limit_name: limit.name,
+        limit: limit.bytes,
+    };
+    let declared = resp.content_length();
+    if declared.is_some_and(|n| n > limit.bytes) {
+        return Err(too_large());
+    }
+    // Bounded by the limit just checked.
+    let mut body = Vec::with_capacity(usize::try_from(declared.unwrap_or(0)).unwrap_or(0));
+    while let Some(chunk) = next_chunk(&mut resp, progress, what, url).await? {
+        if (body.len() + chunk.len()) as u64 > limit.bytes {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The start of an error answer's body for a message: at most
+/// [`MAX_ERROR_BODY`] is read, and a body that stalls or breaks gives what came.
+async fn error_detail(mut resp: reqwest::Response, progress: Duration, url: &str) -> String {
+    let mut body = Vec::new();
+    while (body.len() as u64) < MAX_ERROR_BODY.bytes {
+        match next_chunk(&mut resp, progress, "error answer", url).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body.truncate(usize::try_from(MAX_ERROR_BODY.bytes).unwrap_or(usize::MAX));
+    String::from_utf8_lossy(&body)
+        .chars()
+        .take(ERROR_DETAIL_CHARS)
+        .collect()
+}
+
+/// Sends a request; its answer's head must come within `progress`.
+async fn send(
+    req: reqwest::RequestBuilder,
+    progress: Duration,
+    url: &str,
+) -> Result<reqwest::Response> {
+    match tokio::time::timeout(progress, req.send()).await {
+        Err(_) => Err(ImageError::Stalled {
+            what: "answer".to_string(),
+            url: redact(url),
+            timeout: progress,
+        }),
+        Ok(res) => res.map_err(|source| http_error(url, source)),
+    }
+}
 
 /// Credentials as the CRI `AuthConfig` carries them.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,30 +253,39 @@ struct TokenResponse {
 pub(crate) struct RegistryClient {
     http: reqwest::Client,
     config: RegistryConfig,
+    /// How long any download may go without receiving a byte.
+    progress: Duration,
 }
 
 impl RegistryClient {
-    pub fn new(config: RegistryConfig) -> Result<Self> {
+    pub fn new(config: RegistryConfig, progress: Duration) -> Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!(
                 "virtcontainers-imagestore/",
                 env!("CARGO_PKG_VERSION")
             ))
-            .connect_timeout(std::time::Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(30))
             // A registry that stops sending fails the pull (DeadlineExceeded)
-            // instead of hanging it; slow but moving downloads are fine.
-            .read_timeout(std::time::Duration::from_secs(60))
+            // instead of hanging it; slow but moving downloads are fine. Our
+            // own timeouts (`next_chunk`, `send`) name what stalled; this one
+            // is the backstop.
+            .read_timeout(progress.saturating_mul(2))
             .build()
             .map_err(|source| ImageError::Http {
                 url: "(client set-up)".into(),
                 source,
             })?;
-        Ok(RegistryClient { http, config })
+        Ok(RegistryClient {
+            http,
+            config,
+            progress,
+        })
     }
 
     pub fn session(&self, reference: &Reference, auth: Option<AuthConfig>) -> Session {
         Session {
             http: self.http.clone(),
+            progress: self.progress,
             endpoints: self.config.endpoints(&reference.registry),
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
@@ -144,6 +301,8 @@ impl RegistryClient {
 #[derive(Debug)]
 pub(crate) struct Session {
     http: reqwest::Client,
+    /// How long any download may go without receiving a byte.
+    progress: Duration,
     endpoints: Vec<Endpoint>,
     registry: String,
     repository: String,
@@ -158,6 +317,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Session {
+    /// The pull progress timeout: how long a download may go without a byte.
+    pub fn progress(&self) -> Duration {
+        self.progress
+    }
+
     fn url(&self, ep: &Endpoint, kind: &str, reference: &str) -> String {
         let mut url = format!("{}/v2/{}/{kind}/{reference}", ep.base, self.repository);
         if ep.mirror {
@@ -185,12 +349,16 @@ impl Session {
                         .get(reqwest::header::CONTENT_TYPE)
                         .and_then(|v| v.to_str().ok())
                         .map(|s| s.split(';').next().unwrap_or(s).trim().to_string());
-                    let body = resp.bytes().await.map_err(|source| ImageError::Http {
-                        url: url.clone(),
-                        source,
-                    })?;
+                    let body = read_limited(
+                        resp,
+                        MAX_MANIFEST,
+                        self.progress,
+                        &format!("manifest {reference}"),
+                        &url,
+                    )
+                    .await?;
                     *lock(&self.chosen) = Some(ep.clone());
-                    return Ok((body, media_type));
+                    return Ok((body.into(), media_type));
                 }
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.base, error = %e, "manifest fetch failed, trying next endpoint");
@@ -249,10 +417,7 @@ impl Session {
             if let Some(h) = &authz {
                 req = req.header(reqwest::header::AUTHORIZATION, h);
             }
-            let resp = req.send().await.map_err(|source| ImageError::Http {
-                url: url.to_string(),
-                source,
-            })?;
+            let resp = send(req, self.progress, url).await?;
             let status = resp.status();
             if status.is_success() {
                 return Ok(resp);
@@ -266,7 +431,7 @@ impl Session {
                     .and_then(parse_challenge);
                 let Some(challenge) = challenge else {
                     return Err(ImageError::Unauthorized {
-                        url: url.to_string(),
+                        url: redact(url),
                         status: status.as_u16(),
                     });
                 };
@@ -278,19 +443,13 @@ impl Session {
                 || status == reqwest::StatusCode::FORBIDDEN
             {
                 return Err(ImageError::Unauthorized {
-                    url: url.to_string(),
+                    url: redact(url),
                     status: status.as_u16(),
                 });
             }
-            let detail: String = resp
-                .text()
-                .await
-                .unwrap_or_default()
-                .chars()
-                .take(300)
-                .collect();
+            let detail = error_detail(resp, self.progress, url).await;
             return Err(ImageError::Registry {
-                url: url.to_string(),
+                url: redact(url),
                 status: status.as_u16(),
                 detail,
             });
@@ -300,7 +459,7 @@ impl Session {
     /// Answers a challenge with an `Authorization` header value.
     async fn authorize(&self, url: &str, challenge: &Challenge) -> Result<String> {
         let unauthorized = |status: u16| ImageError::Unauthorized {
-            url: url.to_string(),
+            url: redact(url),
             status,
         };
         let auth = self.auth.clone().unwrap_or_default();
@@ -342,20 +501,21 @@ impl Session {
                     }
                     req
                 };
-                let resp = req.send().await.map_err(|source| ImageError::Http {
-                    url: realm.clone(),
-                    source,
-                })?;
+                let resp = send(req, self.progress, realm).await?;
                 if !resp.status().is_success() {
                     return Err(ImageError::Unauthorized {
-                        url: realm.clone(),
+                        url: redact(realm),
                         status: resp.status().as_u16(),
                     });
                 }
-                let tok: TokenResponse = resp.json().await.map_err(|source| ImageError::Http {
-                    url: realm.clone(),
-                    source,
-                })?;
+                let body =
+                    read_limited(resp, MAX_TOKEN, self.progress, "token answer", realm).await?;
+                let tok: TokenResponse =
+                    serde_json::from_slice(&body).map_err(|e| ImageError::BadDocument {
+                        what: "token answer from",
+                        digest: redact(realm),
+                        reason: e.to_string(),
+                    })?;
                 let token = if tok.token.is_empty() {
                     tok.access_token
                 } else {
@@ -374,6 +534,156 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stub_registry::{Body, Reply, Stub};
+
+    /// A session for `test/img` on the stub, through a mirror with
+    /// credentials in its URL when `mirror_creds` (they must never show).
+    fn session(stub: &Stub, progress: Duration, mirror_creds: bool) -> Session {
+        let mut cfg = RegistryConfig::default();
+        if mirror_creds {
+            cfg.hosts.insert(
+                "example.org".into(),
+                crate::config::HostConfig {
+                    mirrors: vec![format!("http://bob:s3cret@{}", stub.host())],
+                    skip_upstream: true,
+                    ..Default::default()
+                },
+            );
+        }
+        let registry = if mirror_creds {
+            "example.org".to_string()
+        } else {
+            stub.host()
+        };
+        let r = Reference::parse(&format!("{registry}/test/img:1")).unwrap();
+        RegistryClient::new(cfg, progress)
+            .unwrap()
+            .session(&r, None)
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+    /// What a client that stopped reading may have been sent: socket buffers.
+    const BOUNDED: u64 = 32 << 20;
+
+    #[tokio::test]
+    async fn a_small_manifest_reads_and_oversize_ones_are_refused() {
+        let big = vec![b' '; (MAX_MANIFEST.bytes + 1) as usize];
+        let stub = Stub::start(move |path| match path {
+            p if p.contains("/manifests/ok") => Reply::new(200, Body::Chunked(b"{}".to_vec())),
+            p if p.contains("/manifests/sized") => Reply::new(200, Body::Sized(big.clone())),
+            _ => Reply::new(200, Body::Endless),
+        })
+        .await;
+        let s = session(&stub, SECOND * 10, true);
+        let (body, _) = s.manifest("ok").await.unwrap();
+        assert_eq!(&body[..], b"{}");
+        for reference in ["sized", "endless"] {
+            let e = s.manifest(reference).await.unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(&e, ImageError::TooLarge { limit_name: "MAX_MANIFEST", limit, .. } if *limit == 4 << 20),
+                "{reference}: {e:?}"
+            );
+            assert!(
+                msg.contains(&stub.host()) && msg.contains("MAX_MANIFEST"),
+                "{msg}"
+            );
+            assert!(!msg.contains("s3cret"), "credentials shown: {msg}");
+            assert_eq!(e.kind(), crate::error::ErrorKind::FailedPrecondition);
+        }
+        // The announced-too-long one was not read at all; the endless one
+        // only as far as the limit plus what socket buffers took.
+        assert!(stub.sent() < BOUNDED, "sent {}", stub.sent());
+    }
+
+    #[tokio::test]
+    async fn an_endless_token_answer_is_refused() {
+        let port = std::sync::Arc::new(std::sync::OnceLock::<u16>::new());
+        let p2 = port.clone();
+        let stub = Stub::start(move |path| {
+            if path.starts_with("/token") {
+                return Reply::new(200, Body::Endless);
+            }
+            let realm = format!("http://127.0.0.1:{}/token", p2.get().copied().unwrap_or(0));
+            Reply::new(401, Body::Sized(b"{}".to_vec())).header(
+                "WWW-Authenticate",
+                &format!("Bearer realm=\"{realm}\",service=\"s\""),
+            )
+        })
+        .await;
+        port.set(stub.port).unwrap();
+        let e = session(&stub, SECOND * 10, false)
+            .manifest("1")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ImageError::TooLarge { limit_name: "MAX_TOKEN", url, .. } if url.contains("/token")),
+            "{e:?}"
+        );
+        assert_eq!(e.kind(), crate::error::ErrorKind::FailedPrecondition);
+        assert!(stub.sent() < BOUNDED, "sent {}", stub.sent());
+    }
+
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_in_part() {
+        let stub = Stub::start(|_| Reply::new(503, Body::Endless)).await;
+        let started = std::time::Instant::now();
+        let e = session(&stub, SECOND * 10, true)
+            .manifest("1")
+            .await
+            .unwrap_err();
+        match &e {
+            ImageError::Registry {
+                status,
+                detail,
+                url,
+            } => {
+                assert_eq!(*status, 503);
+                assert!(
+                    detail.starts_with("xxx") && detail.len() <= ERROR_DETAIL_CHARS,
+                    "{detail}"
+                );
+                assert!(!url.contains("s3cret"), "{url}");
+            }
+            other => panic!("expected a registry error, got {other:?}"),
+        }
+        assert_eq!(e.kind(), crate::error::ErrorKind::Unavailable);
+        assert!(started.elapsed() < SECOND * 5, "{:?}", started.elapsed());
+        assert!(stub.sent() < BOUNDED, "sent {}", stub.sent());
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_stops_sending_is_cancelled() {
+        let stub = Stub::start(|_| {
+            Reply::new(
+                200,
+                Body::Stall {
+                    declared: 100,
+                    data: b"{\"schemaVersion\"".to_vec(),
+                },
+            )
+        })
+        .await;
+        let started = std::time::Instant::now();
+        let e = session(&stub, SECOND, false)
+            .manifest("1")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ImageError::Stalled { what, url, timeout } if what == "manifest 1" && url.contains(&stub.host()) && *timeout == SECOND),
+            "{e:?}"
+        );
+        assert_eq!(e.kind(), crate::error::ErrorKind::DeadlineExceeded);
+        let took = started.elapsed();
+        assert!(took >= SECOND && took < SECOND * 5, "{took:?}");
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(redact("http://u:p@h:5000/v2/x"), "http://h:5000/v2/x");
+        assert_eq!(redact("https://h/v2/x?ns=y"), "https://h/v2/x?ns=y");
+        assert_eq!(redact("weird://u:p@h"), "weird://h");
+    }
 
     #[test]
     fn challenges_parse() {

@@ -14,6 +14,7 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::digest::Digest;
 use crate::error::{ImageError, Result};
+use crate::locks::{snapshot_key, Lease};
 use crate::metadata::{ContainerRootfs, RootfsKind};
 use crate::snapshot::remove_dir;
 use crate::store::ImageStore;
@@ -26,8 +27,15 @@ impl ImageStore {
             .image_locks
             .lock(&format!("container/{container_id}"))
             .await;
-        let _gc = self.gc.read().await;
-        let image = self.image_status(image_ref)?;
+        // The image's snapshots are leased, not locked: a collection running
+        // meanwhile spares them, and none waits for this mount.
+        let mut lease = Lease::new(&self.leases);
+        let image = {
+            let _gc = self.gc.read().await;
+            let image = self.image_status(image_ref)?;
+            lease.extend(image.chain_ids.iter().map(snapshot_key));
+            image
+        };
         self.claim_container_dir(container_id, &dir)?;
         let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
         let res = (|| {

@@ -17,7 +17,7 @@ use crate::config::StoreConfig;
 use crate::content::ContentStore;
 use crate::digest::Digest;
 use crate::error::{ImageError, Result};
-use crate::locks::KeyedLocks;
+use crate::locks::{KeyedLocks, Lease, Leases};
 use crate::manifest::Platform;
 use crate::metadata::Metadata;
 use crate::registry::RegistryClient;
@@ -34,9 +34,13 @@ pub struct ImageStore {
     pub(crate) snapshot_locks: KeyedLocks,
     /// One block-image build per image at a time; one rootfs per container.
     pub(crate) image_locks: KeyedLocks,
-    /// Pulls and rootfs preparation hold it shared; removal (which frees blobs and
-    /// snapshots) holds it exclusively, so nothing in use is freed under a pull.
+    /// Garbage collection (RemoveImage, RemoveContainer) holds it exclusively;
+    /// taking a lease, committing a pull's record and a rootfs's mount and
+    /// record hold it shared, briefly. Never held across a download or an
+    /// unpack: a slow registry stalls nothing but its own pull.
     pub(crate) gc: tokio::sync::RwLock<()>,
+    /// What in-flight pulls and rootfs preparations use; collection spares it.
+    pub(crate) leases: Leases,
     pub(crate) platform: Platform,
     /// An exclusive `flock` on `<root>/lock`: one store per root.
     _lock: std::os::fd::OwnedFd,
@@ -57,12 +61,13 @@ impl ImageStore {
         let store = ImageStore {
             content: ContentStore::open(&root)?,
             meta: Metadata::open(&root)?,
-            client: RegistryClient::new(config.registries.clone())?,
+            client: RegistryClient::new(config.registries.clone(), config.pull_progress_timeout())?,
             root,
             config,
             snapshot_locks: KeyedLocks::default(),
             image_locks: KeyedLocks::default(),
             gc: tokio::sync::RwLock::new(()),
+            leases: Leases::default(),
             platform: Platform::host(),
             _lock: lock,
         };
@@ -109,6 +114,18 @@ impl ImageStore {
             }
         }
         Ok(())
+    }
+
+    /// Adds `keys` to `lease`, under the gc lock (shared) so no collection is
+    /// halfway through meanwhile: whatever is present after this stays until
+    /// the lease is dropped.
+    pub(crate) async fn lease(
+        &self,
+        lease: &mut Lease<'_>,
+        keys: impl IntoIterator<Item = String>,
+    ) {
+        let _gc = self.gc.read().await;
+        lease.extend(keys);
     }
 
     /// Pull images for another platform than the host's (index selection).

@@ -491,3 +491,108 @@ async fn sixty_layers_mount_beyond_one_page_of_options() {
     }
     store.remove_rootfs("many").await.unwrap();
 }
+
+/// A registry that stalls mid-blob fails its pull after the progress timeout,
+/// naming the blob and the registry; meanwhile nothing else waits for it:
+/// another image's rootfs is prepared and removed (a collection, which takes
+/// the store's lock exclusively) and another image is removed. What the pull
+/// leased is spared by that collection, and freed once the pull failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_times_out_and_holds_up_nothing_else() {
+    use std::time::{Duration, Instant};
+    if !host_ready() {
+        return;
+    }
+    let reg = Registry::start().await;
+    let (busybox, _) = busybox_image();
+    reg.push_image("test/a", "1", &busybox).await;
+    let shared = layer(&[E::File("o", 0o644, 0, vec![b'o'; 1000])], Comp::None);
+    let c = TestImage::new(vec![shared.clone()]);
+    reg.push_image("test/c", "1", &c).await;
+    let big = layer(&[E::File("big", 0o644, 0, vec![b'b'; 1 << 20])], Comp::None);
+    let slow = reg
+        .push_image("test/slow", "1", &TestImage::new(vec![shared, big]))
+        .await;
+    let proxy = StallProxy::start(reg.base(), slow.layers[1].clone()).await;
+
+    let sd = StoreDir::new();
+    let mut cfg = sd.config();
+    let timeout = Duration::from_secs(5);
+    cfg.pull_progress_timeout_secs = Some(timeout.as_secs());
+    let store = Arc::new(ImageStore::open(cfg).unwrap());
+    let a = store
+        .pull_image(&format!("{}/test/a:1", reg.host()), None)
+        .await
+        .unwrap();
+    let c = store
+        .pull_image(&format!("{}/test/c:1", reg.host()), None)
+        .await
+        .unwrap();
+    let shared_blob = store.blob_path(&c.layers[0]);
+    let shared_snapshot = store.snapshot_path(&c.chain_ids[0]);
+
+    let started = Instant::now();
+    let slow_pull = tokio::spawn({
+        let (store, r) = (store.clone(), format!("{}/test/slow:1", proxy.host()));
+        async move { store.pull_image(&r, None).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), proxy.stalled.notified())
+        .await
+        .expect("the slow blob's download did not start");
+
+    // Well within the progress timeout, each of these completes.
+    let quick = Duration::from_secs(2);
+    tokio::time::timeout(quick, store.prepare_rootfs(&a.id, "c1"))
+        .await
+        .expect("prepare_rootfs waited for the stalled pull")
+        .unwrap();
+    tokio::time::timeout(quick, store.remove_rootfs("c1"))
+        .await
+        .expect("remove_rootfs (a collection) waited for the stalled pull")
+        .unwrap();
+    tokio::time::timeout(quick, store.remove_image(&c.id))
+        .await
+        .expect("remove_image waited for the stalled pull")
+        .unwrap();
+    assert!(!slow_pull.is_finished(), "the slow pull is still stalled");
+    assert!(
+        shared_blob.is_file() && shared_snapshot.is_dir(),
+        "the collection freed what the in-flight pull leased"
+    );
+
+    let e = slow_pull.await.unwrap().unwrap_err();
+    let took = started.elapsed();
+    let msg = e.to_string();
+    assert!(matches!(e, ImageError::Stalled { .. }), "{e:?}");
+    assert!(
+        msg.contains(slow.layers[1].as_str()) && msg.contains(&proxy.host()),
+        "{msg}"
+    );
+    assert_eq!(e.kind(), ErrorKind::DeadlineExceeded);
+    assert!(took >= timeout && took < timeout * 4, "{took:?}");
+    // Nothing of the failed pull stays; the other image is untouched.
+    let names = |d: &str| -> Vec<String> {
+        std::fs::read_dir(sd.dir.path().join(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        names("blobs/ingest").is_empty(),
+        "{:?}",
+        names("blobs/ingest")
+    );
+    assert!(
+        !shared_blob.exists() && !shared_snapshot.exists(),
+        "leftovers of the failed pull"
+    );
+    let images = store.list_images(None);
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].id, a.id);
+    let mut blobs = names("blobs/sha256");
+    blobs.sort();
+    let mut want: Vec<String> = a.blobs.iter().map(|d| d.hex().to_string()).collect();
+    want.sort();
+    assert_eq!(blobs, want);
+    assert_eq!(names("snapshots").len(), a.chain_ids.len());
+}

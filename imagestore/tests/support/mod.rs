@@ -834,6 +834,102 @@ async fn serve_one(
     conn.shutdown().await
 }
 
+/// A front for a registry that passes every request through, except GETs of
+/// one blob: those get its headers and first half, then nothing (connection
+/// held open) — a registry stalling mid-download. `stalled` is notified then.
+pub struct StallProxy {
+    pub port: u16,
+    pub stalled: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StallProxy {
+    pub async fn start(upstream: String, stall: Digest) -> StallProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = stalled.clone();
+        let task = tokio::spawn(async move {
+            // Dropped with the task: every held connection goes too.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                let (upstream, stall, notify) = (upstream.clone(), stall.clone(), notify.clone());
+                conns.spawn(async move {
+                    let _ = stall_one(conn, &upstream, &stall, &notify).await;
+                });
+            }
+        });
+        StallProxy {
+            port,
+            stalled,
+            task,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+async fn stall_one(
+    mut conn: tokio::net::TcpStream,
+    upstream: &str,
+    stall: &Digest,
+    notify: &tokio::sync::Notify,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let target = head.split(' ').nth(1).unwrap_or("/").to_string();
+    let accept = head
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("accept"))
+        .map(|(_, v)| v.trim().to_string());
+    let mut req = reqwest::Client::new().get(format!("{upstream}{target}"));
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.bytes().await.unwrap().to_vec();
+    let mut out = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if let Some(t) = ctype {
+        out.push_str(&format!("Content-Type: {t}\r\n"));
+    }
+    out.push_str("\r\n");
+    conn.write_all(out.as_bytes()).await?;
+    if target.ends_with(&format!("/blobs/{stall}")) {
+        conn.write_all(&body[..body.len() / 2]).await?;
+        conn.flush().await?;
+        notify.notify_one();
+        std::future::pending::<()>().await;
+    }
+    conn.write_all(&body).await?;
+    conn.shutdown().await
+}
+
 /// Whether this host can run the image store's tests: root plus the tools
 /// they drive. Prints the reason and returns false when it cannot (CI has all).
 pub fn host_ready() -> bool {
