@@ -65,6 +65,7 @@ impl Cri {
             max_concurrent_downloads: None,
             block_headroom_mib: None,
             pull_progress_timeout_secs: config.images.pull_progress_timeout_secs,
+            nodev_mounts: true,
         })?;
         if config.network.write_default_conflist {
             cni::defaults::ensure_default_conflist(&config.network.conf_dir)?;

@@ -24,6 +24,14 @@ pub struct StoreConfig {
     /// [`DEFAULT_PULL_PROGRESS_TIMEOUT`], like kubelet's image pull progress deadline.
     #[serde(default)]
     pub pull_progress_timeout_secs: Option<u64>,
+    /// Bind-mount `snapshots/` and `containers/` onto themselves nodev,nosuid
+    /// (where their filesystem is not so already): an image's device nodes
+    /// and setuid files, and whatever a guest makes in its writable layer,
+    /// are inert on the host. vcrid sets it; a tool or test that opens a
+    /// store in a temp dir leaves it off (the mounts outlive the store and
+    /// are its caller's to remove).
+    #[serde(default)]
+    pub nodev_mounts: bool,
 }
 
 /// How long a download may receive nothing before it is cancelled.

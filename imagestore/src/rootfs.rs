@@ -252,6 +252,37 @@ fn option_path(p: &Path) -> Result<String> {
     Ok(s.to_string())
 }
 
+/// Makes `dir` a nodev,nosuid mount (a bind onto itself) unless the
+/// filesystem it is on is both already — then, too, after a restart.
+pub(crate) fn inert_on_host(dir: &Path) -> Result<()> {
+    use rustix::fs::StatVfsMountFlags as F;
+    let flags = rustix::fs::statvfs(dir)
+        .map_err(|e| ImageError::io("statvfs", dir, e.into()))?
+        .f_flag;
+    if flags.contains(F::NODEV | F::NOSUID) {
+        return Ok(());
+    }
+    let failed = |action: &'static str| {
+        move |source| ImageError::Mount {
+            action,
+            path: dir.to_path_buf(),
+            source,
+        }
+    };
+    // Recursive: overlays already mounted below (a restart with containers
+    // running) come along.
+    rustix::mount::mount_bind_recursive(dir, dir).map_err(failed("bind onto itself"))?;
+    rustix::mount::mount_remount(
+        dir,
+        MountFlags::BIND | MountFlags::NODEV | MountFlags::NOSUID,
+        "",
+    )
+    .map_err(|e| {
+        let _ = rustix::mount::unmount(dir, UnmountFlags::DETACH);
+        failed("remount nodev,nosuid")(e)
+    })
+}
+
 pub(crate) fn unmount_if_mounted(path: &Path) -> Result<()> {
     // Detached, not waited for: a VM's virtiofsd may still hold files of a
     // container's rootfs open for a moment after the guest let go of them

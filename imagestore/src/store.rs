@@ -56,6 +56,11 @@ impl ImageStore {
             std::fs::create_dir_all(&p).map_err(|e| ImageError::io("create", &p, e))?;
         }
         let lock = lock_root(&root)?;
+        if config.nodev_mounts {
+            for d in ["snapshots", "containers"] {
+                crate::rootfs::inert_on_host(&root.join(d))?;
+            }
+        }
         remove_temp_entries(&root.join("snapshots"))?;
         remove_temp_entries(&root.join("blockimages"))?;
         let store = ImageStore {
