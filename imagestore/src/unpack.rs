@@ -79,6 +79,8 @@ pub(crate) fn unpack_layer(
         root,
         layer,
         dir_times: Vec::new(),
+        dir_times_bytes: 0,
+        last_dir: None,
         buf: vec![0; 1 << 20],
     };
     let entries = archive.entries().map_err(|source| u.err("", source))?;
@@ -96,8 +98,15 @@ pub(crate) fn unpack_layer(
 struct Unpacker<'a> {
     root: OwnedFd,
     layer: &'a str,
-    /// Directory mtimes, applied last (creating entries inside changes them).
-    dir_times: Vec<(Vec<Vec<u8>>, u64)>,
+    /// Directory mtimes, applied last (creating entries inside changes them),
+    /// by joined path; at most [`MAX_DIR_TIMES_BYTES`] of paths are kept (a
+    /// deeper tree keeps the unpack time on the rest).
+    dir_times: Vec<(Vec<u8>, u64)>,
+    dir_times_bytes: usize,
+    /// The directory the last directory entry made or found, by joined
+    /// path: the parent of the next entry in a tar's usual order, found
+    /// without resolving its path again (a deep chain would cost O(depth²)).
+    last_dir: Option<(Vec<u8>, OwnedFd)>,
     /// Copy buffer for file contents (fewer, larger writes than `io::copy`'s 8 KiB).
     buf: Vec<u8>,
 }
@@ -146,6 +155,10 @@ fn os(b: &[u8]) -> &OsStr {
 }
 
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
+/// The longest path resolved by one `openat2` (below PATH_MAX, 4096).
+const MAX_RESOLVE: usize = 3072;
+/// The most bytes of directory paths kept for their mtimes.
+const MAX_DIR_TIMES_BYTES: usize = 64 << 20;
 const DIR_FLAGS: OFlags = OFlags::DIRECTORY
     .union(OFlags::RDONLY)
     .union(OFlags::CLOEXEC)
@@ -170,9 +183,37 @@ impl Unpacker<'_> {
 
     /// Opens a directory of the layer, resolved inside the layer root: symlinks,
     /// the last component included, resolve as if the layer root were `/`.
+    ///
+    /// A path longer than one system call takes (PATH_MAX; a 20,000-deep
+    /// chain is 40,000 bytes) is resolved [`MAX_RESOLVE`] bytes at a time,
+    /// each piece inside the directory the last one reached: still never
+    /// outside the layer (an absolute or `..` symlink that deep resolves
+    /// from that directory instead of the layer root).
     fn open_in_root(&self, comps: &[Vec<u8>]) -> rustix::io::Result<OwnedFd> {
         let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
-        rustix::fs::openat2(&self.root, os(&join(comps)), flags, Mode::empty(), RESOLVE)
+        let mut reached: Option<OwnedFd> = None;
+        let mut start = 0;
+        loop {
+            let mut end = start;
+            let mut len = 0;
+            while end < comps.len() && (end == start || len + comps[end].len() < MAX_RESOLVE) {
+                len += comps[end].len() + 1;
+                end += 1;
+            }
+            let base = reached.as_ref().map_or(self.root.as_fd(), |fd| fd.as_fd());
+            let fd = rustix::fs::openat2(
+                base,
+                os(&join(&comps[start..end])),
+                flags,
+                Mode::empty(),
+                RESOLVE,
+            )?;
+            if end >= comps.len() {
+                return Ok(fd);
+            }
+            reached = Some(fd);
+            start = end;
+        }
     }
 
     /// Opens (creating missing directories, root-owned 0755) the parent of an entry.
@@ -214,11 +255,24 @@ impl Unpacker<'_> {
                 let fd = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
                     .map_err(|e| self.err(&name, e.into()))?;
                 meta.apply_fd(&fd, false).map_err(|e| self.err(&name, e))?;
-                self.dir_times.push((Vec::new(), meta.mtime));
+                self.dir_times.push((b".".to_vec(), meta.mtime));
             }
             return Ok(());
         };
-        let parent = self.parent(parent_comps).map_err(|e| match e {
+        let parent_path = join(parent_comps);
+        let cached = match &self.last_dir {
+            Some((path, fd)) if *path == parent_path => fd.try_clone().ok(),
+            _ => None,
+        };
+        if kind != tar::EntryType::Directory {
+            // Whatever else an entry does may replace what the cache names.
+            self.last_dir = None;
+        }
+        let parent = match cached {
+            Some(fd) => Ok(fd),
+            None => self.parent(parent_comps),
+        };
+        let parent = parent.map_err(|e| match e {
             Errno::LOOP => self.hostile(&name, "a parent is a dangling symlink"),
             Errno::NOTDIR => self.hostile(&name, "a parent is not a directory"),
             e => self.err(&name, e.into()),
@@ -260,6 +314,8 @@ impl Unpacker<'_> {
                 match rustix::fs::statat(&parent, base, AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
                     Ok(_) => {
+                        // A symlink replaced: paths through it now go elsewhere.
+                        self.last_dir = None;
                         remove_existing(&parent, base.as_bytes())
                             .map_err(|e| self.err(&name, e))?;
                         mkdir(&parent, base).map_err(|e| self.err(&name, e))?;
@@ -270,7 +326,12 @@ impl Unpacker<'_> {
                 let fd = rustix::fs::openat(&parent, base, DIR_FLAGS, Mode::empty())
                     .map_err(|e| self.err(&name, e.into()))?;
                 meta.apply_fd(&fd, false).map_err(|e| self.err(&name, e))?;
-                self.dir_times.push((comps.clone(), meta.mtime));
+                let path = join(&comps);
+                if self.dir_times_bytes + path.len() <= MAX_DIR_TIMES_BYTES {
+                    self.dir_times_bytes += path.len();
+                    self.dir_times.push((path.clone(), meta.mtime));
+                }
+                self.last_dir = Some((path, fd));
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 remove_existing(&parent, base.as_bytes()).map_err(|e| self.err(&name, e))?;
@@ -360,14 +421,16 @@ impl Unpacker<'_> {
     }
 
     fn finish(&mut self) -> Result<()> {
-        for (comps, mtime) in self.dir_times.iter().rev() {
+        self.last_dir = None;
+        for (path, mtime) in self.dir_times.iter().rev() {
+            let comps = components(path).unwrap_or_default();
             let res = match comps.split_last() {
                 None => rustix::fs::utimensat(&self.root, ".", &times(*mtime), AtFlags::empty()),
                 Some((base, parent)) => self.open_in_root(parent).and_then(|p| {
                     rustix::fs::utimensat(&p, os(base), &times(*mtime), AtFlags::SYMLINK_NOFOLLOW)
                 }),
             };
-            res.map_err(|e| self.err(&String::from_utf8_lossy(&join(comps)), e.into()))?;
+            res.map_err(|e| self.err(&String::from_utf8_lossy(path), e.into()))?;
         }
         rustix::fs::syncfs(&self.root).map_err(|e| self.err("", e.into()))
     }
@@ -579,6 +642,45 @@ mod tests {
             );
         }
         assert!(xattr_allowed("security.capability"));
+    }
+
+    #[test]
+    fn a_chain_deeper_than_path_max_unpacks_and_is_removed() {
+        // 10,000 bytes of path: past PATH_MAX, so resolved in pieces (the
+        // e2e hostile-image test and safefs's own test go 20,000 deep).
+        const DEPTH: usize = 5_000;
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut path = String::new();
+        for _ in 0..DEPTH {
+            path.push_str("d/");
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            h.set_mode(0o755);
+            b.append_data(&mut h, &path, &b""[..]).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(6);
+        h.set_mode(0o644);
+        b.append_data(&mut h, format!("{path}bottom"), &b"bottom"[..])
+            .unwrap();
+        let tar = b.into_inner().unwrap();
+        let layer = dir.path().join("layer");
+        std::fs::create_dir(&layer).unwrap();
+        unpack_layer(&tar[..], Compression::None, &layer, "deep").unwrap();
+        // Walk down by descriptor (the path is too long for one call).
+        let mut fd = rustix::fs::openat(rustix::fs::CWD, &layer, DIR_FLAGS, Mode::empty()).unwrap();
+        for _ in 0..DEPTH {
+            fd = rustix::fs::openat(&fd, "d", DIR_FLAGS, Mode::empty()).unwrap();
+        }
+        let file = rustix::fs::openat(&fd, "bottom", OFlags::RDONLY, Mode::empty()).unwrap();
+        let mut text = String::new();
+        std::fs::File::from(file).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "bottom");
+        safefs::remove_all(&layer).unwrap();
+        assert!(!layer.exists());
     }
 
     #[test]
