@@ -794,4 +794,90 @@ mod tests {
         // Some random blocks are valid: the round trip was exercised.
         assert!(decoded > 500, "{decoded}");
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngSeed};
+
+        fn config(cases: u32) -> Config {
+            Config {
+                cases,
+                rng_seed: RngSeed::Fixed(0x0a07_4021),
+                failure_persistence: None,
+                ..Config::default()
+            }
+        }
+
+        /// Feeds `wire` in `cut`-sized reads, through the fast path where
+        /// the rewriter allows it, as the proxy does; what comes out, or
+        /// the first error.
+        fn run(wire: &[u8], cut: usize) -> Result<Vec<u8>, FrameError> {
+            let mut r = Rewriter::new();
+            let mut input = BytesMut::new();
+            let mut out = BytesMut::new();
+            for chunk in wire.chunks(cut.max(1)) {
+                if r.direct() && input.is_empty() {
+                    let n = r.pass_prefix(chunk);
+                    out.extend_from_slice(&chunk[..n]);
+                    input.extend_from_slice(&chunk[n..]);
+                } else {
+                    input.extend_from_slice(chunk);
+                }
+                r.feed(&mut input, &mut out)?;
+                // What is held back is bounded, whatever the client sends.
+                assert!(
+                    input.len() <= MAX_BLOCK + 2 * HEAD_LEN,
+                    "{} held",
+                    input.len()
+                );
+            }
+            Ok(out.to_vec())
+        }
+
+        fn wire(authority: &str, extra: usize) -> Vec<u8> {
+            let mut block = Vec::new();
+            crate::grpc_authority::hpack::encode(&request(authority, extra), &mut block);
+            let mut w = PREFACE.to_vec();
+            w.extend(frame(SETTINGS, 0, 0, &[]));
+            w.extend(frame(HEADERS, END_HEADERS, 1, &block));
+            w.extend(frame(DATA, 0, 1, b"\0\0\0\0\0"));
+            w
+        }
+
+        proptest! {
+            #![proptest_config(config(2000))]
+
+            /// A client's bytes, mutated and cut anywhere: the rewriter
+            /// passes, rewrites or refuses them — never panics, never holds
+            /// more than a bounded block.
+            #[test]
+            fn mutated_connections_never_panic(
+                authority in "[a-z/._%-]{0,40}",
+                extra in 0usize..300,
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+                cut in 1usize..64,
+            ) {
+                let mut w = wire(&authority, extra);
+                let clean = run(&w, cut);
+                prop_assert!(clean.is_ok(), "{clean:?}");
+                for (at, b) in &flips {
+                    let i = at % w.len();
+                    w[i] ^= b | 1;
+                }
+                let _ = run(&w, cut);
+            }
+
+            /// Arbitrary bytes after a valid preface.
+            #[test]
+            fn arbitrary_frames_never_panic(
+                tail in proptest::collection::vec(any::<u8>(), 0..2048),
+                cut in 1usize..128,
+            ) {
+                let mut w = PREFACE.to_vec();
+                w.extend(tail);
+                let _ = run(&w, cut);
+            }
+        }
+    }
 }

@@ -788,4 +788,46 @@ mod tests {
         let decoded = Decoder::new(0, 1 << 20).decode(&out).unwrap();
         assert_eq!(decoded, fields);
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngSeed};
+
+        proptest! {
+            #![proptest_config(Config {
+                cases: 3000,
+                rng_seed: RngSeed::Fixed(0x4a9c_0001),
+                failure_persistence: None,
+                ..Config::default()
+            })]
+
+            /// Header blocks of any bytes (and encoded ones, mutated):
+            /// decoded or refused, no panic, never past the list limit.
+            #[test]
+            fn any_block_decodes_or_is_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                names in proptest::collection::vec("[a-z:-]{1,12}", 0..8),
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            ) {
+                let mut d = Decoder::new(4096, 8192);
+                if let Ok(fields) = d.decode(&bytes) {
+                    let size: usize = fields.iter().map(|f| f.name.len() + f.value.len() + 32).sum();
+                    prop_assert!(size <= 8192, "{size}");
+                }
+                let fields: Vec<Field> = names.iter().map(|n| Field::new(n.clone(), n.repeat(3))).collect();
+                let mut block = Vec::new();
+                encode(&fields, &mut block);
+                let mut fresh = Decoder::new(4096, 1 << 20);
+                prop_assert_eq!(fresh.decode(&block).map(|f| f.len()).ok(), Some(fields.len()));
+                if !block.is_empty() {
+                    for (at, b) in &flips {
+                        let i = at % block.len();
+                        block[i] ^= b | 1;
+                    }
+                    let _ = Decoder::new(4096, 8192).decode(&block);
+                }
+            }
+        }
+    }
 }

@@ -90,6 +90,9 @@ impl Headers {
             });
         }
         let mut headers = Headers::new();
+        // A set, not a scan of what came before: a 256 KiB block holds
+        // ~30,000 names, and a scan per name would be quadratic.
+        let mut seen = std::collections::HashSet::with_capacity(count);
         for _ in 0..count {
             let name = take_str(&mut block, "name")?;
             if name.is_empty() {
@@ -98,7 +101,7 @@ impl Headers {
                 });
             }
             let name = name.to_ascii_lowercase();
-            if headers.get(&name).is_some() {
+            if !seen.insert(name.clone()) {
                 return Err(SpdyError::HeaderBlock {
                     reason: format!("header {name:?} appears twice"),
                 });
