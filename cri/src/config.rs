@@ -24,6 +24,7 @@
 //! [images]
 //! rootfs = "shared-dir"       # or "block"
 //! pull_progress_timeout_secs = 60   # a download receiving nothing this long fails
+//! writable_layer_max_mib = 10240    # a container's writable layer (0: unbounded)
 //! [images.registries.hosts."docker.io"]
 //! mirrors = ["http://127.0.0.1:5000"]
 //!
@@ -128,12 +129,21 @@ pub struct ImagesConfig {
     /// (DeadlineExceeded); unset: imagestore's default (60 s, as kubelet's
     /// image pull progress deadline).
     pub pull_progress_timeout_secs: Option<u64>,
+    /// A shared-dir container's writable layer is a filesystem of this many
+    /// MiB (sparse); 0: a plain directory. Unset:
+    /// [`DEFAULT_WRITABLE_LAYER_MIB`].
+    pub writable_layer_max_mib: Option<u64>,
 }
+
+/// What a container may write to its rootfs by default (CRI carries no
+/// ephemeral-storage limit; kubelet evicts on its own accounting).
+pub const DEFAULT_WRITABLE_LAYER_MIB: u64 = 10 * 1024;
 
 impl PartialEq for ImagesConfig {
     fn eq(&self, other: &Self) -> bool {
         self.rootfs == other.rootfs
             && self.pull_progress_timeout_secs == other.pull_progress_timeout_secs
+            && self.writable_layer_max_mib == other.writable_layer_max_mib
             && serde_json::to_value(&self.registries).ok()
                 == serde_json::to_value(&other.registries).ok()
     }

@@ -66,6 +66,12 @@ impl Cri {
             block_headroom_mib: None,
             pull_progress_timeout_secs: config.images.pull_progress_timeout_secs,
             nodev_mounts: true,
+            writable_layer_max_mib: Some(
+                config
+                    .images
+                    .writable_layer_max_mib
+                    .unwrap_or(crate::config::DEFAULT_WRITABLE_LAYER_MIB),
+            ),
         })?;
         if config.network.write_default_conflist {
             cni::defaults::ensure_default_conflist(&config.network.conf_dir)?;

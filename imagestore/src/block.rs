@@ -215,7 +215,11 @@ fn content_size(root: &Path) -> Result<(u64, u64)> {
     Ok((bytes, inodes))
 }
 
-async fn run_tool(program: &'static str, args: &[&std::ffi::OsStr], target: &Path) -> Result<()> {
+pub(crate) async fn run_tool(
+    program: &'static str,
+    args: &[&std::ffi::OsStr],
+    target: &Path,
+) -> Result<()> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())

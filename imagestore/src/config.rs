@@ -32,6 +32,11 @@ pub struct StoreConfig {
     /// are its caller's to remove).
     #[serde(default)]
     pub nodev_mounts: bool,
+    /// Each shared-dir container's writable layer is a filesystem of this
+    /// many MiB (a sparse loop-mounted ext4): what a guest can write to the
+    /// host's disk. `None` or 0: plain directories, bounded by the disk.
+    #[serde(default)]
+    pub writable_layer_max_mib: Option<u64>,
 }
 
 /// How long a download may receive nothing before it is cancelled.

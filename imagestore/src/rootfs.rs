@@ -37,7 +37,18 @@ impl ImageStore {
             image
         };
         self.claim_container_dir(container_id, &dir)?;
-        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        let rootfs = dir.join("rootfs");
+        let (upper, work) = match self.config.writable_layer_max_mib.filter(|m| *m > 0) {
+            Some(mib) => match bounded_layer(&dir, mib).await {
+                Ok(layer) => (layer.join("upper"), layer.join("work")),
+                Err(e) => {
+                    let _ = unmount_container(&dir);
+                    let _ = remove_dir(&dir);
+                    return Err(e);
+                }
+            },
+            None => (dir.join("upper"), dir.join("work")),
+        };
         let res = (|| {
             for d in [&upper, &work, &rootfs] {
                 std::fs::create_dir(d).map_err(|e| ImageError::io("create", d, e))?;
@@ -60,6 +71,7 @@ impl ImageStore {
             Ok(())
         })();
         if res.is_err() {
+            let _ = unmount_container(&dir);
             let _ = remove_dir(&dir);
         }
         res.map(|()| rootfs)
@@ -79,8 +91,7 @@ impl ImageStore {
                 container_id: container_id.to_string(),
             });
         }
-        let rootfs = dir.join("rootfs");
-        unmount_if_mounted(&rootfs)?;
+        unmount_container(&dir)?;
         remove_dir(&dir).map_err(|e| ImageError::io("remove", &dir, e))?;
         self.meta.update(|s| {
             s.containers.remove(container_id);
@@ -125,11 +136,65 @@ impl ImageStore {
             });
         }
         if dir.exists() {
-            unmount_if_mounted(&dir.join("rootfs"))?;
+            unmount_container(dir)?;
             remove_dir(dir).map_err(|e| ImageError::io("remove stale", dir, e))?;
         }
         std::fs::create_dir(dir).map_err(|e| ImageError::io("create", dir, e))
     }
+}
+
+/// The container's writable layer on a filesystem of its own, at most
+/// `mib` MiB: a sparse ext4 image (`<dir>/layer.img`, no journal, built in
+/// milliseconds) loop-mounted nodev,nosuid at `<dir>/layer` (the loop
+/// device goes with the unmount). A guest that fills it gets ENOSPC; the
+/// host's disk keeps the rest. Returns the mount point.
+async fn bounded_layer(dir: &Path, mib: u64) -> Result<PathBuf> {
+    let (img, layer) = (dir.join("layer.img"), dir.join("layer"));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&img)
+        .map_err(|e| ImageError::io("create", &img, e))?;
+    file.set_len(mib << 20)
+        .map_err(|e| ImageError::io("size", &img, e))?;
+    drop(file);
+    std::fs::create_dir(&layer).map_err(|e| ImageError::io("create", &layer, e))?;
+    crate::block::run_tool(
+        "mkfs.ext4",
+        &[
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-m".as_ref(),
+            "0".as_ref(),
+            "-O".as_ref(),
+            "^has_journal".as_ref(),
+            "-E".as_ref(),
+            "nodiscard".as_ref(),
+            img.as_os_str(),
+        ],
+        &img,
+    )
+    .await?;
+    crate::block::run_tool(
+        "mount",
+        &[
+            "-t".as_ref(),
+            "ext4".as_ref(),
+            "-o".as_ref(),
+            "loop,nodev,nosuid,noatime".as_ref(),
+            img.as_os_str(),
+            layer.as_os_str(),
+        ],
+        &layer,
+    )
+    .await?;
+    Ok(layer)
+}
+
+/// Detaches a container dir's mounts: the overlay, then its bounded layer.
+fn unmount_container(dir: &Path) -> Result<()> {
+    unmount_if_mounted(&dir.join("rootfs"))?;
+    unmount_if_mounted(&dir.join("layer"))
 }
 
 /// The snapshot dirs, top layer first, plus `extra` at the bottom; each must exist.

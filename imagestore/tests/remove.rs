@@ -165,3 +165,73 @@ async fn concurrent_block_rootfs_build_one_ext4() {
         0
     );
 }
+
+/// A bounded writable layer: writes past `writable_layer_max_mib` get
+/// ENOSPC, the image is untouched, and removal leaves no mount or loop
+/// device behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_layer_stops_at_its_size() {
+    if !host_ready() {
+        return;
+    }
+    let reg = Registry::start().await;
+    let top = layer(&[E::File("f", 0o644, 0, b"image".to_vec())], Comp::Gzip);
+    let img = reg
+        .push_image("test/bounded", "1", &TestImage::new(vec![top]))
+        .await;
+    let _ = img;
+    let sd = StoreDir::new();
+    let mut config = sd.config();
+    config.writable_layer_max_mib = Some(8);
+    let store = ImageStore::open(config).unwrap();
+    let image = store
+        .pull_image(&format!("{}/test/bounded:1", reg.host()), None)
+        .await
+        .unwrap();
+    let loops_before = loop_devices();
+    let rootfs = store.prepare_rootfs(&image.id, "c1").await.unwrap();
+    assert_eq!(std::fs::read(rootfs.join("f")).unwrap(), b"image");
+    let big = vec![0x5a_u8; 1 << 20];
+    let mut file = std::fs::File::create(rootfs.join("big")).unwrap();
+    let mut written = 0usize;
+    let err = loop {
+        match std::io::Write::write_all(&mut file, &big) {
+            Ok(()) => written += big.len(),
+            Err(e) => break e,
+        }
+        assert!(
+            written <= 16 << 20,
+            "wrote {written} bytes into an 8 MiB layer"
+        );
+    };
+    assert_eq!(err.raw_os_error(), Some(28), "ENOSPC: {err}");
+    drop(file);
+    eprintln!("wrote {} MiB into an 8 MiB layer", written >> 20);
+    assert!(written >= 4 << 20, "only {written} bytes fit");
+    // The host's copy of the image is untouched.
+    std::fs::write(rootfs.join("f"), b"changed").unwrap();
+    assert_eq!(
+        std::fs::read(store.snapshot_path(&image.chain_ids[0]).join("f")).unwrap(),
+        b"image"
+    );
+    store.remove_rootfs("c1").await.unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&sd.dir.path().display().to_string()),
+        "mounts left: {mounts}"
+    );
+    assert!(!sd.dir.path().join("containers/c1").exists());
+    assert_eq!(loop_devices(), loops_before, "the loop device is released");
+}
+
+/// Loop devices with a backing file.
+fn loop_devices() -> usize {
+    std::fs::read_dir("/sys/block")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+                .filter(|e| e.path().join("loop/backing_file").exists())
+                .count()
+        })
+        .unwrap_or(0)
+}

@@ -1,7 +1,9 @@
-//! A guest that floods its console cannot fill the host: the console log
-//! is rotated at its cap (`hypervisor.console_log_max_kib`) and the pod's
-//! run dir is a tmpfs of `run_dir_max_mib`, whatever the guest writes; the
-//! pod keeps running and its console tail stays readable.
+//! A guest that floods its console or its rootfs cannot fill the host: the
+//! console log is rotated at its cap (`hypervisor.console_log_max_kib`),
+//! the pod's run dir is a tmpfs of `run_dir_max_mib`, and the container's
+//! writable layer a filesystem of `images.writable_layer_max_mib`, whatever
+//! the guest writes; the pod keeps running and its console tail stays
+//! readable.
 
 #![allow(
     clippy::expect_used,
@@ -17,13 +19,15 @@ use tests::cri::{
     container_config, create_started, pod_config, push_busybox, remove_pod, run_pod, CriEnv,
 };
 
-/// What the guest writes to its serial console by default: 64 times the
+/// What the guest writes to its serial console by default: 32 times the
 /// cap (the guest's UART takes ~0.35 MiB/s under TCG here, so the issue's
 /// 200 MiB — ~10 minutes — runs in `make bench` through
 /// `VC_CONSOLE_FLOOD_MIB=200`).
-const FLOOD_MIB: u64 = 16;
+const FLOOD_MIB: u64 = 8;
 const CAP_KIB: u64 = 256;
 const RUN_DIR_MIB: u64 = 16;
+/// The container's writable layer.
+const LAYER_MIB: u64 = 32;
 
 /// Bytes of the files in `dir` (not below mounts: the shares are empty).
 fn usage(dir: &std::path::Path) -> u64 {
@@ -55,7 +59,8 @@ async fn a_console_flood_stays_within_its_cap() {
             "run_dir_max_mib = {RUN_DIR_MIB}\n\n[hypervisor]\nconsole_log_max_kib = {CAP_KIB}\n"
         ),
             1,
-        );
+        )
+        + &format!("\n[images]\nwritable_layer_max_mib = {LAYER_MIB}\n");
     std::fs::write(&env.config_path, config).expect("config");
     let registry = tests::registry::Registry::start().await;
     let image = push_busybox(&registry, "flood").await;
@@ -74,7 +79,9 @@ async fn a_console_flood_stays_within_its_cap() {
     let pod = run_pod(&mut rt, pod_cfg.clone()).await;
     let run_dir = env.dir.path().join("run").join(&pod);
     let script = format!(
-        "stty -F /dev/ttyS0 raw; head -c $(({} * 1048576)) /dev/zero | tr '\\0' 'x' > /dev/ttyS0; echo FLOOD-DONE-MARK > /dev/ttyS0; echo done; sleep 3600",
+        "dd if=/dev/zero of=/fill bs=1M count={} 2>/dev/null; echo fill=$?; \
+         stty -F /dev/ttyS0 raw; head -c $(({} * 1048576)) /dev/zero | tr '\\0' 'x' > /dev/ttyS0; echo FLOOD-DONE-MARK > /dev/ttyS0; echo done; sleep 3600",
+        LAYER_MIB * 2,
         flood_mib
     );
     let mut flood = container_config(&image, "flood", &["/bin/sh", "-c", &script]);
@@ -104,6 +111,27 @@ async fn a_console_flood_stays_within_its_cap() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    // The rootfs write past the writable layer's size failed in the guest,
+    // and the host's disk holds no more than the layer.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("fill=1"),
+        "dd past the layer must fail: {text}"
+    );
+    let layer_img = env
+        .dir
+        .path()
+        .join("state/images/containers")
+        .join(&id)
+        .join("layer.img");
+    let on_disk = std::os::unix::fs::MetadataExt::blocks(
+        &std::fs::metadata(&layer_img).expect("layer image"),
+    ) * 512;
+    eprintln!(
+        "writable layer: {} KiB on the host's disk ({LAYER_MIB} MiB max)",
+        on_disk / 1024
+    );
+    assert!(on_disk <= LAYER_MIB << 20, "{on_disk} bytes");
     eprintln!(
         "{flood_mib} MiB to the console in {secs:.1} s; run dir peak {} KiB (cap {CAP_KIB} KiB per log, tmpfs {RUN_DIR_MIB} MiB)",
         peak / 1024

@@ -651,10 +651,12 @@ impl Drop for StoreDir {
         let containers = self.dir.path().join("containers");
         if let Ok(rd) = std::fs::read_dir(&containers) {
             for e in rd.flatten() {
-                let _ = Command::new("umount")
-                    .arg(e.path().join("rootfs"))
-                    .stderr(Stdio::null())
-                    .status();
+                for mount in ["rootfs", "layer"] {
+                    let _ = Command::new("umount")
+                        .arg(e.path().join(mount))
+                        .stderr(Stdio::null())
+                        .status();
+                }
             }
         }
     }
