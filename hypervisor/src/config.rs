@@ -116,6 +116,9 @@ pub struct HypervisorConfig {
     /// starts again (see [`crate::Hypervisor::trim_logs`]). The guest
     /// writes the console, so this is what it can make the host keep.
     pub console_log_max_kib: u32,
+    /// What the guest itself (kernel, agent) takes on top of a pod's
+    /// memory limits when the pod is sized from them (MiB).
+    pub memory_overhead_mib: u32,
 }
 
 impl Default for HypervisorConfig {
@@ -140,6 +143,7 @@ impl Default for HypervisorConfig {
             hotplug_slots: 2,
             disk_hotplug: true,
             console_log_max_kib: 1024,
+            memory_overhead_mib: 128,
         }
     }
 }

@@ -556,6 +556,35 @@ pub fn pod_config(env: &CriEnv, name: &str, namespace: &str) -> k8s_cri::v1::Pod
     }
 }
 
+/// [`pod_config`] of a privileged pod (its containers may be privileged).
+pub fn privileged_pod_config(
+    env: &CriEnv,
+    name: &str,
+    namespace: &str,
+) -> k8s_cri::v1::PodSandboxConfig {
+    let mut config = pod_config(env, name, namespace);
+    config.linux = Some(k8s_cri::v1::LinuxPodSandboxConfig {
+        security_context: Some(k8s_cri::v1::LinuxSandboxSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
+/// `config`, privileged.
+pub fn privileged(mut config: k8s_cri::v1::ContainerConfig) -> k8s_cri::v1::ContainerConfig {
+    config.linux = Some(k8s_cri::v1::LinuxContainerConfig {
+        security_context: Some(k8s_cri::v1::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
 /// A busybox container config running `command`, logging to `<name>.log`.
 pub fn container_config(image: &str, name: &str, command: &[&str]) -> k8s_cri::v1::ContainerConfig {
     k8s_cri::v1::ContainerConfig {

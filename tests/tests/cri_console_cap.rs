@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    container_config, create_started, pod_config, push_busybox, remove_pod, run_pod, CriEnv,
+    container_config, create_started, privileged, privileged_pod_config, push_busybox, remove_pod,
+    run_pod, CriEnv,
 };
 
 /// What the guest writes to its serial console by default: 32 times the
@@ -68,14 +69,7 @@ async fn a_console_flood_stays_within_its_cap() {
     env.pull(&image).await;
     let mut rt = env.runtime().await;
 
-    let mut pod_cfg = pod_config(&env, "flood", "security");
-    pod_cfg.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            privileged: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let pod_cfg = privileged_pod_config(&env, "flood", "security");
     let pod = run_pod(&mut rt, pod_cfg.clone()).await;
     let run_dir = env.dir.path().join("run").join(&pod);
     let script = format!(
@@ -84,14 +78,11 @@ async fn a_console_flood_stays_within_its_cap() {
         LAYER_MIB * 2,
         flood_mib
     );
-    let mut flood = container_config(&image, "flood", &["/bin/sh", "-c", &script]);
-    flood.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext {
-            privileged: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let flood = privileged(container_config(
+        &image,
+        "flood",
+        &["/bin/sh", "-c", &script],
+    ));
     let started = Instant::now();
     let id = create_started(&mut rt, &pod, &pod_cfg, flood).await;
     let log = std::path::Path::new(&pod_cfg.log_directory).join("flood.log");

@@ -18,7 +18,8 @@
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    container_config, create_started, pod_config, push_busybox, remove_pod, run_pod, CriEnv,
+    container_config, create_started, privileged, privileged_pod_config, push_busybox, remove_pod,
+    run_pod, CriEnv,
 };
 
 /// The attacker: mounts the share (the same virtio-fs tag the agent
@@ -63,24 +64,14 @@ async fn a_guest_racing_the_hosts_mounts_reaches_nothing_outside() {
     env.pull(&image).await;
     let mut rt = env.runtime().await;
 
-    let mut pod_cfg = pod_config(&env, "race", "security");
-    pod_cfg.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            privileged: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let pod_cfg = privileged_pod_config(&env, "race", "security");
     let pod = run_pod(&mut rt, pod_cfg.clone()).await;
     let script = ATTACKER.replace("/CANARY", &canary.display().to_string());
-    let mut attacker = container_config(&image, "attacker", &["/bin/sh", "-c", &script]);
-    attacker.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext {
-            privileged: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let attacker = privileged(container_config(
+        &image,
+        "attacker",
+        &["/bin/sh", "-c", &script],
+    ));
     let attacker = create_started(&mut rt, &pod, &pod_cfg, attacker).await;
     let log = std::path::Path::new(&pod_cfg.log_directory).join("attacker.log");
     tests::cri::wait_for_log(&log, "ATTACK-ROUND").await;

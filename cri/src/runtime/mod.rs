@@ -15,6 +15,7 @@ mod metrics;
 mod runtime_status;
 pub(crate) mod sandbox_remove;
 pub(crate) mod sandbox_run;
+mod sandbox_size;
 pub(crate) mod sandbox_status;
 mod sandbox_stop;
 mod seccomp;

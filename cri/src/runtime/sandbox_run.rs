@@ -54,7 +54,11 @@ impl Cri {
             ));
         }
         refuse_host_namespaces(&config)?;
+        let sized =
+            super::sandbox_size::pod_size(config.linux.as_ref(), &self.inner.config.hypervisor)?;
         let (vcpus, memory_mib) = self.annotation_overrides(&config.annotations)?;
+        // An allowlisted annotation wins over the size the limits give.
+        let (vcpus, memory_mib) = (vcpus.or(sized.vcpus), memory_mib.or(sized.memory_mib));
         let sysctls = pod_sysctls(&config)?;
         let hostname = pod_hostname(&config.hostname, &md.name)?;
         if let Some(parent) = config.linux.as_ref().map(|l| &l.cgroup_parent) {

@@ -1,0 +1,188 @@
+//! How big a pod's VM is: from what kubelet sends in
+//! `PodSandboxConfig.linux` — `resources` (the sum of the pod's containers'
+//! limits) plus `overhead` (the RuntimeClass overhead) — as containerd's
+//! sandbox sizing for VM runtimes (Kata) reads them:
+//!
+//! - vCPUs = ceil(Σ cpu_quota / cpu_period) over both, at least
+//!   `hypervisor.default_vcpus`;
+//! - memory = Σ memory_limit_in_bytes over both (MiB, rounded up) +
+//!   `hypervisor.memory_overhead_mib` (the guest's own kernel and agent),
+//!   at least `hypervisor.default_memory_mib`.
+//!
+//! A pod without limits gets the defaults. Beyond `max_vcpus` /
+//! `max_memory_mib` the pod is refused with InvalidArgument naming the
+//! field; so is a negative or inconsistent value. An allowlisted
+//! `io.virtcontainers.*` annotation still wins over the computed size.
+
+use k8s_cri::v1 as cri;
+
+use crate::error::{CriError, Result};
+
+/// The computed size; `None` where the defaults apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct PodSize {
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+}
+
+pub(crate) fn pod_size(
+    linux: Option<&cri::LinuxPodSandboxConfig>,
+    hv: &hypervisor::HypervisorConfig,
+) -> Result<PodSize> {
+    let Some(linux) = linux else {
+        return Ok(PodSize::default());
+    };
+    let parts = [
+        ("config.linux.resources", linux.resources.as_ref()),
+        ("config.linux.overhead", linux.overhead.as_ref()),
+    ];
+    let mut cpu_millis: u64 = 0;
+    let mut memory_bytes: u64 = 0;
+    for (field, res) in parts {
+        let Some(res) = res else { continue };
+        let number = |name: &str, v: i64| {
+            u64::try_from(v).map_err(|_| {
+                CriError::invalid(format!("{field}.{name}"), format!("{v} is negative"))
+            })
+        };
+        let quota = number("cpu_quota", res.cpu_quota)?;
+        let period = number("cpu_period", res.cpu_period)?;
+        if quota > 0 {
+            if period == 0 {
+                return Err(CriError::invalid(
+                    format!("{field}.cpu_period"),
+                    "must be set with cpu_quota",
+                ));
+            }
+            // Millicores, rounded up: 150000/100000 → 1500.
+            cpu_millis = cpu_millis.saturating_add((quota.saturating_mul(1000)).div_ceil(period));
+        }
+        memory_bytes = memory_bytes
+            .saturating_add(number("memory_limit_in_bytes", res.memory_limit_in_bytes)?);
+    }
+    let mut size = PodSize::default();
+    if cpu_millis > 0 {
+        let vcpus = cpu_millis.div_ceil(1000);
+        let max = hv.max_vcpus();
+        if vcpus > u64::from(max) {
+            return Err(CriError::invalid(
+                "config.linux.resources.cpu_quota",
+                format!("the pod asks {vcpus} vCPUs (with its overhead), more than hypervisor.max_vcpus ({max})"),
+            ));
+        }
+        size.vcpus = Some(
+            u32::try_from(vcpus)
+                .unwrap_or(u32::MAX)
+                .max(hv.default_vcpus),
+        );
+    }
+    if memory_bytes > 0 {
+        let mib = memory_bytes
+            .div_ceil(1 << 20)
+            .saturating_add(u64::from(hv.memory_overhead_mib));
+        if mib > u64::from(hv.max_memory_mib) {
+            return Err(CriError::invalid(
+                "config.linux.resources.memory_limit_in_bytes",
+                format!(
+                    "the pod needs {mib} MiB (its limits, overhead and the guest's {} MiB), more than hypervisor.max_memory_mib ({})",
+                    hv.memory_overhead_mib, hv.max_memory_mib
+                ),
+            ));
+        }
+        size.memory_mib = Some(
+            u32::try_from(mib)
+                .unwrap_or(u32::MAX)
+                .max(hv.default_memory_mib),
+        );
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn res(quota: i64, period: i64, memory: i64) -> cri::LinuxContainerResources {
+        cri::LinuxContainerResources {
+            cpu_quota: quota,
+            cpu_period: period,
+            memory_limit_in_bytes: memory,
+            ..Default::default()
+        }
+    }
+
+    fn linux(
+        resources: Option<cri::LinuxContainerResources>,
+        overhead: Option<cri::LinuxContainerResources>,
+    ) -> cri::LinuxPodSandboxConfig {
+        cri::LinuxPodSandboxConfig {
+            resources,
+            overhead,
+            ..Default::default()
+        }
+    }
+
+    fn hv() -> hypervisor::HypervisorConfig {
+        hypervisor::HypervisorConfig {
+            max_vcpus: 8,
+            max_memory_mib: 4096,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn limits_and_overhead_size_the_vm() {
+        // 1 GiB and 2 CPUs for the containers, 100m and 64 MiB of overhead.
+        let l = linux(
+            Some(res(200_000, 100_000, 1 << 30)),
+            Some(res(10_000, 100_000, 64 << 20)),
+        );
+        let s = pod_size(Some(&l), &hv()).unwrap();
+        assert_eq!(s.vcpus, Some(3), "ceil(2.1)");
+        assert_eq!(s.memory_mib, Some(1024 + 64 + 128));
+        // Small limits never go below the defaults.
+        let small = linux(Some(res(10_000, 100_000, 16 << 20)), None);
+        let s = pod_size(Some(&small), &hv()).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (Some(1), Some(256)));
+        // No limits: the defaults.
+        assert_eq!(pod_size(None, &hv()).unwrap(), PodSize::default());
+        assert_eq!(
+            pod_size(Some(&linux(None, None)), &hv()).unwrap(),
+            PodSize::default()
+        );
+    }
+
+    #[test]
+    fn beyond_the_maximum_or_malformed_is_refused_naming_the_field() {
+        let cases = [
+            (
+                linux(Some(res(900_000, 100_000, 0)), None),
+                "config.linux.resources.cpu_quota",
+            ),
+            (
+                linux(Some(res(0, 0, 4 << 30)), None),
+                "config.linux.resources.memory_limit_in_bytes",
+            ),
+            (
+                linux(Some(res(-1, 100_000, 0)), None),
+                "config.linux.resources.cpu_quota",
+            ),
+            (
+                linux(None, Some(res(50_000, 0, 0))),
+                "config.linux.overhead.cpu_period",
+            ),
+            (
+                linux(None, Some(res(0, 0, -5))),
+                "config.linux.overhead.memory_limit_in_bytes",
+            ),
+        ];
+        for (l, field) in cases {
+            let err = pod_size(Some(&l), &hv()).expect_err(field);
+            assert!(
+                matches!(&err, CriError::InvalidArgument { field: f, .. } if f == field),
+                "{field}: {err:?}"
+            );
+        }
+    }
+}
