@@ -258,8 +258,9 @@ async fn shared_dir_rootfs_writes_land_in_each_containers_upper_dir() {
     // On the host: each write is in that container's own upper dir, and in
     // no layer snapshot of the image.
     let images = env.dir.path().join("state/images");
-    let upper_a = images.join("containers").join(&a).join("upper");
-    let upper_b = images.join("containers").join(&b).join("upper");
+    // (The upper dir lives on the container's bounded writable layer.)
+    let upper_a = images.join("containers").join(&a).join("layer/upper");
+    let upper_b = images.join("containers").join(&b).join("layer/upper");
     assert_eq!(
         std::fs::read_to_string(upper_a.join("written-by-a")).expect("a's upper"),
         "from-a\n"
