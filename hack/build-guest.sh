@@ -30,6 +30,8 @@ boot_modules=(
 # the first CreateContainer for the rest.
 later_modules=(
   virtio_net                 # pod network
+  virtio_mem                 # memory hot-plug and unplug (q35)
+  virtio_balloon             # free page reporting: freed guest memory back to the host
   virtiofs                   # shared-dir rootfs (virtio-fs)
   overlay                    # container rootfs layering
   virtio_scsi sd_mod ext4    # block-device rootfs (disks on the virtio-scsi controller)

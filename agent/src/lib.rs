@@ -40,7 +40,8 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision; bumped when the host needs to know a call exists.
 /// 6: every connection authenticates ([`auth`]).
-pub const API_VERSION: u32 = 6;
+/// 7: OnlineResources (CPU and memory hot-plug).
+pub const API_VERSION: u32 = 7;
 
 /// Where the agent writes the pod's hostname, hosts and resolv.conf files
 /// (SetSandboxFiles); containers bind-mount them from here.

@@ -102,17 +102,9 @@ impl CriError {
     /// The message with every `#[source]` appended.
     pub fn chain(&self) -> String {
         let mut text = self.to_string();
+        // A `transparent` variant shows its inner error and forwards its
+        // `source` too: the chain goes on from the inner error's source.
         let mut source = std::error::Error::source(self);
-        // `transparent` variants share their inner error's Display: skip it.
-        if matches!(
-            self,
-            CriError::Sandbox(_)
-                | CriError::Image(_)
-                | CriError::Network(_)
-                | CriError::Streaming(_)
-        ) {
-            source = source.and_then(|s| s.source());
-        }
         while let Some(err) = source {
             text.push_str(": ");
             text.push_str(&err.to_string());
@@ -174,6 +166,15 @@ mod tests {
         }));
         assert_eq!(s.code(), Code::NotFound);
         assert_eq!(s.message(), "sandbox x not found");
+        // The inner error's own source is in the message once.
+        let s = Status::from(CriError::Sandbox(podsandbox::Error::Hypervisor {
+            id: "x".into(),
+            source: hypervisor::HypervisorError::NoHotplugSlot { slots: 2 },
+        }));
+        assert_eq!(
+            s.message(),
+            "sandbox x: no free hot-plug slot: all 2 are in use (hypervisor.hotplug_slots)"
+        );
         let io = CriError::Io {
             action: "write",
             path: "/x".into(),

@@ -119,6 +119,14 @@ pub struct HypervisorConfig {
     /// What the guest itself (kernel, agent) takes on top of a pod's
     /// memory limits when the pod is sized from them (MiB).
     pub memory_overhead_mib: u32,
+    /// CPU and memory hot-plug (q35 only): every VM can grow while it runs
+    /// to `max_vcpus` and `max_memory_mib` (vCPUs by ACPI hot-plug, memory
+    /// from a virtio-mem device, which can also give it back). Off, or on
+    /// microvm, a VM keeps the size it booted with.
+    pub resource_hotplug: bool,
+    /// A virtio-balloon with free-page reporting in every VM: memory the
+    /// guest frees (in 2 MiB pieces, after ~2 s) is handed back to the host.
+    pub free_page_reporting: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -144,6 +152,8 @@ impl Default for HypervisorConfig {
             disk_hotplug: true,
             console_log_max_kib: 1024,
             memory_overhead_mib: 128,
+            resource_hotplug: true,
+            free_page_reporting: true,
         }
     }
 }

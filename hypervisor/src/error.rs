@@ -72,6 +72,12 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the VM did not take its new {what} within {secs}s: {detail}")]
+    ResizeTimeout {
+        what: &'static str,
+        secs: u64,
+        detail: String,
+    },
     #[error("the VM is not running: {reason}")]
     NotRunning { reason: String },
     #[error("{action} {path}")]
@@ -104,7 +110,9 @@ impl HypervisorError {
             | NoDiskTarget { .. }
             | Unsupported { .. } => ErrorKind::FailedPrecondition,
             NicNotFound { .. } => ErrorKind::NotFound,
-            StartupFailed { .. } | StartupTimeout { .. } => ErrorKind::Unavailable,
+            StartupFailed { .. } | StartupTimeout { .. } | ResizeTimeout { .. } => {
+                ErrorKind::Unavailable
+            }
             UnknownHypervisor { .. }
             | Spawn { .. }
             | TapFd { .. }

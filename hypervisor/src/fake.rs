@@ -22,6 +22,7 @@ pub enum Op {
     RemoveNic,
     AddDisk,
     RemoveDisk,
+    Resize,
 }
 
 #[derive(Debug, Default)]
@@ -29,6 +30,8 @@ struct Inner {
     calls: Vec<Op>,
     fail_at: Option<Op>,
     status: Option<VmStatus>,
+    /// The size after the last resize.
+    size: Option<crate::VmSize>,
 }
 
 /// Shared handle: clones observe the same VM.
@@ -130,7 +133,12 @@ impl Hypervisor for FakeHypervisor {
         Vec::new()
     }
     fn state(&self) -> VmState {
-        self.state.clone()
+        let mut state = self.state.clone();
+        if let Some(size) = self.with(|i| i.size) {
+            state.vcpus = size.vcpus;
+            state.memory_mib = size.memory_mib;
+        }
+        state
     }
     fn console_tail(&self, _lines: usize) -> String {
         "fake console".into()
@@ -151,5 +159,16 @@ impl Hypervisor for FakeHypervisor {
     }
     async fn remove_disk(&self, _address: crate::DiskAddress) -> Result<()> {
         self.record(Op::RemoveDisk, None)
+    }
+    /// Takes any size down to what the VM booted with.
+    async fn resize(&self, size: crate::VmSize) -> Result<crate::VmSize> {
+        self.record(Op::Resize, None)?;
+        let boot = self.state.boot_size();
+        let now = crate::VmSize {
+            vcpus: size.vcpus.max(boot.vcpus),
+            memory_mib: size.memory_mib.max(boot.memory_mib),
+        };
+        self.with(|i| i.size = Some(now));
+        Ok(now)
     }
 }

@@ -159,8 +159,20 @@ pub struct VmState {
     /// The accelerator actually in use ("kvm" or "tcg").
     pub accel: String,
     pub machine: String,
+    /// vCPUs and memory now (after any [`Hypervisor::resize`]).
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// What the VM booted with: the floor a resize cannot go below. 0 in a
+    /// record written before VMs could be resized (then: `vcpus`,
+    /// `memory_mib`; see [`VmState::boot_size`]).
+    #[serde(default)]
+    pub boot_vcpus: u32,
+    #[serde(default)]
+    pub boot_memory_mib: u32,
+    /// The size of the VM's virtio-mem device, the memory it can grow by
+    /// (MiB); 0: none (microvm, hot-plug off, an older record).
+    #[serde(default)]
+    pub hotplug_memory_mib: u32,
     /// The VMM process; `None` before boot.
     pub vmm: Option<ProcessRef>,
     /// Helper processes (the userspace vsock device, later virtiofsd).
@@ -178,6 +190,45 @@ pub struct VmState {
     /// before agents required one.
     #[serde(default)]
     pub agent_secret: Option<String>,
+}
+
+impl VmState {
+    /// The size the VM booted with.
+    pub fn boot_size(&self) -> VmSize {
+        VmSize {
+            vcpus: if self.boot_vcpus > 0 {
+                self.boot_vcpus
+            } else {
+                self.vcpus
+            },
+            memory_mib: if self.boot_memory_mib > 0 {
+                self.boot_memory_mib
+            } else {
+                self.memory_mib
+            },
+        }
+    }
+
+    /// The size the VM has now.
+    pub fn size(&self) -> VmSize {
+        VmSize {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+        }
+    }
+}
+
+/// How many vCPUs and how much memory a VM has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+impl std::fmt::Display for VmSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} vCPUs, {} MiB", self.vcpus, self.memory_mib)
+    }
 }
 
 /// The fw_cfg file that carries a VM's agent secret; the agent protocol's
@@ -252,6 +303,21 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Detaches the disk at `address`; the guest should have unmounted it.
     /// Detaching a disk that is not attached succeeds (idempotent).
     async fn remove_disk(&self, address: DiskAddress) -> Result<()>;
+
+    /// Grows or shrinks the running VM towards `size` (never below what it
+    /// booted with, never above the configured maxima): vCPUs are
+    /// hot-plugged (the guest must online them), memory is plugged into or
+    /// unplugged from the VM's virtio-mem device and onlined by the guest
+    /// kernel. Returns the size in force afterwards: growth is complete or
+    /// an error; a shrink the guest could not finish in time leaves more,
+    /// and so does a vCPU shrink under TCG (QEMU cannot unplug them there).
+    async fn resize(&self, size: VmSize) -> Result<VmSize> {
+        let _ = size;
+        Err(HypervisorError::Unsupported {
+            what: "resizing a running VM",
+            why: "this hypervisor has no CPU or memory hot-plug",
+        })
+    }
 }
 
 /// Creates (does not boot) a VM with the configured implementation.

@@ -81,6 +81,10 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
     /// Health check: succeeds once the agent serves.
     async fn check(&self, timeout: Duration) -> Result<(), AgentError>;
     async fn guest_details(&self, timeout: Duration) -> Result<GuestDetails, AgentError>;
+    /// Onlines hot-plugged vCPUs and memory, waiting up to `wait` for
+    /// `cpus` CPUs to be online; the guest as it then is.
+    async fn online_resources(&self, cpus: u32, wait: Duration)
+        -> Result<GuestDetails, AgentError>;
     /// Asks the guest to power off; the VMM exits shortly after.
     async fn shutdown(&self, timeout: Duration) -> Result<(), AgentError>;
 

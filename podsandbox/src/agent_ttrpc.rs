@@ -166,15 +166,23 @@ impl AgentClient for TtrpcAgent {
             .get_guest_details(ctx(timeout), &pb::GuestDetailsRequest::new())
             .await
             .map_err(rpc_error)?;
-        Ok(GuestDetails {
-            kernel_release: r.kernel_release,
-            mem_total_kib: r.mem_total_kib,
-            mem_available_kib: r.mem_available_kib,
-            online_cpus: r.online_cpus,
-            agent_version: r.agent_version,
-            uptime_ms: r.uptime_ms,
-            agent_ready_ms: r.agent_ready_ms,
-        })
+        Ok(guest_details(r))
+    }
+
+    async fn online_resources(
+        &self,
+        cpus: u32,
+        wait: Duration,
+    ) -> Result<GuestDetails, AgentError> {
+        let mut req = pb::OnlineResourcesRequest::new();
+        req.cpus = cpus;
+        req.timeout_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+        let r = self
+            .agent
+            .online_resources(ctx(wait + crate::sandbox::AGENT_CALL_TIMEOUT), &req)
+            .await
+            .map_err(rpc_error)?;
+        Ok(guest_details(r))
     }
 
     async fn shutdown(&self, timeout: Duration) -> Result<(), AgentError> {
@@ -556,5 +564,17 @@ fn route_from(r: &pb::Route) -> NetRoute {
         gateway: r.gateway.clone(),
         device: r.device.clone(),
         source: r.source.clone(),
+    }
+}
+
+fn guest_details(r: pb::GuestDetailsResponse) -> GuestDetails {
+    GuestDetails {
+        kernel_release: r.kernel_release,
+        mem_total_kib: r.mem_total_kib,
+        mem_available_kib: r.mem_available_kib,
+        online_cpus: r.online_cpus,
+        agent_version: r.agent_version,
+        uptime_ms: r.uptime_ms,
+        agent_ready_ms: r.agent_ready_ms,
     }
 }

@@ -140,8 +140,23 @@ pub struct Resources {
 }
 
 impl Resources {
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// These limits with those `update` sets replacing them.
+    pub fn merged(&self, update: &Resources) -> Resources {
+        Resources {
+            memory_limit_bytes: update.memory_limit_bytes.or(self.memory_limit_bytes),
+            cpu_shares: update.cpu_shares.or(self.cpu_shares),
+            cpu_quota: update.cpu_quota.or(self.cpu_quota),
+            cpu_period: update.cpu_period.or(self.cpu_period),
+            cpuset_cpus: update
+                .cpuset_cpus
+                .clone()
+                .or_else(|| self.cpuset_cpus.clone()),
+            pids_limit: update.pids_limit.or(self.pids_limit),
+        }
     }
 }
 
@@ -203,6 +218,9 @@ pub struct ContainerRecord {
     pub started_at_ns: Option<i64>,
     #[serde(default)]
     pub finished_at_ns: Option<i64>,
+    /// The limits in force (the VM is sized by those of live containers).
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
 }
 
 /// What a caller sees.

@@ -74,6 +74,10 @@ impl Runtime {
             });
         }
         let vm = s.vm()?.clone();
+        // The VM grows first: the container's limits must fit in it. A
+        // create that fails later leaves it grown until the next resize.
+        let size = self.size_with(&s, Some((&cid, &config.resources)))?;
+        self.fit_vm(&mut s, size).await?;
         // Records from before hostnames were kept have none: the ID then.
         let hostname = if s.record.hostname.is_empty() {
             sandbox_id.to_string()
@@ -187,6 +191,7 @@ impl Runtime {
             tty: config.tty,
             started_at_ns: None,
             finished_at_ns: None,
+            resources: config.resources.clone(),
         };
         let status = record.status(sandbox_id);
         s.record.containers.push(record);

@@ -43,6 +43,12 @@ impl Runtime {
         if let Some(vm) = &s.vm {
             s.record.vm = Some(vm.state());
         }
+        // What the container's limits held goes back (best effort: a VM
+        // that cannot shrink keeps it).
+        if s.vm.is_some() && s.record.state.vm_expected() {
+            let size = self.size_with(&s, None)?;
+            self.fit_vm(&mut s, size).await?;
+        }
         self.inner.store.save(&s.record)?;
         self.forget_monitor(sandbox_id, id);
         tracing::info!(sandbox = %sandbox_id, container = %id, "container deleted");

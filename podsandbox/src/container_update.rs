@@ -15,7 +15,7 @@ impl Runtime {
         id: &str,
         resources: &Resources,
     ) -> Result<()> {
-        let (_lock, _, agent) = self
+        let (mut s, idx, agent) = self
             .container_agent(
                 sandbox_id,
                 id,
@@ -34,10 +34,24 @@ impl Runtime {
         let oci = resources.to_oci().map_err(|e| invalid(e.to_string()))?;
         let json = serde_json::to_vec(&oci)
             .map_err(|e| invalid(format!("cannot encode the resources: {e}")))?;
+        let merged = s.record.containers[idx].resources.merged(resources);
+        // Grow before the guest raises the limit, shrink after it lowered it.
+        let size = self.size_with(&s, Some((id, &merged)))?;
+        let have = s.vm()?.state().size();
+        let grows = size.vcpus > have.vcpus || size.memory_mib > have.memory_mib;
+        if grows {
+            self.fit_vm(&mut s, size).await?;
+        }
         agent
             .update_container(id, json)
             .await
-            .map_err(|e| Error::from_agent(id, "update", e))
+            .map_err(|e| Error::from_agent(id, "update", e))?;
+        s.record.containers[idx].resources = merged;
+        if !grows {
+            self.fit_vm(&mut s, size).await?;
+        }
+        self.inner.store.save(&s.record)?;
+        Ok(())
     }
 
     /// The processes in the container's cgroup.

@@ -42,6 +42,14 @@ pub enum Error {
         #[source]
         source: hypervisor::HypervisorError,
     },
+    #[error("sandbox {id}: cannot grow its VM from {have} to {want} for its containers")]
+    Resize {
+        id: String,
+        have: hypervisor::VmSize,
+        want: hypervisor::VmSize,
+        #[source]
+        source: hypervisor::HypervisorError,
+    },
     #[error("sandbox {id}: the VM exited before its agent answered: {reason}")]
     VmExitedDuringBoot { id: String, reason: String },
     #[error("sandbox {id}: the agent did not answer within {secs}s ({last_error}); last console lines:\n{console}")]
@@ -129,13 +137,15 @@ impl Error {
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::WrongState { .. } => ErrorKind::FailedPrecondition,
-            Error::Hypervisor { source, .. } => match source.kind() {
-                hypervisor::ErrorKind::NotFound => ErrorKind::NotFound,
-                hypervisor::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
-                hypervisor::ErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
-                hypervisor::ErrorKind::Unavailable => ErrorKind::Unavailable,
-                hypervisor::ErrorKind::Internal => ErrorKind::Internal,
-            },
+            Error::Hypervisor { source, .. } | Error::Resize { source, .. } => {
+                match source.kind() {
+                    hypervisor::ErrorKind::NotFound => ErrorKind::NotFound,
+                    hypervisor::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+                    hypervisor::ErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+                    hypervisor::ErrorKind::Unavailable => ErrorKind::Unavailable,
+                    hypervisor::ErrorKind::Internal => ErrorKind::Internal,
+                }
+            }
             Error::VmExitedDuringBoot { .. } | Error::Agent { .. } => ErrorKind::Unavailable,
             Error::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
             Error::Io { .. } | Error::CorruptState { .. } | Error::Injected(_) => {

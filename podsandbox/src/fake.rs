@@ -65,6 +65,9 @@ impl VmFactory for FakeVms {
             machine: "fake".into(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
+            boot_vcpus: vm.vcpus,
+            boot_memory_mib: vm.memory_mib,
+            hotplug_memory_mib: 0,
             vmm: None,
             helpers: Vec::new(),
             vsock: Some(VsockChannel::Hybrid {
@@ -197,6 +200,25 @@ impl AgentClient for FakeDialer {
             mem_total_kib: 1,
             mem_available_kib: 1,
             online_cpus: 1,
+            agent_version: "fake".into(),
+            uptime_ms: 1,
+            agent_ready_ms: 1,
+        })
+    }
+    async fn online_resources(
+        &self,
+        cpus: u32,
+        _wait: Duration,
+    ) -> Result<GuestDetails, AgentError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push("online_resources");
+        Ok(GuestDetails {
+            kernel_release: "6.1.0-fake".into(),
+            mem_total_kib: 1,
+            mem_available_kib: 1,
+            online_cpus: cpus,
             agent_version: "fake".into(),
             uptime_ms: 1,
             agent_ready_ms: 1,

@@ -45,6 +45,7 @@ mod sandbox_delete;
 mod sandbox_network;
 mod sandbox_pause;
 mod sandbox_port_forward;
+pub mod sandbox_resize;
 mod sandbox_start;
 mod sandbox_status;
 mod sandbox_stop;

@@ -13,6 +13,7 @@ mod auth;
 mod container;
 mod forward;
 mod fw_cfg;
+mod hotplug;
 mod init;
 mod modprobe;
 mod modules;

@@ -168,21 +168,18 @@ impl agent_ttrpc::Agent for AgentService {
         _: &TtrpcContext,
         _: pb::GuestDetailsRequest,
     ) -> ttrpc::Result<pb::GuestDetailsResponse> {
-        let uname = nix::sys::utsname::uname().map_err(internal)?;
-        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(internal)?;
-        let mut resp = pb::GuestDetailsResponse::new();
-        resp.kernel_release = uname.release().to_string_lossy().into_owned();
-        resp.mem_total_kib = meminfo_field(&meminfo, "MemTotal").unwrap_or(0);
-        resp.mem_available_kib = meminfo_field(&meminfo, "MemAvailable").unwrap_or(0);
-        resp.online_cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
-            .ok()
-            .flatten()
-            .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(0);
-        resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
-        resp.uptime_ms = uptime().map_err(internal)?.as_millis() as u64;
-        resp.agent_ready_ms = self.inner.ready_ms.get().copied().unwrap_or(0);
-        Ok(resp)
+        self.guest_details()
+    }
+
+    async fn online_resources(
+        &self,
+        _: &TtrpcContext,
+        r: pb::OnlineResourcesRequest,
+    ) -> ttrpc::Result<pb::GuestDetailsResponse> {
+        // At most 60 s: the host's own call deadline is shorter anyway.
+        let timeout = Duration::from_millis(u64::from(r.timeout_ms.min(60_000)));
+        blocking(move || Ok(crate::hotplug::online_resources(r.cpus, timeout))).await?;
+        self.guest_details()
     }
 
     async fn shutdown(
@@ -421,6 +418,21 @@ impl AgentService {
         let mut resp = pb::ReadStreamResponse::new();
         resp.data = data;
         resp.eof = eof;
+        Ok(resp)
+    }
+
+    /// What the guest looks like from inside now.
+    fn guest_details(&self) -> ttrpc::Result<pb::GuestDetailsResponse> {
+        let uname = nix::sys::utsname::uname().map_err(internal)?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(internal)?;
+        let mut resp = pb::GuestDetailsResponse::new();
+        resp.kernel_release = uname.release().to_string_lossy().into_owned();
+        resp.mem_total_kib = meminfo_field(&meminfo, "MemTotal").unwrap_or(0);
+        resp.mem_available_kib = meminfo_field(&meminfo, "MemAvailable").unwrap_or(0);
+        resp.online_cpus = crate::hotplug::online_cpus();
+        resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
+        resp.uptime_ms = uptime().map_err(internal)?.as_millis() as u64;
+        resp.agent_ready_ms = self.inner.ready_ms.get().copied().unwrap_or(0);
         Ok(resp)
     }
 }

@@ -119,7 +119,9 @@ impl Cri {
                 memory: Some(cri::MemoryUsage {
                     timestamp: now,
                     working_set_bytes: u64v(rss),
-                    available_bytes: None,
+                    // What the VM has now (after any hot-plug) less what
+                    // the host holds of it.
+                    available_bytes: u64v((u64::from(status.memory_mib) << 20).saturating_sub(rss)),
                     usage_bytes: u64v(rss),
                     rss_bytes: u64v(rss),
                     page_faults: None,

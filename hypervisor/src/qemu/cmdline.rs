@@ -88,6 +88,15 @@ pub struct Spec<'a> {
     pub accel: Resolved,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The most vCPUs the running VM can have (`-smp maxcpus`); above
+    /// `vcpus` only on q35, where ACPI CPU hot-plug adds them.
+    pub max_vcpus: u32,
+    /// The size of the virtio-mem device (`vmem0`) that memory is
+    /// hot-plugged from and unplugged to (MiB); 0: none.
+    pub hotplug_memory_mib: u32,
+    /// A virtio-balloon with free-page reporting: memory the guest frees
+    /// goes back to the host.
+    pub free_page_reporting: bool,
     pub tb_size_mib: u32,
     pub kernel: &'a Path,
     pub initrd: &'a Path,
@@ -133,6 +142,15 @@ pub fn kernel_cmdline(spec: &Spec<'_>) -> String {
     // Scanning all 256 buses is slow under TCG: only bus 0 and the buses
     // behind the hot-plug root ports exist.
     params.push(format!("pci=lastbus={}", hotplug_slots(spec)));
+    if hotplug_memory_mib(spec) > 0 {
+        // Plugged memory is onlined by the kernel as it arrives, into
+        // ZONE_MOVABLE while that stays within 3x the kernel's own memory
+        // (so it can be unplugged again) and into the normal zone beyond
+        // (so kernel allocations never starve): the policy made for
+        // virtio-mem.
+        params.push("memhp_default_state=online".into());
+        params.push("memory_hotplug.online_policy=auto-movable".into());
+    }
     if spec.machine == MachineType::Microvm {
         // microvm has no PIT/HPET to calibrate against; without a given TSC
         // frequency the guest hung in 3 of ~25 boots here.
@@ -161,6 +179,9 @@ fn machine_args(spec: &Spec<'_>) -> Vec<String> {
         Resolved::Kvm => "kvm".to_string(),
         // A small translation cache: QEMU's default of 1 GiB is mostly unused
         // but costs memory as it fills.
+        Resolved::Tcg if hotplug_vcpus(spec) => {
+            format!("tcg,tb-size={},thread=single", spec.tb_size_mib)
+        }
         Resolved::Tcg => format!("tcg,tb-size={}", spec.tb_size_mib),
     };
     let cpu = match spec.accel {
@@ -175,21 +196,80 @@ fn machine_args(spec: &Spec<'_>) -> Vec<String> {
         "-cpu",
         cpu,
         "-smp",
-        &spec.vcpus.to_string(),
+        &smp(spec),
     ])
+}
+
+/// Whether vCPUs can be hot-plugged (q35, room above the boot count).
+///
+/// Under TCG such a VM runs all its vCPUs on one thread (`thread=single`):
+/// multi-threaded TCG splits its translation cache into regions that the
+/// running vCPUs take as they fill them, and a vCPU created later must
+/// find one free — QEMU asserts (and exits) when none is, which happens
+/// whenever the running vCPUs have taken them all between two flushes
+/// (seen here on the second hot-plug with a 16 MiB cache). KVM has no
+/// translation cache: there every vCPU is a thread of its own.
+fn hotplug_vcpus(spec: &Spec<'_>) -> bool {
+    spec.machine == MachineType::Q35 && spec.max_vcpus > spec.vcpus
+}
+
+/// `N`, or `N,maxcpus=M` where more can be hot-plugged.
+fn smp(spec: &Spec<'_>) -> String {
+    if hotplug_vcpus(spec) {
+        format!("{},maxcpus={}", spec.vcpus, spec.max_vcpus)
+    } else {
+        spec.vcpus.to_string()
+    }
+}
+
+/// The virtio-mem device's size, where the machine has one (q35: it is a
+/// PCI device).
+pub fn hotplug_memory_mib(spec: &Spec<'_>) -> u32 {
+    if spec.machine == MachineType::Q35 {
+        spec.hotplug_memory_mib
+    } else {
+        0
+    }
 }
 
 fn memory_args(spec: &Spec<'_>) -> Vec<String> {
     // memfd-backed and shared: vhost-user devices (vsock, virtio-fs) map it.
-    strings(&[
+    let hotplug = hotplug_memory_mib(spec);
+    let mut args = strings(&[
         "-m",
-        &format!("{}M", spec.memory_mib),
+        &if hotplug > 0 {
+            format!("{}M,maxmem={}M", spec.memory_mib, spec.memory_mib + hotplug)
+        } else {
+            format!("{}M", spec.memory_mib)
+        },
         "-object",
         &format!(
             "memory-backend-memfd,id=mem,size={}M,share=on",
             spec.memory_mib
         ),
-    ])
+    ]);
+    if hotplug > 0 {
+        // A sparse memfd: only what the guest plugs and touches is memory
+        // on the host; unplugged blocks are punched out again.
+        args.extend(strings(&[
+            "-object",
+            &format!("memory-backend-memfd,id=hpmem,size={hotplug}M,share=on"),
+            "-device",
+            "virtio-mem-pci,id=vmem0,memdev=hpmem,requested-size=0,bus=pcie.0",
+        ]));
+    }
+    if spec.free_page_reporting {
+        let device = if spec.machine == MachineType::Microvm {
+            "virtio-balloon-device"
+        } else {
+            "virtio-balloon-pci"
+        };
+        args.extend(strings(&[
+            "-device",
+            &format!("{device},id=balloon0,free-page-reporting=on"),
+        ]));
+    }
+    args
 }
 
 fn base_args(spec: &Spec<'_>) -> Vec<String> {
@@ -449,6 +529,9 @@ mod tests {
             accel,
             vcpus: 2,
             memory_mib: 256,
+            max_vcpus: 2,
+            hotplug_memory_mib: 0,
+            free_page_reporting: false,
             tb_size_mib: 32,
             kernel: Path::new("/g/vmlinux"),
             initrd: Path::new("/g/initramfs.cpio"),
@@ -532,6 +615,61 @@ mod tests {
         ));
         assert!(args.contains(&"-no-reboot".to_string()));
         assert!(args.contains(&"-nodefaults".to_string()));
+    }
+
+    #[test]
+    fn hotplug_adds_cpu_room_a_virtio_mem_device_and_a_balloon() {
+        let paths = RunPaths::new(Path::new("/run/vc/s1"));
+        let mut spec = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        spec.vcpus = 1;
+        spec.max_vcpus = 4;
+        spec.hotplug_memory_mib = 3840;
+        spec.free_page_reporting = true;
+        let args = build(&spec);
+        assert!(has_pair(&args, "-smp", "1,maxcpus=4"));
+        assert!(has_pair(&args, "-accel", "tcg,tb-size=32,thread=single"));
+        assert!(has_pair(&args, "-m", "256M,maxmem=4096M"));
+        assert!(has_pair(
+            &args,
+            "-object",
+            "memory-backend-memfd,id=hpmem,size=3840M,share=on"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-mem-pci,id=vmem0,memdev=hpmem,requested-size=0,bus=pcie.0"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-balloon-pci,id=balloon0,free-page-reporting=on"
+        ));
+        let cmdline = kernel_cmdline(&spec);
+        assert!(
+            cmdline
+                .contains("memhp_default_state=online memory_hotplug.online_policy=auto-movable"),
+            "{cmdline}"
+        );
+        // KVM keeps a thread per vCPU.
+        let kvm = build(&Spec {
+            accel: Resolved::Kvm,
+            ..spec.clone()
+        });
+        assert!(has_pair(&kvm, "-accel", "kvm"));
+        // microvm has neither (no ACPI CPU hot-plug, no PCI for virtio-mem).
+        let micro = build(&Spec {
+            machine: MachineType::Microvm,
+            ..spec
+        });
+        assert!(has_pair(&micro, "-smp", "1"));
+        assert!(has_pair(&micro, "-m", "256M"));
+        assert!(!micro.iter().any(|a| a.contains("virtio-mem")));
+        assert!(has_pair(&micro, "-accel", "tcg,tb-size=32"));
+        assert!(has_pair(
+            &micro,
+            "-device",
+            "virtio-balloon-device,id=balloon0,free-page-reporting=on"
+        ));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod cmdline;
 pub mod qmp;
+mod resize;
 
 use std::{
     path::Path,
@@ -58,6 +59,8 @@ pub struct Qemu {
     state: Mutex<VmState>,
     /// Serialises disk attach and detach.
     disk_lock: tokio::sync::Mutex<()>,
+    /// Serialises resizes.
+    resize_lock: tokio::sync::Mutex<()>,
 }
 
 /// Host facts are probed once per process.
@@ -72,6 +75,7 @@ impl Qemu {
         validate(config, &vm)?;
         let accel = accel::resolve(config.accel, host_facts())?;
         let paths = RunPaths::new(&vm.run_dir);
+        let hotplug = config.machine == crate::MachineType::Q35 && config.resource_hotplug;
         let shared = vm.shared.clone();
         let nics = vm.nics.clone();
         let state = VmState {
@@ -82,6 +86,13 @@ impl Qemu {
             machine: config.machine.as_str().into(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
+            boot_vcpus: vm.vcpus,
+            boot_memory_mib: vm.memory_mib,
+            hotplug_memory_mib: if hotplug {
+                resize::device_mib(vm.memory_mib, config.max_memory_mib)
+            } else {
+                0
+            },
             vmm: None,
             helpers: Vec::new(),
             vsock: None,
@@ -102,6 +113,7 @@ impl Qemu {
             nics,
             state: Mutex::new(state),
             disk_lock: tokio::sync::Mutex::new(()),
+            resize_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -113,6 +125,7 @@ impl Qemu {
             nics: Vec::new(),
             state: Mutex::new(state),
             disk_lock: tokio::sync::Mutex::new(()),
+            resize_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -284,6 +297,13 @@ impl Qemu {
             accel: self.accel(),
             vcpus: state.vcpus,
             memory_mib: state.memory_mib,
+            max_vcpus: if self.config.resource_hotplug {
+                self.config.max_vcpus().max(state.vcpus)
+            } else {
+                state.vcpus
+            },
+            hotplug_memory_mib: state.hotplug_memory_mib,
+            free_page_reporting: self.config.free_page_reporting,
             tb_size_mib: self.config.tcg_tb_size_mib,
             kernel: &self.config.kernel,
             initrd: &self.config.initrd,
@@ -761,6 +781,10 @@ impl crate::Hypervisor for Qemu {
             .push((address, disk.path.clone()));
         tracing::info!(id = %self.lock().id, target = address.target, path = %disk.path.display(), "disk added");
         Ok(address)
+    }
+
+    async fn resize(&self, size: crate::VmSize) -> Result<crate::VmSize> {
+        self.resize_inner(size).await
     }
 
     async fn remove_disk(&self, address: DiskAddress) -> Result<()> {
