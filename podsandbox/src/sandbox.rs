@@ -808,6 +808,90 @@ mod lifecycle_tests {
         assert!(!h.dir.path().join("run/s1/shared/c1").exists());
     }
 
+    fn limited(
+        mut c: crate::container::ContainerConfig,
+        millicpus: i64,
+        memory_mib: i64,
+    ) -> crate::container::ContainerConfig {
+        c.resources.cpu_quota = Some(millicpus * 100);
+        c.resources.cpu_period = Some(100_000);
+        c.resources.memory_limit_bytes = Some(memory_mib << 20);
+        c
+    }
+
+    #[tokio::test]
+    async fn the_vm_grows_with_its_containers_and_shrinks_back() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        let c1 = limited(block_container(&h, "c1"), 1500, 1024);
+        h.rt.create_container("s1", c1).await.expect("create c1");
+        let status = h.rt.status_sandbox("s1").await.expect("status");
+        assert_eq!((status.vcpus, status.memory_mib), (2, 1024 + 128));
+        assert!(h.dialer.calls().contains(&"online_resources"));
+        // Lower limits shrink it (after the guest lowered them).
+        h.rt.update_container(
+            "s1",
+            "c1",
+            &crate::container::Resources {
+                memory_limit_bytes: Some(512 << 20),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("update");
+        let status = h.rt.status_sandbox("s1").await.expect("status");
+        assert_eq!((status.vcpus, status.memory_mib), (2, 512 + 128));
+        // The record keeps the merged limits: the quota is still there.
+        let c2 = limited(block_container(&h, "c2"), 500, 0);
+        h.rt.create_container("s1", c2).await.expect("create c2");
+        assert_eq!(h.rt.status_sandbox("s1").await.expect("status").vcpus, 2);
+        h.rt.delete_container("s1", "c1").await.expect("delete c1");
+        h.rt.delete_container("s1", "c2").await.expect("delete c2");
+        let status = h.rt.status_sandbox("s1").await.expect("status");
+        assert_eq!((status.vcpus, status.memory_mib), (1, 256));
+        let vm = h.vms.get("s1").expect("vm");
+        assert_eq!(vm.calls().iter().filter(|op| **op == Op::Resize).count(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_vm_that_cannot_grow_refuses_the_container() {
+        let h = harness_with(FakeVms::default().failing_at(Op::Resize), true);
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        let err =
+            h.rt.create_container("s1", limited(block_container(&h, "c1"), 1000, 1024))
+                .await
+                .expect_err("cannot grow");
+        assert!(matches!(err, Error::Resize { .. }), "{err:?}");
+        assert!(
+            err.chain().starts_with(
+                "sandbox s1: cannot grow its VM from 1 vCPUs, 256 MiB to 1 vCPUs, 1152 MiB"
+            ),
+            "{}",
+            err.chain()
+        );
+        assert!(!h.dialer.calls().contains(&"create_container"));
+        assert!(!h.dir.path().join("run/s1/mounts/c1").exists());
+        // Within the boot size nothing needs to grow: it is created.
+        h.rt.create_container("s1", limited(block_container(&h, "c2"), 500, 64))
+            .await
+            .expect("fits the boot size");
+    }
+
+    #[tokio::test]
+    async fn limits_beyond_the_maximum_are_refused_naming_the_field() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        let err =
+            h.rt.create_container("s1", limited(block_container(&h, "c1"), 0, 64 << 10))
+                .await
+                .expect_err("too big");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("memory_limit_in_bytes"), "{err}");
+        let vm = h.vms.get("s1").expect("vm");
+        assert!(!vm.calls().contains(&Op::Resize));
+        assert!(!vm.calls().contains(&Op::AddDisk));
+    }
+
     #[tokio::test]
     async fn a_failed_disk_attach_leaves_no_container() {
         let h = harness_with(FakeVms::default().failing_at(Op::AddDisk), true);

@@ -279,3 +279,89 @@ async fn a_pods_vm_grows_and_shrinks_with_its_containers() {
     env.assert_no_pods_left();
     env.stop();
 }
+
+/// microvm has no CPU or memory hot-plug: a container that would need the
+/// VM to grow is refused saying so (FailedPrecondition), nothing is left of
+/// it, and a pod that declares its resources is sized at boot instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvm_refuses_to_grow_and_sizes_at_boot() {
+    tests::become_subreaper();
+    let mut env = CriEnv::new(70);
+    let config = std::fs::read_to_string(&env.config_path)
+        .expect("config")
+        .replacen(
+            "[hypervisor]\n",
+            "[hypervisor]\nmachine = \"microvm\"\nmax_memory_mib = 2048\nmax_vcpus = 2\n",
+            1,
+        );
+    std::fs::write(&env.config_path, config).expect("config");
+    let registry = tests::registry::Registry::start().await;
+    let image = push_busybox(&registry, "microvm").await;
+    env.start().await;
+    env.pull(&image).await;
+    let mut rt = env.runtime().await;
+
+    let cfg = pod_config(&env, "small", "microvm");
+    let pod = run_pod(&mut rt, cfg.clone()).await;
+    let err = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(with_limits(
+                container_config(&image, "big", &["/bin/sleep", "3600"]),
+                limits(1000, 1024),
+            )),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .expect_err("microvm cannot grow");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("microvm has no CPU or memory hot-plug"),
+        "{err:?}"
+    );
+    let listed = rt
+        .list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .expect("ListContainers")
+        .into_inner()
+        .containers;
+    assert!(listed.is_empty(), "{listed:?}");
+    // Within the boot size a container with limits is fine.
+    let fits = create_started(
+        &mut rt,
+        &pod,
+        &cfg,
+        with_limits(
+            container_config(&image, "fits", &["/bin/sleep", "3600"]),
+            limits(1000, 64),
+        ),
+    )
+    .await;
+    assert_eq!(guest_size(&mut rt, &fits).await.0, 1);
+    remove_pod(&mut rt, &pod).await;
+
+    // Declared resources size the VM at boot.
+    let mut cfg = pod_config(&env, "declared", "microvm");
+    cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        resources: Some(limits(2000, 1024)),
+        ..Default::default()
+    });
+    let pod = run_pod(&mut rt, cfg.clone()).await;
+    let id = create_started(
+        &mut rt,
+        &pod,
+        &cfg,
+        with_limits(
+            container_config(&image, "big", &["/bin/sleep", "3600"]),
+            limits(2000, 1024),
+        ),
+    )
+    .await;
+    let (cpus, mem_kib) = guest_size(&mut rt, &id).await;
+    assert_eq!(cpus, 2);
+    assert!(mem_kib >= 1024 * 1024, "MemTotal {mem_kib} kB");
+    remove_pod(&mut rt, &pod).await;
+    env.assert_no_pods_left();
+    env.stop();
+}

@@ -188,7 +188,16 @@ fn machine_args(spec: &Spec<'_>) -> Vec<String> {
         Resolved::Kvm => "host",
         Resolved::Tcg => "max",
     };
-    strings(&[
+    // microvm's virtio-mmio transports default to legacy virtio, which
+    // vhost-user backends refuse (virtiofsd: "virtio legacy devices aren't
+    // supported by libvhost-user", and the guest's first mount hangs).
+    let modern_mmio: &[&str] = if spec.machine == MachineType::Microvm {
+        &["-global", "virtio-mmio.force-legacy=false"]
+    } else {
+        &[]
+    };
+    let mut args = strings(modern_mmio);
+    args.extend(strings(&[
         "-machine",
         machine,
         "-accel",
@@ -197,7 +206,8 @@ fn machine_args(spec: &Spec<'_>) -> Vec<String> {
         cpu,
         "-smp",
         &smp(spec),
-    ])
+    ]));
+    args
 }
 
 /// Whether vCPUs can be hot-plugged (q35, room above the boot count).
@@ -734,6 +744,7 @@ mod tests {
             "-device",
             "vhost-vsock-device,id=vsock0,guest-cid=7"
         ));
+        assert!(has_pair(&args, "-global", "virtio-mmio.force-legacy=false"));
         let cmdline = kernel_cmdline(&s);
         assert!(cmdline.contains("tsc=reliable"));
         assert!(cmdline.contains("tsc_early_khz=2100000"));

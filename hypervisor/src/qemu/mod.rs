@@ -874,6 +874,52 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn microvm_and_hotplug_off_refuse_to_resize_and_size_no_device() {
+        use crate::Hypervisor as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size = crate::VmSize {
+            vcpus: 2,
+            memory_mib: 1024,
+        };
+        let mut cfg = files(dir.path());
+        cfg.machine = crate::MachineType::Microvm;
+        let q = Qemu::new(&cfg, vm(dir.path(), 1, 256)).expect("new");
+        assert_eq!(q.state().hotplug_memory_mib, 0);
+        let err = q.resize(size).await.expect_err("microvm");
+        assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
+        assert!(
+            err.to_string()
+                .contains("microvm has no CPU or memory hot-plug"),
+            "{err}"
+        );
+        let mut cfg = files(dir.path());
+        cfg.resource_hotplug = false;
+        let q = Qemu::new(&cfg, vm(dir.path(), 1, 256)).expect("new");
+        assert_eq!(q.state().hotplug_memory_mib, 0);
+        let err = q.resize(size).await.expect_err("hot-plug off");
+        assert!(
+            err.to_string()
+                .contains("hypervisor.resource_hotplug is off"),
+            "{err}"
+        );
+        // q35 with hot-plug: a device up to max_memory_mib in whole blocks,
+        // recorded with the boot size (the floor).
+        let q = Qemu::new(&files(dir.path()), vm(dir.path(), 1, 256)).expect("new");
+        let state = q.state();
+        assert_eq!(state.hotplug_memory_mib, 16384 - 256);
+        assert_eq!(
+            state.boot_size(),
+            crate::VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        // Not running: refused as such, not attempted.
+        let err = q.resize(size).await.expect_err("not running");
+        assert!(matches!(err, HypervisorError::NotRunning { .. }), "{err}");
+    }
+
     #[test]
     fn validation_names_the_problem() {
         let dir = tempfile::tempdir().expect("tempdir");
