@@ -16,7 +16,12 @@
 //!
 //!   cargo run --profile release-unwind -p tests --example bench_sizing
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::large_futures
+)]
 
 use std::time::{Duration, Instant};
 
