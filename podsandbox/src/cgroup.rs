@@ -165,6 +165,7 @@ pub fn place(id: &str, parent: &Path, root: CgroupRoot, pids: &[u32]) -> Result<
             // cgroup v1 cpuset: a new group has no CPUs or memory nodes
             // until given its parent's.
             inherit_cpuset(&base, &leaf);
+            move_charges(&leaf);
             for pid in pids {
                 let procs = leaf.join("cgroup.procs");
                 std::fs::write(&procs, pid.to_string()).map_err(|source| Error::Io {
@@ -182,6 +183,21 @@ pub fn place(id: &str, parent: &Path, root: CgroupRoot, pids: &[u32]) -> Result<
         Err(err) => {
             remove(&made);
             Err(err)
+        }
+    }
+}
+
+/// cgroup v1 memory: the VM's processes are moved in after boot, and v1
+/// leaves what a process already charged (the guest memory QEMU touched
+/// while booting, its own heap) with the old group unless the new one asks
+/// for it: anonymous pages and the shared (memfd) guest memory they map
+/// (bits 0 and 1). cgroup v2 has no such move; there charges stay where
+/// they were made.
+fn move_charges(leaf: &Path) {
+    let knob = leaf.join("memory.move_charge_at_immigrate");
+    if knob.exists() {
+        if let Err(e) = std::fs::write(&knob, "3") {
+            tracing::warn!(path = %knob.display(), "the VM's memory stays charged to the runtime's cgroup: {e}");
         }
     }
 }
