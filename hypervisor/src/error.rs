@@ -23,6 +23,8 @@ pub enum HypervisorError {
     MemoryTooLarge { got: u32, max: u32 },
     #[error("vcpus must be between 1 and {max} (the configured maximum), got {got}")]
     BadVcpus { got: u32, max: u32 },
+    #[error("the agent secret is not 64 hex digits")]
+    BadAgentSecret,
     #[error("NIC {index}: MAC address {mac:?} is not six hex octets (aa:bb:cc:dd:ee:ff)")]
     BadMac { index: usize, mac: String },
     #[error("NIC {index}: cannot duplicate the tap descriptor")]
@@ -99,9 +101,11 @@ impl HypervisorError {
     pub fn kind(&self) -> ErrorKind {
         use HypervisorError::*;
         match self {
-            MemoryTooSmall { .. } | MemoryTooLarge { .. } | BadVcpus { .. } | BadMac { .. } => {
-                ErrorKind::InvalidArgument
-            }
+            MemoryTooSmall { .. }
+            | MemoryTooLarge { .. }
+            | BadVcpus { .. }
+            | BadMac { .. }
+            | BadAgentSecret => ErrorKind::InvalidArgument,
             MissingFile { .. }
             | SocketPathTooLong { .. }
             | KvmUnavailable { .. }

@@ -43,6 +43,12 @@ pub struct VmConfig {
     pub shared: Option<SharedDir>,
     /// Network interfaces, in guest order (eth0 first).
     pub nics: Vec<Nic>,
+    /// The secret the guest agent is to require on every connection (64
+    /// hex digits, `agent::AgentSecret::to_hex`), handed to the guest as
+    /// the fw_cfg file [`AGENT_SECRET_FW_CFG`] through a pipe, never a
+    /// command line or a file. `None`: the guest gets none, and our agent
+    /// then refuses to serve.
+    pub agent_secret: Option<String>,
 }
 
 /// A network interface of the VM, backed by a tap device the caller opened
@@ -234,17 +240,6 @@ impl std::fmt::Display for VmSize {
 /// The fw_cfg file that carries a VM's agent secret; the agent protocol's
 /// `agent::auth::SECRET_FW_CFG_NAME`, which a test of podsandbox checks.
 pub const AGENT_SECRET_FW_CFG: &str = "opt/io.virtcontainers/agent-secret";
-
-/// A new agent secret: 32 bytes of the kernel's randomness, in hex.
-pub fn new_agent_secret() -> std::io::Result<String> {
-    use std::{fmt::Write as _, io::Read as _};
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    }))
-}
 
 /// One virtual machine.
 #[async_trait]

@@ -156,7 +156,19 @@ impl Runtime {
                 })?;
         }
         crate::mounts::share_read_only(&host_share, &shared).map_err(|e| (e, None))?;
+        // Made here, known only to this VM's record and its guest.
+        let secret = agent::AgentSecret::generate().map_err(|source| {
+            (
+                Error::Io {
+                    action: "read randomness for the agent secret from",
+                    path: "/dev/urandom".into(),
+                    source,
+                },
+                None,
+            )
+        })?;
         let vm_config = VmConfig {
+            agent_secret: Some(secret.to_hex()),
             shared: Some(hypervisor::SharedDir {
                 host_path: shared,
                 tag: agent::SHARED_FS_TAG.into(),

@@ -98,13 +98,7 @@ impl Qemu {
             vsock: None,
             hotplugged_nics: Vec::new(),
             hotplugged_disks: Vec::new(),
-            agent_secret: Some(crate::new_agent_secret().map_err(|source| {
-                HypervisorError::Io {
-                    action: "read randomness for the agent secret from",
-                    path: "/dev/urandom".into(),
-                    source,
-                }
-            })?),
+            agent_secret: vm.agent_secret,
         };
         Ok(Self {
             config: config.clone(),
@@ -435,6 +429,11 @@ fn secret_pipe(secret: &str) -> Result<std::os::fd::OwnedFd> {
 }
 
 fn validate(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
+    if let Some(secret) = &vm.agent_secret {
+        if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(HypervisorError::BadAgentSecret);
+        }
+    }
     if vm.memory_mib < MIN_MEMORY_MIB {
         return Err(HypervisorError::MemoryTooSmall {
             got: vm.memory_mib,
@@ -871,6 +870,7 @@ mod tests {
             run_dir: dir.join("run"),
             shared: None,
             nics: Vec::new(),
+            agent_secret: Some("ab".repeat(32)),
         }
     }
 
@@ -968,6 +968,20 @@ mod tests {
             validate(&cfg, &long),
             Err(HypervisorError::SocketPathTooLong { .. })
         ));
+        for secret in [
+            "ab".repeat(31),
+            "zz".repeat(32),
+            format!("{}\n", "ab".repeat(32)),
+        ] {
+            let bad = VmConfig {
+                agent_secret: Some(secret),
+                ..vm(dir.path(), 1, 256)
+            };
+            assert!(matches!(
+                validate(&cfg, &bad),
+                Err(HypervisorError::BadAgentSecret)
+            ));
+        }
     }
 
     #[test]
