@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    container_config, create_started, pod_config, push_busybox, remove_pod, run_pod, CriEnv,
-    Runtime,
+    busybox_env, container_config, create_started, exec_sh, limits, pod_config, pod_info,
+    remove_pod, run_pod, BusyboxEnv, CriEnv, Runtime,
 };
 
 const RUNS: usize = 5;
@@ -38,45 +38,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn limits(millicpus: i64, memory_mib: i64) -> cri::LinuxContainerResources {
-    cri::LinuxContainerResources {
-        cpu_period: 100_000,
-        cpu_quota: millicpus * 100,
-        memory_limit_in_bytes: memory_mib << 20,
-        ..Default::default()
-    }
-}
-
 async fn exec(rt: &mut Runtime, id: &str, script: &str) -> String {
-    let out = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            timeout: 300,
-        })
-        .await
-        .expect("ExecSync")
-        .into_inner();
-    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn verbose(rt: &mut Runtime, pod: &str) -> serde_json::Value {
-    let info = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: true,
-        })
-        .await
-        .expect("status")
-        .into_inner()
-        .info;
-    serde_json::from_str(info.get("info").expect("info")).expect("json")
+    let (code, out) = exec_sh(rt, id, script).await;
+    assert_eq!(code, 0, "{out}");
+    out
 }
 
 /// PSS of the pod's VMM and helpers, MiB.
 async fn pss_mib(rt: &mut Runtime, pod: &str) -> f64 {
-    let v = verbose(rt, pod).await;
+    let v = pod_info(rt, pod).await;
     let mut pids = vec![v["vm"]["pid"].as_i64().expect("pid")];
     if let Some(h) = v["vm"]["helper_pids"].as_array() {
         pids.extend(h.iter().filter_map(|p| p.as_i64()));
@@ -98,16 +68,12 @@ async fn env_with(
     octet: u8,
     hypervisor: &str,
 ) -> (CriEnv, Runtime, String, tests::registry::Registry) {
-    let mut env = CriEnv::new(octet);
-    let config = std::fs::read_to_string(&env.config_path)
-        .expect("config")
-        .replacen("[hypervisor]\n", &format!("[hypervisor]\n{hypervisor}"), 1);
-    std::fs::write(&env.config_path, config).expect("config");
-    let registry = tests::registry::Registry::start().await;
-    let image = push_busybox(&registry, "sizing").await;
-    env.start().await;
-    env.pull(&image).await;
-    let rt = env.runtime().await;
+    let BusyboxEnv {
+        env,
+        registry,
+        image,
+        rt,
+    } = busybox_env(octet, hypervisor, "sizing").await;
     (env, rt, image, registry)
 }
 

@@ -84,6 +84,14 @@ impl CriEnv {
         }
     }
 
+    /// Adds `lines` (`key = value` lines) at the top of vcrid's
+    /// `[hypervisor]` section; call before [`CriEnv::start`].
+    pub fn set_hypervisor(&self, lines: &str) {
+        let config = std::fs::read_to_string(&self.config_path).expect("config");
+        let config = config.replacen("[hypervisor]\n", &format!("[hypervisor]\n{lines}"), 1);
+        std::fs::write(&self.config_path, config).expect("config");
+    }
+
     /// A cgroup parent of this environment's own (under the test's cgroup,
     /// as `cgroup_root = "own"` roots it), checked by
     /// [`CriEnv::assert_no_pods_left`].
@@ -602,8 +610,37 @@ pub fn container_config(image: &str, name: &str, command: &[&str]) -> k8s_cri::v
     }
 }
 
-/// The PID of a pod's QEMU, from verbose PodSandboxStatus.
-pub async fn qemu_pid(rt: &mut Runtime, pod: &str) -> i32 {
+/// A started vcrid with busybox pulled: the environment, the registry it
+/// was pulled from (kept running), the image and a RuntimeService client.
+#[allow(missing_debug_implementations)] // the registry is a running server
+pub struct BusyboxEnv {
+    pub env: CriEnv,
+    pub registry: crate::registry::Registry,
+    pub image: String,
+    pub rt: Runtime,
+}
+
+/// [`CriEnv::new`] with `hypervisor` lines ([`CriEnv::set_hypervisor`]),
+/// started, busybox pushed as `tag` and pulled.
+pub async fn busybox_env(octet: u8, hypervisor: &str, tag: &str) -> BusyboxEnv {
+    let mut env = CriEnv::new(octet);
+    env.set_hypervisor(hypervisor);
+    let registry = crate::registry::Registry::start().await;
+    let image = push_busybox(&registry, tag).await;
+    env.start().await;
+    env.pull(&image).await;
+    let rt = env.runtime().await;
+    BusyboxEnv {
+        env,
+        registry,
+        image,
+        rt,
+    }
+}
+
+/// The `info` of verbose PodSandboxStatus, parsed: `vm` holds the
+/// VM's pid, helper_pids, vcpus and memory_mib.
+pub async fn pod_info(rt: &mut Runtime, pod: &str) -> serde_json::Value {
     let info = rt
         .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
             pod_sandbox_id: pod.into(),
@@ -613,8 +650,41 @@ pub async fn qemu_pid(rt: &mut Runtime, pod: &str) -> i32 {
         .expect("PodSandboxStatus")
         .into_inner()
         .info;
-    let detail: serde_json::Value =
-        serde_json::from_str(info.get("info").expect("verbose info")).expect("json");
-    let pid = detail["vm"]["pid"].as_i64().expect("the VM's pid");
+    serde_json::from_str(info.get("info").expect("verbose info")).expect("json")
+}
+
+/// The PID of a pod's QEMU, from verbose PodSandboxStatus.
+pub async fn qemu_pid(rt: &mut Runtime, pod: &str) -> i32 {
+    let pid = pod_info(rt, pod).await["vm"]["pid"]
+        .as_i64()
+        .expect("the VM's pid");
     i32::try_from(pid).expect("pid")
+}
+
+/// CPU and memory limits as kubelet sends them (`cpu_period` 100 ms).
+pub fn limits(millicpus: i64, memory_mib: i64) -> k8s_cri::v1::LinuxContainerResources {
+    k8s_cri::v1::LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: millicpus * 100,
+        memory_limit_in_bytes: memory_mib << 20,
+        ..Default::default()
+    }
+}
+
+/// `/bin/sh -c script` in a container through ExecSync: exit code and
+/// stdout followed by stderr.
+pub async fn exec_sh(rt: &mut Runtime, id: &str, script: &str) -> (i32, String) {
+    let out = rt
+        .exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            timeout: 300,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    (
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }

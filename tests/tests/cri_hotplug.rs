@@ -19,18 +19,9 @@ use std::time::Instant;
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    container_config, container_status, create_started, pod_config, push_busybox, remove_pod,
-    run_pod, CriEnv, Runtime,
+    busybox_env, container_config, container_status, create_started, exec_sh, limits, pod_config,
+    pod_info, remove_pod, run_pod, BusyboxEnv, Runtime,
 };
-
-fn limits(millicpus: i64, memory_mib: i64) -> cri::LinuxContainerResources {
-    cri::LinuxContainerResources {
-        cpu_period: 100_000,
-        cpu_quota: millicpus * 100,
-        memory_limit_in_bytes: memory_mib << 20,
-        ..Default::default()
-    }
-}
 
 fn with_limits(
     mut c: cri::ContainerConfig,
@@ -40,25 +31,22 @@ fn with_limits(
     c
 }
 
-async fn sh(rt: &mut Runtime, id: &str, script: &str) -> (i32, String) {
-    let out = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            timeout: 120,
-        })
-        .await
-        .expect("ExecSync")
-        .into_inner();
-    (
-        out.exit_code,
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+/// A started `sleep 3600` container with `r`.
+async fn sleeper(
+    rt: &mut Runtime,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    image: &str,
+    name: &str,
+    r: cri::LinuxContainerResources,
+) -> String {
+    let c = with_limits(container_config(image, name, &["/bin/sleep", "3600"]), r);
+    create_started(rt, pod, cfg, c).await
 }
 
 /// `nproc` and MemTotal (KiB) as the container sees them.
 async fn guest_size(rt: &mut Runtime, id: &str) -> (u32, u64) {
-    let (code, text) = sh(rt, id, "nproc; grep MemTotal /proc/meminfo").await;
+    let (code, text) = exec_sh(rt, id, "nproc; grep MemTotal /proc/meminfo").await;
     assert_eq!(code, 0, "{text}");
     let mut lines = text.lines();
     let cpus = lines
@@ -75,17 +63,7 @@ async fn guest_size(rt: &mut Runtime, id: &str) -> (u32, u64) {
 
 /// The VM's size as PodSandboxStatus (verbose) reports it.
 async fn vm_size(rt: &mut Runtime, pod: &str) -> (u64, u64) {
-    let info = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: true,
-        })
-        .await
-        .expect("PodSandboxStatus")
-        .into_inner()
-        .info;
-    let detail: serde_json::Value =
-        serde_json::from_str(info.get("info").expect("verbose info")).expect("json");
+    let detail = pod_info(rt, pod).await;
     (
         detail["vm"]["vcpus"].as_u64().expect("vcpus"),
         detail["vm"]["memory_mib"].as_u64().expect("memory_mib"),
@@ -95,20 +73,12 @@ async fn vm_size(rt: &mut Runtime, pod: &str) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_vm_grows_and_shrinks_with_its_containers() {
     tests::become_subreaper();
-    let mut env = CriEnv::new(69);
-    let config = std::fs::read_to_string(&env.config_path)
-        .expect("config")
-        .replacen(
-            "[hypervisor]\n",
-            "[hypervisor]\nmax_memory_mib = 4096\nmax_vcpus = 4\n",
-            1,
-        );
-    std::fs::write(&env.config_path, config).expect("config");
-    let registry = tests::registry::Registry::start().await;
-    let image = push_busybox(&registry, "hotplug").await;
-    env.start().await;
-    env.pull(&image).await;
-    let mut rt = env.runtime().await;
+    let BusyboxEnv {
+        mut env,
+        registry: _registry,
+        image,
+        mut rt,
+    } = busybox_env(69, "max_memory_mib = 4096\nmax_vcpus = 4\n", "hotplug").await;
 
     // No declared resources: the defaults.
     let cfg = pod_config(&env, "hotplug", "hotplug");
@@ -117,16 +87,7 @@ async fn a_pods_vm_grows_and_shrinks_with_its_containers() {
 
     // 2 CPUs and 1 GiB: the VM grows to 2 vCPUs and 1024 + 128 MiB.
     let started = Instant::now();
-    let big = create_started(
-        &mut rt,
-        &pod,
-        &cfg,
-        with_limits(
-            container_config(&image, "big", &["/bin/sleep", "3600"]),
-            limits(2000, 1024),
-        ),
-    )
-    .await;
+    let big = sleeper(&mut rt, &pod, &cfg, &image, "big", limits(2000, 1024)).await;
     eprintln!(
         "create+start with hot-plug of 1 vCPU + 896 MiB: {:?}",
         started.elapsed()
@@ -137,7 +98,7 @@ async fn a_pods_vm_grows_and_shrinks_with_its_containers() {
     assert!(mem_kib >= 1024 * 1024, "MemTotal {mem_kib} kB");
 
     // Within the container's limit, 800 MiB are allocated and touched.
-    let (code, text) = sh(
+    let (code, text) = exec_sh(
         &mut rt,
         &big,
         "dd if=/dev/zero of=/dev/null bs=800M count=1 2>&1 && echo allocated",
@@ -214,17 +175,8 @@ async fn a_pods_vm_grows_and_shrinks_with_its_containers() {
     );
 
     // A second container grows the VM by its request; removing it shrinks
-    // the VM back: its vCPU is ejected, its memory unplugged.
-    let second = create_started(
-        &mut rt,
-        &pod,
-        &cfg,
-        with_limits(
-            container_config(&image, "second", &["/bin/sleep", "3600"]),
-            limits(1000, 512),
-        ),
-    )
-    .await;
+    // the VM back: its memory is unplugged.
+    let second = sleeper(&mut rt, &pod, &cfg, &image, "second", limits(1000, 512)).await;
     assert_eq!(vm_size(&mut rt, &pod).await, (4, 2688));
     assert_eq!(guest_size(&mut rt, &second).await.0, 4);
     let grown_kib = guest_size(&mut rt, &big).await.1;
@@ -286,20 +238,17 @@ async fn a_pods_vm_grows_and_shrinks_with_its_containers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_refuses_to_grow_and_sizes_at_boot() {
     tests::become_subreaper();
-    let mut env = CriEnv::new(70);
-    let config = std::fs::read_to_string(&env.config_path)
-        .expect("config")
-        .replacen(
-            "[hypervisor]\n",
-            "[hypervisor]\nmachine = \"microvm\"\nmax_memory_mib = 2048\nmax_vcpus = 2\n",
-            1,
-        );
-    std::fs::write(&env.config_path, config).expect("config");
-    let registry = tests::registry::Registry::start().await;
-    let image = push_busybox(&registry, "microvm").await;
-    env.start().await;
-    env.pull(&image).await;
-    let mut rt = env.runtime().await;
+    let BusyboxEnv {
+        mut env,
+        registry: _registry,
+        image,
+        mut rt,
+    } = busybox_env(
+        70,
+        "machine = \"microvm\"\nmax_memory_mib = 2048\nmax_vcpus = 2\n",
+        "microvm",
+    )
+    .await;
 
     let cfg = pod_config(&env, "small", "microvm");
     let pod = run_pod(&mut rt, cfg.clone()).await;
@@ -328,16 +277,7 @@ async fn microvm_refuses_to_grow_and_sizes_at_boot() {
         .containers;
     assert!(listed.is_empty(), "{listed:?}");
     // Within the boot size a container with limits is fine.
-    let fits = create_started(
-        &mut rt,
-        &pod,
-        &cfg,
-        with_limits(
-            container_config(&image, "fits", &["/bin/sleep", "3600"]),
-            limits(1000, 64),
-        ),
-    )
-    .await;
+    let fits = sleeper(&mut rt, &pod, &cfg, &image, "fits", limits(1000, 64)).await;
     assert_eq!(guest_size(&mut rt, &fits).await.0, 1);
     remove_pod(&mut rt, &pod).await;
 
@@ -348,16 +288,7 @@ async fn microvm_refuses_to_grow_and_sizes_at_boot() {
         ..Default::default()
     });
     let pod = run_pod(&mut rt, cfg.clone()).await;
-    let id = create_started(
-        &mut rt,
-        &pod,
-        &cfg,
-        with_limits(
-            container_config(&image, "big", &["/bin/sleep", "3600"]),
-            limits(2000, 1024),
-        ),
-    )
-    .await;
+    let id = sleeper(&mut rt, &pod, &cfg, &image, "big", limits(2000, 1024)).await;
     let (cpus, mem_kib) = guest_size(&mut rt, &id).await;
     assert_eq!(cpus, 2);
     assert!(mem_kib >= 1024 * 1024, "MemTotal {mem_kib} kB");

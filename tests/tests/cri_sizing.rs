@@ -12,40 +12,24 @@
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    container_config, create_started, pod_config, push_busybox, remove_pod, run_pod, CriEnv,
+    busybox_env, container_config, create_started, limits, pod_config, remove_pod, run_pod,
+    BusyboxEnv,
 };
-
-fn resources(cpus: i64, memory_mib: i64) -> cri::LinuxContainerResources {
-    cri::LinuxContainerResources {
-        cpu_period: 100_000,
-        cpu_quota: cpus * 100_000,
-        memory_limit_in_bytes: memory_mib << 20,
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pods_limits_size_its_vm() {
     tests::become_subreaper();
-    let mut env = CriEnv::new(68);
-    let config = std::fs::read_to_string(&env.config_path)
-        .expect("config")
-        .replacen(
-            "[hypervisor]\n",
-            "[hypervisor]\nmax_memory_mib = 2048\nmax_vcpus = 2\n",
-            1,
-        );
-    std::fs::write(&env.config_path, config).expect("config");
-    let registry = tests::registry::Registry::start().await;
-    let image = push_busybox(&registry, "sizing").await;
-    env.start().await;
-    env.pull(&image).await;
-    let mut rt = env.runtime().await;
+    let BusyboxEnv {
+        mut env,
+        registry: _registry,
+        image,
+        mut rt,
+    } = busybox_env(68, "max_memory_mib = 2048\nmax_vcpus = 2\n", "sizing").await;
 
     // Beyond the maximum: refused before anything is set up.
     let mut big = pod_config(&env, "too-big", "sizing");
     big.linux = Some(cri::LinuxPodSandboxConfig {
-        resources: Some(resources(1, 4096)),
+        resources: Some(limits(1000, 4096)),
         ..Default::default()
     });
     std::fs::create_dir_all(&big.log_directory).expect("log dir");
@@ -67,7 +51,7 @@ async fn the_pods_limits_size_its_vm() {
     // 1 GiB and 2 CPUs for the containers, 64 MiB of RuntimeClass overhead.
     let mut cfg = pod_config(&env, "sized", "sizing");
     cfg.linux = Some(cri::LinuxPodSandboxConfig {
-        resources: Some(resources(2, 1024)),
+        resources: Some(limits(2000, 1024)),
         overhead: Some(cri::LinuxContainerResources {
             memory_limit_in_bytes: 64 << 20,
             ..Default::default()
