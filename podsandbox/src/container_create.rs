@@ -77,7 +77,12 @@ impl Runtime {
         // The VM grows first: the container's limits must fit in it. A
         // create that fails later leaves it grown until the next resize.
         let size = self.size_with(&s, Some((&cid, &config.resources)))?;
-        self.fit_vm(&mut s, size).await?;
+        if s.vm()?.state().size() != size {
+            let fitted = self.fit_vm(&mut s, size).await;
+            // The record says what the VM now is, whatever happens next.
+            self.inner.store.save(&s.record)?;
+            fitted?;
+        }
         // Records from before hostnames were kept have none: the ID then.
         let hostname = if s.record.hostname.is_empty() {
             sandbox_id.to_string()

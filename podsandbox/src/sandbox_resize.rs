@@ -158,6 +158,10 @@ impl Runtime {
                 })
             }
         };
+        // The record follows the VM even if the guest fails to online.
+        s.record.vcpus = now.vcpus;
+        s.record.memory_mib = now.memory_mib;
+        s.record.vm = Some(vm.state());
         if now.vcpus > have.vcpus {
             let agent = self.agent(&id, vm.as_ref()).await?;
             let guest = agent
@@ -172,9 +176,6 @@ impl Runtime {
                 tracing::warn!(sandbox = %id, online = guest.online_cpus, plugged = now.vcpus, "the guest has not onlined every hot-plugged vCPU");
             }
         }
-        s.record.vcpus = now.vcpus;
-        s.record.memory_mib = now.memory_mib;
-        s.record.vm = Some(vm.state());
         Ok(())
     }
 }

@@ -739,16 +739,26 @@ impl Containers {
         let (pending, console, stdio) = stdio::prepare(r.terminal, r.stdin)?;
         let id_owned = id.to_string();
         let process_path = path.clone();
+        let t0 = std::time::Instant::now();
         let built = tokio::task::spawn_blocking(move || {
             let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-            builder(id_owned, stdio, console)
+            let waited = t0.elapsed().as_millis() as u64;
+            let t1 = std::time::Instant::now();
+            let r = builder(id_owned, stdio, console)
                 .map(|b| {
                     b.with_executor(SeccompExecutor(seccomp))
                         .as_tenant()
                         .with_process(Some(process_path))
                         .with_detach(true)
                 })
-                .and_then(|b| b.build())
+                .and_then(|b| b.build());
+            // The tenant set-up is most of an exec's cost (issue 16).
+            tracing::debug!(
+                waited_ms = waited,
+                ms = t1.elapsed().as_millis() as u64,
+                "exec: tenant built"
+            );
+            r
         })
         .await
         .map_err(|e| Failure::Internal(format!("exec task: {e}")));
