@@ -74,6 +74,12 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the VM was booted with room for {room} {what}, not {want}")]
+    NoRoom {
+        what: &'static str,
+        want: u32,
+        room: u32,
+    },
     #[error("the VM did not take its new {what} within {secs}s: {detail}")]
     ResizeTimeout {
         what: &'static str,
@@ -111,6 +117,7 @@ impl HypervisorError {
             | KvmUnavailable { .. }
             | NotRunning { .. }
             | NoHotplugSlot { .. }
+            | NoRoom { .. }
             | NoDiskTarget { .. }
             | Unsupported { .. } => ErrorKind::FailedPrecondition,
             NicNotFound { .. } => ErrorKind::NotFound,

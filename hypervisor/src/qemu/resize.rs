@@ -191,9 +191,12 @@ impl Qemu {
     async fn resize_cpus(&self, qmp: &QmpSession, want: u32) -> Result<u32> {
         let slots = parse_cpu_slots(&qmp.execute("query-hotpluggable-cpus", None).await?)?;
         if usize::try_from(want).unwrap_or(usize::MAX) > slots.len() {
-            return Err(HypervisorError::BadVcpus {
-                got: want,
-                max: u32::try_from(slots.len()).unwrap_or(u32::MAX),
+            // A VM booted with less room (before hot-plug, or with a
+            // smaller max_vcpus then).
+            return Err(HypervisorError::NoRoom {
+                what: "vCPUs",
+                want,
+                room: u32::try_from(slots.len()).unwrap_or(u32::MAX),
             });
         }
         let (add, mut remove) = plan_cpus(&slots, want);
@@ -240,9 +243,10 @@ impl Qemu {
     async fn resize_memory(&self, qmp: &QmpSession, want: u32, boot: u32) -> Result<u32> {
         let device = self.lock().hotplug_memory_mib;
         if want > boot + device {
-            return Err(HypervisorError::MemoryTooLarge {
-                got: want,
-                max: boot + device,
+            return Err(HypervisorError::NoRoom {
+                what: "MiB of memory",
+                want,
+                room: boot + device,
             });
         }
         if device == 0 {
