@@ -129,14 +129,8 @@ pub fn spawn(request: &Request, stdio: ChildStdio, reaper: &Reaper) -> Result<i3
     drop(theirs);
     drop(cmd);
     // The reaper takes the helper's exit; consume it so it does not linger.
-    let helper = i32::try_from(child.id()).unwrap_or(0);
-    if helper > 0 {
-        let reaper = reaper.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                reaper.wait(helper).await;
-            });
-        }
+    if let Ok(helper) = i32::try_from(child.id()) {
+        consume_exit(reaper, helper);
     }
     let written = ours
         .write_all(&json)
@@ -144,32 +138,47 @@ pub fn spawn(request: &Request, stdio: ChildStdio, reaper: &Reaper) -> Result<i3
     let mut answer = String::new();
     let read = ours.read_to_string(&mut answer);
     let reply = parse_reply(&answer);
+    if let (Some(pid), Some(_)) = (reply.pid, &reply.error) {
+        // The payload process failed before its exec: its exit is nobody's.
+        consume_exit(reaper, pid);
+    }
     match reply {
-        Reply::Error(msg) => Err(msg),
-        Reply::Started(pid) => Ok(pid),
-        Reply::Nothing => Err(match (written, read) {
+        Reply {
+            error: Some(msg), ..
+        } => Err(msg),
+        Reply { pid: Some(pid), .. } => Ok(pid),
+        Reply { .. } => Err(match (written, read) {
             (Err(e), _) | (_, Err(e)) => format!("exec helper: {e}"),
             _ => "the exec helper exited without an answer".into(),
         }),
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Reply {
-    Started(i32),
-    Error(String),
-    Nothing,
+/// Takes `pid`'s exit status off the reaper once it comes.
+fn consume_exit(reaper: &Reaper, pid: i32) {
+    let reaper = reaper.clone();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            reaper.wait(pid).await;
+        });
+    }
 }
 
-/// The helper's answer: an error (from either process) wins over a PID.
+/// The helper's answer: the payload's PID, and the error of either process.
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    pid: Option<i32>,
+    error: Option<String>,
+}
+
 fn parse_reply(answer: &str) -> Reply {
-    if let Some(at) = answer.find("error ") {
-        return Reply::Error(answer[at + "error ".len()..].trim_end().to_string());
-    }
-    answer
+    let error = answer
+        .find("error ")
+        .map(|at| answer[at + "error ".len()..].trim_end().to_string());
+    let pid = answer
         .lines()
-        .find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok())
-        .map_or(Reply::Nothing, Reply::Started)
+        .find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok());
+    Reply { pid, error }
 }
 
 // --------------------------------------------------------------- helper side
@@ -546,17 +555,21 @@ mod tests {
 
     #[test]
     fn replies() {
-        assert_eq!(parse_reply("pid 77\n"), Reply::Started(77));
+        let reply = |pid: Option<i32>, error: Option<&str>| Reply {
+            pid,
+            error: error.map(String::from),
+        };
+        assert_eq!(parse_reply("pid 77\n"), reply(Some(77), None));
         assert_eq!(
             parse_reply("pid 77\nerror executable 'x' not found in $PATH"),
-            Reply::Error("executable 'x' not found in $PATH".into())
+            reply(Some(77), Some("executable 'x' not found in $PATH"))
         );
         assert_eq!(
             parse_reply("error join cgroup /x: denied"),
-            Reply::Error("join cgroup /x: denied".into())
+            reply(None, Some("join cgroup /x: denied"))
         );
-        assert_eq!(parse_reply(""), Reply::Nothing);
-        assert_eq!(parse_reply("pid x\n"), Reply::Nothing);
+        assert_eq!(parse_reply(""), reply(None, None));
+        assert_eq!(parse_reply("pid x\n"), reply(None, None));
     }
 
     #[test]
