@@ -108,7 +108,8 @@ async fn sh_ok(rt: &mut Runtime, id: &str, script: &str) -> String {
 
 /// What an exec's security context must share with its container's init
 /// process (`sleep`, found by its cgroup): ids, groups, umask, the five
-/// capability sets, no_new_privs, seccomp, signal dispositions and mask,
+/// capability sets, no_new_privs (or stricter: see the script), seccomp,
+/// signal dispositions and mask,
 /// namespaces, cgroup, limits and OOM score. Prints what differs.
 const SAME_AS_INIT: &str = r#"me=$(cat /proc/self/cgroup); init=
 for p in /proc/[0-9]*; do
@@ -117,7 +118,11 @@ done
 [ -n "$init" ] || { echo "no init in $me"; exit 0; }
 for f in Uid Gid Groups Umask CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs Seccomp Seccomp_filters SigIgn SigBlk; do
   a=$(grep "^$f:" /proc/self/status); b=$(grep "^$f:" $init/status)
-  [ "$a" = "$b" ] || echo "$f: exec [$a] init [$b]"
+  [ "$a" = "$b" ] && continue
+  # Stricter, never looser: an exec installs seccomp after its capabilities
+  # are dropped, with no_new_privs where that needs it (the init before).
+  [ "$f" = NoNewPrivs ] && [ "${a##*[[:space:]]}" = 1 ] && [ "$(grep '^Seccomp:' /proc/self/status | tr -dc 0-9)" = 2 ] && continue
+  echo "$f: exec [$a] init [$b]"
 done
 for n in ipc mnt net pid uts cgroup; do
   a=$(readlink /proc/self/ns/$n); b=$(readlink $init/ns/$n)
