@@ -1,5 +1,5 @@
 //! The lean ExecProcess path: `/init` run again as `vc-exec` (argv[0]), a
-//! fresh single-threaded process that enters a running container and execs
+//! single-threaded zygote whose children enter a running container and exec
 //! the payload with the container's security context. It replaces
 //! libcontainer's tenant set-up (state files, spec reload and validation,
 //! three processes and their channels), which cost most of an exec.
@@ -16,7 +16,14 @@
 //! lookup, seccomp last (the no_new_privs retry of the tenant path's
 //! executor) and execve.
 //!
-//! Protocol, on a socketpair at fd 3: the agent writes the JSON [`Request`]
+//! Processes: the agent starts one zygote (this binary as `vc-exec`, with
+//! posix_spawn) on the first exec; for each exec it sends the zygote a new
+//! control socket and the exec's stdio (SCM_RIGHTS). The zygote forks the
+//! intermediate, which does the above and forks the payload process. So an
+//! exec costs two forks of a small single-threaded process and one execve,
+//! not a fork of the agent and an exec of its 15 MB binary.
+//!
+//! Protocol on the control socket: the agent writes the JSON [`Request`]
 //! and shuts its write side; the intermediate answers `pid <n>\n` (the
 //! payload's PID in the agent's namespace) and exits; the payload process
 //! writes `error <message>` if anything fails before execve. The socket is
@@ -46,9 +53,6 @@ use crate::{reaper::Reaper, stdio::ChildStdio};
 
 /// argv[0] of the helper personality.
 pub const ARG0: &str = "vc-exec";
-
-/// The fd the helper finds its control socket on.
-const CONTROL_FD: i32 = 3;
 
 /// What the agent asks the helper to run.
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,41 +101,78 @@ pub fn unsupported(process: &Process) -> Option<&'static str> {
 
 // ---------------------------------------------------------------- agent side
 
+/// The zygote's end of its request socket in the agent; None until the
+/// first exec (and after it died: the next exec starts another).
+static ZYGOTE: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+
+/// Starts the zygote: this binary as `vc-exec`, its request socket on fd 0.
+/// Spawned without a pre-exec hook, so std uses posix_spawn (no copy of
+/// the agent's address space).
+fn start_zygote() -> Result<OwnedFd, String> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| format!("zygote socket: {e}"))?;
+    std::process::Command::new("/proc/self/exe")
+        .arg0(ARG0)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::from(theirs))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start the exec zygote: {e}"))?;
+    // Its exit (it only ends when this socket closes) is the reaper's.
+    Ok(ours)
+}
+
+/// Hands the zygote one request's control socket and stdio.
+fn to_zygote(fds: &[std::os::fd::RawFd; 4]) -> Result<(), String> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let mut zygote = ZYGOTE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut last = String::new();
+    for _ in 0..2 {
+        let sock = match zygote.take() {
+            Some(sock) => sock,
+            None => start_zygote()?,
+        };
+        let sent = sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[std::io::IoSlice::new(b"x")],
+            &[ControlMessage::ScmRights(fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        match sent {
+            Ok(_) => {
+                *zygote = Some(sock);
+                return Ok(());
+            }
+            // A zygote that died: once more with a new one.
+            Err(e) => last = format!("exec zygote: {e}"),
+        }
+    }
+    Err(last)
+}
+
 /// Starts `request` in its container with `stdio`; the payload's PID once
 /// it was exec'd, or why it could not be.
 pub fn spawn(request: &Request, stdio: ChildStdio, reaper: &Reaper) -> Result<i32, String> {
     let json = serde_json::to_vec(request).map_err(|e| format!("encode request: {e}"))?;
     let (mut ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let theirs: OwnedFd = theirs.into();
-    let theirs_raw = theirs.as_raw_fd();
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg0(ARG0)
-        .env_clear()
-        .stdin(Stdio::from(stdio.stdin))
-        .stdout(Stdio::from(stdio.stdout))
-        .stderr(Stdio::from(stdio.stderr));
-    // SAFETY: between fork and exec the closure makes only async-signal-safe
-    // syscalls (dup2, fcntl) on fds that stay open in the parent (`theirs`
-    // lives until spawn returns); it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            if theirs_raw == CONTROL_FD {
-                if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(theirs_raw, CONTROL_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|e| format!("start exec helper: {e}"))?;
+    to_zygote(&[
+        theirs.as_raw_fd(),
+        stdio.stdin.as_raw_fd(),
+        stdio.stdout.as_raw_fd(),
+        stdio.stderr.as_raw_fd(),
+    ])?;
+    // The zygote has its copies: ours must go, or the pipes never end.
     drop(theirs);
-    drop(cmd);
-    // The reaper takes the helper's exit; consume it so it does not linger.
-    if let Ok(helper) = i32::try_from(child.id()) {
-        consume_exit(reaper, helper);
-    }
+    drop(stdio);
     let written = ours
         .write_all(&json)
         .and_then(|()| ours.shutdown(std::net::Shutdown::Write));
@@ -183,19 +224,74 @@ fn parse_reply(answer: &str) -> Reply {
 
 // --------------------------------------------------------------- helper side
 
-/// `vc-exec`: runs the request on fd 3. Only returns on failure.
+/// `vc-exec`: the zygote. Single-threaded; for each request (a control
+/// socket and three stdio fds on the socket at fd 0) it forks the
+/// intermediate, which enters the container, and waits for it (it exits
+/// once it has forked the payload process). Ends when the agent's end
+/// closes.
 pub fn main() -> ExitCode {
-    // SAFETY: fd 3 was set up by the agent for this process (pre_exec in
-    // `spawn`); nothing else in this fresh process owns it.
-    let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
-    let mut control = UnixStream::from(control);
-    match enter(&mut control) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            let _ = control.write_all(format!("error {msg}").as_bytes());
-            ExitCode::FAILURE
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    loop {
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let msg = match recvmsg::<()>(0, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => msg,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return ExitCode::FAILURE,
+        };
+        if msg.bytes == 0 {
+            return ExitCode::SUCCESS;
+        }
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for cmsg in cmsgs {
+                if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                    // SAFETY: SCM_RIGHTS just installed these fds in this
+                    // process; nothing else owns them.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+        }
+        let Ok([control, stdin, stdout, stderr]) = <[OwnedFd; 4]>::try_from(fds) else {
+            continue;
+        };
+        // SAFETY: this process is single-threaded (a fresh exec of the
+        // agent binary that started no thread), so the child may run any
+        // code.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                let mut control = UnixStream::from(control);
+                let done =
+                    stdio_onto_012([stdin, stdout, stderr]).and_then(|()| enter(&mut control));
+                if let Err(msg) = done {
+                    let _ = control.write_all(format!("error {msg}").as_bytes());
+                    std::process::exit(1);
+                }
+                std::process::exit(0);
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                drop((control, stdin, stdout, stderr));
+                while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(child, None) {}
+            }
+            Err(e) => {
+                let mut control = UnixStream::from(control);
+                let _ = control.write_all(format!("error fork: {e}").as_bytes());
+            }
         }
     }
+}
+
+/// The request's stdio becomes 0, 1, 2 (the zygote's socket and its
+/// /dev/null go).
+fn stdio_onto_012(stdio: [OwnedFd; 3]) -> Result<(), String> {
+    for (target, fd) in stdio.iter().enumerate() {
+        nix::unistd::dup2(fd.as_raw_fd(), target as i32).map_err(errno("stdio"))?;
+    }
+    Ok(())
 }
 
 fn errno(what: &str) -> impl Fn(nix::errno::Errno) -> String + '_ {
