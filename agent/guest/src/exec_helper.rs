@@ -226,12 +226,13 @@ fn parse_reply(answer: &str) -> Reply {
 
 /// `vc-exec`: the zygote. Single-threaded; for each request (a control
 /// socket and three stdio fds on the socket at fd 0) it forks the
-/// intermediate, which enters the container, and waits for it (it exits
-/// once it has forked the payload process). Ends when the agent's end
-/// closes.
+/// intermediate, which enters the container and exits once it has forked
+/// the payload process; exited ones are collected before each request.
+/// Ends when the agent's end closes.
 pub fn main() -> ExitCode {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     loop {
+        reap_finished();
         let mut byte = [0u8; 1];
         let mut iov = [std::io::IoSliceMut::new(&mut byte)];
         let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
@@ -273,14 +274,28 @@ pub fn main() -> ExitCode {
                 }
                 std::process::exit(0);
             }
-            Ok(nix::unistd::ForkResult::Parent { child }) => {
+            Ok(nix::unistd::ForkResult::Parent { .. }) => {
                 drop((control, stdin, stdout, stderr));
-                while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(child, None) {}
+                reap_finished();
             }
             Err(e) => {
                 let mut control = UnixStream::from(control);
                 let _ = control.write_all(format!("error fork: {e}").as_bytes());
             }
+        }
+    }
+}
+
+/// Collects intermediates that have exited, never waiting for one: one
+/// stuck in a container (a cgroup frozen meanwhile) must not hold up the
+/// execs of others.
+fn reap_finished() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
         }
     }
 }
