@@ -96,6 +96,9 @@ struct Entry {
     execs: HashMap<String, Exec>,
     /// The rootfs disk, when the rootfs is one; released on removal.
     block: Option<BlockMount>,
+    /// Why execs must take libcontainer's tenant path whatever the process
+    /// (the spec's linux section asks what the lean helper does not do).
+    tenant_only: Option<&'static str>,
 }
 
 impl Entry {
@@ -481,6 +484,15 @@ impl Containers {
             .ok_or_else(|| Failure::InvalidArgument("OCI spec has no process".into()))?;
         let terminal = process.terminal().unwrap_or(false);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        let tenant_only = spec.linux().as_ref().and_then(|l| {
+            if l.personality().is_some() {
+                Some("personality")
+            } else if l.time_offsets().is_some() {
+                Some("timeOffsets")
+            } else {
+                None
+            }
+        });
         enable_controllers();
         let cgroup = spec
             .linux()
@@ -538,6 +550,7 @@ impl Containers {
             exit: Exit::default(),
             execs: HashMap::new(),
             block,
+            tenant_only,
         };
         self.entries
             .lock()
@@ -726,7 +739,7 @@ impl Containers {
             return Err(Failure::InvalidArgument("exec: no command".into()));
         }
         let entry = self.get(id)?;
-        let (process, seccomp, init, cgroup) = {
+        let (process, seccomp, init, cgroup, tenant_only) = {
             let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
             if e.execs.contains_key(&exec_id) {
                 return Err(Failure::AlreadyExists(format!(
@@ -750,9 +763,10 @@ impl Containers {
                 e.seccomp.clone(),
                 init,
                 e.cgroup.clone(),
+                e.tenant_only,
             )
         };
-        let (io, pid) = match exec_helper::unsupported(&process) {
+        let (io, pid) = match tenant_only.or_else(|| exec_helper::unsupported(&process)) {
             Some(what) => {
                 tracing::debug!(exec = %exec_id, what, "exec through libcontainer's tenant");
                 exec_tenant(id, &exec_id, process, seccomp, r.terminal, r.stdin).await?
