@@ -104,6 +104,25 @@ pub fn check(config: &Config) -> Report {
         hv.shared_fs == hypervisor::SharedFs::VirtioFs,
         &hv.virtiofsd_path,
     ));
+    let factory = config.factory.check(hv);
+    items.push(Item {
+        part: "VM factory",
+        required: true,
+        ok: factory.is_ok(),
+        detail: match factory {
+            Err(err) => err,
+            Ok(()) if config.factory.pool == 0 => {
+                "direct: each pod boots its VM (factory.pool = 0)".into()
+            }
+            Ok(()) => format!(
+                "pool of {} warm VMs ({} vCPU, {} MiB; booted at nice {})",
+                config.factory.pool,
+                hv.default_vcpus,
+                hv.default_memory_mib,
+                config.factory.refill_nice
+            ),
+        },
+    });
     let plugins: Vec<String> = ["bridge", "host-local", "portmap", "loopback"]
         .into_iter()
         .filter(|p| !config.network.bin_dirs.iter().any(|d| d.join(p).is_file()))

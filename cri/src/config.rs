@@ -77,6 +77,8 @@ pub struct Config {
     /// Each pod's run dir is a tmpfs of this many MiB (0: a plain dir);
     /// see `podsandbox::RuntimeConfig::run_dir_max_mib`.
     pub run_dir_max_mib: u32,
+    /// Warm VMs (see `podsandbox::config::FactoryConfig`).
+    pub factory: podsandbox::config::FactoryConfig,
     pub network: NetworkConfig,
     pub images: ImagesConfig,
     pub streaming: StreamingConfig,
@@ -183,6 +185,7 @@ impl Default for Config {
             agent: AgentConfig::default(),
             cgroup_root: podsandbox::cgroup::CgroupRoot::default(),
             run_dir_max_mib: podsandbox::RuntimeConfig::default().run_dir_max_mib,
+            factory: Default::default(),
             network: NetworkConfig::default(),
             images: ImagesConfig::default(),
             streaming: StreamingConfig::default(),
@@ -263,6 +266,7 @@ impl Config {
 
     fn check(&self) -> Result<(), String> {
         self.socket_path()?;
+        self.factory.check(&self.hypervisor)?;
         for a in &self.annotations.allowed {
             if !KNOWN_ANNOTATIONS.contains(&a.as_str()) {
                 return Err(format!(
@@ -302,6 +306,7 @@ impl Config {
             agent: self.agent.clone(),
             cgroup_root: self.cgroup_root,
             run_dir_max_mib: self.run_dir_max_mib,
+            factory: self.factory.clone(),
         }
     }
 

@@ -304,6 +304,8 @@ pub async fn serve_with(
     let listener = bind_socket(&path).await?;
     cri.start_streaming().await?;
     cri.recover().await?;
+    // After recovery, which discards warm VMs a previous vcrid left.
+    cri.inner.runtime.start_factory()?;
     cri.spawn_exit_events();
     tracing::info!(socket = %path.display(), ?authority, "vcrid serves");
     let router = tonic::transport::Server::builder()
@@ -324,6 +326,8 @@ pub async fn serve_with(
         }
     };
     let _ = std::fs::remove_file(&path);
+    // Pods keep running; warm VMs no pod has are thrown away.
+    cri.inner.runtime.stop_factory().await;
     result.map_err(|e| CriError::Internal(format!("gRPC server: {e}")))
 }
 

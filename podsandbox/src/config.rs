@@ -19,6 +19,10 @@
 //!
 //! [agent]
 //! dial_timeout_ms = 30000
+//!
+//! [factory]
+//! pool = 0                 # warm VMs booted ahead of demand (a node: 1-2)
+//! refill_nice = 19         # the nice value a pool VM boots (and idles) at
 //! ```
 
 use std::{
@@ -57,6 +61,53 @@ pub struct RuntimeConfig {
     /// can take of the host's memory, whatever the guest writes. 0: a plain
     /// directory of `run_dir`'s filesystem.
     pub run_dir_max_mib: u32,
+    /// Where new sandboxes' VMs come from (see [`crate::factory`]).
+    pub factory: FactoryConfig,
+}
+
+/// The VM factory: `pool = 0` boots every sandbox's VM when it is created;
+/// `pool = N` keeps N VMs of the default size booted, agent ready, for
+/// sandboxes to claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FactoryConfig {
+    /// How many warm VMs to keep; 0: none (every VM boots on demand).
+    pub pool: u32,
+    /// The nice value (0..=19) of a pool VM's threads until a sandbox
+    /// claims it, so that refilling the pool yields to running pods.
+    pub refill_nice: i32,
+    /// How long a pool VM may take to boot (it boots at low priority, so
+    /// longer than a sandbox's own `agent.dial_timeout_ms`).
+    pub boot_timeout_ms: u64,
+}
+
+impl FactoryConfig {
+    /// What the file cannot mean, naming the key.
+    pub fn check(&self, hv: &HypervisorConfig) -> std::result::Result<(), String> {
+        if !(0..=19).contains(&self.refill_nice) {
+            return Err(format!(
+                "factory.refill_nice: {} is not a nice value of 0 to 19",
+                self.refill_nice
+            ));
+        }
+        if self.pool > 0 && hv.machine != hypervisor::MachineType::Q35 {
+            return Err(format!(
+                "factory.pool: {} warm VMs need hypervisor.machine = \"q35\" (a warm VM gets its pod's NICs and size by hot-plug)",
+                self.pool
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for FactoryConfig {
+    fn default() -> Self {
+        Self {
+            pool: 0,
+            refill_nice: 19,
+            boot_timeout_ms: 120_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +140,7 @@ impl Default for RuntimeConfig {
             agent: AgentConfig::default(),
             cgroup_root: crate::cgroup::CgroupRoot::default(),
             run_dir_max_mib: 32,
+            factory: FactoryConfig::default(),
         }
     }
 }
@@ -127,9 +179,11 @@ impl RuntimeConfig {
         for key in SERVER_KEYS {
             table.remove(*key);
         }
-        table
+        let config: Self = table
             .try_into()
-            .map_err(|e: toml::de::Error| e.message().to_string())
+            .map_err(|e: toml::de::Error| e.message().to_string())?;
+        config.factory.check(&config.hypervisor)?;
+        Ok(config)
     }
 
     /// An empty kernel or initrd means "the guest image that was built or

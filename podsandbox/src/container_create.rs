@@ -90,7 +90,7 @@ impl Runtime {
             s.record.hostname.clone()
         };
         // Built where only the host writes; the guest sees it read-only.
-        let run_dir = self.run_dir(sandbox_id);
+        let run_dir = self.vm_run_dir(&s.record);
         let container_dir = mounts::host_share(&run_dir).join(&cid);
         std::fs::DirBuilder::new()
             .recursive(true)

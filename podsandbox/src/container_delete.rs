@@ -38,7 +38,7 @@ impl Runtime {
                     })?;
             }
         }
-        mounts::remove_container_share(&self.run_dir(sandbox_id), id)?;
+        mounts::remove_container_share(&self.vm_run_dir(&s.record), id)?;
         s.record.containers.remove(idx);
         if let Some(vm) = &s.vm {
             s.record.vm = Some(vm.state());

@@ -32,14 +32,17 @@ mod container_pause;
 mod container_start;
 mod container_update;
 mod error;
+pub mod factory;
 pub mod failpoint;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 mod mounts;
 pub mod network;
+mod nice;
 pub mod oci;
 mod recover;
 mod sandbox;
+mod sandbox_claim;
 mod sandbox_create;
 mod sandbox_delete;
 mod sandbox_network;

@@ -72,8 +72,11 @@ impl Runtime {
                         let recorded: BTreeSet<String> =
                             s.record.containers.iter().map(|c| c.id.clone()).collect();
                         if let Some(vm) = s.vm.clone() {
-                            out.containers_discarded
-                                .extend(self.discard_unrecorded(&id, vm.as_ref(), &recorded).await);
+                            let run_dir = self.vm_run_dir(&s.record);
+                            out.containers_discarded.extend(
+                                self.discard_unrecorded(&id, &run_dir, vm.as_ref(), &recorded)
+                                    .await,
+                            );
                         }
                         drop(s);
                         for cid in live {
@@ -121,11 +124,11 @@ impl Runtime {
     async fn discard_unrecorded(
         &self,
         sandbox_id: &str,
+        run_dir: &Path,
         vm: &dyn hypervisor::Hypervisor,
         recorded: &BTreeSet<String>,
     ) -> Vec<(String, String)> {
-        let run_dir = self.run_dir(sandbox_id);
-        let Ok(entries) = std::fs::read_dir(crate::mounts::host_share(&run_dir)) else {
+        let Ok(entries) = std::fs::read_dir(crate::mounts::host_share(run_dir)) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -138,7 +141,7 @@ impl Runtime {
             }
             tracing::warn!(sandbox = %sandbox_id, container = %cid, "removing a container whose creation did not finish");
             self.discard_guest_container(sandbox_id, vm, &cid).await;
-            if let Err(err) = crate::mounts::remove_container_share(&run_dir, &cid) {
+            if let Err(err) = crate::mounts::remove_container_share(run_dir, &cid) {
                 tracing::warn!(sandbox = %sandbox_id, container = %cid, "removing its shared dir: {}", err.chain());
                 continue;
             }
@@ -149,40 +152,49 @@ impl Runtime {
 
     /// Kills the processes (a QEMU, its helpers) that name the run dir of a
     /// sandbox whose VM is not supposed to run — no record, stopped, torn
-    /// down, set aside — and removes run dirs no sandbox has. Returns the
-    /// PIDs killed.
+    /// down, set aside — and removes run dirs no sandbox has (a pool VM's
+    /// that no sandbox claimed among them). Returns the PIDs killed.
     fn remove_orphans(&self, running: &[String]) -> Vec<i32> {
         let run_root = &self.inner.config.run_dir;
         let Ok(entries) = std::fs::read_dir(run_root) else {
             return Vec::new();
         };
         let running: BTreeSet<&str> = running.iter().map(String::as_str).collect();
-        let known: BTreeSet<String> = self
-            .inner
-            .store
-            .ids()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        // Each record's run dir by name (a VM from the pool keeps the
+        // name it booted under), and whether its VM is to keep running.
+        let mut known: std::collections::BTreeMap<String, bool> = Default::default();
+        for id in self.inner.store.ids().unwrap_or_default() {
+            let dir = match self.inner.store.load(&id) {
+                Ok(record) => self.vm_run_dir(&record),
+                Err(_) => self.run_dir(&id),
+            };
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let live = running.contains(id.as_str());
+            let entry = known.entry(name.to_string()).or_insert(false);
+            *entry |= live;
+            known.entry(id).or_insert(false);
+        }
         let mut killed = Vec::new();
         for entry in entries.flatten() {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if running.contains(name.as_str()) || !entry.path().is_dir() {
+            if !entry.path().is_dir() || known.get(&name) == Some(&true) {
                 continue;
             }
             // The run dir may be shared with others (vcrid keeps its netns
             // and CNI state there): only what a sandbox made is touched —
             // a sandbox's own ID, or a dir with the `shared/` every sandbox
             // run dir has.
-            let sandbox_made = known.contains(&name)
+            let sandbox_made = known.contains_key(&name)
                 || (crate::sandbox::valid_id(&name) && entry.path().join("shared").is_dir());
             if !sandbox_made {
                 continue;
             }
             killed.extend(kill_processes_naming(&name, &entry.path()));
-            if !known.contains(&name) {
+            if !known.contains_key(&name) {
                 if let Err(err) = crate::mounts::remove_tree(&entry.path()) {
                     tracing::warn!(sandbox = %name, "removing an orphan run dir: {}", err.chain());
                 }
@@ -194,7 +206,7 @@ impl Runtime {
 
 /// SIGKILLs the processes naming `dir` (see [`processes_naming`]): those of
 /// a VM no running sandbox owns. Returns the PIDs killed.
-fn kill_processes_naming(sandbox: &str, dir: &Path) -> Vec<i32> {
+pub(crate) fn kill_processes_naming(sandbox: &str, dir: &Path) -> Vec<i32> {
     let mut killed = Vec::new();
     for pid in processes_naming(dir) {
         tracing::warn!(%sandbox, pid, "killing a process of a VM no running sandbox owns");

@@ -68,6 +68,9 @@ pub struct SandboxStatus {
     /// The network the guest was given.
     #[serde(default)]
     pub network: crate::network::SandboxNetwork,
+    /// Where the VM came from (booted for the sandbox, or the pool).
+    #[serde(default)]
+    pub origin: crate::factory::VmOrigin,
 }
 
 /// Makes and finds VMs; the seam where tests put a fake hypervisor.
@@ -116,6 +119,8 @@ pub(crate) struct RuntimeInner {
     pub(crate) config: RuntimeConfig,
     pub(crate) store: Store,
     pub(crate) vms: Arc<dyn VmFactory>,
+    /// Warm VMs for new sandboxes (see [`crate::factory`]).
+    pub(crate) factory: Arc<dyn crate::factory::Factory>,
     pub(crate) dialer: Arc<dyn AgentDialer>,
     /// In-process container monitors, by "sandbox/container".
     pub(crate) monitors:
@@ -205,11 +210,13 @@ impl Runtime {
         dialer: Arc<dyn AgentDialer>,
     ) -> Result<Self> {
         let store = Store::new(&config.state_dir)?;
+        let factory = crate::factory::from_config(&config.factory);
         Ok(Self {
             inner: Arc::new(RuntimeInner {
                 config,
                 store,
                 vms,
+                factory,
                 dialer,
                 monitors: Default::default(),
                 agents: Default::default(),
@@ -271,9 +278,22 @@ impl Runtime {
         self.fetch_sandbox(id).await?.status().await
     }
 
-    /// The per-sandbox run dir (sockets, logs).
+    /// The run dir (sockets, logs) a VM booted for sandbox (or pool VM)
+    /// `id` gets.
     pub(crate) fn run_dir(&self, id: &str) -> PathBuf {
         self.inner.config.run_dir.join(id)
+    }
+
+    /// The run dir of the VM of `record`: its own, or the one its VM booted
+    /// in (a pool VM's). Only a dir directly under the configured run dir
+    /// is taken from the record.
+    pub(crate) fn vm_run_dir(&self, record: &SandboxRecord) -> PathBuf {
+        record
+            .vm
+            .as_ref()
+            .map(|vm| vm.run_dir.clone())
+            .filter(|dir| dir.parent() == Some(self.inner.config.run_dir.as_path()))
+            .unwrap_or_else(|| self.run_dir(&record.id))
     }
 
     pub(crate) fn restore_vm(&self, record: &SandboxRecord) -> Result<Option<Arc<dyn Hypervisor>>> {
@@ -520,6 +540,7 @@ impl Runtime {
                 .map(|ip| ip.to_string())
                 .collect(),
             network: record.network.clone(),
+            origin: record.origin,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hypervisor::{Hypervisor, VmConfig};
+use hypervisor::{Hypervisor, VmConfig, VmSize};
 
 use crate::{
     agent::AgentClient,
@@ -65,6 +65,8 @@ impl Runtime {
                 sysctls: config.network.sysctls.clone(),
             },
             cgroup: None,
+            origin: Default::default(),
+            floor: None,
         };
         let store = &self.inner.store;
         store.reserve(&id)?;
@@ -75,20 +77,31 @@ impl Runtime {
                 return Err(err);
             }
         };
-        let vm = match self
-            .boot(
+        let warm = self
+            .claim_warm(
                 &mut record,
                 &config.network,
                 &files,
                 cgroup_parent.as_deref(),
             )
-            .await
-        {
-            Ok(vm) => vm,
-            Err((err, vm)) => {
-                self.unwind(&id, vm.as_deref()).await;
-                return Err(err);
-            }
+            .await;
+        let vm = match warm {
+            Some(vm) => vm,
+            None => match self
+                .boot(
+                    &mut record,
+                    &config.network,
+                    &files,
+                    cgroup_parent.as_deref(),
+                )
+                .await
+            {
+                Ok(vm) => vm,
+                Err((err, vm)) => {
+                    self.unwind(&id, vm.as_deref()).await;
+                    return Err(err);
+                }
+            },
         };
         record.state = record
             .state
@@ -115,96 +128,25 @@ impl Runtime {
     ) -> std::result::Result<Arc<dyn Hypervisor>, (Error, Option<Arc<dyn Hypervisor>>)> {
         let id = record.id.clone();
         self.inner.store.save(record).map_err(|e| (e, None))?;
-        let run_dir = self.run_dir(&id);
-        // A run dir without a sandbox is debris of a crashed create.
-        if run_dir.exists() {
-            crate::mounts::remove_tree(&run_dir).map_err(|e| (e, None))?;
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&run_dir)
-            .map_err(|source| {
-                (
-                    Error::Io {
-                        action: "create run dir",
-                        path: run_dir.clone(),
-                        source,
-                    },
-                    None,
-                )
-            })?;
-        let size = self.inner.config.run_dir_max_mib;
-        if size > 0 {
-            crate::mounts::bounded_tmpfs(&run_dir, size).map_err(|e| (e, None))?;
-        }
-        let shared = crate::mounts::guest_share(&run_dir);
-        let host_share = crate::mounts::host_share(&run_dir);
-        for dir in [&shared, &host_share] {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| {
-                    (
-                        Error::Io {
-                            action: "create shared dir",
-                            path: dir.clone(),
-                            source,
-                        },
-                        None,
-                    )
-                })?;
-        }
-        crate::mounts::share_read_only(&host_share, &shared).map_err(|e| (e, None))?;
-        // Made here, known only to this VM's record and its guest.
-        let secret = agent::AgentSecret::generate().map_err(|source| {
-            (
-                Error::Io {
-                    action: "read randomness for the agent secret from",
-                    path: "/dev/urandom".into(),
-                    source,
-                },
-                None,
-            )
-        })?;
-        let vm_config = VmConfig {
-            agent_secret: Some(secret.to_hex()),
-            shared: Some(hypervisor::SharedDir {
-                host_path: shared,
-                tag: agent::SHARED_FS_TAG.into(),
-            }),
-            id: id.clone(),
+        let nics = network
+            .interfaces
+            .iter()
+            .filter_map(|n| {
+                n.tap.as_ref().map(|tap| hypervisor::Nic {
+                    tap: tap.0.clone(),
+                    mac: n.mac.clone(),
+                    mtu: n.mtu,
+                })
+            })
+            .collect();
+        let size = VmSize {
             vcpus: record.vcpus,
             memory_mib: record.memory_mib,
-            run_dir,
-            nics: network
-                .interfaces
-                .iter()
-                .filter_map(|n| {
-                    n.tap.as_ref().map(|tap| hypervisor::Nic {
-                        tap: tap.0.clone(),
-                        mac: n.mac.clone(),
-                        mtu: n.mtu,
-                    })
-                })
-                .collect(),
         };
         let vm = self
-            .inner
-            .vms
-            .create(&self.inner.config.hypervisor, vm_config)
-            .map_err(|source| {
-                (
-                    Error::Hypervisor {
-                        id: id.clone(),
-                        source,
-                    },
-                    None,
-                )
-            })?;
-        if let Err(source) = vm.boot().await {
-            return Err((Error::Hypervisor { id, source }, None));
-        }
+            .spawn_vm(&id, size, nics)
+            .await
+            .map_err(|e| (e, None))?;
         // A VM runs that no record names yet.
         self.fail_point("create_sandbox.vm_spawned")
             .map_err(|e| (e, Some(vm.clone())))?;
@@ -219,7 +161,8 @@ impl Runtime {
         if let Err(err) = self.inner.store.save(record) {
             return Err((err, Some(vm)));
         }
-        let agent = match self.wait_for_agent(&id, vm.as_ref()).await {
+        let timeout = self.inner.config.agent.dial_timeout();
+        let agent = match self.wait_for_agent(&id, vm.as_ref(), timeout).await {
             Ok(agent) => agent,
             Err(err) => return Err((err, Some(vm))),
         };
@@ -233,10 +176,85 @@ impl Runtime {
         }
     }
 
-    /// Dials the agent until it answers a health check, the VM exits, or the
-    /// dial timeout passes.
-    async fn wait_for_agent(&self, id: &str, vm: &dyn Hypervisor) -> Result<Arc<dyn AgentClient>> {
-        let timeout = self.inner.config.agent.dial_timeout();
+    /// Makes the run dir `run_dir(vm_id)` (a bounded tmpfs with the shared
+    /// dirs) and boots a VM of `size` with `nics` in it. On error nothing
+    /// of the VM runs; the run dir is the caller's to remove.
+    pub(crate) async fn spawn_vm(
+        &self,
+        vm_id: &str,
+        size: VmSize,
+        nics: Vec<hypervisor::Nic>,
+    ) -> Result<Arc<dyn Hypervisor>> {
+        let run_dir = self.run_dir(vm_id);
+        // A run dir without a sandbox is debris of a crashed create.
+        if run_dir.exists() {
+            crate::mounts::remove_tree(&run_dir)?;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&run_dir)
+            .map_err(|source| Error::Io {
+                action: "create run dir",
+                path: run_dir.clone(),
+                source,
+            })?;
+        let max_mib = self.inner.config.run_dir_max_mib;
+        if max_mib > 0 {
+            crate::mounts::bounded_tmpfs(&run_dir, max_mib)?;
+        }
+        let shared = crate::mounts::guest_share(&run_dir);
+        let host_share = crate::mounts::host_share(&run_dir);
+        for dir in [&shared, &host_share] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| Error::Io {
+                    action: "create shared dir",
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        crate::mounts::share_read_only(&host_share, &shared)?;
+        // Made here, known only to this VM's record and its guest.
+        let secret = agent::AgentSecret::generate().map_err(|source| Error::Io {
+            action: "read randomness for the agent secret from",
+            path: "/dev/urandom".into(),
+            source,
+        })?;
+        let vm_config = VmConfig {
+            agent_secret: Some(secret.to_hex()),
+            shared: Some(hypervisor::SharedDir {
+                host_path: shared,
+                tag: agent::SHARED_FS_TAG.into(),
+            }),
+            id: vm_id.to_string(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            run_dir,
+            nics,
+        };
+        let hypervisor_error = |source| Error::Hypervisor {
+            id: vm_id.to_string(),
+            source,
+        };
+        let vm = self
+            .inner
+            .vms
+            .create(&self.inner.config.hypervisor, vm_config)
+            .map_err(hypervisor_error)?;
+        vm.boot().await.map_err(hypervisor_error)?;
+        Ok(vm)
+    }
+
+    /// Dials the agent until it answers a health check, the VM exits, or
+    /// `timeout` passes.
+    pub(crate) async fn wait_for_agent(
+        &self,
+        id: &str,
+        vm: &dyn Hypervisor,
+        timeout: Duration,
+    ) -> Result<Arc<dyn AgentClient>> {
         tokio::select! {
             reason = vm.wait_exit() => Err(Error::VmExitedDuringBoot { id: id.into(), reason }),
             result = self.ready_then_dial(id, vm, timeout) => result,
@@ -298,9 +316,18 @@ impl Runtime {
                 problems.push(format!("stop VM: {err}"));
             }
         }
-        let run_dir = self.run_dir(id);
-        if let Err(err) = crate::mounts::remove_tree(&run_dir) {
-            problems.push(err.chain());
+        let mut run_dirs = vec![self.run_dir(id)];
+        // A VM from the pool lives in the run dir it booted in.
+        if let Ok(record) = self.inner.store.load(id) {
+            let own = self.vm_run_dir(&record);
+            if !run_dirs.contains(&own) {
+                run_dirs.push(own);
+            }
+        }
+        for run_dir in &run_dirs {
+            if let Err(err) = crate::mounts::remove_tree(run_dir) {
+                problems.push(err.chain());
+            }
         }
         if let Some(cg) = self.inner.store.load(id).ok().and_then(|r| r.cgroup) {
             crate::cgroup::remove(&cg);
@@ -360,7 +387,7 @@ impl Runtime {
 }
 
 /// Gives the guest the pod's interfaces, routes and /etc files.
-async fn configure_guest(
+pub(crate) async fn configure_guest(
     id: &str,
     agent: &dyn AgentClient,
     network: &SandboxNetwork,

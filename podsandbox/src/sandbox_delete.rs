@@ -14,7 +14,7 @@ impl Sandbox {
         rt.forget_agent(self.id());
         // Container rootfs bind mounts are detached first: removing the
         // tree through them would delete the sources' files.
-        crate::mounts::remove_tree(&rt.run_dir(self.id()))?;
+        crate::mounts::remove_tree(&rt.vm_run_dir(&s.record))?;
         if let Some(cg) = &s.record.cgroup {
             crate::cgroup::remove(cg);
         }

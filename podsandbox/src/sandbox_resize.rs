@@ -102,7 +102,7 @@ impl Runtime {
         s: &Locked,
         changed: Option<(&str, &Resources)>,
     ) -> Result<VmSize> {
-        let floor = s
+        let boot = s
             .record
             .vm
             .as_ref()
@@ -111,6 +111,12 @@ impl Runtime {
                 vcpus: s.record.vcpus,
                 memory_mib: s.record.memory_mib,
             });
+        // A VM from the pool booted smaller than the sandbox asked for.
+        let asked = s.record.floor.unwrap_or(boot);
+        let floor = VmSize {
+            vcpus: boot.vcpus.max(asked.vcpus),
+            memory_mib: boot.memory_mib.max(asked.memory_mib),
+        };
         let others = s
             .record
             .containers
@@ -137,44 +143,64 @@ impl Runtime {
     /// happen leaves the VM bigger, with a warning.
     pub(crate) async fn fit_vm(&self, s: &mut Locked, want: VmSize) -> Result<()> {
         let vm: Arc<dyn Hypervisor> = s.vm()?.clone();
-        let have = vm.state().size();
-        if want == have {
-            return Ok(());
-        }
-        let growing = want.vcpus > have.vcpus || want.memory_mib > have.memory_mib;
         let id = s.record.id.clone();
-        let now = match vm.resize(want).await {
-            Ok(now) => now,
-            Err(source) if !growing => {
-                tracing::warn!(sandbox = %id, %have, %want, "VM not shrunk: {source}");
-                return Ok(());
-            }
-            Err(source) => {
-                return Err(Error::Resize {
-                    id,
-                    have,
-                    want,
-                    source,
-                })
-            }
+        let have = vm.state().size();
+        let Some(now) = self.resize_vm(&id, vm.as_ref(), want).await? else {
+            return Ok(());
         };
         // The record follows the VM even if the guest fails to online.
         s.record.vcpus = now.vcpus;
         s.record.memory_mib = now.memory_mib;
         s.record.vm = Some(vm.state());
         if now.vcpus > have.vcpus {
-            let agent = self.agent(&id, vm.as_ref()).await?;
-            let guest = agent
-                .online_resources(now.vcpus, ONLINE_TIMEOUT)
-                .await
-                .map_err(|e| Error::Agent {
-                    id: id.clone(),
-                    call: "OnlineResources",
-                    detail: e.to_string(),
-                })?;
-            if guest.online_cpus < now.vcpus {
-                tracing::warn!(sandbox = %id, online = guest.online_cpus, plugged = now.vcpus, "the guest has not onlined every hot-plugged vCPU");
+            self.online(&id, vm.as_ref(), now).await?;
+        }
+        Ok(())
+    }
+
+    /// Resizes `vm` to `want`: the size it has then, or `None` when nothing
+    /// changed (it was that size, or a shrink could not happen: a warning).
+    /// Growth that fails is an error.
+    pub(crate) async fn resize_vm(
+        &self,
+        id: &str,
+        vm: &dyn Hypervisor,
+        want: VmSize,
+    ) -> Result<Option<VmSize>> {
+        let have = vm.state().size();
+        if want == have {
+            return Ok(None);
+        }
+        let growing = want.vcpus > have.vcpus || want.memory_mib > have.memory_mib;
+        match vm.resize(want).await {
+            Ok(now) => Ok(Some(now)),
+            Err(source) if !growing => {
+                tracing::warn!(sandbox = %id, %have, %want, "VM not shrunk: {source}");
+                Ok(None)
             }
+            Err(source) => Err(Error::Resize {
+                id: id.into(),
+                have,
+                want,
+                source,
+            }),
+        }
+    }
+
+    /// Has the guest online the hot-plugged vCPUs (and memory) of a VM now
+    /// `now` in size.
+    pub(crate) async fn online(&self, id: &str, vm: &dyn Hypervisor, now: VmSize) -> Result<()> {
+        let agent = self.agent(id, vm).await?;
+        let guest = agent
+            .online_resources(now.vcpus, ONLINE_TIMEOUT)
+            .await
+            .map_err(|e| Error::Agent {
+                id: id.into(),
+                call: "OnlineResources",
+                detail: e.to_string(),
+            })?;
+        if guest.online_cpus < now.vcpus {
+            tracing::warn!(sandbox = %id, online = guest.online_cpus, plugged = now.vcpus, "the guest has not onlined every hot-plugged vCPU");
         }
         Ok(())
     }

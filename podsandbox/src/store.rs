@@ -52,6 +52,14 @@ pub struct SandboxRecord {
     /// The host cgroup directories the VM was placed in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<crate::cgroup::SandboxCgroup>,
+    /// Where the VM came from: booted for this sandbox, or claimed from
+    /// the factory's pool.
+    #[serde(default)]
+    pub origin: crate::factory::VmOrigin,
+    /// The size the sandbox asked for when its VM (from the pool) booted
+    /// smaller: the floor resizes keep to. `None`: the VM's boot size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<hypervisor::VmSize>,
 }
 
 /// Holds a sandbox's lock until dropped.
@@ -245,6 +253,8 @@ impl Store {
                         hostname: String::new(),
                         network: Default::default(),
                         cgroup: None,
+                        origin: Default::default(),
+                        floor: None,
                     });
                 }
                 return Err(Error::NotFound { id: id.into() });
@@ -388,6 +398,8 @@ mod tests {
             hostname: String::new(),
             network: Default::default(),
             cgroup: None,
+            origin: Default::default(),
+            floor: None,
         }
     }
 

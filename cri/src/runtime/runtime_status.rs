@@ -70,6 +70,10 @@ impl Cri {
                 "config".to_string(),
                 serde_json::to_string(&self.inner.config).unwrap_or_default(),
             );
+            info.insert(
+                "factory".to_string(),
+                serde_json::to_string(&self.inner.runtime.factory_status()).unwrap_or_default(),
+            );
         }
         let handler = |name: &str| cri::RuntimeHandler {
             name: name.into(),

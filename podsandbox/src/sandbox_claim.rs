@@ -1,0 +1,502 @@
+//! CreateSandbox from the factory: a warm VM (booted ahead, agent
+//! answering, see [`crate::factory`]) becomes the new sandbox's. Its
+//! priority goes back to normal, it joins the pod's cgroup, grows to the
+//! pod's size, gets the pod's NICs by hot-plug and the pod's network and
+//! files from its agent. If any step fails, the warm VM is thrown away and
+//! the sandbox boots its own, as without a pool.
+//!
+//! Also the runtime's end of the factory ([`RuntimeWarmer`]): booting a
+//! warm VM, throwing one away.
+
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use hypervisor::{Hypervisor, MachineType, VmSize};
+
+use crate::{
+    factory::{VmOrigin, WarmVm, Warmer},
+    network::{SandboxFiles, SandboxNetwork},
+    sandbox::{Runtime, RuntimeInner},
+    store::SandboxRecord,
+    Error, Result,
+};
+
+impl Runtime {
+    /// Makes a warm VM the sandbox's, if the factory has one and the
+    /// sandbox can have one. `None`: the caller boots one.
+    pub(crate) async fn claim_warm(
+        &self,
+        record: &mut SandboxRecord,
+        network: &SandboxNetwork,
+        files: &SandboxFiles,
+        cgroup_parent: Option<&std::path::Path>,
+    ) -> Option<Arc<dyn Hypervisor>> {
+        let want = VmSize {
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+        };
+        if let Err(why) = self.warm_vm_fits(want, network) {
+            if self.inner.factory.status().target > 0 {
+                tracing::info!(sandbox = %record.id, "booting a VM: {why}");
+            }
+            return None;
+        }
+        let warm = self.inner.factory.take()?;
+        let id = record.id.clone();
+        match self
+            .claim(record, &warm, want, network, files, cgroup_parent)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(sandbox = %id, vm = %warm.id, "sandbox has a warm VM");
+                Some(warm.vm)
+            }
+            Err(err) => {
+                tracing::warn!(sandbox = %id, vm = %warm.id, "claiming a warm VM failed, booting one instead: {}", err.chain());
+                if let Some(cg) = record.cgroup.take() {
+                    crate::cgroup::remove(&cg);
+                }
+                self.forget_agent(&id);
+                self.discard_vm(&warm.id, Some(warm.vm.as_ref())).await;
+                record.vm = None;
+                record.origin = VmOrigin::Boot;
+                record.floor = None;
+                record.vcpus = want.vcpus;
+                record.memory_mib = want.memory_mib;
+                None
+            }
+        }
+    }
+
+    /// Why a warm VM (the default size, no NICs) cannot become a sandbox
+    /// of `want` with `network`, if it cannot.
+    fn warm_vm_fits(
+        &self,
+        want: VmSize,
+        network: &SandboxNetwork,
+    ) -> std::result::Result<(), String> {
+        let hv = &self.inner.config.hypervisor;
+        if want.vcpus < hv.default_vcpus || want.memory_mib < hv.default_memory_mib {
+            return Err(format!(
+                "the sandbox asks for less than the warm VMs' {} vCPUs and {} MiB",
+                hv.default_vcpus, hv.default_memory_mib
+            ));
+        }
+        let grows = want.vcpus > hv.default_vcpus || want.memory_mib > hv.default_memory_mib;
+        if grows && !hv.resource_hotplug {
+            return Err("a warm VM cannot grow (hypervisor.resource_hotplug is off)".into());
+        }
+        let nics = u32::try_from(network.interfaces.len()).unwrap_or(u32::MAX);
+        if nics > 0 && (hv.machine != MachineType::Q35 || nics > hv.hotplug_slots) {
+            return Err(format!(
+                "{nics} NICs do not fit the hot-plug slots of a warm VM ({} on q35)",
+                hv.hotplug_slots
+            ));
+        }
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        record: &mut SandboxRecord,
+        warm: &WarmVm,
+        want: VmSize,
+        network: &SandboxNetwork,
+        files: &SandboxFiles,
+        cgroup_parent: Option<&std::path::Path>,
+    ) -> Result<()> {
+        let id = record.id.clone();
+        let vm = warm.vm.as_ref();
+        record.origin = VmOrigin::Pool;
+        record.vm = Some(vm.state());
+        // From here on a crash leaves a record that names the VM: recovery
+        // tears it down (its run dir with it).
+        self.inner.store.save(record)?;
+        crate::nice::set_nice(&vm.pids(), 0);
+        self.adopt_agent(&warm.id, &id);
+        self.fail_point("create_sandbox.claimed")?;
+        if let Some(parent) = cgroup_parent {
+            record.cgroup = Some(crate::cgroup::place(
+                &id,
+                parent,
+                self.inner.config.cgroup_root,
+                &vm.pids(),
+            )?);
+        }
+        let have = vm.state().size();
+        if want != have {
+            if let Some(now) = self.resize_vm(&id, vm, want).await? {
+                record.vcpus = now.vcpus;
+                record.memory_mib = now.memory_mib;
+                record.vm = Some(vm.state());
+                if now.vcpus > have.vcpus {
+                    self.online(&id, vm, now).await?;
+                }
+            }
+            record.floor = Some(want);
+        }
+        for nic in &network.interfaces {
+            let Some(tap) = nic.tap.as_ref() else {
+                continue;
+            };
+            let hw = hypervisor::Nic {
+                tap: tap.0.clone(),
+                mac: nic.mac.clone(),
+                mtu: nic.mtu,
+            };
+            vm.add_nic(&hw).await.map_err(|source| Error::Hypervisor {
+                id: id.clone(),
+                source,
+            })?;
+        }
+        record.vm = Some(vm.state());
+        self.inner.store.save(record)?;
+        let agent = self.agent(&id, vm).await?;
+        crate::sandbox_create::configure_guest(&id, agent.as_ref(), network, files).await?;
+        self.fail_point("create_sandbox.guest_ready")
+    }
+
+    /// The agent connection a warm VM booted with, kept for the sandbox
+    /// that claimed it.
+    fn adopt_agent(&self, vm_id: &str, sandbox_id: &str) {
+        let mut agents = self.inner.agents.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = agents.remove(vm_id) {
+            agents.insert(sandbox_id.to_string(), client);
+        }
+    }
+
+    /// Boots a warm VM: the default size, no NICs, at the pool's nice
+    /// value, until its agent answers. On error nothing of it is left.
+    async fn warm_vm(&self, vm_id: &str) -> Result<Arc<dyn Hypervisor>> {
+        let config = &self.inner.config;
+        let size = VmSize {
+            vcpus: config.hypervisor.default_vcpus,
+            memory_mib: config.hypervisor.default_memory_mib,
+        };
+        let vm = match self.spawn_vm(vm_id, size, Vec::new()).await {
+            Ok(vm) => vm,
+            Err(err) => {
+                self.discard_vm(vm_id, None).await;
+                return Err(err);
+            }
+        };
+        crate::nice::set_nice(&vm.pids(), config.factory.refill_nice);
+        let timeout = Duration::from_millis(config.factory.boot_timeout_ms);
+        if let Err(err) = self.wait_for_agent(vm_id, vm.as_ref(), timeout).await {
+            self.discard_vm(vm_id, Some(vm.as_ref())).await;
+            return Err(err);
+        }
+        Ok(vm)
+    }
+
+    /// Throws away a VM that is no sandbox's (a warm VM): stops it, kills
+    /// whatever names its run dir, removes the run dir.
+    pub(crate) async fn discard_vm(&self, vm_id: &str, vm: Option<&dyn Hypervisor>) {
+        if let Some(vm) = vm {
+            if let Err(err) = vm.stop(Duration::from_millis(500)).await {
+                tracing::warn!(vm = %vm_id, "stopping a warm VM: {err}");
+            }
+        }
+        self.forget_agent(vm_id);
+        let run_dir = self.run_dir(vm_id);
+        crate::recover::kill_processes_naming(vm_id, &run_dir);
+        if let Err(err) = crate::mounts::remove_tree(&run_dir) {
+            tracing::warn!(vm = %vm_id, "removing a warm VM's run dir: {}", err.chain());
+        }
+    }
+
+    /// Starts the factory (a no-op without a pool). Call once the runtime
+    /// has recovered its sandboxes (recovery discards warm VMs a previous
+    /// owner left).
+    pub fn start_factory(&self) -> Result<()> {
+        let config = &self.inner.config;
+        config
+            .factory
+            .check(&config.hypervisor)
+            .map_err(|detail| Error::Config {
+                path: "[factory]".into(),
+                detail,
+            })?;
+        self.inner
+            .factory
+            .start(Arc::new(RuntimeWarmer(Arc::downgrade(&self.inner))));
+        Ok(())
+    }
+
+    /// Stops the factory and throws its warm VMs away (sandboxes' VMs keep
+    /// running).
+    pub async fn stop_factory(&self) {
+        self.inner.factory.shutdown().await;
+    }
+
+    pub fn factory_status(&self) -> crate::factory::FactoryStatus {
+        self.inner.factory.status()
+    }
+}
+
+/// The runtime as the factory's [`Warmer`]; holds it weakly, so a pool
+/// does not keep a dropped runtime alive.
+pub(crate) struct RuntimeWarmer(Weak<RuntimeInner>);
+
+impl RuntimeWarmer {
+    fn runtime(&self) -> Option<Runtime> {
+        self.0.upgrade().map(|inner| Runtime { inner })
+    }
+}
+
+#[async_trait]
+impl Warmer for RuntimeWarmer {
+    async fn warm(&self, id: &str) -> Result<Arc<dyn Hypervisor>> {
+        match self.runtime() {
+            Some(rt) => rt.warm_vm(id).await,
+            None => Err(Error::Config {
+                path: "[factory]".into(),
+                detail: "the runtime is gone".into(),
+            }),
+        }
+    }
+
+    async fn discard(&self, id: &str, vm: Option<&dyn Hypervisor>) {
+        if let Some(rt) = self.runtime() {
+            rt.discard_vm(id, vm).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use hypervisor::fake::Op;
+
+    use crate::{
+        factory::VmOrigin,
+        fake::{FakeDialer, FakeVms},
+        network::{NetInterface, SandboxNetwork, TapFd},
+        Runtime, RuntimeConfig, SandboxConfig,
+    };
+
+    struct Harness {
+        rt: Runtime,
+        vms: Arc<FakeVms>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            crate::fake::detach_mounts_under(self.dir.path());
+        }
+    }
+
+    async fn pooled(pool: u32) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = RuntimeConfig {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..RuntimeConfig::default()
+        };
+        config.agent.dial_timeout_ms = 200;
+        config.factory.pool = pool;
+        let vms = Arc::new(FakeVms::default());
+        let rt = Runtime::with_parts(config, vms.clone(), Arc::new(FakeDialer::new(true)))
+            .expect("runtime");
+        rt.start_factory().expect("factory");
+        let h = Harness { rt, vms, dir };
+        h.until_ready(pool).await;
+        h
+    }
+
+    impl Harness {
+        async fn until_ready(&self, n: u32) {
+            for _ in 0..1000 {
+                if self.rt.factory_status().ready == n {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            panic!(
+                "the pool never had {n} warm VMs: {:?}",
+                self.rt.factory_status()
+            );
+        }
+
+        fn pool_dirs(&self) -> Vec<String> {
+            let mut dirs: Vec<String> = std::fs::read_dir(self.dir.path().join("run"))
+                .expect("run dir")
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("pool-"))
+                .collect();
+            dirs.sort();
+            dirs
+        }
+    }
+
+    fn pod(id: &str, vcpus: u32, memory_mib: u32) -> SandboxConfig {
+        SandboxConfig {
+            id: id.into(),
+            vcpus: Some(vcpus),
+            memory_mib: Some(memory_mib),
+            network: SandboxNetwork {
+                interfaces: vec![NetInterface {
+                    name: "eth0".into(),
+                    mac: "0a:58:0a:58:00:05".into(),
+                    mtu: 1500,
+                    ips: vec!["10.88.0.5/16".into()],
+                    tap: Some(TapFd(Arc::new(
+                        std::fs::File::open("/dev/null").expect("open").into(),
+                    ))),
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_claims_a_warm_vm_grows_it_and_gets_its_nic_by_hotplug() {
+        let h = pooled(1).await;
+        let warm = h.pool_dirs();
+        assert_eq!(warm.len(), 1);
+        let s =
+            h.rt.create_sandbox(pod("p1", 2, 1024))
+                .await
+                .expect("create");
+        assert_eq!(s.origin, VmOrigin::Pool);
+        assert_eq!(
+            (s.vcpus, s.memory_mib),
+            (2, 1024),
+            "grown to the pod's size"
+        );
+        let vm = h.vms.get(&warm[0]).expect("the warm VM");
+        let calls = vm.calls();
+        assert_eq!(
+            calls.iter().filter(|c| **c == Op::Boot).count(),
+            1,
+            "{calls:?}"
+        );
+        assert!(
+            calls.contains(&Op::Resize) && calls.contains(&Op::AddNic),
+            "{calls:?}"
+        );
+        assert!(h.vms.get("p1").is_none(), "no VM booted for the pod");
+        assert!(
+            !h.dir.path().join("run/p1").exists(),
+            "the VM keeps its run dir"
+        );
+        // The pool refills; the claimed VM's dir is the pod's now.
+        h.until_ready(1).await;
+        assert_eq!(h.pool_dirs().len(), 2);
+
+        // Resizes keep to the pod's size, not the warm VM's boot size.
+        let record = h.rt.inner.store.load("p1").expect("record");
+        assert_eq!(
+            record.floor,
+            Some(hypervisor::VmSize {
+                vcpus: 2,
+                memory_mib: 1024
+            })
+        );
+        h.rt.stop_sandbox("p1").await.expect("stop");
+        h.rt.delete_sandbox("p1").await.expect("delete");
+        assert!(
+            !h.dir.path().join("run").join(&warm[0]).exists(),
+            "deleting the pod removes the run dir its VM booted in"
+        );
+        h.rt.stop_factory().await;
+        assert!(h.pool_dirs().is_empty(), "{:?}", h.pool_dirs());
+    }
+
+    #[tokio::test]
+    async fn a_failed_claim_throws_the_warm_vm_away_and_boots_cold() {
+        let h = pooled(1).await;
+        let warm = h.pool_dirs();
+        h.rt.fail_points().error_at("create_sandbox.claimed");
+        let s =
+            h.rt.create_sandbox(pod("p1", 1, 256))
+                .await
+                .expect("create");
+        h.rt.fail_points().disarm();
+        assert_eq!(s.origin, VmOrigin::Boot);
+        assert!(h.vms.get("p1").is_some(), "booted for the pod");
+        assert!(
+            h.vms
+                .get(&warm[0])
+                .expect("warm")
+                .calls()
+                .contains(&Op::Stop),
+            "the warm VM was stopped"
+        );
+        assert!(!h.dir.path().join("run").join(&warm[0]).exists());
+        assert!(h.dir.path().join("run/p1").is_dir());
+        h.rt.stop_factory().await;
+    }
+
+    #[tokio::test]
+    async fn an_empty_pool_or_a_small_pod_boots_cold() {
+        let h = pooled(1).await;
+        let first =
+            h.rt.create_sandbox(pod("p1", 1, 256))
+                .await
+                .expect("create");
+        assert_eq!(first.origin, VmOrigin::Pool);
+        // Taken, and (if the refill has not finished) empty: cold.
+        let second =
+            h.rt.create_sandbox(pod("p2", 1, 256))
+                .await
+                .expect("create");
+        let small =
+            h.rt.create_sandbox(pod("p3", 1, 128))
+                .await
+                .expect("create");
+        assert_eq!(small.origin, VmOrigin::Boot, "smaller than a warm VM");
+        assert!(h.vms.get("p3").is_some());
+        if second.origin == VmOrigin::Boot {
+            assert!(h.vms.get("p2").is_some());
+        }
+        h.rt.stop_factory().await;
+    }
+
+    #[tokio::test]
+    async fn recovery_discards_unclaimed_warm_vms_and_keeps_claimed_ones() {
+        let h = pooled(2).await;
+        h.rt.create_sandbox(pod("p1", 1, 256))
+            .await
+            .expect("create");
+        h.until_ready(2).await;
+        let before = h.pool_dirs();
+        assert_eq!(before.len(), 3);
+        // A new owner of the state dir (vcrid restarted): the pool's
+        // VMs were the old owner's.
+        let rt = Runtime::with_parts(
+            h.rt.config().clone(),
+            h.vms.clone(),
+            Arc::new(FakeDialer::new(true)),
+        )
+        .expect("runtime");
+        let got = rt.recover().await.expect("recover");
+        assert_eq!(got.running, ["p1"]);
+        let claimed = rt.status_sandbox("p1").await.expect("status");
+        assert_eq!(claimed.origin, VmOrigin::Pool);
+        assert_eq!(h.pool_dirs().len(), 1, "only the claimed VM's dir is left");
+        rt.stop_sandbox("p1").await.expect("stop");
+        rt.delete_sandbox("p1").await.expect("delete");
+        assert!(h.pool_dirs().is_empty());
+        h.rt.stop_factory().await;
+    }
+
+    #[test]
+    fn a_pool_needs_q35() {
+        let err =
+            RuntimeConfig::parse("[factory]\npool = 1\n[hypervisor]\nmachine = \"microvm\"\n")
+                .expect_err("microvm");
+        assert!(err.contains("factory.pool") && err.contains("q35"), "{err}");
+        let err = RuntimeConfig::parse("[factory]\nrefill_nice = 40\n").expect_err("nice");
+        assert!(err.contains("factory.refill_nice"), "{err}");
+        let ok = RuntimeConfig::parse("[factory]\npool = 2\n").expect("q35 is the default");
+        assert_eq!(ok.factory.pool, 2);
+    }
+}
