@@ -12,6 +12,11 @@ pub const RUN_POD_SANDBOX: &[&str] = &[
     "run_pod_sandbox.sandbox_started",
 ];
 
+/// RunPodSandbox with a warm pool: a warm VM taken (its record saved,
+/// nothing of the pod's done to it yet), then configured for the pod.
+pub const RUN_POD_SANDBOX_FROM_POOL: &[&str] =
+    &["create_sandbox.claimed", "create_sandbox.guest_ready"];
+
 /// CreateContainer: rootfs prepared, container made in the guest, recorded
 /// by podsandbox.
 pub const CREATE_CONTAINER: &[&str] = &[

@@ -186,10 +186,13 @@ impl Runtime {
             }
             // The run dir may be shared with others (vcrid keeps its netns
             // and CNI state there): only what a sandbox made is touched —
-            // a sandbox's own ID, or a dir with the `shared/` every sandbox
-            // run dir has.
+            // a sandbox's own ID, a dir with the `shared/` every sandbox
+            // run dir has, or a warm VM's (perhaps cut short before its
+            // `shared/`).
             let sandbox_made = known.contains_key(&name)
-                || (crate::sandbox::valid_id(&name) && entry.path().join("shared").is_dir());
+                || (crate::sandbox::valid_id(&name)
+                    && (entry.path().join("shared").is_dir()
+                        || name.starts_with(crate::factory::pool::ID_PREFIX)));
             if !sandbox_made {
                 continue;
             }

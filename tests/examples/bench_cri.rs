@@ -403,6 +403,7 @@ async fn measure(
     refs: &[&str],
     logs: &Path,
     pods: usize,
+    pool: bool,
 ) -> Samples {
     for image in refs {
         images
@@ -424,6 +425,11 @@ async fn measure(
     for i in 0..pods {
         let config = pod_config(logs, &format!("bench-{i}"));
         std::fs::create_dir_all(&config.log_directory).expect("log dir");
+        if pool {
+            // The pool refilled (untimed): what a node whose pods arrive
+            // slower than a VM boots sees.
+            wait_for_warm_vm(rt).await;
+        }
         let t = Instant::now();
         let pod = rt
             .run_pod_sandbox(cri::RunPodSandboxRequest {
@@ -535,6 +541,26 @@ async fn measure(
     }
 }
 
+/// Waits until vcrid's factory (verbose Status) has a warm VM ready.
+async fn wait_for_warm_vm(rt: &mut Runtime) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let info = rt
+            .status(cri::StatusRequest { verbose: true })
+            .await
+            .expect("Status")
+            .into_inner()
+            .info;
+        let factory: serde_json::Value =
+            serde_json::from_str(info.get("factory").map_or("{}", String::as_str)).expect("json");
+        if factory["ready"].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no warm VM: {factory}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Median and p99 (nearest rank: the max below 100 samples), in ms.
 fn stats(v: &[Duration]) -> (f64, f64) {
     let mut v = v.to_vec();
@@ -606,9 +632,38 @@ async fn main() {
         &refs,
         &vc_logs,
         pods,
+        false,
     ))
     .await;
     let vc_secs = started.elapsed().as_secs_f64();
+    let vc_log = vc.log();
+    drop(vc_rt);
+    drop(vc_images);
+    vc.assert_no_pods_left();
+    drop(vc);
+
+    // The same with a warm pool of one VM (refilled between pods).
+    let mut pool = CriEnv::with_config(OCTET, "\n[factory]\npool = 1\n");
+    pool.start().await;
+    let mut pool_rt = pool.runtime().await;
+    let mut pool_images = pool.images().await;
+    let pool_logs = pool.dir.path().join("logs");
+    let pooled = Box::pin(measure(
+        "vcrid pool",
+        &mut pool_rt,
+        &mut pool_images,
+        &refs,
+        &pool_logs,
+        pods,
+        true,
+    ))
+    .await;
+    let pool_log = pool.log();
+    drop(pool_rt);
+    drop(pool_images);
+    pool.stop();
+    pool.assert_no_pods_left();
+    drop(pool);
 
     let mut ctr = Containerd::new(&registry.host(), OCTET);
     let (mut ctr_rt, mut ctr_images) = ctr.start().await;
@@ -621,6 +676,7 @@ async fn main() {
         &refs,
         &ctr_logs,
         pods,
+        false,
     ))
     .await;
     let ctr_secs = started.elapsed().as_secs_f64();
@@ -657,6 +713,11 @@ async fn main() {
         &vcs.pod_start,
         &ctrs.pod_start,
     );
+    row(
+        "pod start, warm pool of 1",
+        &pooled.pod_start,
+        &ctrs.pod_start,
+    );
     row("ExecSync `true`", &vcs.exec, &ctrs.exec);
     row(
         &format!("PodSandboxStatus ({pods} pods up)"),
@@ -683,7 +744,17 @@ async fn main() {
         "wall time per runtime (pulls included): vcrid {vc_secs:.1} s, containerd {ctr_secs:.1} s"
     );
     // Where a vcrid pod start goes: the RPCs' own times from vcrid's log.
-    let log = vc.log();
+    for (what, log) in [("cold", &vc_log), ("pool", &pool_log)] {
+        per_call(what, log);
+    }
+
+    // Drop order: containerd, then the registry.
+    drop(ctr_rt);
+    drop(ctr_images);
+    drop(ctr);
+}
+
+fn per_call(what: &str, log: &str) {
     let parts: Vec<String> = ["RunPodSandbox", "CreateContainer", "StartContainer"]
         .iter()
         .map(|rpc| {
@@ -703,14 +774,5 @@ async fn main() {
             }
         })
         .collect();
-    println!("  vcrid per call (medians): {}", parts.join(", "));
-
-    // Drop order: containerd, vcrid (guards), then the registry.
-    drop(ctr_rt);
-    drop(ctr_images);
-    drop(ctr);
-    drop(vc_rt);
-    drop(vc_images);
-    vc.assert_no_pods_left();
-    drop(vc);
+    println!("  vcrid {what}, per call (medians): {}", parts.join(", "));
 }

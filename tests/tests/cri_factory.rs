@@ -8,6 +8,7 @@
 
 use std::{
     io::{Read as _, Write as _},
+    os::unix::process::ExitStatusExt as _,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -57,6 +58,19 @@ fn pool_dirs(env: &CriEnv) -> Vec<PathBuf> {
         .collect();
     dirs.sort();
     dirs
+}
+
+/// Waits (up to 10 s: a SIGKILL lands asynchronously) until no process
+/// names `dir`; returns those that still do.
+async fn until_gone(dir: &std::path::Path) -> Vec<(i32, String)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = tests::processes_mentioning(dir);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn http_get(addr: &str) -> String {
@@ -252,7 +266,8 @@ async fn pods_from_the_pool_serve_like_booted_ones_and_a_dead_warm_vm_is_replace
     }
     let f = until_pool(&mut rt, 1, 1).await;
     assert!(!idle_dirs[0].exists(), "the dead VM's run dir is gone: {f}");
-    assert!(tests::processes_mentioning(&idle_dirs[0]).is_empty());
+    let left = until_gone(&idle_dirs[0]).await;
+    assert!(left.is_empty(), "{left:?}");
 
     // Logs, stop and remove as for any pod.
     remove_pod(&mut rt, &a).await;
@@ -294,10 +309,8 @@ async fn an_empty_pool_boots_cold_and_a_restart_discards_the_old_warm_vms() {
     env.start().await;
     let mut rt = env.runtime().await;
     assert!(!old[0].exists(), "the old warm VM's run dir is gone");
-    assert!(
-        tests::processes_mentioning(&old[0]).is_empty(),
-        "the old warm VM is dead"
-    );
+    let left = until_gone(&old[0]).await;
+    assert!(left.is_empty(), "the old warm VM is dead: {left:?}");
     let (code, out) = exec_sh(&mut rt, &sleeper, "echo still-here").await;
     assert_eq!((code, out.trim()), (0, "still-here"));
     until_pool(&mut rt, 1, 0).await;
@@ -305,8 +318,77 @@ async fn an_empty_pool_boots_cold_and_a_restart_discards_the_old_warm_vms() {
     assert_eq!(new.len(), 1);
     assert_ne!(new, old);
 
+    // vcrid killed while a pod takes a warm VM: the next start tears the
+    // half-made pod down, the warm VM with it; the pod then starts.
+    for point in ::cri::fail_points::RUN_POD_SANDBOX_FROM_POOL {
+        env.stop();
+        env.start_with_env(&[("VC_CRASH_AT", point)]).await;
+        let mut rt = env.runtime().await;
+        until_pool(&mut rt, 1, 0).await;
+        let warm = pool_dirs(&env);
+        assert_eq!(warm.len(), 1, "{point}: {warm:?}");
+        let crashy = pod_config(&env, "crashy", "default");
+        std::fs::create_dir_all(&crashy.log_directory).expect("log dir");
+        let err = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(crashy.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .expect_err(point);
+        assert!(
+            matches!(err.code(), tonic::Code::Unavailable | tonic::Code::Unknown),
+            "{point}: {err}"
+        );
+        let ended = env.wait_ended();
+        assert_eq!(ended.signal(), Some(9), "{point}: vcrid ended {ended}");
+        env.start().await;
+        let mut rt = env.runtime().await;
+        if warm[0].exists() {
+            let listing: Vec<_> = std::fs::read_dir(&warm[0])
+                .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            let log = env.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    l.contains("WARN")
+                        || l.contains("ERROR")
+                        || l.contains("pool-")
+                        || l.contains("recover")
+                })
+                .collect();
+            panic!(
+                "{point}: the taken VM's run dir {} is left, holding {listing:?}; vcrid said:\n{}",
+                warm[0].display(),
+                lines.join("\n")
+            );
+        }
+        let left = until_gone(&warm[0]).await;
+        assert!(left.is_empty(), "{point}: {left:?}");
+        let pods = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items;
+        assert_eq!(
+            pods.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            [p.as_str()],
+            "{point}: only the first pod is left"
+        );
+        let again = run_pod(&mut rt, crashy).await;
+        remove_pod(&mut rt, &again).await;
+        println!("{point}: crashed there, nothing left after the restart");
+    }
+
+    let mut rt = env.runtime().await;
     remove_pod(&mut rt, &p).await;
+    let warm = pool_dirs(&env);
     env.stop();
-    assert!(!new[0].exists(), "a graceful stop throws the warm VM away");
+    assert!(
+        warm.iter().all(|d| !d.exists()),
+        "a graceful stop throws the warm VMs away: {warm:?}"
+    );
     env.assert_no_pods_left();
 }

@@ -16,6 +16,8 @@
 
 use k8s_cri::v1 as cri;
 
+use podsandbox::sandbox_resize::SizeError;
+
 use crate::error::{CriError, Result};
 
 /// The computed size; `None` where the defaults apply.
@@ -36,8 +38,9 @@ pub(crate) fn pod_size(
         ("config.linux.resources", linux.resources.as_ref()),
         ("config.linux.overhead", linux.overhead.as_ref()),
     ];
-    let mut cpu_millis: u64 = 0;
-    let mut memory_bytes: u64 = 0;
+    // Checked here, where the field can be named; summed by the formula
+    // the VM's resizes use (podsandbox::sandbox_resize::needed_size).
+    let mut limits = Vec::new();
     for (field, res) in parts {
         let Some(res) = res else { continue };
         let number = |name: &str, v: i64| {
@@ -47,55 +50,37 @@ pub(crate) fn pod_size(
         };
         let quota = number("cpu_quota", res.cpu_quota)?;
         let period = number("cpu_period", res.cpu_period)?;
-        if quota > 0 {
-            if period == 0 {
-                return Err(CriError::invalid(
-                    format!("{field}.cpu_period"),
-                    "must be set with cpu_quota",
-                ));
+        if quota > 0 && period == 0 {
+            return Err(CriError::invalid(
+                format!("{field}.cpu_period"),
+                "must be set with cpu_quota",
+            ));
+        }
+        let memory = number("memory_limit_in_bytes", res.memory_limit_in_bytes)?;
+        limits.push(podsandbox::container::Resources {
+            cpu_quota: (quota > 0).then_some(res.cpu_quota),
+            cpu_period: (quota > 0).then_some(period),
+            memory_limit_bytes: (memory > 0).then_some(res.memory_limit_in_bytes),
+            ..Default::default()
+        });
+    }
+    let floor = hypervisor::VmSize {
+        vcpus: hv.default_vcpus,
+        memory_mib: hv.default_memory_mib,
+    };
+    let size =
+        podsandbox::sandbox_resize::needed_size(floor, &limits, hv).map_err(|e| match e {
+            SizeError::Cpu(m) => CriError::invalid("config.linux.resources.cpu_quota", m),
+            SizeError::Memory(m) => {
+                CriError::invalid("config.linux.resources.memory_limit_in_bytes", m)
             }
-            // Millicores, rounded up: 150000/100000 → 1500.
-            cpu_millis = cpu_millis.saturating_add((quota.saturating_mul(1000)).div_ceil(period));
-        }
-        memory_bytes = memory_bytes
-            .saturating_add(number("memory_limit_in_bytes", res.memory_limit_in_bytes)?);
-    }
-    let mut size = PodSize::default();
-    if cpu_millis > 0 {
-        let vcpus = cpu_millis.div_ceil(1000);
-        let max = hv.max_vcpus();
-        if vcpus > u64::from(max) {
-            return Err(CriError::invalid(
-                "config.linux.resources.cpu_quota",
-                format!("the pod asks {vcpus} vCPUs (with its overhead), more than hypervisor.max_vcpus ({max})"),
-            ));
-        }
-        size.vcpus = Some(
-            u32::try_from(vcpus)
-                .unwrap_or(u32::MAX)
-                .max(hv.default_vcpus),
-        );
-    }
-    if memory_bytes > 0 {
-        let mib = memory_bytes
-            .div_ceil(1 << 20)
-            .saturating_add(u64::from(hv.memory_overhead_mib));
-        if mib > u64::from(hv.max_memory_mib) {
-            return Err(CriError::invalid(
-                "config.linux.resources.memory_limit_in_bytes",
-                format!(
-                    "the pod needs {mib} MiB (its limits, overhead and the guest's {} MiB), more than hypervisor.max_memory_mib ({})",
-                    hv.memory_overhead_mib, hv.max_memory_mib
-                ),
-            ));
-        }
-        size.memory_mib = Some(
-            u32::try_from(mib)
-                .unwrap_or(u32::MAX)
-                .max(hv.default_memory_mib),
-        );
-    }
-    Ok(size)
+        })?;
+    let asks_cpu = limits.iter().any(|l| l.cpu_quota.is_some());
+    let asks_memory = limits.iter().any(|l| l.memory_limit_bytes.is_some());
+    Ok(PodSize {
+        vcpus: asks_cpu.then_some(size.vcpus),
+        memory_mib: asks_memory.then_some(size.memory_mib),
+    })
 }
 
 #[cfg(test)]

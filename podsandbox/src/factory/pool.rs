@@ -258,6 +258,9 @@ async fn watch_idle(
     }
 }
 
+/// What the name of every warm VM (and its run dir) starts with.
+pub const ID_PREFIX: &str = "pool-";
+
 /// A name no sandbox has: `pool-` and 16 hex digits (time and a counter).
 fn new_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -269,7 +272,7 @@ fn new_id() -> String {
     // Truncation is fine: uniqueness within a run comes from the counter.
     #[allow(clippy::cast_possible_truncation)]
     let low = nanos as u64;
-    format!("pool-{:016x}", low.wrapping_add(n.rotate_right(16)))
+    format!("{ID_PREFIX}{:016x}", low.wrapping_add(n.rotate_right(16)))
 }
 
 #[cfg(test)]
