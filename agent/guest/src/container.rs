@@ -18,13 +18,12 @@ use libcontainer::{
         LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxNamespaceBuilder,
         LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount, MountBuilder, Process, Spec,
     },
-    signal::Signal,
     syscall::syscall::SyscallType,
     workload::{default::DefaultExecutor, Executor, ExecutorError, ExecutorValidationError},
 };
 
 use crate::{
-    exec_helper,
+    container_kill, exec_helper,
     pidns::PidNamespace,
     reaper::Reaper,
     stdio::{self, ChildStdio, ProcessIo},
@@ -578,8 +577,16 @@ impl Containers {
         .map_err(|e| Failure::Internal(format!("start task: {e}")))?
     }
 
+    /// Sends `signal` to an exec's process, or to the container's init
+    /// (`all`: to every process of its cgroup). A process that has ended
+    /// meanwhile is no error: its exit status comes through WaitProcess
+    /// (for the init see container_kill.rs).
     pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let entry = self.get(id)?;
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
+            .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
         if !exec_id.is_empty() {
             let pid = entry
                 .lock()
@@ -588,23 +595,14 @@ impl Containers {
                 .get(exec_id)
                 .map(|e| e.pid)
                 .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))?;
-            let sig = i32::try_from(signal)
-                .ok()
-                .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
-                .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
             return match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
                 Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
                 Err(e) => Err(Failure::Internal(format!("kill: {e}"))),
             };
         }
-        let sig = i32::try_from(signal)
-            .ok()
-            .and_then(|s| Signal::try_from(s).ok())
-            .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
         tokio::task::spawn_blocking(move || {
             let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
-            e.container
-                .kill(sig, all)
+            container_kill::signal_init(&mut e.container, sig, all)
                 .map_err(|err| Failure::FailedPrecondition(format!("signal: {err}")))
         })
         .await

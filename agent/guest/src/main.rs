@@ -13,6 +13,7 @@
 
 mod auth;
 mod container;
+mod container_kill;
 mod exec_helper;
 mod forward;
 mod fw_cfg;
