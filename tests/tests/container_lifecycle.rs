@@ -184,6 +184,23 @@ async fn scenario() {
         .await
         .expect_err("timeout");
     assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    for (missing, says) in [
+        (
+            "/bin/no-such-command",
+            "executable '/bin/no-such-command' not found in $PATH",
+        ),
+        (
+            "no-such-command",
+            "executable 'no-such-command' not found in $PATH",
+        ),
+    ] {
+        let err = rt
+            .exec_sync("pod", "sleeper", args(&[missing]), None)
+            .await
+            .expect_err("a missing command");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
     let err = rt
         .exec_sync("pod", "hello", args(&["/bin/true"]), None)
         .await

@@ -186,6 +186,14 @@ async fn a_pods_vm_grows_and_shrinks_with_its_containers() {
     })
     .await
     .expect("StopContainer");
+    // TERM ended it; the KILL that follows at once (timeout 0) meets that
+    // exit, which is no error (agent/guest/src/container_kill.rs).
+    let stopped = container_status(&mut rt, &second).await;
+    assert_eq!(
+        (stopped.state, stopped.exit_code),
+        (cri::ContainerState::ContainerExited as i32, 143),
+        "{stopped:?}"
+    );
     rt.remove_container(cri::RemoveContainerRequest {
         container_id: second.clone(),
     })

@@ -106,6 +106,37 @@ async fn sh_ok(rt: &mut Runtime, id: &str, script: &str) -> String {
     out
 }
 
+/// What an exec's security context must share with its container's init
+/// process (`sleep`, found by its cgroup): ids, groups, umask, the five
+/// capability sets, no_new_privs (or stricter: see the script), seccomp,
+/// signal dispositions and mask,
+/// namespaces, cgroup, limits and OOM score. Prints what differs.
+const SAME_AS_INIT: &str = r#"me=$(cat /proc/self/cgroup); init=
+for p in /proc/[0-9]*; do
+  [ "$(cat $p/cgroup 2>/dev/null)" = "$me" ] && [ "$(cat $p/comm 2>/dev/null)" = sleep ] && init=$p
+done
+[ -n "$init" ] || { echo "no init in $me"; exit 0; }
+for f in Uid Gid Groups Umask CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs Seccomp Seccomp_filters SigIgn SigBlk; do
+  a=$(grep "^$f:" /proc/self/status); b=$(grep "^$f:" $init/status)
+  [ "$a" = "$b" ] && continue
+  # Stricter, never looser: an exec installs seccomp after its capabilities
+  # are dropped, with no_new_privs where that needs it (the init before).
+  [ "$f" = NoNewPrivs ] && [ "${a##*[[:space:]]}" = 1 ] && [ "$(grep '^Seccomp:' /proc/self/status | tr -dc 0-9)" = 2 ] && continue
+  echo "$f: exec [$a] init [$b]"
+done
+for n in ipc mnt net pid uts cgroup; do
+  a=$(readlink /proc/self/ns/$n); b=$(readlink $init/ns/$n)
+  [ "$a" = "$b" ] || echo "ns $n: exec $a init $b"
+done
+for f in cgroup limits oom_score_adj; do
+  [ "$(cat /proc/self/$f)" = "$(cat $init/$f)" ] || echo "$f differs"
+done"#;
+
+async fn assert_same_as_init(rt: &mut Runtime, id: &str) {
+    let diff = sh_ok(rt, id, SAME_AS_INIT).await;
+    assert_eq!(diff, "", "the exec's context differs from its init's");
+}
+
 /// CreateContainer's error for `config` in `pod`.
 async fn refused(
     rt: &mut Runtime,
@@ -257,6 +288,7 @@ async fn the_security_context_is_enforced_in_the_guest() {
         "primary, the image's memberships of user, supplemental"
     );
     assert_eq!(sh_ok(&mut rt, &groups, "id -u").await.trim(), "1000");
+    assert_same_as_init(&mut rt, &groups).await;
     let status = sh_ok(&mut rt, &groups, "grep '^Seccomp:' /proc/self/status").await;
     assert_eq!(status.split_whitespace().nth(1), Some("2"), "{status}");
     let sub = volume.join("sub");
@@ -366,6 +398,7 @@ async fn the_security_context_is_enforced_in_the_guest() {
     .await;
     let status = sh_ok(&mut rt, &free, "grep '^Seccomp:' /proc/self/status").await;
     assert_eq!(status.split_whitespace().nth(1), Some("0"), "{status}");
+    assert_same_as_init(&mut rt, &free).await;
     let blocked_new = create_started(
         &mut rt,
         &plain,
@@ -514,6 +547,7 @@ async fn the_security_context_is_enforced_in_the_guest() {
         Some("000001ffffffffff"),
         "every capability of a 6.1 kernel: {caps}"
     );
+    assert_same_as_init(&mut rt, &root).await;
     // Kernel modules on demand: brctl needs `bridge`, which the guest's
     // modprobe loads from its read-only module tree.
     sh_ok(&mut rt, &root, "brctl addbr vcbr0 && ip link show vcbr0").await;

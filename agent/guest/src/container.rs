@@ -18,12 +18,12 @@ use libcontainer::{
         LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxNamespaceBuilder,
         LinuxNamespaceType, LinuxResources, LinuxSeccomp, Mount, MountBuilder, Process, Spec,
     },
-    signal::Signal,
     syscall::syscall::SyscallType,
     workload::{default::DefaultExecutor, Executor, ExecutorError, ExecutorValidationError},
 };
 
 use crate::{
+    container_kill, exec_helper,
     pidns::PidNamespace,
     reaper::Reaper,
     stdio::{self, ChildStdio, ProcessIo},
@@ -95,6 +95,9 @@ struct Entry {
     execs: HashMap<String, Exec>,
     /// The rootfs disk, when the rootfs is one; released on removal.
     block: Option<BlockMount>,
+    /// Why execs must take libcontainer's tenant path whatever the process
+    /// (the spec's linux section asks what the lean helper does not do).
+    tenant_only: Option<&'static str>,
 }
 
 impl Entry {
@@ -480,6 +483,15 @@ impl Containers {
             .ok_or_else(|| Failure::InvalidArgument("OCI spec has no process".into()))?;
         let terminal = process.terminal().unwrap_or(false);
         let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        let tenant_only = spec.linux().as_ref().and_then(|l| {
+            if l.personality().is_some() {
+                Some("personality")
+            } else if l.time_offsets().is_some() {
+                Some("timeOffsets")
+            } else {
+                None
+            }
+        });
         enable_controllers();
         let cgroup = spec
             .linux()
@@ -537,6 +549,7 @@ impl Containers {
             exit: Exit::default(),
             execs: HashMap::new(),
             block,
+            tenant_only,
         };
         self.entries
             .lock()
@@ -564,8 +577,16 @@ impl Containers {
         .map_err(|e| Failure::Internal(format!("start task: {e}")))?
     }
 
+    /// Sends `signal` to an exec's process, or to the container's init
+    /// (`all`: to every process of its cgroup). A process that has ended
+    /// meanwhile is no error: its exit status comes through WaitProcess
+    /// (for the init see container_kill.rs).
     pub async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let entry = self.get(id)?;
+        let sig = i32::try_from(signal)
+            .ok()
+            .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
+            .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
         if !exec_id.is_empty() {
             let pid = entry
                 .lock()
@@ -574,23 +595,14 @@ impl Containers {
                 .get(exec_id)
                 .map(|e| e.pid)
                 .ok_or_else(|| Failure::NotFound(format!("exec {exec_id} not found")))?;
-            let sig = i32::try_from(signal)
-                .ok()
-                .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
-                .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
             return match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
                 Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
                 Err(e) => Err(Failure::Internal(format!("kill: {e}"))),
             };
         }
-        let sig = i32::try_from(signal)
-            .ok()
-            .and_then(|s| Signal::try_from(s).ok())
-            .ok_or_else(|| Failure::InvalidArgument(format!("invalid signal {signal}")))?;
         tokio::task::spawn_blocking(move || {
             let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
-            e.container
-                .kill(sig, all)
+            container_kill::signal_init(&mut e.container, sig, all)
                 .map_err(|err| Failure::FailedPrecondition(format!("signal: {err}")))
         })
         .await
@@ -714,6 +726,10 @@ impl Containers {
     /// Starts `args` in the running container `id` as process `exec_id`:
     /// the container's process (user, capabilities, limits, environment)
     /// with these args, extra environment and working directory.
+    ///
+    /// Through the lean helper (exec_helper.rs) unless the process needs
+    /// what only libcontainer's tenant path does (a terminal: the pty comes
+    /// through its console socket).
     pub async fn exec(&self, id: &str, r: pb::ExecProcessRequest) -> Result<()> {
         let exec_id = r.exec_id.clone();
         check_id(&exec_id)?;
@@ -721,52 +737,62 @@ impl Containers {
             return Err(Failure::InvalidArgument("exec: no command".into()));
         }
         let entry = self.get(id)?;
-        let (process, seccomp) = {
-            let e = entry.lock().unwrap_or_else(|e| e.into_inner());
+        let (process, seccomp, init, cgroup, tenant_only) = {
+            let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
             if e.execs.contains_key(&exec_id) {
                 return Err(Failure::AlreadyExists(format!(
                     "exec {exec_id} already exists"
                 )));
             }
-            (exec_process(&e.process, &r), e.seccomp.clone())
+            // As libcontainer's tenant: only into a running container (a
+            // paused one's frozen cgroup would hold the helper).
+            let _ = e.container.refresh_status();
+            let status = e.container.status();
+            let init = match (status, e.container.pid()) {
+                (libcontainer::container::ContainerStatus::Running, Some(pid)) => pid.as_raw(),
+                _ => {
+                    return Err(Failure::FailedPrecondition(format!(
+                        "cannot exec in container {id}: it is {status:?}"
+                    )))
+                }
+            };
+            (
+                exec_process(&e.process, &r),
+                e.seccomp.clone(),
+                init,
+                e.cgroup.clone(),
+                e.tenant_only,
+            )
         };
-        let path = Path::new(BUNDLES)
-            .join(id)
-            .join(format!("exec-{exec_id}.json"));
-        let json = serde_json::to_vec(&process).map_err(|e| Failure::Internal(e.to_string()))?;
-        std::fs::write(&path, json)
-            .map_err(|e| Failure::Internal(format!("write exec process: {e}")))?;
-        let (pending, console, stdio) = stdio::prepare(r.terminal, r.stdin)?;
-        let id_owned = id.to_string();
-        let process_path = path.clone();
-        let t0 = std::time::Instant::now();
-        let built = tokio::task::spawn_blocking(move || {
-            let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-            let waited = t0.elapsed().as_millis() as u64;
-            let t1 = std::time::Instant::now();
-            let r = builder(id_owned, stdio, console)
-                .map(|b| {
-                    b.with_executor(SeccompExecutor(seccomp))
-                        .as_tenant()
-                        .with_process(Some(process_path))
-                        .with_detach(true)
+        let (io, pid) = match tenant_only.or_else(|| exec_helper::unsupported(&process)) {
+            Some(what) => {
+                tracing::debug!(exec = %exec_id, what, "exec through libcontainer's tenant");
+                exec_tenant(id, &exec_id, process, seccomp, r.terminal, r.stdin).await?
+            }
+            None => {
+                let (pending, _, stdio) = stdio::prepare(false, r.stdin)?;
+                let stdio =
+                    stdio.ok_or_else(|| Failure::Internal("exec: no stdio pipes".into()))?;
+                let request = exec_helper::Request {
+                    pid: init,
+                    cgroup,
+                    process,
+                    seccomp,
+                };
+                let reaper = self.reaper.clone();
+                let t0 = std::time::Instant::now();
+                let started = tokio::task::spawn_blocking(move || {
+                    exec_helper::spawn(&request, stdio, &reaper)
                 })
-                .and_then(|b| b.build());
-            // The tenant set-up is most of an exec's cost (issue 16).
-            tracing::debug!(
-                waited_ms = waited,
-                ms = t1.elapsed().as_millis() as u64,
-                "exec: tenant built"
-            );
-            r
-        })
-        .await
-        .map_err(|e| Failure::Internal(format!("exec task: {e}")));
-        let _ = std::fs::remove_file(&path);
-        let pid = built?.map_err(|err| {
-            Failure::FailedPrecondition(format!("cannot exec in container {id}: {err}"))
-        })?;
-        let io = pending.finish()?;
+                .await
+                .map_err(|e| Failure::Internal(format!("exec task: {e}")))?;
+                tracing::debug!(ms = t0.elapsed().as_millis() as u64, "exec: started");
+                let pid = started.map_err(|err| {
+                    Failure::FailedPrecondition(format!("cannot exec in container {id}: {err}"))
+                })?;
+                (pending.finish()?, pid)
+            }
+        };
         entry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -774,7 +800,7 @@ impl Containers {
             .insert(
                 exec_id,
                 Exec {
-                    pid: pid.as_raw(),
+                    pid,
                     io,
                     exit: Exit::default(),
                 },
@@ -896,6 +922,45 @@ impl Containers {
         }
         Ok(())
     }
+}
+
+/// An exec through libcontainer's tenant path (terminal execs: the pty
+/// master comes back through the console socket): its stdio and PID.
+async fn exec_tenant(
+    id: &str,
+    exec_id: &str,
+    process: Process,
+    seccomp: Option<LinuxSeccomp>,
+    terminal: bool,
+    stdin: bool,
+) -> Result<(ProcessIo, i32)> {
+    let path = Path::new(BUNDLES)
+        .join(id)
+        .join(format!("exec-{exec_id}.json"));
+    let json = serde_json::to_vec(&process).map_err(|e| Failure::Internal(e.to_string()))?;
+    std::fs::write(&path, json)
+        .map_err(|e| Failure::Internal(format!("write exec process: {e}")))?;
+    let (pending, console, stdio) = stdio::prepare(terminal, stdin)?;
+    let id_owned = id.to_string();
+    let process_path = path.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let _one_at_a_time = CREATE.lock().unwrap_or_else(|e| e.into_inner());
+        builder(id_owned, stdio, console)
+            .map(|b| {
+                b.with_executor(SeccompExecutor(seccomp))
+                    .as_tenant()
+                    .with_process(Some(process_path))
+                    .with_detach(true)
+            })
+            .and_then(|b| b.build())
+    })
+    .await
+    .map_err(|e| Failure::Internal(format!("exec task: {e}")));
+    let _ = std::fs::remove_file(&path);
+    let pid = built?.map_err(|err| {
+        Failure::FailedPrecondition(format!("cannot exec in container {id}: {err}"))
+    })?;
+    Ok((pending.finish()?, pid.as_raw()))
 }
 
 /// Runs an exec's payload under the container's seccomp profile.

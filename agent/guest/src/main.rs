@@ -7,10 +7,14 @@
 //! Run as anything but PID 1 it refuses to touch the system (it would mount
 //! over the host's /proc), so it is safe to execute by mistake on a host.
 //! Run as `modprobe` (the initramfs's `/sbin/modprobe` links here) it is the
-//! kernel's module loader helper instead (`modprobe.rs`).
+//! kernel's module loader helper instead (`modprobe.rs`). Run as `vc-exec`
+//! (argv[0], by the agent itself) it enters a container for ExecProcess
+//! (`exec_helper.rs`).
 
 mod auth;
 mod container;
+mod container_kill;
+mod exec_helper;
 mod forward;
 mod fw_cfg;
 mod hotplug;
@@ -36,6 +40,10 @@ fn main() -> ExitCode {
     // Before the PID 1 check: the kernel's usermode helper is not PID 1.
     if modprobe::invoked() {
         return modprobe::main();
+    }
+    // ExecProcess's helper (exec_helper.rs), started by the agent.
+    if exec_helper::invoked() {
+        return exec_helper::main();
     }
     if matches!(
         std::env::args().nth(1).as_deref(),
