@@ -51,6 +51,7 @@ bench: build
 	$(CARGO) run --profile release-unwind -p tests --example bench_rootfs
 	$(CARGO) run --profile release-unwind -p tests --example bench_sizing
 	$(CARGO) run --profile release-unwind -p tests --example bench_exec
+	$(CARGO) run --profile release-unwind -p tests --example bench_factory
 	$(CARGO) run --profile release-unwind -p cri --example bench_authority
 	VC_CONSOLE_FLOOD_MIB=200 $(CARGO) test -p tests --test cri_console_cap -- --nocapture
 

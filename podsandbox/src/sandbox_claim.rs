@@ -110,6 +110,11 @@ impl Runtime {
     ) -> Result<()> {
         let id = record.id.clone();
         let vm = warm.vm.as_ref();
+        let started = std::time::Instant::now();
+        let mut steps: Vec<(&str, u128)> = Vec::new();
+        let step = |name, steps: &mut Vec<(&str, u128)>| {
+            steps.push((name, started.elapsed().as_millis()));
+        };
         record.origin = VmOrigin::Pool;
         record.vm = Some(vm.state());
         // From here on a crash leaves a record that names the VM: recovery
@@ -126,6 +131,7 @@ impl Runtime {
                 &vm.pids(),
             )?);
         }
+        step("placed", &mut steps);
         let have = vm.state().size();
         if want != have {
             if let Some(now) = self.resize_vm(&id, vm, want).await? {
@@ -138,6 +144,7 @@ impl Runtime {
             }
             record.floor = Some(want);
         }
+        step("resized", &mut steps);
         for nic in &network.interfaces {
             let Some(tap) = nic.tap.as_ref() else {
                 continue;
@@ -154,8 +161,11 @@ impl Runtime {
         }
         record.vm = Some(vm.state());
         self.inner.store.save(record)?;
+        step("nics", &mut steps);
         let agent = self.agent(&id, vm).await?;
         crate::sandbox_create::configure_guest(&id, agent.as_ref(), network, files).await?;
+        step("configured", &mut steps);
+        tracing::info!(sandbox = %id, ?steps, "warm VM claimed (ms since the claim began)");
         self.fail_point("create_sandbox.guest_ready")
     }
 

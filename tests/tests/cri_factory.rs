@@ -152,6 +152,9 @@ async fn pods_from_the_pool_serve_like_booted_ones_and_a_dead_warm_vm_is_replace
     let a = run_pod(&mut rt, a_cfg.clone()).await;
     let info = pod_info(&mut rt, &a).await;
     assert_eq!(info["vm"]["origin"], "pool", "{info}");
+    for line in env.log().lines().filter(|l| l.contains("warm VM claimed")) {
+        println!("{line}");
+    }
     assert_eq!(
         info["vm"]["memory_mib"], 640,
         "grown to the pod's size: {info}"
