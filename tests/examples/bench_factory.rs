@@ -23,7 +23,7 @@ use tests::cri::{
 
 const OCTET: u8 = 93;
 /// Iterations of the busy loop (a few seconds under TCG).
-const LOOP: u32 = 60_000;
+const LOOP: u32 = 200_000;
 const RUNS: usize = 3;
 
 async fn ready(rt: &mut Runtime) -> u64 {
