@@ -51,6 +51,18 @@ pub struct NetInterface {
     pub tap: Option<TapFd>,
 }
 
+impl NetInterface {
+    /// The VM's NIC for this interface: its tap, MAC and MTU; `None`
+    /// without a tap.
+    pub fn vm_nic(&self) -> Option<hypervisor::Nic> {
+        self.tap.as_ref().map(|tap| hypervisor::Nic {
+            tap: tap.0.clone(),
+            mac: self.mac.clone(),
+            mtu: self.mtu,
+        })
+    }
+}
+
 /// A route of the pod's network namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetRoute {

@@ -18,7 +18,7 @@ use hypervisor::{Hypervisor, MachineType, VmSize};
 
 use crate::{
     factory::{VmOrigin, WarmVm, Warmer},
-    network::{SandboxFiles, SandboxNetwork},
+    network::{NetInterface, SandboxFiles, SandboxNetwork},
     sandbox::{Runtime, RuntimeInner},
     store::SandboxRecord,
     Error, Result,
@@ -145,15 +145,7 @@ impl Runtime {
             record.floor = Some(want);
         }
         step("resized", &mut steps);
-        for nic in &network.interfaces {
-            let Some(tap) = nic.tap.as_ref() else {
-                continue;
-            };
-            let hw = hypervisor::Nic {
-                tap: tap.0.clone(),
-                mac: nic.mac.clone(),
-                mtu: nic.mtu,
-            };
+        for hw in network.interfaces.iter().filter_map(NetInterface::vm_nic) {
             vm.add_nic(&hw).await.map_err(|source| Error::Hypervisor {
                 id: id.clone(),
                 source,

@@ -131,13 +131,7 @@ impl Runtime {
         let nics = network
             .interfaces
             .iter()
-            .filter_map(|n| {
-                n.tap.as_ref().map(|tap| hypervisor::Nic {
-                    tap: tap.0.clone(),
-                    mac: n.mac.clone(),
-                    mtu: n.mtu,
-                })
-            })
+            .filter_map(NetInterface::vm_nic)
             .collect();
         let size = VmSize {
             vcpus: record.vcpus,

@@ -41,15 +41,10 @@ impl Runtime {
             });
         }
         let vm = s.vm()?.clone();
-        let Some(tap) = nic.tap.as_ref() else {
+        let Some(hw) = nic.vm_nic() else {
             return Err(Error::InvalidNetwork {
                 detail: "interfaces[0] has no tap descriptor".into(),
             });
-        };
-        let hw = hypervisor::Nic {
-            tap: tap.0.clone(),
-            mac: nic.mac.clone(),
-            mtu: nic.mtu,
         };
         vm.add_nic(&hw).await.map_err(|source| Error::Hypervisor {
             id: sandbox_id.into(),

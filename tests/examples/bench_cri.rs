@@ -545,14 +545,7 @@ async fn measure(
 async fn wait_for_warm_vm(rt: &mut Runtime) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let info = rt
-            .status(cri::StatusRequest { verbose: true })
-            .await
-            .expect("Status")
-            .into_inner()
-            .info;
-        let factory: serde_json::Value =
-            serde_json::from_str(info.get("factory").map_or("{}", String::as_str)).expect("json");
+        let factory = tests::cri::factory_status(rt).await;
         if factory["ready"].as_u64().unwrap_or(0) > 0 {
             return;
         }

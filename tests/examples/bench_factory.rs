@@ -27,15 +27,9 @@ const LOOP: u32 = 200_000;
 const RUNS: usize = 3;
 
 async fn ready(rt: &mut Runtime) -> u64 {
-    let info = rt
-        .status(k8s_cri::v1::StatusRequest { verbose: true })
-        .await
-        .expect("Status")
-        .into_inner()
-        .info;
-    let f: serde_json::Value =
-        serde_json::from_str(info.get("factory").map_or("{}", String::as_str)).expect("json");
-    f["ready"].as_u64().unwrap_or(0)
+    tests::cri::factory_status(rt).await["ready"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 async fn until_ready(rt: &mut Runtime) -> Duration {

@@ -688,3 +688,41 @@ pub async fn exec_sh(rt: &mut Runtime, id: &str, script: &str) -> (i32, String) 
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// GET / over plain TCP (no client library: a raw request), retried for
+/// up to ~20 s until it answers 200.
+pub fn http_get(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut last = String::new();
+    for _ in 0..100 {
+        match std::net::TcpStream::connect_timeout(
+            &addr.parse().expect("addr"),
+            Duration::from_secs(5),
+        ) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("send");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("200") {
+                    return body;
+                }
+                last = body;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("GET {addr} failed: {last}");
+}
+
+/// The VM factory's status from verbose Status (`info.factory`).
+pub async fn factory_status(rt: &mut Runtime) -> serde_json::Value {
+    let info = rt
+        .status(k8s_cri::v1::StatusRequest { verbose: true })
+        .await
+        .expect("Status")
+        .into_inner()
+        .info;
+    serde_json::from_str(info.get("factory").map_or("{}", String::as_str)).expect("json")
+}

@@ -7,7 +7,6 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{
-    io::{Read as _, Write as _},
     os::unix::process::ExitStatusExt as _,
     path::PathBuf,
     time::{Duration, Instant},
@@ -15,27 +14,16 @@ use std::{
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    container_config, create_started, exec_sh, pod_config, pod_info, remove_pod, run_pod,
-    wait_for_log, CriEnv, Runtime,
+    container_config, create_started, exec_sh, factory_status, http_get, pod_config, pod_info,
+    remove_pod, run_pod, wait_for_log, CriEnv, Runtime,
 };
-
-/// The factory's status from verbose Status.
-async fn factory(rt: &mut Runtime) -> serde_json::Value {
-    let info = rt
-        .status(cri::StatusRequest { verbose: true })
-        .await
-        .expect("Status")
-        .into_inner()
-        .info;
-    serde_json::from_str(info.get("factory").expect("factory in verbose Status")).expect("json")
-}
 
 /// Waits (up to 5 minutes: a warm VM boots at nice 19 on a busy host) for
 /// `ready` warm VMs and, if `lost` is given, at least that many lost.
 async fn until_pool(rt: &mut Runtime, ready: u64, lost: u64) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let f = factory(rt).await;
+        let f = factory_status(rt).await;
         if f["ready"].as_u64() == Some(ready) && f["lost"].as_u64().unwrap_or(0) >= lost {
             return f;
         }
@@ -71,30 +59,6 @@ async fn until_gone(dir: &std::path::Path) -> Vec<(i32, String)> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn http_get(addr: &str) -> String {
-    let mut last = String::new();
-    for _ in 0..100 {
-        match std::net::TcpStream::connect_timeout(
-            &addr.parse().expect("addr"),
-            Duration::from_secs(5),
-        ) {
-            Ok(mut s) => {
-                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                s.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("send");
-                let mut body = String::new();
-                let _ = s.read_to_string(&mut body);
-                if body.contains("200") {
-                    return body;
-                }
-                last = body;
-            }
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("GET {addr} failed: {last}");
 }
 
 fn serving_pod(env: &CriEnv, name: &str, host_port: i32) -> cri::PodSandboxConfig {

@@ -6,14 +6,10 @@
 
 use tests::registry as support;
 
-use std::{
-    collections::HashMap,
-    io::{Read as _, Write as _},
-    time::Duration,
-};
+use std::{collections::HashMap, io::Read as _, time::Duration};
 
 use k8s_cri::v1 as cri;
-use tests::cri::{create_started, run_pod, wait_for_log, CriEnv, Images, Runtime};
+use tests::cri::{create_started, http_get, run_pod, wait_for_log, CriEnv, Images, Runtime};
 use tonic::Code;
 
 fn pod_config(env: &CriEnv, name: &str, host_port: i32) -> cri::PodSandboxConfig {
@@ -90,31 +86,6 @@ async fn pod_ip(rt: &mut Runtime, pod: &str) -> String {
     .and_then(|s| s.network)
     .map(|n| n.ip)
     .expect("a pod IP")
-}
-
-/// GET / over plain TCP (no client library: a raw request).
-fn http_get(addr: &str) -> String {
-    let mut last = String::new();
-    for _ in 0..100 {
-        match std::net::TcpStream::connect_timeout(
-            &addr.parse().expect("addr"),
-            Duration::from_secs(5),
-        ) {
-            Ok(mut s) => {
-                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                s.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("send");
-                let mut body = String::new();
-                let _ = s.read_to_string(&mut body);
-                if body.contains("200") {
-                    return body;
-                }
-                last = body;
-            }
-            Err(e) => last = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("GET {addr} failed: {last}");
 }
 
 async fn container_state(rt: &mut Runtime, id: &str) -> cri::ContainerStatus {
