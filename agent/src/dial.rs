@@ -14,6 +14,9 @@ pub enum Endpoint {
     Hybrid { uds: PathBuf, port: u32 },
     /// Kernel vsock: the guest's context ID.
     Vsock { cid: u32, port: u32 },
+    /// The agent's virtio-serial port, served by QEMU on `uds`: the API
+    /// only, one connection at a time.
+    Serial { uds: PathBuf },
 }
 
 /// Why one dial attempt failed.
@@ -39,6 +42,9 @@ pub enum DialError {
     /// the agent's port forwarder could not reach the port
     #[error("{reason}")]
     Forward { port: u16, reason: String },
+    /// the channel carries the agent's API only
+    #[error("{endpoint} carries the agent's API only: port forwarding needs a vsock channel (hypervisor.vsock = \"auto\", \"hybrid\" or \"vhost\")")]
+    NoForwarding { endpoint: String },
 }
 
 impl std::fmt::Display for Endpoint {
@@ -46,12 +52,18 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Hybrid { uds, port } => write!(f, "hybrid-vsock://{}:{port}", uds.display()),
             Endpoint::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+            Endpoint::Serial { uds } => write!(f, "serial://{}", uds.display()),
         }
     }
 }
 
 /// Upper bound on the hybrid handshake; the device answers within microseconds.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Upper bound on the serial port's answer to the auth line. The bytes wait
+/// in QEMU until the guest opens the port, so a dial during boot waits for
+/// the agent; a caller that waits longer dials again.
+const SERIAL_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest reply line we accept from the device ("OK 4294967295\n").
 const MAX_REPLY: usize = 32;
@@ -64,6 +76,9 @@ pub async fn dial(
     endpoint: &Endpoint,
     secret: Option<&crate::AgentSecret>,
 ) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
+    if let Endpoint::Serial { uds } = endpoint {
+        return dial_serial(endpoint, uds, secret).await;
+    }
     let mut socket = connect(endpoint).await?;
     if let Some(secret) = secret {
         tokio::time::timeout(
@@ -82,8 +97,47 @@ pub async fn dial(
     Ok(socket)
 }
 
+/// The serial port: connect to QEMU's socket, send the auth line, and wait
+/// for the agent's [`crate::SERIAL_OK`] (read byte by byte: what follows is
+/// ttrpc). The agent reads the port only while it serves, so the answer is
+/// also the readiness notice.
+async fn dial_serial(
+    endpoint: &Endpoint,
+    uds: &std::path::Path,
+    secret: Option<&crate::AgentSecret>,
+) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
+    let name = endpoint.to_string();
+    let failed = |source| DialError::Connect {
+        endpoint: name.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(uds).await.map_err(failed)?;
+    let line = secret.map(|s| s.auth_line()).unwrap_or_default();
+    let reply = tokio::time::timeout(SERIAL_ANSWER_TIMEOUT, async {
+        stream.write_all(line.as_bytes()).await?;
+        read_line(&mut stream, MAX_REPLY).await
+    })
+    .await
+    .map_err(|_| DialError::HandshakeTimeout {
+        endpoint: name.clone(),
+    })?
+    .map_err(failed)?;
+    let expected = String::from_utf8_lossy(crate::SERIAL_OK);
+    if reply != expected.trim_end() {
+        return Err(DialError::Refused {
+            endpoint: name.clone(),
+            port: crate::AGENT_VSOCK_PORT,
+            reply,
+        });
+    }
+    Ok(ttrpc::asynchronous::transport::Socket::from(stream))
+}
+
 async fn connect(endpoint: &Endpoint) -> Result<ttrpc::asynchronous::transport::Socket, DialError> {
     match endpoint {
+        Endpoint::Serial { .. } => Err(DialError::NoForwarding {
+            endpoint: endpoint.to_string(),
+        }),
         Endpoint::Hybrid { uds, port } => {
             let name = endpoint.to_string();
             let mut stream =
@@ -141,6 +195,11 @@ pub async fn dial_forward(
             cid: *cid,
             port: crate::FORWARD_VSOCK_PORT,
         },
+        Endpoint::Serial { .. } => {
+            return Err(DialError::NoForwarding {
+                endpoint: endpoint.to_string(),
+            })
+        }
     };
     let mut socket = dial(&endpoint, secret).await?;
     let name = endpoint.to_string();
@@ -394,6 +453,68 @@ mod tests {
             err.to_string(),
             "connect to localhost:8080 in the pod: refused"
         );
+    }
+
+    /// QEMU's side of a serial port whose guest answers `reply` to the
+    /// auth line; returns the line it got.
+    async fn fake_serial(
+        reply: &'static [u8],
+    ) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<String>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let port = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let line = read_line(&mut s, crate::auth::AUTH_LINE_MAX)
+                .await
+                .expect("auth");
+            s.write_all(reply).await.expect("reply");
+            s.write_all(b"ttrpc").await.expect("after");
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            line
+        });
+        (dir, path, port)
+    }
+
+    #[tokio::test]
+    async fn serial_sends_the_secret_and_waits_for_ok() {
+        let (_dir, uds, port) = fake_serial(b"OK\n").await;
+        let secret = crate::AgentSecret::generate().expect("random");
+        let mut socket = dial(&Endpoint::Serial { uds }, Some(&secret))
+            .await
+            .expect("dial");
+        // Nothing after the answer was consumed.
+        let mut buf = [0u8; 5];
+        socket.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ttrpc");
+        drop(socket);
+        let line = port.await.expect("join");
+        assert!(secret.accepts(line.as_bytes()), "{line}");
+    }
+
+    #[tokio::test]
+    async fn serial_without_ok_is_refused() {
+        let (_dir, uds, _port) = fake_serial(b"NO\n").await;
+        let secret = crate::AgentSecret::generate().expect("random");
+        let err = dial(&Endpoint::Serial { uds }, Some(&secret))
+            .await
+            .err()
+            .expect("must fail");
+        assert!(matches!(err, DialError::Refused { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn serial_refuses_port_forwarding_by_name() {
+        let ep = Endpoint::Serial {
+            uds: "/run/vc/x/agent.sock".into(),
+        };
+        let err = dial_forward(&ep, None, 8080)
+            .await
+            .err()
+            .expect("must fail");
+        assert!(matches!(err, DialError::NoForwarding { .. }), "{err}");
+        assert!(err.to_string().contains("hypervisor.vsock"), "{err}");
     }
 
     #[tokio::test]

@@ -88,6 +88,19 @@ pub const SHARED_FS_GUEST_PATH: &str = "/run/vc/shared";
 /// the same (`hypervisor::MODULES_DISK_SERIAL`).
 pub const MODULES_DISK_SERIAL: &str = "vc-modules";
 
+/// The agent's virtio-serial port (`/sys/class/virtio-ports/*/name`), where
+/// a VM without vsock carries the API: one connection at a time, which
+/// starts with the auth line (see [`auth`]) answered by [`SERIAL_OK`].
+pub const SERIAL_PORT_NAME: &str = "io.virtcontainers.agent";
+
+/// The guest kernel parameter naming the agent's channel: `vc.channel=serial`
+/// for the virtio-serial port; absent, vsock.
+pub const CHANNEL_PARAM: &str = "vc.channel";
+
+/// The agent's answer on the serial port to an accepted auth line: the
+/// host learns the guest is serving (serial has no readiness connection).
+pub const SERIAL_OK: &[u8] = b"OK\n";
+
 /// What the agent writes on the readiness connection.
 pub const READY_MESSAGE: &[u8] = b"READY\n";
 

@@ -89,11 +89,14 @@ pub fn check(config: &Config) -> Report {
     });
     let vhost_vsock = Path::new("/dev/vhost-vsock").exists();
     let hybrid = hv.vhost_device_vsock_path.is_file();
+    let serial = hv.vsock == hypervisor::VsockBackend::Serial;
     items.push(Item {
         part: "vsock",
-        required: true,
+        required: !serial,
         ok: vhost_vsock || hybrid,
-        detail: if vhost_vsock {
+        detail: if serial {
+            "not used: the agent is on a virtio-serial port (hypervisor.vsock = \"serial\"; no port forwarding)".into()
+        } else if vhost_vsock {
             "kernel vhost-vsock (/dev/vhost-vsock)".into()
         } else {
             format!("hybrid: {}", hv.vhost_device_vsock_path.display())

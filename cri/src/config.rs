@@ -370,4 +370,20 @@ mod tests {
         let err = Config::parse("[network]\nconfdir = \"/x\"\n").expect_err("unknown key");
         assert!(err.contains("confdir"), "{err}");
     }
+
+    #[test]
+    fn hypervisor_values_as_the_readme_spells_them() {
+        use hypervisor::{SharedFs, VsockBackend};
+        for (text, fs) in [
+            ("virtio-fs", SharedFs::VirtioFs),
+            ("virtio-9p", SharedFs::Virtio9p),
+            ("virtio9p", SharedFs::Virtio9p),
+            ("none", SharedFs::None),
+        ] {
+            let c = Config::parse(&format!("[hypervisor]\nshared_fs = \"{text}\"\n")).expect(text);
+            assert_eq!(c.hypervisor.shared_fs, fs, "{text}");
+        }
+        let c = Config::parse("[hypervisor]\nvsock = \"serial\"\n").expect("serial");
+        assert_eq!(c.hypervisor.vsock, VsockBackend::Serial);
+    }
 }

@@ -40,7 +40,7 @@ impl MachineType {
     }
 }
 
-/// How the host reaches the guest's vsock.
+/// How the host reaches the guest's agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VsockBackend {
@@ -51,6 +51,12 @@ pub enum VsockBackend {
     Vhost,
     /// `vhost-device-vsock` behind `vhost-user-vsock`, reached over a unix socket.
     Hybrid,
+    /// No vsock: the agent's API on a virtio-serial port that QEMU itself
+    /// serves as a unix socket. No helper process and no vhost-user device
+    /// (so, with a shared directory over 9p or none, guest memory need not
+    /// be shared with another process); one connection at a time, so no
+    /// port forwarding.
+    Serial,
 }
 
 /// How the sandbox's shared directory reaches the guest.
@@ -61,7 +67,10 @@ pub enum SharedFs {
     /// than 9p here).
     #[default]
     VirtioFs,
-    /// virtio-9p, served by QEMU itself: no helper process.
+    /// virtio-9p, served by QEMU itself: no helper process. Spelled
+    /// `virtio-9p` as documented (serde's kebab-case made it `virtio9p`,
+    /// still accepted).
+    #[serde(rename = "virtio-9p", alias = "virtio9p")]
     Virtio9p,
     /// No shared directory.
     None,

@@ -139,6 +139,9 @@ pub enum VsockChannel {
     Hybrid { uds: PathBuf },
     /// Kernel vhost-vsock: connect with `AF_VSOCK` to `cid`.
     Kernel { cid: u32 },
+    /// A virtio-serial port that QEMU serves on `uds`: one connection at
+    /// a time, carrying the agent's API only.
+    Serial { uds: PathBuf },
 }
 
 /// What the VMM says about the VM.
@@ -240,6 +243,14 @@ impl std::fmt::Display for VmSize {
 /// The fw_cfg file that carries a VM's agent secret; the agent protocol's
 /// `agent::auth::SECRET_FW_CFG_NAME`, which a test of podsandbox checks.
 pub const AGENT_SECRET_FW_CFG: &str = "opt/io.virtcontainers/agent-secret";
+
+/// The name of the agent's virtio-serial port (serial backend); the agent
+/// protocol's `agent::SERIAL_PORT_NAME`.
+pub const AGENT_SERIAL_PORT: &str = "io.virtcontainers.agent";
+
+/// The guest kernel parameter that tells the agent its channel
+/// (`<param>=serial`); the agent protocol's `agent::CHANNEL_PARAM`.
+pub const AGENT_CHANNEL_PARAM: &str = "vc.channel";
 
 /// One virtual machine.
 #[async_trait]

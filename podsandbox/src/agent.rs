@@ -224,4 +224,10 @@ mod tests {
             agent::auth::SECRET_FW_CFG_NAME
         );
     }
+
+    #[test]
+    fn host_and_agent_name_the_same_serial_port_and_parameter() {
+        assert_eq!(hypervisor::AGENT_SERIAL_PORT, agent::SERIAL_PORT_NAME);
+        assert_eq!(hypervisor::AGENT_CHANNEL_PARAM, agent::CHANNEL_PARAM);
+    }
 }

@@ -44,6 +44,7 @@ fn endpoint(channel: &VsockChannel) -> agent::Endpoint {
             cid: *cid,
             port: agent::AGENT_VSOCK_PORT,
         },
+        VsockChannel::Serial { uds } => agent::Endpoint::Serial { uds: uds.clone() },
     }
 }
 
@@ -82,8 +83,9 @@ impl AgentDialer for TtrpcDialer {
                     ))
                 })
             }
-            // Kernel vsock has no device to upset: the caller polls.
-            VsockChannel::Kernel { .. } => Ok(()),
+            // Kernel vsock has no device to upset, and the serial port's
+            // answer to the auth line is the notice: the caller polls.
+            VsockChannel::Kernel { .. } | VsockChannel::Serial { .. } => Ok(()),
         }
     }
 

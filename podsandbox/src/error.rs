@@ -50,6 +50,12 @@ pub enum Error {
         #[source]
         source: hypervisor::HypervisorError,
     },
+    #[error("sandbox {id}: {what} is not possible: {why}")]
+    NotSupported {
+        id: String,
+        what: &'static str,
+        why: &'static str,
+    },
     #[error("sandbox {id}: the VM exited before its agent answered: {reason}")]
     VmExitedDuringBoot { id: String, reason: String },
     #[error("sandbox {id}: the agent did not answer within {secs}s ({last_error}); last console lines:\n{console}")]
@@ -136,7 +142,7 @@ impl Error {
             Error::InvalidId { .. } => ErrorKind::InvalidArgument,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             Error::NotFound { .. } => ErrorKind::NotFound,
-            Error::WrongState { .. } => ErrorKind::FailedPrecondition,
+            Error::WrongState { .. } | Error::NotSupported { .. } => ErrorKind::FailedPrecondition,
             Error::Hypervisor { source, .. } | Error::Resize { source, .. } => {
                 match source.kind() {
                     hypervisor::ErrorKind::NotFound => ErrorKind::NotFound,

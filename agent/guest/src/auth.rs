@@ -102,7 +102,9 @@ async fn bind(port: u32) -> anyhow::Result<VsockListener> {
 /// Reads the first line byte by byte, so that nothing after it (the ttrpc
 /// stream, the forwarder's header) is consumed; at most
 /// [`agent::auth::AUTH_LINE_MAX`] bytes.
-async fn read_line(stream: &mut VsockStream) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn read_line<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<Vec<u8>> {
     let mut line = Vec::with_capacity(agent::auth::AUTH_LINE_MAX);
     let mut byte = [0u8; 1];
     while line.len() < agent::auth::AUTH_LINE_MAX {

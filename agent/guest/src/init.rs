@@ -18,6 +18,8 @@ use nix::{
 /// reach the host, and the rest, loaded once the agent serves.
 pub const BOOT_MODULES: &str = "/lib/modules/vc-modules-boot";
 pub const LATER_MODULES: &str = "/lib/modules/vc-modules-later";
+/// What a VM without vsock needs before the agent serves (virtio-serial).
+pub const SERIAL_MODULES: &str = "/lib/modules/vc-modules-serial";
 
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run, /tmp and the cgroup2
 /// hierarchy, and reopens stdio on /dev/console.

@@ -2,7 +2,8 @@
 //!
 //! Boot order: mount the API filesystems, point stdio at the console, load the
 //! kernel modules the image lists, start reaping orphans, then serve the agent
-//! API with ttrpc on vsock port 1024 until asked to power off.
+//! API with ttrpc on vsock port 1024 (or, with `vc.channel=serial`, on a
+//! virtio-serial port: `serial.rs`) until asked to power off.
 //!
 //! Run as anything but PID 1 it refuses to touch the system (it would mount
 //! over the host's /proc), so it is safe to execute by mistake on a host.
@@ -28,6 +29,7 @@ mod pidns;
 mod reaper;
 #[cfg(test)]
 mod request_fuzz;
+mod serial;
 mod service;
 mod stdio;
 mod storage;
@@ -135,8 +137,18 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
     let storage = storage::Storage::new(modules_loaded);
     let containers = container::Containers::new(storage.clone(), reaper);
 
-    let listener = auth::listen(agent::AGENT_VSOCK_PORT, secret.clone()).await?;
-    forward::spawn(auth::listen(agent::FORWARD_VSOCK_PORT, secret).await?);
+    let serial = serial::selected(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let listener = if serial {
+        // No vsock: the API only, on the virtio-serial port; the host
+        // learns readiness from the port's answer, not from a notice.
+        let loaded = init::load_modules(init::SERIAL_MODULES)?;
+        tracing::debug!(loaded, "serial modules loaded");
+        serial::listen(secret).await?
+    } else {
+        let listener = auth::listen(agent::AGENT_VSOCK_PORT, secret.clone()).await?;
+        forward::spawn(auth::listen(agent::FORWARD_VSOCK_PORT, secret).await?);
+        listener
+    };
     let services = service::AgentService::new(containers);
     let health = agent_ttrpc::create_health(Arc::new(services.clone()));
     let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
@@ -146,8 +158,12 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
         .register_service(api);
     server.start().await?;
     services.mark_ready()?;
-    notify::spawn();
-    tracing::info!(port = agent::AGENT_VSOCK_PORT, "vc-agent serving");
+    if serial {
+        tracing::info!(port = agent::SERIAL_PORT_NAME, "vc-agent serving");
+    } else {
+        notify::spawn();
+        tracing::info!(port = agent::AGENT_VSOCK_PORT, "vc-agent serving");
+    }
     // Storage and network modules are not needed to answer the host; load
     // them off the critical path. RPCs that attach such devices (later
     // issues) must wait for this to finish.

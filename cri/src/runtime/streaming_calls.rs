@@ -46,6 +46,8 @@ impl Cri {
         req: cri::PortForwardRequest,
     ) -> Result<cri::PortForwardResponse> {
         let id = self.pod_id(&req.pod_sandbox_id)?;
+        // Refused here, not when the client connects to the URL.
+        self.inner.runtime.can_port_forward(&id).await?;
         let url = self
             .streaming()?
             .get_port_forward(streaming::PortForwardRequest {

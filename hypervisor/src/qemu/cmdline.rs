@@ -21,6 +21,8 @@ pub struct RunPaths {
     /// Host-side socket of the userspace vsock device (hybrid vsock).
     pub vsock_uds: PathBuf,
     pub vsock_log: PathBuf,
+    /// QEMU's socket for the agent's virtio-serial port (serial backend).
+    pub agent_serial: PathBuf,
     /// vhost-user socket of virtiofsd.
     pub virtiofsd: PathBuf,
     pub virtiofsd_log: PathBuf,
@@ -36,20 +38,43 @@ impl RunPaths {
             vhost_vsock: run_dir.join("vhost-vsock.sock"),
             vsock_uds: run_dir.join("vsock.sock"),
             vsock_log: run_dir.join("vhost-device-vsock.log"),
+            agent_serial: run_dir.join("agent.sock"),
             virtiofsd: run_dir.join("virtiofsd.sock"),
             virtiofsd_log: run_dir.join("virtiofsd.log"),
         }
     }
 
     /// Paths that must fit in `sockaddr_un`.
-    pub fn sockets(&self) -> [&Path; 5] {
+    pub fn sockets(&self) -> [&Path; 6] {
         [
             &self.qmp,
             &self.qmp_extra,
             &self.vhost_vsock,
             &self.vsock_uds,
+            &self.agent_serial,
             &self.virtiofsd,
         ]
+    }
+
+    /// Makes every socket that exists owner-only (0600): QEMU and the
+    /// helpers bind them with the runtime's umask. The run dir is 0700
+    /// already; this keeps each socket safe on its own too.
+    pub fn restrict_sockets(&self) -> crate::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for path in self.sockets() {
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(crate::HypervisorError::Io {
+                        action: "make socket owner-only:",
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -60,6 +85,9 @@ pub enum VsockDevice {
     VhostUser { socket: PathBuf },
     /// Kernel vhost-vsock with this context ID.
     Kernel { cid: u32 },
+    /// No vsock: a virtio-serial port named [`crate::AGENT_SERIAL_PORT`]
+    /// whose host side QEMU serves on this unix socket.
+    Serial { socket: PathBuf },
 }
 
 /// How the shared directory is wired.
@@ -150,6 +178,10 @@ pub fn kernel_cmdline(spec: &Spec<'_>) -> String {
         // virtio-mem.
         params.push("memhp_default_state=online".into());
         params.push("memory_hotplug.online_policy=auto-movable".into());
+    }
+    if matches!(spec.vsock, VsockDevice::Serial { .. }) {
+        // The agent serves on the virtio-serial port instead of vsock.
+        params.push(format!("{}=serial", crate::AGENT_CHANNEL_PARAM));
     }
     if spec.machine == MachineType::Microvm {
         // microvm has no PIT/HPET to calibrate against; without a given TSC
@@ -242,9 +274,25 @@ pub fn hotplug_memory_mib(spec: &Spec<'_>) -> u32 {
     }
 }
 
+/// Whether another process maps guest memory: vhost-user devices (the
+/// userspace vsock device, virtiofsd) do.
+pub fn shares_memory(spec: &Spec<'_>) -> bool {
+    matches!(spec.vsock, VsockDevice::VhostUser { .. })
+        || matches!(spec.shared, Some(SharedDevice::VhostUserFs { .. }))
+}
+
 fn memory_args(spec: &Spec<'_>) -> Vec<String> {
-    // memfd-backed and shared: vhost-user devices (vsock, virtio-fs) map it.
+    // With a vhost-user device: memfd-backed and shared, so that it can map
+    // it. Without: private anonymous memory, which (unlike a shared memfd)
+    // host KSM can merge if the host turns it on.
     let hotplug = hotplug_memory_mib(spec);
+    let backend = |id: &str, mib: u32| {
+        if shares_memory(spec) {
+            format!("memory-backend-memfd,id={id},size={mib}M,share=on")
+        } else {
+            format!("memory-backend-ram,id={id},size={mib}M")
+        }
+    };
     let mut args = strings(&[
         "-m",
         &if hotplug > 0 {
@@ -253,17 +301,14 @@ fn memory_args(spec: &Spec<'_>) -> Vec<String> {
             format!("{}M", spec.memory_mib)
         },
         "-object",
-        &format!(
-            "memory-backend-memfd,id=mem,size={}M,share=on",
-            spec.memory_mib
-        ),
+        &backend("mem", spec.memory_mib),
     ]);
     if hotplug > 0 {
-        // A sparse memfd: only what the guest plugs and touches is memory
-        // on the host; unplugged blocks are punched out again.
+        // Sparse: only what the guest plugs and touches is memory on the
+        // host; unplugged blocks are punched out (discarded) again.
         args.extend(strings(&[
             "-object",
-            &format!("memory-backend-memfd,id=hpmem,size={hotplug}M,share=on"),
+            &backend("hpmem", hotplug),
             "-device",
             "virtio-mem-pci,id=vmem0,memdev=hpmem,requested-size=0,bus=pcie.0",
         ]));
@@ -346,6 +391,7 @@ fn vsock_args(spec: &Spec<'_>) -> Vec<String> {
     let (pci, mmio) = match &spec.vsock {
         VsockDevice::VhostUser { .. } => ("vhost-user-vsock-pci", "vhost-user-vsock-device"),
         VsockDevice::Kernel { .. } => ("vhost-vsock-pci", "vhost-vsock-device"),
+        VsockDevice::Serial { .. } => ("virtio-serial-pci", "virtio-serial-device"),
     };
     let device = if spec.machine == MachineType::Microvm {
         mmio
@@ -362,6 +408,20 @@ fn vsock_args(spec: &Spec<'_>) -> Vec<String> {
         VsockDevice::Kernel { cid } => {
             strings(&["-device", &format!("{device},id=vsock0,guest-cid={cid}")])
         }
+        // QEMU listens itself (one client at a time); `wait=off`: the VM
+        // runs before the host connects, and what the host writes before
+        // the guest opens the port waits in the socket.
+        VsockDevice::Serial { socket } => strings(&[
+            "-device",
+            &format!("{device},id=serial0,max_ports=2"),
+            "-chardev",
+            &format!("socket,id=agent,path={},server=on,wait=off", escape(socket)),
+            "-device",
+            &format!(
+                "virtserialport,bus=serial0.0,chardev=agent,name={}",
+                crate::AGENT_SERIAL_PORT
+            ),
+        ]),
     }
 }
 
@@ -723,6 +783,83 @@ mod tests {
             "virtio-blk-device,id=modules0,drive=modules,serial=vc-modules"
         ));
         assert!(!args.iter().any(|a| a.contains("scsi")));
+    }
+
+    #[test]
+    fn the_serial_channel_is_a_port_qemu_serves_and_memory_is_private() {
+        let paths = RunPaths::new(Path::new("/r"));
+        let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        s.hotplug_memory_mib = 1024;
+        s.vsock = VsockDevice::Serial {
+            socket: paths.agent_serial.clone(),
+        };
+        let args = build(&s);
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-serial-pci,id=serial0,max_ports=2"
+        ));
+        assert!(has_pair(
+            &args,
+            "-chardev",
+            "socket,id=agent,path=/r/agent.sock,server=on,wait=off"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtserialport,bus=serial0.0,chardev=agent,name=io.virtcontainers.agent"
+        ));
+        assert!(kernel_cmdline(&s)
+            .split(' ')
+            .any(|p| p == "vc.channel=serial"));
+        assert!(!args.iter().any(|a| a.contains("vsock")));
+        // Nobody else maps guest memory: private RAM, no memfd.
+        assert!(has_pair(
+            &args,
+            "-object",
+            "memory-backend-ram,id=mem,size=256M"
+        ));
+        assert!(has_pair(
+            &args,
+            "-object",
+            "memory-backend-ram,id=hpmem,size=1024M"
+        ));
+        assert!(!args
+            .iter()
+            .any(|a| a.contains("memfd") || a.contains("share=on")));
+        // virtio-fs maps it again.
+        s.shared = Some(SharedDevice::VhostUserFs {
+            socket: paths.virtiofsd.clone(),
+            tag: "t".into(),
+        });
+        assert!(has_pair(
+            &build(&s),
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on"
+        ));
+        s.shared = Some(SharedDevice::NineP {
+            path: "/r/shared".into(),
+            tag: "t".into(),
+        });
+        assert!(has_pair(
+            &build(&s),
+            "-object",
+            "memory-backend-ram,id=mem,size=256M"
+        ));
+        s.machine = MachineType::Microvm;
+        assert!(has_pair(
+            &build(&s),
+            "-device",
+            "virtio-serial-device,id=serial0,max_ports=2"
+        ));
+    }
+
+    #[test]
+    fn vsock_vms_do_not_get_the_serial_parameter() {
+        let paths = RunPaths::new(Path::new("/r"));
+        let s = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        assert!(!kernel_cmdline(&s).contains("vc.channel"));
+        assert!(!build(&s).iter().any(|a| a.contains("virtserialport")));
     }
 
     #[test]

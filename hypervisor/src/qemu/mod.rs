@@ -354,6 +354,11 @@ impl Qemu {
                 // event of this VM rides it.
                 if let Ok(qmp) = qmp::session_for(&self.paths.qmp).await {
                     if qmp.execute("query-status", None).await.is_ok() {
+                        // Every chardev socket is bound before QMP answers.
+                        if let Err(e) = self.paths.restrict_sockets() {
+                            vmm.kill().await?;
+                            return Err(e);
+                        }
                         return Ok(vmm);
                     }
                 }
@@ -377,6 +382,14 @@ impl Qemu {
             other => other,
         };
         let (device, channel) = match backend {
+            VsockBackend::Serial => (
+                VsockDevice::Serial {
+                    socket: self.paths.agent_serial.clone(),
+                },
+                VsockChannel::Serial {
+                    uds: self.paths.agent_serial.clone(),
+                },
+            ),
             VsockBackend::Vhost => {
                 let cid = guest_cid(&self.lock().id);
                 (VsockDevice::Kernel { cid }, VsockChannel::Kernel { cid })
