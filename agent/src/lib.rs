@@ -41,7 +41,19 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Protocol revision; bumped when the host needs to know a call exists.
 /// 6: every connection authenticates ([`auth`]).
 /// 7: OnlineResources (CPU and memory hot-plug).
-pub const API_VERSION: u32 = 7;
+/// 8: Personalize (a VM cloned from a template gets its own identity).
+pub const API_VERSION: u32 = 8;
+
+/// Personalize (API 8): how many bytes of host randomness a request
+/// carries, at least and at most.
+pub const PERSONALIZE_ENTROPY_BYTES: std::ops::RangeInclusive<usize> = 32..=512;
+
+/// Whether `id` is a machine ID as `/etc/machine-id` holds it (without its
+/// newline): 32 lower-case hex digits. The host makes them, the agent
+/// checks them (Personalize).
+pub fn valid_machine_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 /// Where the agent writes the pod's hostname, hosts and resolv.conf files
 /// (SetSandboxFiles); containers bind-mount them from here.
@@ -110,4 +122,22 @@ pub fn hybrid_listener_path(uds: &std::path::Path, port: u32) -> std::path::Path
     let mut name = uds.as_os_str().to_owned();
     name.push(format!("_{port}"));
     std::path::PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn machine_ids_are_32_lower_case_hex_digits() {
+        assert!(super::valid_machine_id("0123456789abcdef0123456789abcdef"));
+        for bad in [
+            "",
+            "0123456789abcdef0123456789abcde",
+            "0123456789abcdef0123456789abcdef0",
+            "0123456789ABCDEF0123456789abcdef",
+            "0123456789abcdef0123456789abcdeg",
+            "0123456789abcdef0123456789abcde\n",
+        ] {
+            assert!(!super::valid_machine_id(bad), "{bad:?}");
+        }
+    }
 }

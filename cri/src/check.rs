@@ -114,14 +114,23 @@ pub fn check(config: &Config) -> Report {
         ok: factory.is_ok(),
         detail: match factory {
             Err(err) => err,
+            Ok(()) if config.factory.pool == 0 && config.factory.template => format!(
+                "template: each pod's VM ({} vCPU, {} MiB) is a clone of one saved VM, made when the pod starts (factory.pool = 0)",
+                hv.default_vcpus, hv.default_memory_mib
+            ),
             Ok(()) if config.factory.pool == 0 => {
                 "direct: each pod boots its VM (factory.pool = 0)".into()
             }
             Ok(()) => format!(
-                "pool of {} warm VMs ({} vCPU, {} MiB; booted at nice {})",
+                "pool of {} warm VMs ({} vCPU, {} MiB; {} at nice {})",
                 config.factory.pool,
                 hv.default_vcpus,
                 hv.default_memory_mib,
+                if config.factory.template {
+                    "clones of one saved template VM"
+                } else {
+                    "booted"
+                },
                 config.factory.refill_nice
             ),
         },

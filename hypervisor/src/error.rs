@@ -44,6 +44,10 @@ pub enum HypervisorError {
         what: &'static str,
         why: &'static str,
     },
+    #[error("a VM template can carry only devices whose state QEMU saves: {why}")]
+    NotTemplatable { why: &'static str },
+    #[error("{what}: {detail}")]
+    Migration { what: &'static str, detail: String },
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error("socket path {path} is longer than the 107 bytes a unix socket allows; use a shorter run dir")]
@@ -119,6 +123,7 @@ impl HypervisorError {
             | NoHotplugSlot { .. }
             | NoRoom { .. }
             | NoDiskTarget { .. }
+            | NotTemplatable { .. }
             | Unsupported { .. } => ErrorKind::FailedPrecondition,
             NicNotFound { .. } => ErrorKind::NotFound,
             StartupFailed { .. } | StartupTimeout { .. } | ResizeTimeout { .. } => {
@@ -130,6 +135,7 @@ impl HypervisorError {
             | Qmp { .. }
             | QmpIo { .. }
             | Io { .. }
+            | Migration { .. }
             | Signal { .. } => ErrorKind::Internal,
         }
     }

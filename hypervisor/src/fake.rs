@@ -23,6 +23,7 @@ pub enum Op {
     AddDisk,
     RemoveDisk,
     Resize,
+    SaveTemplate,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +104,14 @@ impl Hypervisor for FakeHypervisor {
     }
     async fn resume(&self) -> Result<()> {
         self.record(Op::Resume, Some(VmStatus::Running))
+    }
+    async fn save_template(&self, state: &std::path::Path) -> Result<()> {
+        self.record(Op::SaveTemplate, Some(VmStatus::Paused))?;
+        std::fs::write(state, b"fake device state").map_err(|source| crate::HypervisorError::Io {
+            action: "write",
+            path: state.to_path_buf(),
+            source,
+        })
     }
     async fn stop(&self, _grace: Duration) -> Result<()> {
         self.record(

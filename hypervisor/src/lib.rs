@@ -49,6 +49,24 @@ pub struct VmConfig {
     /// command line or a file. `None`: the guest gets none, and our agent
     /// then refuses to serve.
     pub agent_secret: Option<String>,
+    /// Whether the VM is a template or starts from one (`None`: it boots).
+    pub template: Option<TemplateRole>,
+}
+
+/// A VM that becomes a template, or starts from one: the template is a
+/// booted VM's device state ([`Hypervisor::save_template`]) and its RAM as
+/// a file, which every clone maps private (copy-on-write), so the clones
+/// share the pages of the kernel, initramfs and agent that none of them
+/// writes. Only VMs whose devices can all be saved qualify: no vhost-user
+/// device (the agent over virtio-serial, files over 9p, or none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateRole {
+    /// Boots as usual, its RAM the file `memory` (QEMU creates it and maps
+    /// it shared), so that it can be saved.
+    Source { memory: PathBuf },
+    /// Does not boot: maps `memory` private and loads the device state in
+    /// `state`, then runs on from where the template was saved.
+    Clone { memory: PathBuf, state: PathBuf },
 }
 
 /// A network interface of the VM, backed by a tap device the caller opened
@@ -309,6 +327,18 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Detaches the disk at `address`; the guest should have unmounted it.
     /// Detaching a disk that is not attached succeeds (idempotent).
     async fn remove_disk(&self, address: DiskAddress) -> Result<()>;
+
+    /// Pauses a VM booted as [`TemplateRole::Source`] and writes its
+    /// device state to `state` (0600; its RAM is already its memory file).
+    /// The VM stays paused; the caller stops it. Clones start from
+    /// `state` and the memory file ([`TemplateRole::Clone`]).
+    async fn save_template(&self, state: &std::path::Path) -> Result<()> {
+        let _ = state;
+        Err(HypervisorError::Unsupported {
+            what: "saving a VM as a template",
+            why: "this hypervisor cannot save a VM",
+        })
+    }
 
     /// Grows or shrinks the running VM towards `size` (never below what it
     /// booted with, never above the configured maxima): vCPUs are

@@ -20,6 +20,9 @@ pub struct GuestDetails {
     pub uptime_ms: u64,
     /// Guest uptime when the agent began serving.
     pub agent_ready_ms: u64,
+    /// The guest's /etc/machine-id; empty when it has none.
+    #[serde(default)]
+    pub machine_id: String,
 }
 
 /// How the guest creates a container, beside its spec.
@@ -45,6 +48,67 @@ pub enum GuestRootfs {
         address: hypervisor::DiskAddress,
         fstype: String,
     },
+}
+
+/// What makes a VM restored from a template its own (the agent's
+/// Personalize): until then its RNG state, clock, machine ID and agent
+/// secret are the template's, shared with every other clone.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Personalization {
+    /// Mixed into the guest kernel's pool before its CRNG is reseeded.
+    pub entropy: Vec<u8>,
+    /// The host's CLOCK_REALTIME, in ns since the epoch; 0 leaves the
+    /// guest's clock alone.
+    pub realtime_ns: i64,
+    /// The guest's /etc/machine-id: 32 lower-case hex digits.
+    pub machine_id: String,
+    /// The agent secret that connections made afterwards must present;
+    /// the connection that personalizes stays open.
+    pub secret: agent::AgentSecret,
+}
+
+/// Bytes of entropy [`Personalization::generate`] sends.
+const PERSONALIZE_ENTROPY: usize = 64;
+/// Random bytes of a machine ID (32 hex digits).
+const MACHINE_ID_BYTES: usize = 16;
+
+impl Personalization {
+    /// A fresh identity with `secret`: entropy and a machine ID from
+    /// /dev/urandom, and the host's clock now.
+    pub fn generate(secret: agent::AgentSecret) -> std::io::Result<Self> {
+        use std::{fmt::Write as _, io::Read as _};
+        let mut random = [0u8; PERSONALIZE_ENTROPY + MACHINE_ID_BYTES];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+        let (entropy, id) = random.split_at(PERSONALIZE_ENTROPY);
+        let machine_id = id.iter().fold(String::with_capacity(32), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        });
+        // SystemTime is CLOCK_REALTIME.
+        let realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(std::io::Error::other)
+            .and_then(|t| i64::try_from(t.as_nanos()).map_err(std::io::Error::other))?;
+        Ok(Self {
+            entropy: entropy.to_vec(),
+            realtime_ns,
+            machine_id,
+            secret,
+        })
+    }
+}
+
+/// The entropy seeds the clone's RNG and the secret guards its agent:
+/// neither is printed.
+impl std::fmt::Debug for Personalization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Personalization")
+            .field("entropy", &format_args!("[{} bytes]", self.entropy.len()))
+            .field("realtime_ns", &self.realtime_ns)
+            .field("machine_id", &self.machine_id)
+            .field("secret", &self.secret)
+            .finish()
+    }
 }
 
 /// An agent call failed; `detail` says how (transport or remote status).
@@ -170,6 +234,10 @@ pub trait AgentClient: Send + Sync + std::fmt::Debug {
         &self,
         sysctls: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), AgentError>;
+
+    /// Gives a VM restored from a template its own identity (API 8): after
+    /// it, new connections to the agent must present `p.secret`.
+    async fn personalize(&self, p: &Personalization) -> Result<(), AgentError>;
 }
 
 /// Opens connections to agents.
@@ -217,6 +285,24 @@ pub type ForwardedStream = Box<dyn ForwardedIo>;
 
 #[cfg(test)]
 mod tests {
+    use super::Personalization;
+
+    #[test]
+    fn a_generated_personalization_is_what_the_agent_takes() {
+        let secret = agent::AgentSecret::generate().expect("random");
+        let a = Personalization::generate(secret.clone()).expect("generate");
+        let b = Personalization::generate(secret.clone()).expect("generate");
+        assert!(agent::PERSONALIZE_ENTROPY_BYTES.contains(&a.entropy.len()));
+        assert!(agent::valid_machine_id(&a.machine_id), "{}", a.machine_id);
+        assert!(a.realtime_ns > 0 && b.realtime_ns >= a.realtime_ns);
+        assert_eq!(a.secret, secret);
+        assert_ne!(a.entropy, b.entropy);
+        assert_ne!(a.machine_id, b.machine_id);
+        let debug = format!("{a:?}");
+        assert!(debug.contains("[64 bytes]"), "{debug}");
+        assert!(!debug.contains(&secret.to_hex()), "{debug}");
+    }
+
     #[test]
     fn host_and_agent_name_the_same_secret_file() {
         assert_eq!(

@@ -11,7 +11,8 @@ use hypervisor::VsockChannel;
 
 use crate::{
     agent::{
-        AgentClient, AgentCode, AgentDialer, AgentError, ForwardedStream, GuestDetails, GuestRootfs,
+        AgentClient, AgentCode, AgentDialer, AgentError, ForwardedStream, GuestDetails,
+        GuestRootfs, Personalization,
     },
     container::ProcessInfo,
     container_exec::ExecConfig,
@@ -30,6 +31,9 @@ const CONTAINER_CALL: Duration = Duration::from_secs(60);
 /// A signal is one kill(2) in the guest: a guest that does not answer in
 /// this long is hung, and a stop must not wait for it longer.
 const SIGNAL_CALL: Duration = Duration::from_secs(10);
+/// Personalize is a few syscalls in the guest; it is on a claim's path,
+/// so a clone that does not answer in this long is not waited for.
+const PERSONALIZE_CALL: Duration = Duration::from_secs(10);
 /// Bytes per ReadStdout/ReadStderr round trip (the guest's pipes hold 1 MiB).
 const READ_CHUNK: u32 = 1 << 20;
 
@@ -544,6 +548,19 @@ impl AgentClient for TtrpcAgent {
             .map_err(rpc_error)
             .map(drop)
     }
+
+    async fn personalize(&self, p: &Personalization) -> Result<(), AgentError> {
+        let mut req = pb::PersonalizeRequest::new();
+        req.entropy = p.entropy.clone();
+        req.realtime_ns = p.realtime_ns;
+        req.machine_id = p.machine_id.clone();
+        req.secret = p.secret.to_hex();
+        self.agent
+            .personalize(ctx(PERSONALIZE_CALL), &req)
+            .await
+            .map_err(rpc_error)
+            .map(drop)
+    }
 }
 
 fn interface_from(i: &pb::Interface) -> NetInterface {
@@ -578,5 +595,6 @@ fn guest_details(r: pb::GuestDetailsResponse) -> GuestDetails {
         agent_version: r.agent_version,
         uptime_ms: r.uptime_ms,
         agent_ready_ms: r.agent_ready_ms,
+        machine_id: r.machine_id,
     }
 }

@@ -79,6 +79,12 @@ pub struct FactoryConfig {
     /// How long a pool VM may take to boot (it boots at low priority, so
     /// longer than a sandbox's own `agent.dial_timeout_ms`).
     pub boot_timeout_ms: u64,
+    /// VMs start as clones of one saved template VM instead of each
+    /// booting (see [`crate::vm_template`]): they share the template's
+    /// untouched memory pages. With a pool, warm VMs are clones; without,
+    /// each sandbox is cloned when it is created. Needs devices QEMU can
+    /// save (the agent over virtio-serial, no virtio-fs).
+    pub template: bool,
 }
 
 impl FactoryConfig {
@@ -90,11 +96,22 @@ impl FactoryConfig {
                 self.refill_nice
             ));
         }
+        if self.template {
+            if hv.vsock != hypervisor::VsockBackend::Serial {
+                return Err("factory.template: a template's devices must all be saved, so the agent must ride virtio-serial: set hypervisor.vsock = \"serial\" (a vsock device is vhost-user or kernel vhost)".into());
+            }
+            if hv.shared_fs == hypervisor::SharedFs::VirtioFs {
+                return Err("factory.template: virtiofsd (hypervisor.shared_fs = \"virtio-fs\") is vhost-user and cannot be saved: set hypervisor.shared_fs = \"virtio-9p\" (or \"none\" with block rootfs)".into());
+            }
+        }
         if self.pool > 0 && hv.machine != hypervisor::MachineType::Q35 {
             return Err(format!(
                 "factory.pool: {} warm VMs need hypervisor.machine = \"q35\" (a warm VM gets its pod's NICs and size by hot-plug)",
                 self.pool
             ));
+        }
+        if self.template && hv.machine != hypervisor::MachineType::Q35 {
+            return Err("factory.template: clones need hypervisor.machine = \"q35\" (a clone gets its pod's NICs and size by hot-plug)".into());
         }
         Ok(())
     }
@@ -106,6 +123,7 @@ impl Default for FactoryConfig {
             pool: 0,
             refill_nice: 19,
             boot_timeout_ms: 120_000,
+            template: false,
         }
     }
 }

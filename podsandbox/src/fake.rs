@@ -16,7 +16,7 @@ use hypervisor::{
 };
 
 use crate::{
-    agent::{AgentClient, AgentDialer, AgentError, GuestDetails},
+    agent::{AgentClient, AgentDialer, AgentError, GuestDetails, Personalization},
     network::{NetInterface, NetNeighbor, NetRoute, SandboxFiles},
     VmFactory,
 };
@@ -27,6 +27,8 @@ use crate::{
 pub struct FakeVms {
     vms: Mutex<HashMap<String, FakeHypervisor>>,
     fail_at: Mutex<Option<Op>>,
+    /// The template role each VM was created with, by ID.
+    roles: Mutex<HashMap<String, Option<hypervisor::TemplateRole>>>,
 }
 
 impl FakeVms {
@@ -40,6 +42,16 @@ impl FakeVms {
     pub fn all(&self) -> Vec<(String, FakeHypervisor)> {
         let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
         vms.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The template role VM `id` was created with (`None`: it booted).
+    pub fn template_role(&self, id: &str) -> Option<hypervisor::TemplateRole> {
+        self.roles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .flatten()
     }
 
     pub fn get(&self, id: &str) -> Option<FakeHypervisor> {
@@ -57,6 +69,34 @@ impl VmFactory for FakeVms {
         _config: &HypervisorConfig,
         vm: VmConfig,
     ) -> hypervisor::Result<Arc<dyn Hypervisor>> {
+        // As QEMU: a template's source makes its memory file, a clone
+        // needs the saved files.
+        match &vm.template {
+            Some(hypervisor::TemplateRole::Source { memory }) => {
+                std::fs::write(memory, b"fake memory").map_err(|source| {
+                    hypervisor::HypervisorError::Io {
+                        action: "write",
+                        path: memory.clone(),
+                        source,
+                    }
+                })?;
+            }
+            Some(hypervisor::TemplateRole::Clone { memory, state }) => {
+                for path in [memory, state] {
+                    if !path.is_file() {
+                        return Err(hypervisor::HypervisorError::MissingFile {
+                            what: "template file",
+                            path: path.clone(),
+                        });
+                    }
+                }
+            }
+            None => {}
+        }
+        self.roles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.id.clone(), vm.template.clone());
         let state = VmState {
             hypervisor: "fake".into(),
             id: vm.id.clone(),
@@ -75,7 +115,7 @@ impl VmFactory for FakeVms {
             }),
             hotplugged_nics: Vec::new(),
             hotplugged_disks: Vec::new(),
-            agent_secret: None,
+            agent_secret: vm.agent_secret,
         };
         let mut fake = FakeHypervisor::new(state);
         if let Some(op) = *self.fail_at.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -203,6 +243,7 @@ impl AgentClient for FakeDialer {
             agent_version: "fake".into(),
             uptime_ms: 1,
             agent_ready_ms: 1,
+            machine_id: String::new(),
         })
     }
     async fn online_resources(
@@ -222,6 +263,7 @@ impl AgentClient for FakeDialer {
             agent_version: "fake".into(),
             uptime_ms: 1,
             agent_ready_ms: 1,
+            machine_id: String::new(),
         })
     }
     async fn shutdown(&self, _timeout: Duration) -> Result<(), AgentError> {
@@ -392,6 +434,10 @@ impl AgentClient for FakeDialer {
         _sysctls: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), AgentError> {
         self.record("set_sysctls");
+        Ok(())
+    }
+    async fn personalize(&self, _p: &Personalization) -> Result<(), AgentError> {
+        self.record("personalize");
         Ok(())
     }
 }

@@ -54,6 +54,7 @@ mod sandbox_status;
 mod sandbox_stop;
 pub mod state;
 pub mod store;
+mod vm_template;
 
 pub use agent::{AgentClient, AgentDialer, AgentError, ForwardedStream, GuestDetails};
 pub use agent_ttrpc::TtrpcDialer;
@@ -70,3 +71,4 @@ pub use sandbox::{
     Runtime, Sandbox, SandboxConfig, SandboxStatus, VmFactory, VM_EXIT_CODE, VM_EXIT_REASON,
 };
 pub use state::SandboxState;
+pub use vm_template::TemplateInfo;

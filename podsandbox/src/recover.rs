@@ -192,7 +192,8 @@ impl Runtime {
             let sandbox_made = known.contains_key(&name)
                 || (crate::sandbox::valid_id(&name)
                     && (entry.path().join("shared").is_dir()
-                        || name.starts_with(crate::factory::pool::ID_PREFIX)));
+                        || name.starts_with(crate::factory::pool::ID_PREFIX)
+                        || name.starts_with(crate::vm_template::ID_PREFIX)));
             if !sandbox_made {
                 continue;
             }

@@ -149,6 +149,9 @@ pub(crate) struct RuntimeInner {
     >,
     /// Where tests make multi-step operations fail (see [`crate::failpoint`]).
     pub(crate) fail_points: crate::failpoint::FailPoints,
+    /// The saved VM template warm VMs are cloned from (see
+    /// [`crate::vm_template`]); made on first need.
+    pub(crate) template: tokio::sync::Mutex<Option<Arc<crate::vm_template::Template>>>,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -209,6 +212,13 @@ impl Runtime {
         vms: Arc<dyn VmFactory>,
         dialer: Arc<dyn AgentDialer>,
     ) -> Result<Self> {
+        config
+            .factory
+            .check(&config.hypervisor)
+            .map_err(|detail| Error::Config {
+                path: "[factory]".into(),
+                detail,
+            })?;
         let store = Store::new(&config.state_dir)?;
         let factory = crate::factory::from_config(&config.factory);
         Ok(Self {
@@ -226,6 +236,7 @@ impl Runtime {
                 logs: Default::default(),
                 outputs: Default::default(),
                 fail_points: crate::failpoint::FailPoints::from_env(),
+                template: Default::default(),
             }),
         })
     }
@@ -422,6 +433,15 @@ impl Runtime {
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.0, (key.1, client.clone()));
         Ok(client)
+    }
+
+    /// Keeps `client` as the connection to `vm`'s agent under `id`.
+    pub(crate) fn keep_agent(&self, id: &str, vm: &dyn Hypervisor, client: Arc<dyn AgentClient>) {
+        self.inner
+            .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), (vm.pids(), client));
     }
 
     /// Drops the cached agent connection (and guest details) of a sandbox

@@ -44,7 +44,22 @@ impl Runtime {
             }
             return None;
         }
-        let warm = self.inner.factory.take()?;
+        let warm = match self.inner.factory.take() {
+            Some(warm) => warm,
+            // No warm clone ready: a clone made now is still far quicker
+            // than a boot (a template is saved first if there is none).
+            None if self.inner.config.factory.template => {
+                let vm_id = crate::factory::pool::new_id(crate::factory::pool::ID_PREFIX);
+                match self.warm_vm(&vm_id, 0).await {
+                    Ok(vm) => WarmVm { id: vm_id, vm },
+                    Err(err) => {
+                        tracing::warn!(sandbox = %record.id, "cloning the VM template failed, booting a VM instead: {}", err.chain());
+                        return None;
+                    }
+                }
+            }
+            None => return None,
+        };
         let id = record.id.clone();
         match self
             .claim(record, &warm, want, network, files, cgroup_parent)
@@ -115,7 +130,11 @@ impl Runtime {
         let step = |name, steps: &mut Vec<(&str, u128)>| {
             steps.push((name, started.elapsed().as_millis()));
         };
-        record.origin = VmOrigin::Pool;
+        record.origin = if self.inner.config.factory.template {
+            VmOrigin::Template
+        } else {
+            VmOrigin::Pool
+        };
         record.vm = Some(vm.state());
         // From here on a crash leaves a record that names the VM: recovery
         // tears it down (its run dir with it).
@@ -170,24 +189,45 @@ impl Runtime {
         }
     }
 
-    /// Boots a warm VM: the default size, no NICs, at the pool's nice
-    /// value, until its agent answers. On error nothing of it is left.
-    async fn warm_vm(&self, vm_id: &str) -> Result<Arc<dyn Hypervisor>> {
+    /// Boots a warm VM (or, with templates, clones one): the default
+    /// size, no NICs, at `nice`, until its agent answers. On error nothing
+    /// of it is left.
+    async fn warm_vm(&self, vm_id: &str, nice: i32) -> Result<Arc<dyn Hypervisor>> {
         let config = &self.inner.config;
         let size = VmSize {
             vcpus: config.hypervisor.default_vcpus,
             memory_mib: config.hypervisor.default_memory_mib,
         };
-        let vm = match self.spawn_vm(vm_id, size, Vec::new()).await {
+        let template = if config.factory.template {
+            Some(self.template().await?)
+        } else {
+            None
+        };
+        let role = template.as_ref().map(|t| t.role());
+        let vm = match self.spawn_vm(vm_id, size, Vec::new(), role).await {
             Ok(vm) => vm,
             Err(err) => {
                 self.discard_vm(vm_id, None).await;
+                if let Some(template) = &template {
+                    // A template that cannot be loaded is made anew.
+                    self.forget_template(&template.id).await;
+                }
                 return Err(err);
             }
         };
-        crate::nice::set_nice(&vm.pids(), config.factory.refill_nice);
+        crate::nice::set_nice(&vm.pids(), nice);
         let timeout = Duration::from_millis(config.factory.boot_timeout_ms);
-        if let Err(err) = self.wait_for_agent(vm_id, vm.as_ref(), timeout).await {
+        let ready = match &template {
+            Some(template) => {
+                self.personalize_clone(vm_id, vm.as_ref(), template, timeout)
+                    .await
+            }
+            None => self
+                .wait_for_agent(vm_id, vm.as_ref(), timeout)
+                .await
+                .map(drop),
+        };
+        if let Err(err) = ready {
             self.discard_vm(vm_id, Some(vm.as_ref())).await;
             return Err(err);
         }
@@ -214,24 +254,29 @@ impl Runtime {
     /// has recovered its sandboxes (recovery discards warm VMs a previous
     /// owner left).
     pub fn start_factory(&self) -> Result<()> {
-        let config = &self.inner.config;
-        config
-            .factory
-            .check(&config.hypervisor)
-            .map_err(|detail| Error::Config {
-                path: "[factory]".into(),
-                detail,
-            })?;
+        // A template a previous owner saved is not trusted (nor needed).
+        self.remove_saved_templates();
+        if self.inner.config.factory.template && self.inner.config.factory.pool == 0 {
+            // No pool to fill: save the template now, so that the first
+            // sandbox does not wait for its boot.
+            let rt = self.clone();
+            tokio::spawn(async move {
+                if let Err(err) = rt.template().await {
+                    tracing::warn!("saving the VM template: {}", err.chain());
+                }
+            });
+        }
         self.inner
             .factory
             .start(Arc::new(RuntimeWarmer(Arc::downgrade(&self.inner))));
         Ok(())
     }
 
-    /// Stops the factory and throws its warm VMs away (sandboxes' VMs keep
-    /// running).
+    /// Stops the factory and throws its warm VMs (and template) away
+    /// (sandboxes' VMs keep running).
     pub async fn stop_factory(&self) {
         self.inner.factory.shutdown().await;
+        self.drop_templates().await;
     }
 
     pub fn factory_status(&self) -> crate::factory::FactoryStatus {
@@ -253,7 +298,10 @@ impl RuntimeWarmer {
 impl Warmer for RuntimeWarmer {
     async fn warm(&self, id: &str) -> Result<Arc<dyn Hypervisor>> {
         match self.runtime() {
-            Some(rt) => rt.warm_vm(id).await,
+            Some(rt) => {
+                let nice = rt.inner.config.factory.refill_nice;
+                rt.warm_vm(id, nice).await
+            }
             None => Err(Error::Config {
                 path: "[factory]".into(),
                 detail: "the runtime is gone".into(),
@@ -500,5 +548,32 @@ mod tests {
         assert!(err.contains("factory.refill_nice"), "{err}");
         let ok = RuntimeConfig::parse("[factory]\npool = 2\n").expect("q35 is the default");
         assert_eq!(ok.factory.pool, 2);
+    }
+
+    #[test]
+    fn a_template_needs_devices_qemu_saves_and_q35() {
+        let saved = "[hypervisor]\nvsock = \"serial\"\nshared_fs = \"virtio-9p\"\n";
+        for (config, names) in [
+            (
+                "[hypervisor]\nshared_fs = \"virtio-9p\"\n",
+                "hypervisor.vsock",
+            ),
+            ("[hypervisor]\nvsock = \"serial\"\n", "hypervisor.shared_fs"),
+            (
+                "[hypervisor]\nvsock = \"serial\"\nshared_fs = \"none\"\nmachine = \"microvm\"\n",
+                "q35",
+            ),
+        ] {
+            let err = RuntimeConfig::parse(&format!("[factory]\ntemplate = true\n{config}"))
+                .expect_err(config);
+            assert!(
+                err.contains("factory.template") && err.contains(names),
+                "{err}"
+            );
+        }
+        // Without a pool each sandbox is cloned when it is created.
+        let ok = RuntimeConfig::parse(&format!("[factory]\ntemplate = true\n{saved}"))
+            .expect("serial + 9p");
+        assert!(ok.factory.template && ok.factory.pool == 0);
     }
 }

@@ -138,7 +138,7 @@ impl Runtime {
             memory_mib: record.memory_mib,
         };
         let vm = self
-            .spawn_vm(&id, size, nics)
+            .spawn_vm(&id, size, nics, None)
             .await
             .map_err(|e| (e, None))?;
         // A VM runs that no record names yet.
@@ -178,6 +178,7 @@ impl Runtime {
         vm_id: &str,
         size: VmSize,
         nics: Vec<hypervisor::Nic>,
+        template: Option<hypervisor::TemplateRole>,
     ) -> Result<Arc<dyn Hypervisor>> {
         let run_dir = self.run_dir(vm_id);
         // A run dir without a sandbox is debris of a crashed create.
@@ -227,6 +228,7 @@ impl Runtime {
             memory_mib: size.memory_mib,
             run_dir,
             nics,
+            template,
         };
         let hypervisor_error = |source| Error::Hypervisor {
             id: vm_id.to_string(),

@@ -26,6 +26,39 @@ pub const RECORD_VERSION: u32 = 1;
 const RECORD: &str = "state.json";
 const LOCK: &str = "lock";
 
+/// Writes `value` as JSON to `path` (0600) atomically: a temp file beside
+/// it, fsync, rename over it, fsync of the dir. Readers see the old file
+/// or the new one, never a mix, and a crash leaves at most the temp file.
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let io = |action, source| Error::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io(
+            "write",
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+        ));
+    };
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let json = serde_json::to_vec_pretty(value)
+        .map_err(|e| io("serialize", std::io::Error::other(e.to_string())))?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("create temp", e))?;
+    file.write_all(&json).map_err(|e| io("write", e))?;
+    file.sync_all().map_err(|e| io("fsync", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("fsync dir", e))
+}
+
 /// What is persisted of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
@@ -288,29 +321,7 @@ impl Store {
 
     /// Writes a record atomically: readers see the old or the new, never a mix.
     pub fn save(&self, record: &SandboxRecord) -> Result<()> {
-        let dir = self.dir(&record.id);
-        let path = dir.join(RECORD);
-        let tmp = dir.join(format!(".{RECORD}.tmp"));
-        let io = |action, source| Error::Io {
-            action,
-            path: path.clone(),
-            source,
-        };
-        let json = serde_json::to_vec_pretty(record)
-            .map_err(|e| io("serialize", std::io::Error::other(e.to_string())))?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io("create temp", e))?;
-        file.write_all(&json).map_err(|e| io("write", e))?;
-        file.sync_all().map_err(|e| io("fsync", e))?;
-        fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("fsync dir", e))?;
+        write_json(&self.dir(&record.id).join(RECORD), record)?;
         if let Some(cache) = self.cache().as_mut() {
             cache.ids.insert(record.id.clone());
             cache.records.insert(record.id.clone(), record.clone());

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    busybox_env, container_config, create_started, exec_sh, limits, pod_config, pod_info,
-    remove_pod, run_pod, BusyboxEnv, CriEnv, Runtime,
+    busybox_env, container_config, create_started, exec_sh, limits, pod_config, remove_pod,
+    run_pod, BusyboxEnv, CriEnv, Runtime,
 };
 
 const RUNS: usize = 5;
@@ -42,26 +42,6 @@ async fn exec(rt: &mut Runtime, id: &str, script: &str) -> String {
     let (code, out) = exec_sh(rt, id, script).await;
     assert_eq!(code, 0, "{out}");
     out
-}
-
-/// PSS of the pod's VMM and helpers, MiB.
-async fn pss_mib(rt: &mut Runtime, pod: &str) -> f64 {
-    let v = pod_info(rt, pod).await;
-    let mut pids = vec![v["vm"]["pid"].as_i64().expect("pid")];
-    if let Some(h) = v["vm"]["helper_pids"].as_array() {
-        pids.extend(h.iter().filter_map(|p| p.as_i64()));
-    }
-    let mut kib = 0u64;
-    for pid in pids {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-        kib += text
-            .lines()
-            .find_map(|l| l.strip_prefix("Pss:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    kib as f64 / 1024.0
 }
 
 async fn env_with(
@@ -223,10 +203,10 @@ async fn main() {
         "dd if=/dev/zero of=/dev/null bs=1500M count=1 2>/dev/null",
     )
     .await;
-    let right_after = pss_mib(&mut rt, &large).await;
+    let right_after = tests::cri::pod_pss_mib(&mut rt, &large).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let small_pss = pss_mib(&mut rt, &small).await;
-    let large_pss = pss_mib(&mut rt, &large).await;
+    let small_pss = tests::cri::pod_pss_mib(&mut rt, &small).await;
+    let large_pss = tests::cri::pod_pss_mib(&mut rt, &large).await;
     remove_pod(&mut rt, &small).await;
     remove_pod(&mut rt, &large).await;
     env.stop();
@@ -256,7 +236,7 @@ async fn main() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let noreport_pss = pss_mib(&mut rt, &pod).await;
+    let noreport_pss = tests::cri::pod_pss_mib(&mut rt, &pod).await;
     remove_pod(&mut rt, &pod).await;
     env.stop();
 

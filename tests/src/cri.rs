@@ -653,6 +653,28 @@ pub async fn pod_info(rt: &mut Runtime, pod: &str) -> serde_json::Value {
     serde_json::from_str(info.get("info").expect("verbose info")).expect("json")
 }
 
+/// The host PSS (`smaps_rollup`) of a pod's VMM and its helpers, in MiB.
+pub async fn pod_pss_mib(rt: &mut Runtime, pod: &str) -> f64 {
+    let v = pod_info(rt, pod).await;
+    let mut pids = vec![v["vm"]["pid"].as_i64().expect("pid")];
+    if let Some(h) = v["vm"]["helper_pids"].as_array() {
+        pids.extend(h.iter().filter_map(serde_json::Value::as_i64));
+    }
+    let kib: u64 = pids.into_iter().map(pss_kib).sum();
+    kib as f64 / 1024.0
+}
+
+/// A process's proportional set size in KiB (`smaps_rollup`).
+pub fn pss_kib(pid: i64) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/smaps_rollup: {e}"));
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no Pss in /proc/{pid}/smaps_rollup"))
+}
+
 /// The PID of a pod's QEMU, from verbose PodSandboxStatus.
 pub async fn qemu_pid(rt: &mut Runtime, pod: &str) -> i32 {
     let pid = pod_info(rt, pod).await["vm"]["pid"]

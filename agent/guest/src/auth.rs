@@ -2,7 +2,10 @@
 //! comes from the host's context ID and its first line carries the VM's
 //! secret (see [`agent::auth`]). Everything else is closed unanswered.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use agent::AgentSecret;
 use tokio::io::AsyncReadExt as _;
@@ -11,6 +14,34 @@ use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_
 /// Connections accepted but not yet authenticated, at most: a flood of
 /// silent connections cannot hold more.
 const MAX_PENDING: usize = 64;
+
+/// The VM's secret, replaceable while the agent serves (Personalize gives
+/// a VM cloned from a template its own): the listeners check each new
+/// connection's auth line against the secret of that moment; connections
+/// already authenticated are never asked again.
+#[derive(Clone, Debug)]
+pub struct SharedSecret(Arc<RwLock<AgentSecret>>);
+
+impl SharedSecret {
+    pub fn new(secret: AgentSecret) -> Self {
+        Self(Arc::new(RwLock::new(secret)))
+    }
+
+    /// Whether `line` carries the current secret ([`AgentSecret::accepts`]).
+    pub fn accepts(&self, line: &[u8]) -> bool {
+        // A poisoned lock still holds a whole secret: the writer only
+        // assigns one.
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .accepts(line)
+    }
+
+    /// From now on, connections must present `new`.
+    pub fn replace(&self, new: AgentSecret) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = new;
+    }
+}
 
 /// The VM's secret from the host (its fw_cfg file); an error when there is
 /// none, since the agent then serves nobody.
@@ -33,7 +64,7 @@ pub fn secret_from_host() -> anyhow::Result<AgentSecret> {
 /// ttrpc listener (the API port's server and the forwarder take one).
 pub async fn listen(
     port: u32,
-    secret: AgentSecret,
+    secret: SharedSecret,
 ) -> anyhow::Result<ttrpc::asynchronous::transport::Listener> {
     let listener = bind(port).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<VsockStream>(MAX_PENDING);
@@ -114,4 +145,28 @@ pub(crate) async fn read_line<S: tokio::io::AsyncRead + Unpin>(
         line.push(byte[0]);
     }
     Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_secret_is_the_only_one_accepted_by_every_holder() {
+        let (old, new) = (
+            AgentSecret::generate().expect("random"),
+            AgentSecret::generate().expect("random"),
+        );
+        let line = |s: &AgentSecret| s.auth_line().trim_end().as_bytes().to_vec();
+        let shared = SharedSecret::new(old.clone());
+        let listener = shared.clone();
+        assert!(listener.accepts(&line(&old)));
+        assert!(!listener.accepts(&line(&new)));
+        shared.replace(new.clone());
+        assert!(listener.accepts(&line(&new)));
+        assert!(!listener.accepts(&line(&old)));
+        let debug = format!("{shared:?}");
+        assert!(debug.contains("AgentSecret(..)"), "{debug}");
+        assert!(!debug.contains(&new.to_hex()), "{debug}");
+    }
 }

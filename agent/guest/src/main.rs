@@ -25,6 +25,7 @@ mod modules;
 mod modules_disk;
 mod network;
 mod notify;
+mod personalize;
 mod pidns;
 mod reaper;
 #[cfg(test)]
@@ -137,19 +138,22 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
     let storage = storage::Storage::new(modules_loaded);
     let containers = container::Containers::new(storage.clone(), reaper);
 
+    // One cell for every listener and the service: Personalize replaces
+    // the secret that connections made after it must present.
+    let secret = auth::SharedSecret::new(secret);
     let serial = serial::selected(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let listener = if serial {
         // No vsock: the API only, on the virtio-serial port; the host
         // learns readiness from the port's answer, not from a notice.
         let loaded = init::load_modules(init::SERIAL_MODULES)?;
         tracing::debug!(loaded, "serial modules loaded");
-        serial::listen(secret).await?
+        serial::listen(secret.clone()).await?
     } else {
         let listener = auth::listen(agent::AGENT_VSOCK_PORT, secret.clone()).await?;
-        forward::spawn(auth::listen(agent::FORWARD_VSOCK_PORT, secret).await?);
+        forward::spawn(auth::listen(agent::FORWARD_VSOCK_PORT, secret.clone()).await?);
         listener
     };
-    let services = service::AgentService::new(containers);
+    let services = service::AgentService::new(containers, secret);
     let health = agent_ttrpc::create_health(Arc::new(services.clone()));
     let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
     let mut server = ttrpc::asynchronous::Server::new()

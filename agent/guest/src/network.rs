@@ -656,12 +656,14 @@ pub(crate) fn set_sandbox_files_in(dir: &Path, req: &pb::SetSandboxFilesRequest)
         if data.is_empty() {
             continue;
         }
-        write_atomic(&dir.join(name), data.as_bytes())?;
+        write_atomic(&dir.join(name), data.as_bytes(), 0o644)?;
     }
     Ok(())
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+/// Replaces `path` with a file of `data` and `mode`: written beside it,
+/// then renamed over it, so a reader sees the old file or the new one.
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write as _;
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let io = |e| internal(&format!("write {}", path.display()), e);
@@ -669,7 +671,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o644)
+        .mode(mode)
         .open(&tmp)
         .map_err(io)?;
     f.write_all(data).map_err(io)?;

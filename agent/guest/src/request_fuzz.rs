@@ -2,7 +2,8 @@
 //! compromised or buggy host could send over vsock), and what decodes run
 //! through the agent's own checks and conversions that need no VM: IDs,
 //! the rootfs path, the OCI spec and its bind mounts, an exec's process,
-//! cgroup resources, MACs, addresses, CIDRs, sysctls, sandbox files.
+//! cgroup resources, MACs, addresses, CIDRs, sysctls, sandbox files, a
+//! clone's identity.
 //! Each returns a value or an InvalidArgument — never a panic.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -15,6 +16,7 @@ use protobuf::Message;
 
 use crate::container::{self, Failure};
 use crate::network;
+use crate::personalize;
 
 fn config() -> Config {
     Config {
@@ -113,6 +115,11 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     files.hostname = "pod".into();
     files.hosts = "127.0.0.1 localhost\n".into();
     files.resolv_conf = "nameserver 10.96.0.10\n".into();
+    let mut identity = pb::PersonalizeRequest::new();
+    identity.entropy = vec![0x5a; 64];
+    identity.realtime_ns = 1_700_000_000_000_000_000;
+    identity.machine_id = "0123456789abcdef0123456789abcdef".into();
+    identity.secret = "0f".repeat(32);
     let mut ctr = pb::ContainerRequest::new();
     ctr.container_id = "c1".into();
     ctr.exec_id = "e1".into();
@@ -140,6 +147,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("AddArpNeighbors", neighs.write_to_bytes().unwrap()),
         ("SetSysctls", sysctls.write_to_bytes().unwrap()),
         ("SetSandboxFiles", files.write_to_bytes().unwrap()),
+        ("Personalize", identity.write_to_bytes().unwrap()),
         ("Container", ctr.write_to_bytes().unwrap()),
         ("SignalProcess", signal.write_to_bytes().unwrap()),
         ("RemoveContainer", remove.write_to_bytes().unwrap()),
@@ -232,6 +240,10 @@ fn exercise(name: &str, bytes: &[u8], dir: &std::path::Path) -> Result<bool, Tes
             let files = dir.join("files");
             checked("sandbox files", network::set_sandbox_files_in(&files, &r))?;
             let _ = std::fs::remove_dir_all(&files);
+        }
+        "Personalize" => {
+            let r = decode!(pb::PersonalizeRequest);
+            checked("personalize", personalize::validate(r))?;
         }
         "Container" => {
             let r = decode!(pb::ContainerRequest);

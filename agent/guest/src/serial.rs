@@ -21,9 +21,10 @@ use std::{
     time::Duration,
 };
 
-use agent::AgentSecret;
 use anyhow::Context as _;
 use tokio::io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+
+use crate::auth::SharedSecret;
 
 /// Where the kernel lists virtio-serial ports (`<port>/name`).
 const PORTS: &str = "/sys/class/virtio-ports";
@@ -147,7 +148,7 @@ enum Offer {
 }
 
 /// Opens the port and waits for a host that knows the secret.
-async fn offer(path: &Path, secret: &AgentSecret) -> Offer {
+async fn offer(path: &Path, secret: &SharedSecret) -> Offer {
     let mut port = match SerialPort::open(path) {
         Ok(port) => port,
         // The previous connection still holds it.
@@ -183,7 +184,7 @@ async fn offer(path: &Path, secret: &AgentSecret) -> Offer {
 /// The API's listener on the serial port: authenticated connections, one
 /// at a time.
 pub async fn listen(
-    secret: AgentSecret,
+    secret: SharedSecret,
 ) -> anyhow::Result<ttrpc::asynchronous::transport::Listener> {
     let path = wait_for_port().await.context("the agent's serial port")?;
     tracing::debug!(path = %path.display(), "agent serial port");

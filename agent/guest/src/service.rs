@@ -8,8 +8,9 @@ use tokio::sync::Notify;
 use ttrpc::asynchronous::TtrpcContext;
 
 use crate::{
+    auth::SharedSecret,
     container::{Containers, Failure},
-    network,
+    network, personalize,
 };
 
 /// One state shared by both services.
@@ -21,16 +22,19 @@ pub struct AgentService {
 #[derive(Debug)]
 struct Inner {
     containers: Containers,
+    /// What the listeners check new connections against (Personalize).
+    secret: SharedSecret,
     shutdown: Notify,
     /// Uptime when the API started serving, in ms.
     ready_ms: std::sync::OnceLock<u64>,
 }
 
 impl AgentService {
-    pub fn new(containers: Containers) -> Self {
+    pub fn new(containers: Containers, secret: SharedSecret) -> Self {
         Self {
             inner: Arc::new(Inner {
                 containers,
+                secret,
                 shutdown: Notify::new(),
                 ready_ms: std::sync::OnceLock::new(),
             }),
@@ -180,6 +184,18 @@ impl agent_ttrpc::Agent for AgentService {
         let timeout = Duration::from_millis(u64::from(r.timeout_ms.min(60_000)));
         blocking(move || Ok(crate::hotplug::online_resources(r.cpus, timeout))).await?;
         self.guest_details()
+    }
+
+    async fn personalize(
+        &self,
+        _: &TtrpcContext,
+        r: pb::PersonalizeRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        // All of it is checked before any of it is applied.
+        let identity = personalize::validate(r).map_err(status)?;
+        let secret = self.inner.secret.clone();
+        blocking(move || personalize::apply(identity, &secret)).await?;
+        Ok(pb::Empty::new())
     }
 
     async fn shutdown(
@@ -433,6 +449,9 @@ impl AgentService {
         resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
         resp.uptime_ms = uptime().map_err(internal)?.as_millis() as u64;
         resp.agent_ready_ms = self.inner.ready_ms.get().copied().unwrap_or(0);
+        resp.machine_id = std::fs::read_to_string("/etc/machine-id")
+            .map(|id| id.trim().to_string())
+            .unwrap_or_default();
         Ok(resp)
     }
 }

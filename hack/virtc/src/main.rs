@@ -45,6 +45,23 @@ enum Command {
     /// Containers in a sandbox.
     #[command(subcommand)]
     Container(container::ContainerCmd),
+    /// The VM template sandboxes are cloned from (`[factory] template = true`).
+    #[command(subcommand)]
+    Factory(FactoryCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum FactoryCmd {
+    /// Boot a VM of the default size and save it as the template (any
+    /// saved one is replaced); `sandbox create` then clones it.
+    Init,
+    /// The saved template, if any.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the saved template (sandboxes cloned from it keep running).
+    Destroy,
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let cmd = match cli.command {
         Command::Sandbox(cmd) => cmd,
         Command::Container(cmd) => return container::run(&rt, cmd, &passthrough).await,
+        Command::Factory(cmd) => return factory(&rt, cmd).await,
     };
     match cmd {
         SandboxCmd::Create { id, vcpus, memory } => {
@@ -201,6 +219,45 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+async fn factory(rt: &Runtime, cmd: FactoryCmd) -> anyhow::Result<u8> {
+    match cmd {
+        FactoryCmd::Init => {
+            if !rt.config().factory.template {
+                anyhow::bail!(
+                    "factory.template is off in the config: sandboxes would not be cloned from a template (set [factory] template = true)"
+                );
+            }
+            let t = rt.save_vm_template().await.map_err(chain)?;
+            out!("{} saved", t.id);
+        }
+        FactoryCmd::Status { json } => {
+            let all = rt.vm_templates();
+            if json {
+                out!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(0);
+            }
+            if all.is_empty() {
+                out!("no template saved (sandboxes boot, or save one when first cloned)");
+            }
+            for t in all {
+                out!("template:   {}", t.id);
+                out!("dir:        {}", t.dir.display());
+                out!("size:       {} vCPU, {} MiB", t.vcpus, t.memory_mib);
+                out!(
+                    "files:      memory {} MiB allocated, device state {} KiB",
+                    t.memory_allocated_bytes >> 20,
+                    t.state_bytes >> 10
+                );
+            }
+        }
+        FactoryCmd::Destroy => {
+            rt.destroy_vm_templates().await;
+            out!("templates removed");
+        }
+    }
+    Ok(0)
+}
+
 fn chain(err: podsandbox::Error) -> anyhow::Error {
     anyhow::anyhow!(err.chain())
 }
@@ -213,6 +270,7 @@ fn print_status(s: &SandboxStatus) {
     out!("id:         {}", s.id);
     out!("state:      {}", s.state);
     out!("hypervisor: {} ({}, {})", s.hypervisor, s.machine, s.accel);
+    out!("vm from:    {}", s.origin);
     out!("vcpus:      {}", s.vcpus);
     out!("memory:     {} MiB", s.memory_mib);
     if let Some(pid) = s.pid {

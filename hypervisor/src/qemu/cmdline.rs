@@ -145,6 +145,9 @@ pub struct Spec<'a> {
     /// read once into the fw_cfg file [`crate::AGENT_SECRET_FW_CFG`]: the
     /// command line names the descriptor, never the secret.
     pub agent_secret_fd: Option<i32>,
+    /// A template's source (RAM in a shared file) or a clone of one (RAM
+    /// mapped private from that file, `-incoming defer`).
+    pub template: Option<&'a crate::TemplateRole>,
 }
 
 /// Kernel parameters that every guest gets. `quiet` keeps the slow emulated
@@ -287,7 +290,20 @@ fn memory_args(spec: &Spec<'_>) -> Vec<String> {
     // host KSM can merge if the host turns it on.
     let hotplug = hotplug_memory_mib(spec);
     let backend = |id: &str, mib: u32| {
-        if shares_memory(spec) {
+        // A template's RAM is a file: shared while the source writes it,
+        // private (copy-on-write) in every clone. Device memory added
+        // later (virtio-mem) is each VM's own.
+        let file = match spec.template {
+            Some(crate::TemplateRole::Source { memory }) => Some((memory, "on")),
+            Some(crate::TemplateRole::Clone { memory, .. }) => Some((memory, "off")),
+            None => None,
+        };
+        if let (Some((path, share)), "mem") = (file, id) {
+            format!(
+                "memory-backend-file,id={id},size={mib}M,mem-path={},share={share}",
+                escape(path)
+            )
+        } else if shares_memory(spec) {
             format!("memory-backend-memfd,id={id},size={mib}M,share=on")
         } else {
             format!("memory-backend-ram,id={id},size={mib}M")
@@ -328,7 +344,7 @@ fn memory_args(spec: &Spec<'_>) -> Vec<String> {
 }
 
 fn base_args(spec: &Spec<'_>) -> Vec<String> {
-    strings(&[
+    let mut args = strings(&[
         "-name",
         &format!("vc-{},debug-threads=on", spec.id.replace(',', ",,")),
         "-nodefaults",
@@ -338,7 +354,12 @@ fn base_args(spec: &Spec<'_>) -> Vec<String> {
         "-vga",
         "none",
         "-no-reboot",
-    ])
+    ]);
+    if matches!(spec.template, Some(crate::TemplateRole::Clone { .. })) {
+        // The device state comes over QMP (`migrate-incoming`).
+        args.extend(strings(&["-incoming", "defer"]));
+    }
+    args
 }
 
 fn kernel_args(spec: &Spec<'_>) -> Vec<String> {
@@ -617,6 +638,7 @@ mod tests {
             disk_controller: true,
             modules: None,
             agent_secret_fd: Some(9),
+            template: None,
         }
     }
 
@@ -783,6 +805,56 @@ mod tests {
             "virtio-blk-device,id=modules0,drive=modules,serial=vc-modules"
         ));
         assert!(!args.iter().any(|a| a.contains("scsi")));
+    }
+
+    #[test]
+    fn a_template_and_its_clones_differ_only_in_how_ram_is_mapped_and_where_state_comes_from() {
+        let paths = RunPaths::new(Path::new("/r"));
+        let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
+        s.hotplug_memory_mib = 1024;
+        s.vsock = VsockDevice::Serial {
+            socket: paths.agent_serial.clone(),
+        };
+        let source = crate::TemplateRole::Source {
+            memory: "/t,1/memory".into(),
+        };
+        s.template = Some(&source);
+        let template = build(&s);
+        assert!(has_pair(
+            &template,
+            "-object",
+            "memory-backend-file,id=mem,size=256M,mem-path=/t,,1/memory,share=on"
+        ));
+        assert!(!template.contains(&"-incoming".to_string()));
+        let clone = crate::TemplateRole::Clone {
+            memory: "/t,1/memory".into(),
+            state: "/t/state".into(),
+        };
+        s.template = Some(&clone);
+        let cloned = build(&s);
+        assert!(has_pair(
+            &cloned,
+            "-object",
+            "memory-backend-file,id=mem,size=256M,mem-path=/t,,1/memory,share=off"
+        ));
+        assert!(has_pair(&cloned, "-incoming", "defer"));
+        // Hot-plugged memory stays each VM's own.
+        assert!(has_pair(
+            &cloned,
+            "-object",
+            "memory-backend-ram,id=hpmem,size=1024M"
+        ));
+        // Everything else is the same device for device: that is what
+        // lets the saved state load.
+        let strip = |args: &[String]| -> Vec<String> {
+            args.iter()
+                .filter(|a| {
+                    !a.starts_with("memory-backend-file") && *a != "-incoming" && *a != "defer"
+                })
+                .cloned()
+                .collect()
+        };
+        assert_eq!(strip(&template), strip(&cloned));
     }
 
     #[test]

@@ -23,11 +23,17 @@ use self::{
 use crate::{
     process::{self, ProcessRef},
     Disk, DiskAddress, HypervisorConfig, HypervisorError, Nic, Result, SharedDir, SharedFs,
-    VmConfig, VmState, VmStatus, VsockBackend, VsockChannel,
+    TemplateRole, VmConfig, VmState, VmStatus, VsockBackend, VsockChannel,
 };
 
 /// The `hypervisor` value in persisted state.
 pub const NAME: &str = "qemu";
+
+/// The name QEMU knows a migration's descriptor by (QMP `getfd`).
+const MIGRATION_FD_NAME: &str = "vc-migration";
+/// How long saving or loading a template's device state may take (it is
+/// well under a megabyte: RAM is not in it).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long QEMU may take to open its QMP socket.
 const QMP_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +62,8 @@ pub struct Qemu {
     shared: Option<SharedDir>,
     /// Network interfaces, for boot only.
     nics: Vec<Nic>,
+    /// A template's source or clone, for boot only.
+    template: Option<TemplateRole>,
     state: Mutex<VmState>,
     /// Serialises disk attach and detach.
     disk_lock: tokio::sync::Mutex<()>,
@@ -78,6 +86,7 @@ impl Qemu {
         let hotplug = config.machine == crate::MachineType::Q35 && config.resource_hotplug;
         let shared = vm.shared.clone();
         let nics = vm.nics.clone();
+        let template = vm.template.clone();
         let state = VmState {
             hypervisor: NAME.into(),
             id: vm.id,
@@ -105,6 +114,7 @@ impl Qemu {
             paths,
             shared,
             nics,
+            template,
             state: Mutex::new(state),
             disk_lock: tokio::sync::Mutex::new(()),
             resize_lock: tokio::sync::Mutex::new(()),
@@ -117,6 +127,7 @@ impl Qemu {
             paths: RunPaths::new(&state.run_dir),
             shared: None,
             nics: Vec::new(),
+            template: None,
             state: Mutex::new(state),
             disk_lock: tokio::sync::Mutex::new(()),
             resize_lock: tokio::sync::Mutex::new(()),
@@ -310,6 +321,7 @@ impl Qemu {
             disk_controller: self.config.disk_hotplug,
             modules,
             agent_secret_fd: state.agent_secret.as_ref().map(|_| AGENT_SECRET_FD),
+            template: self.template.as_ref(),
             nics: self
                 .nics
                 .iter()
@@ -409,10 +421,36 @@ impl Qemu {
         };
         let shared = self.start_shared_fs().await?;
         let vmm = self.start_vmm(device, shared).await?;
-        let mut state = self.lock();
-        state.vmm = Some(vmm);
-        state.vsock = Some(channel);
+        {
+            let mut state = self.lock();
+            state.vmm = Some(vmm);
+            state.vsock = Some(channel);
+        }
+        if let Some(TemplateRole::Clone { state, .. }) = &self.template {
+            self.load_template(state).await?;
+        }
         Ok(())
+    }
+
+    /// A clone's start: the template's device state in (its RAM is the
+    /// mapped memory file already), then the vCPUs run on.
+    async fn load_template(&self, state: &Path) -> Result<()> {
+        let file = std::fs::File::open(state).map_err(|source| HypervisorError::Io {
+            action: "open the template's device state",
+            path: state.to_path_buf(),
+            source,
+        })?;
+        let qmp = self.session().await?;
+        ignore_shared_memory(&qmp).await?;
+        qmp.send_fd(MIGRATION_FD_NAME, std::os::fd::AsFd::as_fd(&file))
+            .await?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD_NAME}") })),
+        )
+        .await?;
+        wait_migration(&qmp, "loading the template's device state").await?;
+        qmp.execute("cont", None).await.map(drop)
     }
 
     async fn stop_helpers(&self) -> Result<()> {
@@ -441,7 +479,86 @@ fn secret_pipe(secret: &str) -> Result<std::os::fd::OwnedFd> {
     Ok(read)
 }
 
+/// Leaves RAM in a shared memory file out of the migration stream: a
+/// template's RAM is its memory file, which clones map themselves.
+async fn ignore_shared_memory(qmp: &QmpSession) -> Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        })),
+    )
+    .await
+    .map(drop)
+}
+
+/// Polls `query-migrate` until the migration completed, failed, or took
+/// longer than [`MIGRATION_TIMEOUT`].
+async fn wait_migration(qmp: &QmpSession, what: &'static str) -> Result<()> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let reply = qmp.execute("query-migrate", None).await?;
+        match reply.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some(status @ ("failed" | "cancelled")) => {
+                let detail = reply
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or(status);
+                return Err(HypervisorError::Migration {
+                    what,
+                    detail: detail.to_string(),
+                });
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(HypervisorError::Migration {
+                    what,
+                    detail: format!("not done after {} s", MIGRATION_TIMEOUT.as_secs()),
+                })
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Why `vm` cannot be (or start from) a template with `config`, if so.
+fn templatable(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
+    let Some(role) = &vm.template else {
+        return Ok(());
+    };
+    if config.vsock != VsockBackend::Serial {
+        return Err(HypervisorError::NotTemplatable {
+            why: "the agent must ride virtio-serial (hypervisor.vsock = \"serial\"): a vsock device is vhost-user or kernel vhost, neither saved",
+        });
+    }
+    if vm.shared.is_some() && config.shared_fs == SharedFs::VirtioFs {
+        return Err(HypervisorError::NotTemplatable {
+            why: "virtiofsd is vhost-user and is not saved: use hypervisor.shared_fs = \"virtio-9p\" (or \"none\" with block rootfs)",
+        });
+    }
+    if !vm.nics.is_empty() {
+        return Err(HypervisorError::NotTemplatable {
+            why: "a template has no NIC: NICs join its clones by hot-plug",
+        });
+    }
+    if let TemplateRole::Clone { memory, state } = role {
+        for (what, path) in [
+            ("template memory file", memory),
+            ("template device state", state),
+        ] {
+            if !path.is_file() {
+                return Err(HypervisorError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn validate(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
+    templatable(config, vm)?;
     if let Some(secret) = &vm.agent_secret {
         if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(HypervisorError::BadAgentSecret);
@@ -538,6 +655,45 @@ impl crate::Hypervisor for Qemu {
 
     async fn pause(&self) -> Result<()> {
         self.qmp("stop", None).await.map(drop)
+    }
+
+    async fn save_template(&self, state: &Path) -> Result<()> {
+        if !matches!(self.template, Some(TemplateRole::Source { .. })) {
+            return Err(HypervisorError::Unsupported {
+                what: "saving a VM as a template",
+                why: "it was not booted as a template's source (its RAM is not a memory file)",
+            });
+        }
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(state)
+                .map_err(|source| HypervisorError::Io {
+                    action: "create the template's device state",
+                    path: state.to_path_buf(),
+                    source,
+                })?
+        };
+        let qmp = self.session().await?;
+        qmp.execute("stop", None).await?;
+        ignore_shared_memory(&qmp).await?;
+        qmp.send_fd(MIGRATION_FD_NAME, std::os::fd::AsFd::as_fd(&file))
+            .await?;
+        qmp.execute(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("fd:{MIGRATION_FD_NAME}") })),
+        )
+        .await?;
+        wait_migration(&qmp, "saving the template's device state").await?;
+        file.sync_all().map_err(|source| HypervisorError::Io {
+            action: "sync the template's device state",
+            path: state.to_path_buf(),
+            source,
+        })
     }
 
     async fn resume(&self) -> Result<()> {
@@ -884,6 +1040,7 @@ mod tests {
             shared: None,
             nics: Vec::new(),
             agent_secret: Some("ab".repeat(32)),
+            template: None,
         }
     }
 
@@ -981,6 +1138,40 @@ mod tests {
             validate(&cfg, &long),
             Err(HypervisorError::SocketPathTooLong { .. })
         ));
+        // Templates: only devices QEMU saves, and a clone's files there.
+        let clone = TemplateRole::Clone {
+            memory: dir.path().join("memory"),
+            state: dir.path().join("state"),
+        };
+        let templated = VmConfig {
+            template: Some(clone),
+            ..vm(dir.path(), 1, 256)
+        };
+        let err = validate(&cfg, &templated).expect_err("vsock is not saved");
+        assert!(err.to_string().contains("hypervisor.vsock"), "{err}");
+        let serial = HypervisorConfig {
+            vsock: VsockBackend::Serial,
+            ..cfg.clone()
+        };
+        let err = validate(&serial, &templated).expect_err("no files yet");
+        assert!(err.to_string().contains("template memory file"), "{err}");
+        std::fs::write(dir.path().join("memory"), b"").expect("memory");
+        std::fs::write(dir.path().join("state"), b"").expect("state");
+        validate(&serial, &templated).expect("serial, no share, no NIC");
+        let shared = VmConfig {
+            shared: Some(SharedDir {
+                host_path: dir.path().into(),
+                tag: "t".into(),
+            }),
+            ..templated.clone()
+        };
+        let err = validate(&serial, &shared).expect_err("virtiofsd");
+        assert!(err.to_string().contains("virtio-9p"), "{err}");
+        let ninep = HypervisorConfig {
+            shared_fs: SharedFs::Virtio9p,
+            ..serial.clone()
+        };
+        validate(&ninep, &shared).expect("9p is saved");
         for secret in [
             "ab".repeat(31),
             "zz".repeat(32),

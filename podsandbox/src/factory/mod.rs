@@ -10,6 +10,10 @@
 //!   hot-plug and the pod's addresses, routes, sysctls, hostname and DNS
 //!   from its agent. An empty pool (or a pod the pool cannot serve) boots
 //!   cold, as Direct does; the pool refills in the background.
+//! - **Template** (`pool = N`, `template = true`): the same pool, filled with
+//!   clones of one saved VM instead of boots (see `vm_template.rs`): each
+//!   clone maps the template's RAM file private and loads its device state,
+//!   so the clones share every page none of them writes.
 //!
 //! The pool is behind [`Factory`], and what it needs of its owner — boot a
 //! warm VM, throw one away — behind [`Warmer`], so its logic (refill,
@@ -33,6 +37,8 @@ pub enum VmOrigin {
     Boot,
     /// Claimed from the factory's pool of warm VMs.
     Pool,
+    /// Claimed from the pool, a clone of the saved VM template.
+    Template,
 }
 
 impl std::fmt::Display for VmOrigin {
@@ -40,6 +46,7 @@ impl std::fmt::Display for VmOrigin {
         f.write_str(match self {
             VmOrigin::Boot => "boot",
             VmOrigin::Pool => "pool",
+            VmOrigin::Template => "template",
         })
     }
 }
@@ -47,7 +54,7 @@ impl std::fmt::Display for VmOrigin {
 /// What a factory holds now.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FactoryStatus {
-    /// "direct" or "pool".
+    /// "direct", "pool", or "template" (a pool of clones).
     pub kind: String,
     /// How many warm VMs it keeps.
     pub target: u32,
@@ -121,6 +128,8 @@ impl Factory for Direct {
 pub fn from_config(config: &crate::config::FactoryConfig) -> Arc<dyn Factory> {
     if config.pool == 0 {
         Arc::new(Direct)
+    } else if config.template {
+        Arc::new(pool::Pool::of_clones(config.pool))
     } else {
         Arc::new(pool::Pool::new(config.pool))
     }

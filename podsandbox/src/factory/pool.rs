@@ -29,6 +29,9 @@ const LOG_TRIM_PERIOD: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Pool {
+    /// What [`FactoryStatus::kind`] says: "pool", or "template" when the
+    /// warmer clones a template rather than booting.
+    kind: &'static str,
     target: u32,
     shared: Arc<Shared>,
 }
@@ -79,8 +82,17 @@ impl Shared {
 impl Pool {
     pub fn new(target: u32) -> Self {
         Self {
+            kind: "pool",
             target,
             shared: Arc::default(),
+        }
+    }
+
+    /// A pool whose warm VMs are clones of a template (its status says so).
+    pub fn of_clones(target: u32) -> Self {
+        Self {
+            kind: "template",
+            ..Self::new(target)
         }
     }
 }
@@ -101,7 +113,7 @@ impl Factory for Pool {
     fn status(&self) -> FactoryStatus {
         let state = self.shared.lock();
         FactoryStatus {
-            kind: "pool".into(),
+            kind: self.kind.into(),
             target: self.target,
             ready: u32::try_from(state.ready.len()).unwrap_or(u32::MAX),
             booting: state.booting.is_some(),
@@ -163,7 +175,7 @@ async fn refill(shared: Arc<Shared>, target: u32, warmer: Arc<dyn Warmer>) {
             if state.ready.len() >= usize::try_from(target).unwrap_or(usize::MAX) {
                 None
             } else {
-                let id = new_id();
+                let id = new_id(ID_PREFIX);
                 state.booting = Some(id.clone());
                 Some(id)
             }
@@ -261,8 +273,9 @@ async fn watch_idle(
 /// What the name of every warm VM (and its run dir) starts with.
 pub const ID_PREFIX: &str = "pool-";
 
-/// A name no sandbox has: `pool-` and 16 hex digits (time and a counter).
-fn new_id() -> String {
+/// A name no sandbox has: `prefix` (`pool-`, `template-`) and 16 hex
+/// digits (time and a counter).
+pub(crate) fn new_id(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -272,7 +285,7 @@ fn new_id() -> String {
     // Truncation is fine: uniqueness within a run comes from the counter.
     #[allow(clippy::cast_possible_truncation)]
     let low = nanos as u64;
-    format!("{ID_PREFIX}{:016x}", low.wrapping_add(n.rotate_right(16)))
+    format!("{prefix}{:016x}", low.wrapping_add(n.rotate_right(16)))
 }
 
 #[cfg(test)]

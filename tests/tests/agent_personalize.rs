@@ -1,0 +1,173 @@
+//! Personalize (API 8) in a real guest: a request with a bad field changes
+//! nothing; a good one reseeds the RNG, sets the clock, writes the machine
+//! ID and rotates the agent's secret, after which new connections need the
+//! new secret while the one that personalized keeps working. Over hybrid
+//! vsock (many connections) and the serial port (one at a time). `virtc`
+//! makes and removes the sandbox: its connection ends with its process, so
+//! the serial port is free for the test's.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{process::Command, sync::Arc, time::Duration};
+
+use agent::AgentSecret;
+use hypervisor::VsockChannel;
+use podsandbox::{
+    agent::{AgentClient, AgentCode, AgentDialer, Personalization},
+    TtrpcDialer,
+};
+use tests::TestEnv;
+
+const CHECK: Duration = Duration::from_secs(10);
+
+/// `virtc sandbox <args>` with `config`, expected to succeed.
+fn virtc(config: &std::path::Path, args: &[&str]) {
+    let out = Command::new(tests::workspace_bin("virtc"))
+        .arg("--config")
+        .arg(config)
+        .arg("sandbox")
+        .args(args)
+        .output()
+        .expect("run virtc");
+    assert!(
+        out.status.success(),
+        "virtc sandbox {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The VM's channel and secret, from the sandbox's record.
+fn vm_access(env: &TestEnv, id: &str) -> (VsockChannel, AgentSecret) {
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.state_dir(id).join("state.json")).expect("record"),
+    )
+    .expect("record parses");
+    let channel = serde_json::from_value(record["vm"]["vsock"].clone()).expect("the VM's channel");
+    let secret = AgentSecret::from_hex(record["vm"]["agent_secret"].as_str().expect("a secret"))
+        .expect("64 hex digits");
+    (channel, secret)
+}
+
+/// A connection made with `secret`, checked. Dialled again on failure,
+/// as the runtime does: a serial port's answer can take more than one
+/// attempt while the agent reopens it after the previous host.
+async fn served(channel: &VsockChannel, secret: &AgentSecret) -> Arc<dyn AgentClient> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let err = match TtrpcDialer.dial(channel, Some(secret)).await {
+            Ok(client) => match client.check(CHECK).await {
+                Ok(()) => return client,
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        assert!(tokio::time::Instant::now() < deadline, "not served: {err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A connection made with `secret` gets no answer.
+async fn refused(channel: &VsockChannel, secret: &AgentSecret) {
+    // Serial: the agent closes the port without its OK, so the dial fails;
+    // hybrid: the dial only writes, and the first call fails.
+    if let Ok(client) = TtrpcDialer.dial(channel, Some(secret)).await {
+        assert!(
+            client.check(CHECK).await.is_err(),
+            "served with a replaced secret"
+        );
+    }
+    host_gone().await;
+}
+
+/// After a connection closed: the agent sees the host go before the next
+/// one comes (on the serial port, a line sent sooner can reach the
+/// connection that is ending instead of the next open of the port).
+async fn host_gone() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+async fn personalize_and_rotate(vsock: &str, id: &str) {
+    tests::become_subreaper();
+    let env = TestEnv::new();
+    let config = env.write_config();
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replacen(
+        "[hypervisor]\n",
+        &format!("[hypervisor]\nvsock = {vsock:?}\n"),
+        1,
+    );
+    std::fs::write(&config, text).expect("config");
+    virtc(&config, &["create", id]);
+    host_gone().await;
+    let (channel, original) = vm_access(&env, id);
+    let client = served(&channel, &original).await;
+
+    // A bad field: refused by name, and nothing applied (the secret in it
+    // is not taken).
+    let unused = AgentSecret::generate().expect("random");
+    let mut bad = Personalization::generate(unused.clone()).expect("generate");
+    bad.machine_id = "not-hex".into();
+    let err = client
+        .personalize(&bad)
+        .await
+        .expect_err("a bad machine id");
+    assert_eq!(err.code, Some(AgentCode::InvalidArgument), "{err}");
+    assert!(err.detail.contains("machine_id"), "{err}");
+    bad = Personalization::generate(unused.clone()).expect("generate");
+    bad.entropy.truncate(8);
+    let err = client
+        .personalize(&bad)
+        .await
+        .expect_err("too little entropy");
+    assert!(err.detail.contains("entropy"), "{err}");
+
+    let rotated = AgentSecret::generate().expect("random");
+    let p = Personalization::generate(rotated.clone()).expect("generate");
+    client.personalize(&p).await.expect("personalize");
+    // The connection that personalized stays authenticated.
+    client
+        .check(CHECK)
+        .await
+        .expect("the old connection still serves");
+    drop(client);
+    host_gone().await;
+
+    refused(&channel, &original).await;
+    refused(&channel, &unused).await;
+    let client = served(&channel, &rotated).await;
+    client
+        .guest_details(CHECK)
+        .await
+        .expect("details over the new secret");
+
+    // Back to the secret the record holds, so the runtime can stop the VM.
+    client
+        .personalize(&Personalization::generate(original.clone()).expect("generate"))
+        .await
+        .expect("personalize back");
+    drop(client);
+    host_gone().await;
+    refused(&channel, &rotated).await;
+    if let VsockChannel::Serial { uds } = &channel {
+        // A refused dial times out either way: the agent's log says it
+        // refused the line (rather than missing it).
+        let log = std::fs::read_to_string(uds.with_file_name("console.log")).expect("console");
+        assert!(
+            log.contains("refused a serial connection without the VM's secret"),
+            "{log}"
+        );
+    }
+    virtc(&config, &["stop", id]);
+    virtc(&config, &["delete", id]);
+    env.assert_nothing_left(id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personalize_rotates_the_secret_over_hybrid_vsock() {
+    personalize_and_rotate("hybrid", "pz-hybrid").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personalize_rotates_the_secret_over_the_serial_port() {
+    personalize_and_rotate("serial", "pz-serial").await;
+}

@@ -1,0 +1,249 @@
+//! VM templates (`[factory] template = true`) end to end, through the CRI:
+//! one VM is booted and saved; the pool fills with clones of it (its RAM
+//! file mapped private, its device state loaded, no boot). A pod from a
+//! clone works as a booted one does — pod IP, hostPort, exec, logs, grown
+//! to its size, stop and remove — and two clones are two machines: their
+//! boot_id, machine-id, MAC and IP differ. A graceful stop leaves no VM,
+//! no template file, nothing.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use k8s_cri::v1 as cri;
+use tests::cri::{
+    container_config, create_started, exec_sh, factory_status, http_get, pod_config, pod_info,
+    pss_kib, remove_pod, run_pod, wait_for_log, CriEnv, Runtime,
+};
+
+/// Waits (up to 5 minutes: the template boots at nice 19) for `ready`
+/// clones in the pool.
+async fn until_pool(rt: &mut Runtime, ready: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let f = factory_status(rt).await;
+        if f["ready"].as_u64() == Some(ready) {
+            return f;
+        }
+        assert!(Instant::now() < deadline, "the pool never got there: {f}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The saved templates' files (`run/_templates/*/*`).
+fn template_files(env: &CriEnv) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(env.dir.path().join("run/_templates"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn serving_pod(env: &CriEnv, name: &str, host_port: i32) -> cri::PodSandboxConfig {
+    let mut config = pod_config(env, name, "default");
+    config.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 80,
+        host_port,
+        host_ip: String::new(),
+    }];
+    // Bigger than a clone (256 MiB): the claim grows it.
+    config
+        .annotations
+        .insert("io.virtcontainers.memory_mib".into(), "512".into());
+    config
+}
+
+/// What a pod's guest says about itself: boot_id, eth0's MAC, its IP.
+async fn identity(rt: &mut Runtime, container: &str) -> Vec<String> {
+    let (code, out) = exec_sh(
+        rt,
+        container,
+        "cat /proc/sys/kernel/random/boot_id /sys/class/net/eth0/address; ip -4 -o addr show eth0",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    out.lines().map(String::from).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
+    tests::become_subreaper();
+    let registry = tests::registry::Registry::start().await;
+    let image = tests::cri::push_busybox(&registry, "template").await;
+    let mut env = CriEnv::with_config(74, "\n[factory]\npool = 1\ntemplate = true\n");
+    env.set_hypervisor("vsock = \"serial\"\nshared_fs = \"virtio-9p\"\n");
+    env.start().await;
+    env.pull(&image).await;
+    let mut rt = env.runtime().await;
+    let f = until_pool(&mut rt, 1).await;
+    assert_eq!(f["kind"].as_str(), Some("template"), "{f}");
+    let files = template_files(&env);
+    let names: Vec<_> = files
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str())
+        .collect();
+    assert_eq!(names, ["memory", "state", "template.json"], "{files:?}");
+    for line in env.log().lines().filter(|l| l.contains("template saved")) {
+        println!("{line}");
+    }
+
+    // Pod A takes a clone and serves HTTP on a hostPort.
+    let host_port = 18000 + i32::from(env.subnet_octet);
+    let a_cfg = serving_pod(&env, "tpl-a", host_port);
+    let a = run_pod(&mut rt, a_cfg.clone()).await;
+    let info = pod_info(&mut rt, &a).await;
+    assert_eq!(info["vm"]["origin"], "template", "{info}");
+    assert_eq!(info["vm"]["memory_mib"], 512, "grown: {info}");
+    let qemu = info["vm"]["pid"].as_i64().expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("-incoming defer"), "{cmdline}");
+    assert!(
+        cmdline.contains(&format!("mem-path={},share=off", files[0].display())),
+        "the clone maps the template's memory private: {cmdline}"
+    );
+    let web = Box::pin(create_started(
+        &mut rt,
+        &a,
+        &a_cfg,
+        container_config(
+            &image,
+            "httpd",
+            &["/bin/sh", "-c", "mkdir -p /www && echo hello-from-a-clone > /www/index.html && echo serving && exec httpd -f -p 80 -h /www"],
+        ),
+    ))
+    .await;
+    let log = env.dir.path().join("logs/tpl-a/httpd.log");
+    let text = wait_for_log(&log, "serving").await;
+    assert!(text.contains(" stdout F serving"), "{text}");
+    let a_ip = info["vm"]["ips"][0].as_str().expect("pod IP").to_string();
+    assert!(http_get(&format!("{a_ip}:80")).contains("hello-from-a-clone"));
+    assert!(http_get(&format!("{}:{host_port}", env.gateway())).contains("hello-from-a-clone"));
+    let (code, out) = exec_sh(&mut rt, &web, "cat /etc/hostname").await;
+    assert_eq!((code, out.as_str()), (0, "tpl-a\n"));
+
+    // The pool refills with another clone; pod B takes it and reaches A.
+    until_pool(&mut rt, 1).await;
+    let b_cfg = serving_pod(&env, "tpl-b", host_port + 100);
+    let b = run_pod(&mut rt, b_cfg.clone()).await;
+    let b_info = pod_info(&mut rt, &b).await;
+    assert_eq!(b_info["vm"]["origin"], "template", "{b_info}");
+    let client = Box::pin(create_started(
+        &mut rt,
+        &b,
+        &b_cfg,
+        container_config(&image, "client", &["sleep", "3600"]),
+    ))
+    .await;
+    let (code, out) = exec_sh(&mut rt, &client, &format!("wget -q -O - http://{a_ip}/")).await;
+    assert_eq!((code, out.trim()), (0, "hello-from-a-clone"));
+    // Two clones of one template are two machines.
+    let (ia, ib) = (
+        identity(&mut rt, &web).await,
+        identity(&mut rt, &client).await,
+    );
+    assert_eq!((ia.len(), ib.len()), (3, 3), "{ia:?}\n{ib:?}");
+    for i in 0..3 {
+        assert_ne!(ia[i], ib[i], "boot_id, MAC and IP differ: {ia:?}\n{ib:?}");
+    }
+    let machine_ids = [
+        info_machine_id(&mut rt, &a).await,
+        info_machine_id(&mut rt, &b).await,
+    ];
+    assert_eq!(machine_ids[0].len(), 32, "{machine_ids:?}");
+    assert_ne!(machine_ids[0], machine_ids[1], "machine-ids differ");
+    let b_qemu = b_info["vm"]["pid"].as_i64().expect("pid");
+    println!(
+        "PSS of two clones' QEMU: {} and {} KiB",
+        pss_kib(qemu),
+        pss_kib(b_qemu)
+    );
+
+    remove_pod(&mut rt, &a).await;
+    remove_pod(&mut rt, &b).await;
+    // A graceful stop throws the warm clone and the template away.
+    env.stop();
+    assert!(
+        template_files(&env).is_empty(),
+        "{:?}",
+        template_files(&env)
+    );
+    env.assert_no_pods_left();
+}
+
+/// The guest's machine-id, as verbose PodSandboxStatus reports it.
+async fn info_machine_id(rt: &mut Runtime, pod: &str) -> String {
+    let info = pod_info(rt, pod).await;
+    info["vm"]["guest"]["machine_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Without a pool (`pool = 0`) vcrid saves the template at start and
+/// clones each pod's VM from it when the pod starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
+    tests::become_subreaper();
+    let registry = tests::registry::Registry::start().await;
+    let image = tests::cri::push_busybox(&registry, "template0").await;
+    let mut env = CriEnv::with_config(75, "\n[factory]\npool = 0\ntemplate = true\n");
+    env.set_hypervisor("vsock = \"serial\"\nshared_fs = \"virtio-9p\"\n");
+    env.start().await;
+    env.pull(&image).await;
+    let mut rt = env.runtime().await;
+    let f = factory_status(&mut rt).await;
+    assert_eq!(
+        (f["kind"].as_str(), f["target"].as_u64()),
+        (Some("direct"), Some(0)),
+        "{f}"
+    );
+    // The template is saved in the background from the start.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while template_files(&env).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no template saved: {}",
+            env.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let cfg = pod_config(&env, "tpl-direct", "default");
+    let pod = run_pod(&mut rt, cfg.clone()).await;
+    let info = pod_info(&mut rt, &pod).await;
+    assert_eq!(info["vm"]["origin"], "template", "{info}");
+    let c = Box::pin(create_started(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            &image,
+            "echo",
+            &["/bin/sh", "-c", "echo cloned; sleep 3600"],
+        ),
+    ))
+    .await;
+    let log = env.dir.path().join("logs/tpl-direct/echo.log");
+    assert!(wait_for_log(&log, "cloned")
+        .await
+        .contains(" stdout F cloned"));
+    let (code, out) = exec_sh(&mut rt, &c, "cat /etc/hostname").await;
+    assert_eq!((code, out.as_str()), (0, "tpl-direct\n"));
+    remove_pod(&mut rt, &pod).await;
+    env.stop();
+    assert!(
+        template_files(&env).is_empty(),
+        "{:?}",
+        template_files(&env)
+    );
+    env.assert_no_pods_left();
+}
