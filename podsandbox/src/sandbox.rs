@@ -152,6 +152,9 @@ pub(crate) struct RuntimeInner {
     /// The saved VM template warm VMs are cloned from (see
     /// [`crate::vm_template`]); made on first need.
     pub(crate) template: tokio::sync::Mutex<Option<Arc<crate::vm_template::Template>>>,
+    /// Whether this runtime saves a template in the background when it
+    /// has none (a started factory with templates and no pool: vcrid).
+    pub(crate) keeps_template: std::sync::atomic::AtomicBool,
 }
 
 /// A sandbox found from its persisted state. Each operation takes the
@@ -237,6 +240,7 @@ impl Runtime {
                 outputs: Default::default(),
                 fail_points: crate::failpoint::FailPoints::from_env(),
                 template: Default::default(),
+                keeps_template: Default::default(),
             }),
         })
     }

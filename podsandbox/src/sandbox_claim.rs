@@ -47,8 +47,14 @@ impl Runtime {
         let warm = match self.inner.factory.take() {
             Some(warm) => warm,
             // No warm clone ready: a clone made now is still far quicker
-            // than a boot (a template is saved first if there is none).
+            // than a boot, if a template is saved (else the sandbox boots
+            // rather than wait for one).
             None if self.inner.config.factory.template => {
+                if !self.template_ready() {
+                    tracing::info!(sandbox = %record.id, "booting a VM: no VM template is saved yet");
+                    self.save_template_soon();
+                    return None;
+                }
                 let vm_id = crate::factory::pool::new_id(crate::factory::pool::ID_PREFIX);
                 match self.warm_vm(&vm_id, 0).await {
                     Ok(vm) => WarmVm { id: vm_id, vm },
@@ -257,14 +263,12 @@ impl Runtime {
         // A template a previous owner saved is not trusted (nor needed).
         self.remove_saved_templates();
         if self.inner.config.factory.template && self.inner.config.factory.pool == 0 {
-            // No pool to fill: save the template now, so that the first
-            // sandbox does not wait for its boot.
-            let rt = self.clone();
-            tokio::spawn(async move {
-                if let Err(err) = rt.template().await {
-                    tracing::warn!("saving the VM template: {}", err.chain());
-                }
-            });
+            // No pool to fill: this runtime keeps a template saved itself,
+            // from now on, so that sandboxes are cloned rather than booted.
+            self.inner
+                .keeps_template
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.save_template_soon();
         }
         self.inner
             .factory

@@ -208,16 +208,58 @@ impl Runtime {
         self.drop_templates().await;
     }
 
-    /// A saved template that failed a clone is not used again.
+    /// A saved template that failed a clone is not used again (and a new
+    /// one is saved, if this runtime keeps one).
     pub(crate) async fn forget_template(&self, id: &str) {
-        let mut slot = self.inner.template.lock().await;
-        if slot.as_ref().is_some_and(|t| t.id == id) {
-            slot.take();
-            let dir = self.templates_dir().join(id);
-            if let Err(err) = crate::mounts::remove_tree(&dir) {
-                tracing::warn!(template = %id, "removing a template: {}", err.chain());
+        {
+            let mut slot = self.inner.template.lock().await;
+            if slot.as_ref().is_some_and(|t| t.id == id) {
+                slot.take();
+                let dir = self.templates_dir().join(id);
+                if let Err(err) = crate::mounts::remove_tree(&dir) {
+                    tracing::warn!(template = %id, "removing a template: {}", err.chain());
+                }
             }
         }
+        self.save_template_soon();
+    }
+
+    /// Whether a template can be cloned now, without waiting: one is in
+    /// memory or saved on disk (not being saved at this moment).
+    pub(crate) fn template_ready(&self) -> bool {
+        let Ok(mut slot) = self.inner.template.try_lock() else {
+            return false;
+        };
+        if let Some(t) = slot.as_ref() {
+            if t.memory.is_file() && t.state.is_file() {
+                return true;
+            }
+        }
+        match self.saved_template() {
+            Some(saved) => {
+                *slot = Some(Arc::new(saved));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Saves a template in the background, if this runtime keeps one
+    /// (see `start_factory`); a save already under way is waited for.
+    pub(crate) fn save_template_soon(&self) {
+        if !self
+            .inner
+            .keeps_template
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let rt = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = rt.template().await {
+                tracing::warn!("saving a VM template: {}", err.chain());
+            }
+        });
     }
 
     async fn save_template(&self) -> Result<Template> {
@@ -586,7 +628,7 @@ mod tests {
         assert!(dialer.calls().contains(&"personalize"));
 
         // A template made for another configuration is not used: it is
-        // removed and a new one saved.
+        // removed, and with none saved the sandbox boots.
         let mut bigger = config.clone();
         bigger.hypervisor.default_memory_mib = 512;
         let third = runtime(&bigger);
@@ -597,15 +639,14 @@ mod tests {
             })
             .await
             .expect("create");
-        assert_eq!(s.origin, VmOrigin::Template);
+        assert_eq!(s.origin, VmOrigin::Boot);
+        assert!(third.vm_templates().is_empty());
+        let info = third.save_vm_template().await.expect("init");
+        assert_eq!(info.memory_mib, 512);
         assert_eq!(template_boots(&vms), 2);
-        let now = third.vm_templates();
-        assert_eq!(now.len(), 1, "{now:?}");
-        assert_ne!(now[0].id, info.id);
-        assert_eq!(now[0].memory_mib, 512);
         // A template cut short (no manifest) is no template.
         std::fs::create_dir_all(dir.path().join("run/_templates/template-cut")).expect("mkdir");
-        assert_eq!(third.vm_templates().len(), 1);
+        assert_eq!(third.vm_templates(), [info]);
 
         // `virtc factory destroy`: the sandboxes run on.
         third.destroy_vm_templates().await;

@@ -189,7 +189,8 @@ async fn info_machine_id(rt: &mut Runtime, pod: &str) -> String {
 }
 
 /// Without a pool (`pool = 0`) vcrid saves the template at start and
-/// clones each pod's VM from it when the pod starts.
+/// clones each pod's VM from it when the pod starts; a template that no
+/// longer loads makes a pod boot and is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
     tests::become_subreaper();
@@ -239,6 +240,34 @@ async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
     let (code, out) = exec_sh(&mut rt, &c, "cat /etc/hostname").await;
     assert_eq!((code, out.as_str()), (0, "tpl-direct\n"));
     remove_pod(&mut rt, &pod).await;
+
+    // A template whose device state no longer loads: the pod that finds
+    // out boots instead, and a new template is saved for the next one.
+    let files = template_files(&env);
+    let state = files.iter().find(|p| p.ends_with("state")).expect("state");
+    std::fs::write(state, b"not a migration stream").expect("corrupt the state");
+    let booted = run_pod(&mut rt, pod_config(&env, "tpl-fallback", "default")).await;
+    let info = pod_info(&mut rt, &booted).await;
+    assert_eq!(info["vm"]["origin"], "boot", "{info}");
+    assert!(
+        env.log().contains("cloning the VM template failed"),
+        "{}",
+        env.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let now = template_files(&env);
+        if now.len() == 3 && now[0].parent() != files[0].parent() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new template: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cloned = run_pod(&mut rt, pod_config(&env, "tpl-again", "default")).await;
+    let info = pod_info(&mut rt, &cloned).await;
+    assert_eq!(info["vm"]["origin"], "template", "{info}");
+    remove_pod(&mut rt, &booted).await;
+    remove_pod(&mut rt, &cloned).await;
     env.stop();
     assert!(
         template_files(&env).is_empty(),
