@@ -30,8 +30,8 @@ use crate::auth::SharedSecret;
 const PORTS: &str = "/sys/class/virtio-ports";
 /// How long the port may take to appear once its module is loaded.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The pause before opening the port again: while the previous connection
-/// is still being torn down (EBUSY), or no host is connected (EOF at once).
+/// The pause before opening the port again: if it is still held (EBUSY),
+/// or no host is connected (EOF at once).
 const REOPEN_PAUSE: Duration = Duration::from_millis(20);
 const NO_HOST_PAUSE: Duration = Duration::from_millis(100);
 
@@ -77,7 +77,12 @@ async fn wait_for_port() -> anyhow::Result<PathBuf> {
 }
 
 /// One open of the port, as an async byte stream.
-pub struct SerialPort(AsyncFd<File>);
+pub struct SerialPort {
+    fd: AsyncFd<File>,
+    /// Dropped with the port (after `fd`, so the port is closed by then):
+    /// tells the listener the connection is over.
+    released: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
 impl SerialPort {
     fn open(path: &Path) -> std::io::Result<Self> {
@@ -89,7 +94,7 @@ impl SerialPort {
         // SAFETY: `file` owns its descriptor, which stays open and the
         // same for as long as the AsyncFd (its only owner) exists.
         unsafe { AsyncFd::register(file) }
-            .map(Self)
+            .map(|fd| Self { fd, released: None })
             .map_err(|e| e.into_parts().1)
     }
 }
@@ -101,7 +106,7 @@ impl AsyncRead for SerialPort {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         loop {
-            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
@@ -122,7 +127,7 @@ impl AsyncWrite for SerialPort {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         loop {
-            let mut guard = ready!(self.0.poll_write_ready(cx))?;
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|fd| fd.get_ref().write(buf)) {
                 Ok(result) => return Poll::Ready(result),
                 Err(_would_block) => continue,
@@ -194,10 +199,16 @@ pub async fn listen(
     tokio::spawn(async move {
         loop {
             match offer(&path, &secret).await {
-                Offer::Accepted(port) => {
+                Offer::Accepted(mut port) => {
+                    let (released, over) = tokio::sync::oneshot::channel();
+                    port.released = Some(released);
                     if tx.send(port).await.is_err() {
                         return; // the server is gone
                     }
+                    // Nothing to offer while the server holds the port:
+                    // wait for the connection to end rather than poll
+                    // the port (every wake-up costs an emulated guest).
+                    let _ = over.await;
                 }
                 Offer::Retry(pause) => tokio::time::sleep(pause).await,
             }
