@@ -136,6 +136,13 @@ pub struct HypervisorConfig {
     /// A virtio-balloon with free-page reporting in every VM: memory the
     /// guest frees (in 2 MiB pieces, after ~2 s) is handed back to the host.
     pub free_page_reporting: bool,
+    /// Whether the host's KSM may merge guest RAM (QEMU `mem-merge`, which
+    /// is on in QEMU by default). Off: a VM's pages are never shared with
+    /// another VM's by content, which is what deduplication side channels
+    /// (write-fault timing, Flip Feng Shui) need. KSM itself is the host's
+    /// switch (`/sys/kernel/mm/ksm/run`); it merges only private RAM (VMs
+    /// with no vhost-user device, template clones).
+    pub mem_merge: bool,
 }
 
 impl Default for HypervisorConfig {
@@ -163,6 +170,7 @@ impl Default for HypervisorConfig {
             memory_overhead_mib: 128,
             resource_hotplug: true,
             free_page_reporting: true,
+            mem_merge: false,
         }
     }
 }

@@ -125,6 +125,8 @@ pub struct Spec<'a> {
     /// A virtio-balloon with free-page reporting: memory the guest frees
     /// goes back to the host.
     pub free_page_reporting: bool,
+    /// QEMU `mem-merge`: guest RAM marked mergeable for the host's KSM.
+    pub mem_merge: bool,
     pub tb_size_mib: u32,
     pub kernel: &'a Path,
     pub initrd: &'a Path,
@@ -210,6 +212,10 @@ fn machine_args(spec: &Spec<'_>) -> Vec<String> {
         }
         MachineType::Microvm => "microvm,pit=off,pic=off,isa-serial=on,memory-backend=mem",
     };
+    let machine = format!(
+        "{machine},mem-merge={}",
+        if spec.mem_merge { "on" } else { "off" }
+    );
     let accel = match spec.accel {
         Resolved::Kvm => "kvm".to_string(),
         // A small translation cache: QEMU's default of 1 GiB is mostly unused
@@ -234,7 +240,7 @@ fn machine_args(spec: &Spec<'_>) -> Vec<String> {
     let mut args = strings(modern_mmio);
     args.extend(strings(&[
         "-machine",
-        machine,
+        &machine,
         "-accel",
         &accel,
         "-cpu",
@@ -623,6 +629,7 @@ mod tests {
             max_vcpus: 2,
             hotplug_memory_mib: 0,
             free_page_reporting: false,
+            mem_merge: false,
             tb_size_mib: 32,
             kernel: Path::new("/g/vmlinux"),
             initrd: Path::new("/g/initramfs.cpio"),
@@ -677,7 +684,7 @@ mod tests {
         ));
         assert!(args
             .iter()
-            .any(|a| a.starts_with("q35,") && a.ends_with("memory-backend=mem")));
+            .any(|a| a.starts_with("q35,") && a.contains(",memory-backend=mem,")));
         assert!(has_pair(&args, "-kernel", "/g/vmlinux"));
         assert!(has_pair(&args, "-initrd", "/g/initramfs.cpio"));
         assert!(has_pair(
@@ -940,6 +947,21 @@ mod tests {
         let args = build(&spec(&paths, MachineType::Q35, Resolved::Kvm));
         assert!(has_pair(&args, "-accel", "kvm"));
         assert!(has_pair(&args, "-cpu", "host"));
+    }
+
+    #[test]
+    fn ksm_may_merge_guest_ram_only_when_asked() {
+        let paths = RunPaths::new(Path::new("/r"));
+        for machine in [MachineType::Q35, MachineType::Microvm] {
+            let mut s = spec(&paths, machine, Resolved::Tcg);
+            let machine_arg = |args: &[String]| {
+                let i = args.iter().position(|a| a == "-machine").expect("-machine");
+                args[i + 1].clone()
+            };
+            assert!(machine_arg(&build(&s)).ends_with(",mem-merge=off"));
+            s.mem_merge = true;
+            assert!(machine_arg(&build(&s)).ends_with(",mem-merge=on"));
+        }
     }
 
     #[test]

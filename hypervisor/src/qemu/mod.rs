@@ -309,6 +309,7 @@ impl Qemu {
             },
             hotplug_memory_mib: state.hotplug_memory_mib,
             free_page_reporting: self.config.free_page_reporting,
+            mem_merge: self.config.mem_merge,
             tb_size_mib: self.config.tcg_tb_size_mib,
             kernel: &self.config.kernel,
             initrd: &self.config.initrd,
