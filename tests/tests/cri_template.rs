@@ -3,8 +3,10 @@
 //! file mapped private, its device state loaded, no boot). A pod from a
 //! clone works as a booted one does — pod IP, hostPort, exec, logs, grown
 //! to its size, stop and remove — and two clones are two machines: their
-//! boot_id, machine-id, MAC and IP differ. A graceful stop leaves no VM,
-//! no template file, nothing.
+//! boot_id, machine-id, MAC and IP differ. A `kill -9` of vcrid with a
+//! warm clone leaves no clone or template behind after the restart, and
+//! the pods run on. A graceful stop leaves no VM, no template file,
+//! nothing.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
@@ -44,6 +46,21 @@ fn template_files(env: &CriEnv) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// The run dirs of warm VMs and of pods that took one (`run/pool-*`).
+fn warm_dirs(env: &CriEnv) -> Vec<PathBuf> {
+    std::fs::read_dir(env.dir.path().join("run"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("pool-"))
+        })
+        .collect()
 }
 
 fn serving_pod(env: &CriEnv, name: &str, host_port: i32) -> cri::PodSandboxConfig {
@@ -166,6 +183,52 @@ async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
         pss_kib(qemu),
         pss_kib(b_qemu)
     );
+
+    // vcrid is killed with a warm clone in the pool: the next one kills
+    // and removes that clone and the template before it serves, keeps
+    // both pods (their serial channels are dialed again), and saves a
+    // template of its own.
+    until_pool(&mut rt, 1).await;
+    // The pods keep the run dirs their clones started in.
+    let pods_cmdlines = [qemu, b_qemu]
+        .map(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).expect("cmdline"));
+    let warm: Vec<_> = warm_dirs(&env)
+        .into_iter()
+        .filter(|d| {
+            !pods_cmdlines
+                .iter()
+                .any(|c| c.contains(&d.display().to_string()))
+        })
+        .collect();
+    assert_eq!(warm.len(), 1, "{warm:?}");
+    let old_template = template_files(&env);
+    env.kill9();
+    env.start().await;
+    let mut rt = env.runtime().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while warm[0].exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the old warm clone's run dir is left: {:?} {:?}\n{}",
+            std::fs::read_dir(&warm[0])
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()),
+            tests::processes_mentioning(&warm[0]),
+            env.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        tests::processes_mentioning(&warm[0]).is_empty(),
+        "the old warm clone is dead"
+    );
+    for file in &old_template {
+        assert!(!file.exists(), "{} is left", file.display());
+    }
+    let (code, out) = exec_sh(&mut rt, &web, "echo still-here").await;
+    assert_eq!((code, out.trim()), (0, "still-here"));
+    assert!(http_get(&format!("{a_ip}:80")).contains("hello-from-a-clone"));
+    until_pool(&mut rt, 1).await;
+    assert_ne!(template_files(&env), old_template);
 
     remove_pod(&mut rt, &a).await;
     remove_pod(&mut rt, &b).await;
