@@ -390,7 +390,42 @@ struct Samples {
     container_status: Vec<Duration>,
     list_containers: Vec<Duration>,
     teardown: Vec<Duration>,
+    /// vcrid only: host PSS per idle pod with every pod up, and with KSM.
+    footprint: Option<Footprint>,
 }
+
+/// What the pods' VMs hold of the host's memory while idle.
+struct Footprint {
+    /// Mean PSS of a pod's QEMU and helpers, MiB.
+    pss_mib: f64,
+    ksm: Option<KsmRun>,
+}
+
+/// What KSM did to the same pods.
+struct KsmRun {
+    pss_mib: f64,
+    /// ksmd's CPU time over the run, as a share of one core.
+    ksmd_cpu: f64,
+    seconds: f64,
+    pages_sharing: u64,
+}
+
+/// How `measure` runs vcrid.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// Wait for a warm VM before each pod.
+    pool: bool,
+    /// Measure the pods' PSS once every pod is up (vcrid only).
+    footprint: bool,
+    /// Then turn KSM on and measure again.
+    ksm: bool,
+}
+
+const COLD: Mode = Mode {
+    pool: false,
+    footprint: true,
+    ksm: false,
+};
 
 /// How many of each status and list call are timed.
 const READS: usize = 100;
@@ -403,7 +438,7 @@ async fn measure(
     refs: &[&str],
     logs: &Path,
     pods: usize,
-    pool: bool,
+    mode: Mode,
 ) -> Samples {
     for image in refs {
         images
@@ -425,7 +460,7 @@ async fn measure(
     for i in 0..pods {
         let config = pod_config(logs, &format!("bench-{i}"));
         std::fs::create_dir_all(&config.log_directory).expect("log dir");
-        if pool {
+        if mode.pool {
             // The pool refilled (untimed): what a node whose pods arrive
             // slower than a VM boots sees.
             wait_for_warm_vm(rt).await;
@@ -460,6 +495,11 @@ async fn measure(
         ids.push((pod, ctr));
     }
     eprintln!();
+    let footprint = if mode.footprint {
+        Some(footprint(rt, &ids, mode.ksm).await)
+    } else {
+        None
+    };
     let mut exec = Vec::new();
     let target = &ids[0].1;
     for _ in 0..EXECS {
@@ -531,6 +571,7 @@ async fn measure(
         teardown.push(t.elapsed());
     }
     Samples {
+        footprint,
         pod_start,
         exec,
         pod_status,
@@ -539,6 +580,125 @@ async fn measure(
         list_containers,
         teardown,
     }
+}
+
+/// How long idle pods settle before their PSS is read (the last one's
+/// guest is still finishing its start).
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// The pods' mean PSS, then (with `ksm`) the same after KSM has scanned
+/// every page twice.
+async fn footprint(rt: &mut Runtime, ids: &[(String, String)], ksm: bool) -> Footprint {
+    tokio::time::sleep(SETTLE).await;
+    let pss_mib = mean_pss(rt, ids).await;
+    let ksm = if ksm {
+        let guard = KsmGuard::on();
+        let cpu0 = ksmd_cpu_ticks();
+        let t = Instant::now();
+        let scans = ksm_read("full_scans");
+        while ksm_read("full_scans") < scans + 2 {
+            assert!(
+                t.elapsed() < Duration::from_secs(600),
+                "KSM never scanned twice"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        let ticks = ksmd_cpu_ticks() - cpu0;
+        let pages_sharing = ksm_read("pages_sharing");
+        let pss_mib = mean_pss(rt, ids).await;
+        drop(guard);
+        Some(KsmRun {
+            pss_mib,
+            ksmd_cpu: ticks as f64 / clock_ticks() / seconds,
+            seconds,
+            pages_sharing,
+        })
+    } else {
+        None
+    };
+    Footprint { pss_mib, ksm }
+}
+
+async fn mean_pss(rt: &mut Runtime, ids: &[(String, String)]) -> f64 {
+    let mut total = 0.0;
+    for (pod, _) in ids {
+        total += tests::cri::pod_pss_mib(rt, pod).await;
+    }
+    total / ids.len() as f64
+}
+
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+fn ksm_read(name: &str) -> u64 {
+    let path = format!("{KSM}/{name}");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn ksm_write(name: &str, value: &str) {
+    let path = format!("{KSM}/{name}");
+    std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path} <- {value}: {e}"));
+}
+
+/// KSM on, scanning fast, for as long as it lives; then every merged page
+/// unmerged and the host's settings back.
+struct KsmGuard {
+    saved: Vec<(&'static str, String)>,
+}
+
+impl KsmGuard {
+    fn on() -> Self {
+        let saved = ["run", "pages_to_scan", "sleep_millisecs"]
+            .into_iter()
+            .map(|k| (k, ksm_read(k).to_string()))
+            .collect();
+        ksm_write("pages_to_scan", "2000");
+        ksm_write("sleep_millisecs", "20");
+        ksm_write("run", "1");
+        Self { saved }
+    }
+}
+
+impl Drop for KsmGuard {
+    fn drop(&mut self) {
+        // 2: unmerge every page (synchronous), then the saved settings.
+        let _ = std::fs::write(format!("{KSM}/run"), "2");
+        for (k, v) in &self.saved {
+            let _ = std::fs::write(format!("{KSM}/{k}"), v);
+        }
+    }
+}
+
+/// ksmd's user + system CPU time, in clock ticks.
+fn ksmd_cpu_ticks() -> u64 {
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "ksmd" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).expect("ksmd stat");
+        // Fields after the comm's closing parenthesis: state is field 3,
+        // utime 14 and stime 15.
+        let rest = stat.rsplit_once(')').expect("stat").1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    }
+    panic!("no ksmd thread: this kernel has no KSM");
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("CLK_TCK")
 }
 
 /// Waits until vcrid's factory (verbose Status) has a warm VM ready.
@@ -611,52 +771,32 @@ async fn main() {
     let (busybox, pause) = push_images(&registry).await;
     let refs = [busybox.as_str(), pause.as_str()];
 
-    let mut vc = CriEnv::new(OCTET);
     eprintln!("vcrid: {}", tests::workspace_bin("vcrid").display());
-    vc.start().await;
-    let mut vc_rt = vc.runtime().await;
-    let mut vc_images = vc.images().await;
-    let vc_logs = vc.dir.path().join("logs");
     let started = Instant::now();
-    let vcs = Box::pin(measure(
-        "vcrid",
-        &mut vc_rt,
-        &mut vc_images,
-        &refs,
-        &vc_logs,
-        pods,
-        false,
-    ))
-    .await;
+    let (vcs, vc_log) = Box::pin(run_vcrid("vcrid", "", "", &refs, pods, COLD)).await;
     let vc_secs = started.elapsed().as_secs_f64();
-    let vc_log = vc.log();
-    drop(vc_rt);
-    drop(vc_images);
-    vc.assert_no_pods_left();
-    drop(vc);
-
     // The same with a warm pool of one VM (refilled between pods).
-    let mut pool = CriEnv::with_config(OCTET, "\n[factory]\npool = 1\n");
-    pool.start().await;
-    let mut pool_rt = pool.runtime().await;
-    let mut pool_images = pool.images().await;
-    let pool_logs = pool.dir.path().join("logs");
-    let pooled = Box::pin(measure(
+    let warm = Mode { pool: true, ..COLD };
+    let (pooled, pool_log) = Box::pin(run_vcrid(
         "vcrid pool",
-        &mut pool_rt,
-        &mut pool_images,
+        "\n[factory]\npool = 1\n",
+        "",
         &refs,
-        &pool_logs,
         pods,
-        true,
+        warm,
     ))
     .await;
-    let pool_log = pool.log();
-    drop(pool_rt);
-    drop(pool_images);
-    pool.stop();
-    pool.assert_no_pods_left();
-    drop(pool);
+    // And a pool of clones of one template VM, then KSM over them.
+    let (templated, template_log) = Box::pin(run_vcrid(
+        "vcrid template",
+        "\n[factory]\npool = 1\ntemplate = true\n",
+        // mem_merge: the clones' RAM is KSM's to merge once KSM runs.
+        "vsock = \"serial\"\nshared_fs = \"virtio-9p\"\nmem_merge = true\n",
+        &refs,
+        pods,
+        Mode { ksm: true, ..warm },
+    ))
+    .await;
 
     let mut ctr = Containerd::new(&registry.host(), OCTET);
     let (mut ctr_rt, mut ctr_images) = ctr.start().await;
@@ -669,7 +809,10 @@ async fn main() {
         &refs,
         &ctr_logs,
         pods,
-        false,
+        Mode {
+            footprint: false,
+            ..COLD
+        },
     ))
     .await;
     let ctr_secs = started.elapsed().as_secs_f64();
@@ -711,6 +854,11 @@ async fn main() {
         &pooled.pod_start,
         &ctrs.pod_start,
     );
+    row(
+        "pod start, pool of template clones",
+        &templated.pod_start,
+        &ctrs.pod_start,
+    );
     row("ExecSync `true`", &vcs.exec, &ctrs.exec);
     row(
         &format!("PodSandboxStatus ({pods} pods up)"),
@@ -737,14 +885,66 @@ async fn main() {
         "wall time per runtime (pulls included): vcrid {vc_secs:.1} s, containerd {ctr_secs:.1} s"
     );
     // Where a vcrid pod start goes: the RPCs' own times from vcrid's log.
-    for (what, log) in [("cold", &vc_log), ("pool", &pool_log)] {
+    for (what, log) in [
+        ("cold", &vc_log),
+        ("pool", &pool_log),
+        ("template", &template_log),
+    ] {
         per_call(what, log);
+    }
+    println!("host PSS per idle pod (QEMU + helpers, mean over {pods} pods up, {} s after the last started):", SETTLE.as_secs());
+    let base = vcs.footprint.as_ref().map_or(f64::NAN, |f| f.pss_mib);
+    for (what, samples) in [("cold", &vcs), ("pool", &pooled), ("template", &templated)] {
+        let Some(f) = &samples.footprint else {
+            continue;
+        };
+        println!(
+            "  {what:<9} {:>7.1} MiB ({:.2}x cold)",
+            f.pss_mib,
+            f.pss_mib / base
+        );
+        if let Some(k) = &f.ksm {
+            println!(
+                "  {:<9} {:>7.1} MiB ({:.2}x cold) after two full KSM scans in {:.0} s: {} pages sharing, ksmd {:.0}% of a core",
+                format!("{what}+KSM"),
+                k.pss_mib,
+                k.pss_mib / base,
+                k.seconds,
+                k.pages_sharing,
+                k.ksmd_cpu * 100.0
+            );
+        }
     }
 
     // Drop order: containerd, then the registry.
     drop(ctr_rt);
     drop(ctr_images);
     drop(ctr);
+}
+
+/// One vcrid run of `measure` with `extra` config tables and `hypervisor`
+/// lines; returns its samples and vcrid's log. Nothing of it is left.
+async fn run_vcrid(
+    what: &str,
+    extra: &str,
+    hypervisor: &str,
+    refs: &[&str],
+    pods: usize,
+    mode: Mode,
+) -> (Samples, String) {
+    let mut env = CriEnv::with_config(OCTET, extra);
+    env.set_hypervisor(hypervisor);
+    env.start().await;
+    let mut rt = env.runtime().await;
+    let mut images = env.images().await;
+    let logs = env.dir.path().join("logs");
+    let samples = Box::pin(measure(what, &mut rt, &mut images, refs, &logs, pods, mode)).await;
+    let log = env.log();
+    drop(rt);
+    drop(images);
+    env.stop();
+    env.assert_no_pods_left();
+    (samples, log)
 }
 
 fn per_call(what: &str, log: &str) {
