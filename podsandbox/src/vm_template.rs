@@ -141,30 +141,30 @@ impl Runtime {
     }
 
     /// A whole saved template this runtime can clone, if there is one;
-    /// every other saved template (made for another config or binary,
-    /// or cut short) is removed.
+    /// every other whole one (made for another config or binary) is
+    /// removed. One without its manifest is left alone: another process
+    /// (`virtc factory init`) may be saving it.
     fn saved_template(&self) -> Option<Template> {
         let entries = std::fs::read_dir(self.templates_dir()).ok()?;
         let want = fingerprint(&self.inner.config.hypervisor);
         let mut found = None;
         for entry in entries.flatten() {
             let dir = entry.path();
-            match (found.is_none(), read_manifest(&dir)) {
-                (true, Some(m)) if m.fingerprint == want => {
-                    let secret = agent::AgentSecret::from_hex(&m.secret);
-                    let (memory, state) = (dir.join("memory"), dir.join("state"));
-                    if let (Some(secret), true, true) = (secret, memory.is_file(), state.is_file())
-                    {
-                        found = Some(Template {
-                            id: m.id,
-                            memory,
-                            state,
-                            secret,
-                        });
-                        continue;
-                    }
+            let Some(m) = read_manifest(&dir) else {
+                continue;
+            };
+            if found.is_none() && m.fingerprint == want {
+                let secret = agent::AgentSecret::from_hex(&m.secret);
+                let (memory, state) = (dir.join("memory"), dir.join("state"));
+                if let (Some(secret), true, true) = (secret, memory.is_file(), state.is_file()) {
+                    found = Some(Template {
+                        id: m.id,
+                        memory,
+                        state,
+                        secret,
+                    });
+                    continue;
                 }
-                _ => {}
             }
             tracing::info!(dir = %dir.display(), "removing a saved template this runtime cannot use");
             if let Err(err) = crate::mounts::remove_tree(&dir) {
@@ -245,13 +245,13 @@ impl Runtime {
     }
 
     /// Saves a template in the background, if this runtime keeps one
-    /// (see `start_factory`); a save already under way is waited for.
+    /// (see `start_factory`) and no save is under way.
     pub(crate) fn save_template_soon(&self) {
-        if !self
+        let keeps = self
             .inner
             .keeps_template
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if !keeps || self.inner.template.try_lock().is_err() {
             return;
         }
         let rt = self.clone();
