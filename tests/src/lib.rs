@@ -66,6 +66,22 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// `virtc --config <config> <args>`, expected to succeed; its stdout.
+pub fn virtc_ok(config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(workspace_bin("virtc"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run virtc");
+    assert!(
+        out.status.success(),
+        "virtc {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// One test's private world. Dropping it is the leak guard.
 #[derive(Debug)]
 pub struct TestEnv {

@@ -8,7 +8,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::{process::Command, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use agent::AgentSecret;
 use hypervisor::VsockChannel;
@@ -22,18 +22,10 @@ const CHECK: Duration = Duration::from_secs(10);
 
 /// `virtc sandbox <args>` with `config`, expected to succeed.
 fn virtc(config: &std::path::Path, args: &[&str]) {
-    let out = Command::new(tests::workspace_bin("virtc"))
-        .arg("--config")
-        .arg(config)
-        .arg("sandbox")
-        .args(args)
-        .output()
-        .expect("run virtc");
-    assert!(
-        out.status.success(),
-        "virtc sandbox {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<&str> = std::iter::once("sandbox")
+        .chain(args.iter().copied())
+        .collect();
+    tests::virtc_ok(config, &args);
 }
 
 /// The VM's channel and secret, from the sandbox's record.

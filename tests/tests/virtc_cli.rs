@@ -31,13 +31,7 @@ impl Virtc {
 
     /// Runs and expects success; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "virtc {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        tests::virtc_ok(&self.config, args)
     }
 
     /// Runs and expects failure with a one-line reason; returns it.

@@ -7,8 +7,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::process::Command;
-
 use serde_json::Value;
 use tests::TestEnv;
 
@@ -19,18 +17,7 @@ struct Virtc {
 impl Virtc {
     /// Runs and expects success; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = Command::new(tests::workspace_bin("virtc"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .expect("run virtc");
-        assert!(
-            out.status.success(),
-            "virtc {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        tests::virtc_ok(&self.config, args)
     }
 
     fn json(&self, args: &[&str]) -> Value {
