@@ -488,6 +488,26 @@ pub async fn create_started(
     id
 }
 
+/// Starts busybox `httpd` on port 80 in `pod`, serving `text` at `/`,
+/// and waits until its log says it serves; the container's ID.
+pub async fn start_httpd(
+    rt: &mut Runtime,
+    pod: &str,
+    sandbox: &k8s_cri::v1::PodSandboxConfig,
+    image: &str,
+    text: &str,
+) -> String {
+    let script = format!(
+        "mkdir -p /www && echo {text} > /www/index.html && echo serving && exec httpd -f -p 80 -h /www"
+    );
+    let config = container_config(image, "httpd", &["/bin/sh", "-c", &script]);
+    let id = Box::pin(create_started(rt, pod, sandbox, config)).await;
+    let log = Path::new(&sandbox.log_directory).join("httpd.log");
+    let out = wait_for_log(&log, "serving").await;
+    assert!(out.contains(" stdout F serving"), "{out}");
+    id
+}
+
 /// The busybox image every CRI test runs (root, `sh` by default), pushed
 /// as `busybox:<tag>`; returns its reference.
 pub async fn push_busybox(registry: &crate::registry::Registry, tag: &str) -> String {

@@ -15,7 +15,7 @@ use std::{
 use k8s_cri::v1 as cri;
 use tests::cri::{
     container_config, create_started, exec_sh, factory_status, http_get, pod_config, pod_info,
-    remove_pod, run_pod, wait_for_log, CriEnv, Runtime,
+    remove_pod, run_pod, start_httpd, CriEnv, Runtime,
 };
 
 /// Waits (up to 5 minutes: a warm VM boots at nice 19 on a busy host) for
@@ -128,20 +128,7 @@ async fn pods_from_the_pool_serve_like_booted_ones_and_a_dead_warm_vm_is_replace
         Some(true),
         "{info}"
     );
-    let web = Box::pin(create_started(
-        &mut rt,
-        &a,
-        &a_cfg,
-        container_config(
-            &image,
-            "httpd",
-            &["/bin/sh", "-c", "mkdir -p /www && echo hello-from-pool > /www/index.html && echo serving && exec httpd -f -p 80 -h /www"],
-        ),
-    ))
-    .await;
-    let log = env.dir.path().join("logs/pool-a/httpd.log");
-    let text = wait_for_log(&log, "serving").await;
-    assert!(text.contains(" stdout F serving"), "{text}");
+    let web = start_httpd(&mut rt, &a, &a_cfg, &image, "hello-from-pool").await;
     let a_ip = info["vm"]["ips"][0].as_str().expect("pod IP").to_string();
     assert!(http_get(&format!("{a_ip}:80")).contains("hello-from-pool"));
     assert!(http_get(&format!("{}:{host_port}", env.gateway())).contains("hello-from-pool"));

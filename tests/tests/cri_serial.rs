@@ -9,8 +9,7 @@
 
 use k8s_cri::v1 as cri;
 use tests::cri::{
-    container_config, create_started, exec_sh, http_get, pod_config, pod_info, remove_pod, run_pod,
-    wait_for_log, CriEnv,
+    exec_sh, http_get, pod_config, pod_info, remove_pod, run_pod, start_httpd, CriEnv,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,20 +56,7 @@ async fn a_pod_without_vsock_serves_over_the_serial_port_across_a_vcrid_crash() 
     );
     assert_eq!(mode & 0o777, 0o600, "{sock}");
 
-    let web = Box::pin(create_started(
-        &mut rt,
-        &pod,
-        &p_cfg,
-        container_config(
-            &image,
-            "httpd",
-            &["/bin/sh", "-c", "mkdir -p /www && echo hello-over-serial > /www/index.html && echo serving && exec httpd -f -p 80 -h /www"],
-        ),
-    ))
-    .await;
-    let log = env.dir.path().join("logs/serial/httpd.log");
-    let text = wait_for_log(&log, "serving").await;
-    assert!(text.contains(" stdout F serving"), "{text}");
+    let web = start_httpd(&mut rt, &pod, &p_cfg, &image, "hello-over-serial").await;
     let ip = info["vm"]["ips"][0].as_str().expect("pod IP").to_string();
     assert!(http_get(&format!("{ip}:80")).contains("hello-over-serial"));
     assert!(http_get(&format!("{}:{host_port}", env.gateway())).contains("hello-over-serial"));

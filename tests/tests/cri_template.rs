@@ -18,7 +18,7 @@ use std::{
 use k8s_cri::v1 as cri;
 use tests::cri::{
     container_config, create_started, exec_sh, factory_status, http_get, pod_config, pod_info,
-    pss_kib, remove_pod, run_pod, wait_for_log, CriEnv, Runtime,
+    pss_kib, remove_pod, run_pod, start_httpd, wait_for_log, CriEnv, Runtime,
 };
 
 /// Waits (up to 5 minutes: the template boots at nice 19) for `ready`
@@ -33,6 +33,27 @@ async fn until_pool(rt: &mut Runtime, ready: u64) -> serde_json::Value {
         assert!(Instant::now() < deadline, "the pool never got there: {f}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A started vcrid whose VMs are template clones (`pool` warm ones), the
+/// agent over virtio-serial and files over 9p, with busybox pulled as
+/// `busybox:<tag>`: the registry (kept alive), the image, the env.
+async fn template_env(
+    octet: u8,
+    pool: u32,
+    tag: &str,
+) -> (tests::registry::Registry, String, CriEnv) {
+    tests::become_subreaper();
+    let registry = tests::registry::Registry::start().await;
+    let image = tests::cri::push_busybox(&registry, tag).await;
+    let mut env = CriEnv::with_config(
+        octet,
+        &format!("\n[factory]\npool = {pool}\ntemplate = true\n"),
+    );
+    env.set_hypervisor("vsock = \"serial\"\nshared_fs = \"virtio-9p\"\n");
+    env.start().await;
+    env.pull(&image).await;
+    (registry, image, env)
 }
 
 /// The saved templates' files (`run/_templates/*/*`).
@@ -92,13 +113,7 @@ async fn identity(rt: &mut Runtime, container: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
-    tests::become_subreaper();
-    let registry = tests::registry::Registry::start().await;
-    let image = tests::cri::push_busybox(&registry, "template").await;
-    let mut env = CriEnv::with_config(74, "\n[factory]\npool = 1\ntemplate = true\n");
-    env.set_hypervisor("vsock = \"serial\"\nshared_fs = \"virtio-9p\"\n");
-    env.start().await;
-    env.pull(&image).await;
+    let (_registry, image, mut env) = template_env(74, 1, "template").await;
     let mut rt = env.runtime().await;
     let f = until_pool(&mut rt, 1).await;
     assert_eq!(f["kind"].as_str(), Some("template"), "{f}");
@@ -127,20 +142,7 @@ async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
         cmdline.contains(&format!("mem-path={},share=off", files[0].display())),
         "the clone maps the template's memory private: {cmdline}"
     );
-    let web = Box::pin(create_started(
-        &mut rt,
-        &a,
-        &a_cfg,
-        container_config(
-            &image,
-            "httpd",
-            &["/bin/sh", "-c", "mkdir -p /www && echo hello-from-a-clone > /www/index.html && echo serving && exec httpd -f -p 80 -h /www"],
-        ),
-    ))
-    .await;
-    let log = env.dir.path().join("logs/tpl-a/httpd.log");
-    let text = wait_for_log(&log, "serving").await;
-    assert!(text.contains(" stdout F serving"), "{text}");
+    let web = start_httpd(&mut rt, &a, &a_cfg, &image, "hello-from-a-clone").await;
     let a_ip = info["vm"]["ips"][0].as_str().expect("pod IP").to_string();
     assert!(http_get(&format!("{a_ip}:80")).contains("hello-from-a-clone"));
     assert!(http_get(&format!("{}:{host_port}", env.gateway())).contains("hello-from-a-clone"));
@@ -256,13 +258,7 @@ async fn info_machine_id(rt: &mut Runtime, pod: &str) -> String {
 /// longer loads makes a pod boot and is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
-    tests::become_subreaper();
-    let registry = tests::registry::Registry::start().await;
-    let image = tests::cri::push_busybox(&registry, "template0").await;
-    let mut env = CriEnv::with_config(75, "\n[factory]\npool = 0\ntemplate = true\n");
-    env.set_hypervisor("vsock = \"serial\"\nshared_fs = \"virtio-9p\"\n");
-    env.start().await;
-    env.pull(&image).await;
+    let (_registry, image, mut env) = template_env(75, 0, "template0").await;
     let mut rt = env.runtime().await;
     let f = factory_status(&mut rt).await;
     assert_eq!(
