@@ -42,7 +42,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// 6: every connection authenticates ([`auth`]).
 /// 7: OnlineResources (CPU and memory hot-plug).
 /// 8: Personalize (a VM cloned from a template gets its own identity).
-pub const API_VERSION: u32 = 8;
+pub const API_VERSION: u32 = 9;
 
 /// Personalize (API 8): how many bytes of host randomness a request
 /// carries, at least and at most.
@@ -108,6 +108,13 @@ pub const SERIAL_PORT_NAME: &str = "io.virtcontainers.agent";
 /// The guest kernel parameter naming the agent's channel: `vc.channel=serial`
 /// for the virtio-serial port; absent, vsock.
 pub const CHANNEL_PARAM: &str = "vc.channel";
+
+/// The guest kernel parameter of a VM booted to be saved as a template (and
+/// so of its clones, which resume its memory): the agent leaves the shared
+/// filesystem unmounted until Personalize (QEMU cannot save a VM whose 9p
+/// export is mounted), and reports itself settled once the rest of its
+/// start-up work is done.
+pub const TEMPLATE_PARAM: &str = "vc.template";
 
 /// The agent's answer on the serial port to an accepted auth line: the
 /// host learns the guest is serving (serial has no readiness connection).

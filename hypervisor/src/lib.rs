@@ -270,6 +270,10 @@ pub const AGENT_SERIAL_PORT: &str = "io.virtcontainers.agent";
 /// (`<param>=serial`); the agent protocol's `agent::CHANNEL_PARAM`.
 pub const AGENT_CHANNEL_PARAM: &str = "vc.channel";
 
+/// The guest kernel parameter of a template VM and its clones; the agent
+/// protocol's `agent::TEMPLATE_PARAM`.
+pub const TEMPLATE_PARAM: &str = "vc.template";
+
 /// One virtual machine.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + std::fmt::Debug {

@@ -23,6 +23,9 @@ pub struct GuestDetails {
     /// The guest's /etc/machine-id; empty when it has none.
     #[serde(default)]
     pub machine_id: String,
+    /// The agent's background start-up work is done (API 9).
+    #[serde(default)]
+    pub settled: bool,
 }
 
 /// How the guest creates a container, beside its spec.
@@ -315,5 +318,6 @@ mod tests {
     fn host_and_agent_name_the_same_serial_port_and_parameter() {
         assert_eq!(hypervisor::AGENT_SERIAL_PORT, agent::SERIAL_PORT_NAME);
         assert_eq!(hypervisor::AGENT_CHANNEL_PARAM, agent::CHANNEL_PARAM);
+        assert_eq!(hypervisor::TEMPLATE_PARAM, agent::TEMPLATE_PARAM);
     }
 }

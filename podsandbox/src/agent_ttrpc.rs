@@ -596,5 +596,6 @@ fn guest_details(r: pb::GuestDetailsResponse) -> GuestDetails {
         uptime_ms: r.uptime_ms,
         agent_ready_ms: r.agent_ready_ms,
         machine_id: r.machine_id,
+        settled: r.settled,
     }
 }

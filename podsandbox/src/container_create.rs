@@ -74,6 +74,7 @@ impl Runtime {
             });
         }
         let vm = s.vm()?.clone();
+        let mut steps = crate::steps::Steps::start();
         // The VM grows first: the container's limits must fit in it. A
         // create that fails later leaves it grown until the next resize.
         let size = self.size_with(&s, Some((&cid, &config.resources)))?;
@@ -83,6 +84,7 @@ impl Runtime {
             self.inner.store.save(&s.record)?;
             fitted?;
         }
+        steps.mark("sized");
         // Records from before hostnames were kept have none: the ID then.
         let hostname = if s.record.hostname.is_empty() {
             sandbox_id.to_string()
@@ -142,6 +144,7 @@ impl Runtime {
                 }
             };
             let guest_sources = share_mounts(&config, &sources, &container_dir)?;
+            steps.mark("shared");
             let spec = crate::oci::spec(&config, &hostname, &guest_sources)
                 .map_err(|e| invalid(e.to_string()))?;
             self.agent(sandbox_id, vm.as_ref())
@@ -160,6 +163,7 @@ impl Runtime {
                 .await
                 .map_err(|e| Error::from_agent(&cid, "create", e))?;
             in_guest = true;
+            steps.mark("in guest");
             // The guest holds the container; no record names it yet.
             self.fail_point("create_container.guest_created")?;
             Ok(rootfs_mount)
@@ -205,7 +209,8 @@ impl Runtime {
         self.inner.store.save(&s.record)?;
         drop(s);
         self.spawn_container_monitor(sandbox_id, &cid);
-        tracing::info!(sandbox = %sandbox_id, container = %cid, "container created");
+        steps.mark("saved");
+        tracing::info!(sandbox = %sandbox_id, container = %cid, ?steps, "container created (ms since the sandbox was locked)");
         Ok(status)
     }
 }

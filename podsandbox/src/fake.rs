@@ -244,6 +244,7 @@ impl AgentClient for FakeDialer {
             uptime_ms: 1,
             agent_ready_ms: 1,
             machine_id: String::new(),
+            settled: true,
         })
     }
     async fn online_resources(
@@ -264,6 +265,7 @@ impl AgentClient for FakeDialer {
             uptime_ms: 1,
             agent_ready_ms: 1,
             machine_id: String::new(),
+            settled: true,
         })
     }
     async fn shutdown(&self, _timeout: Duration) -> Result<(), AgentError> {

@@ -53,6 +53,7 @@ mod sandbox_start;
 mod sandbox_status;
 mod sandbox_stop;
 pub mod state;
+mod steps;
 pub mod store;
 mod vm_template;
 

@@ -396,12 +396,26 @@ pub(crate) async fn configure_guest(
             detail: e.detail,
         }
     };
-    for nic in &network.interfaces {
+    let interfaces = async {
+        for nic in &network.interfaces {
+            agent
+                .update_interface(nic)
+                .await
+                .map_err(failed("UpdateInterface"))?;
+        }
+        Ok::<(), Error>(())
+    };
+    // The files need no interface: written while the guest still brings a
+    // hot-plugged NIC up.
+    let written = async {
         agent
-            .update_interface(nic)
+            .set_sandbox_files(files)
             .await
-            .map_err(failed("UpdateInterface"))?;
-    }
+            .map_err(failed("SetSandboxFiles"))
+    };
+    let (interfaces, written) = tokio::join!(interfaces, written);
+    interfaces?;
+    written?;
     if !network.routes.is_empty() {
         agent
             .update_routes(&network.routes)
@@ -421,10 +435,7 @@ pub(crate) async fn configure_guest(
             .await
             .map_err(failed("SetSysctls"))?;
     }
-    agent
-        .set_sandbox_files(files)
-        .await
-        .map_err(failed("SetSandboxFiles"))
+    Ok(())
 }
 
 fn agent_timeout(id: &str, timeout: Duration, last_error: String, vm: &dyn Hypervisor) -> Error {

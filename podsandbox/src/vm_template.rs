@@ -14,8 +14,12 @@
 //! and addresses are the pod's, given at claim as for any warm VM.
 //!
 //! Only VMs whose every device QEMU saves can be templates: the agent over
-//! virtio-serial, files over 9p (mounted only once a container needs it, so
-//! never in the template) or none; `FactoryConfig::check` says so by name.
+//! virtio-serial, files over 9p or none; `FactoryConfig::check` says so by
+//! name. The template VM boots with `vc.template`, so its agent leaves the
+//! 9p export unmounted (QEMU refuses to save a VM with it mounted) until a
+//! clone is personalized, and it is saved only once the agent reports its
+//! start-up work settled (modules, the modules disk, the pod namespaces):
+//! no clone does that work again.
 //! The saved files live in `<run_dir>/_templates/<id>/` (`_` is no sandbox
 //! ID's first character): `memory`, `state`, and last `template.json` (the
 //! template's agent secret, size, and the fingerprint of what its state
@@ -352,7 +356,24 @@ impl Runtime {
         let config = &self.inner.config;
         crate::nice::set_nice(&vm.pids(), config.factory.refill_nice);
         let timeout = Duration::from_millis(config.factory.boot_timeout_ms);
-        drop(self.wait_for_agent(id, vm, timeout).await?);
+        let started = std::time::Instant::now();
+        let agent = self.wait_for_agent(id, vm, timeout).await?;
+        // Saved once settled: what the guest still does after it began
+        // serving (modules, namespaces) is then done once, not per clone.
+        loop {
+            match agent.guest_details(Duration::from_secs(5)).await {
+                Ok(d) if d.settled => break,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(vm = %id, "template VM details: {e}"),
+            }
+            if started.elapsed() >= timeout {
+                tracing::warn!(vm = %id, "the template VM did not settle in {timeout:?}: saved as it is");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::debug!(vm = %id, ms = started.elapsed().as_millis() as u64, "template VM ready to save");
+        drop(agent);
         // The port is free again when the clone's host dials it.
         self.forget_agent(id);
         let secret = crate::agent::agent_secret(vm).ok_or_else(|| Error::Agent {

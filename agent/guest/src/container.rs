@@ -24,7 +24,7 @@ use libcontainer::{
 
 use crate::{
     container_kill, exec_helper,
-    pidns::PidNamespace,
+    pidns::{Kind, SandboxNamespaces},
     reaper::Reaper,
     stdio::{self, ChildStdio, ProcessIo},
     storage::{BlockMount, Storage},
@@ -124,8 +124,7 @@ pub struct Containers {
     entries: Arc<Mutex<HashMap<String, Arc<Mutex<Entry>>>>>,
     storage: Storage,
     reaper: Reaper,
-    pidns: PidNamespace,
-    ipcns: PidNamespace,
+    namespaces: SandboxNamespaces,
 }
 
 impl std::fmt::Debug for Containers {
@@ -369,9 +368,13 @@ impl Containers {
             entries: Arc::default(),
             storage,
             reaper,
-            pidns: PidNamespace::new(crate::pidns::Kind::Pid),
-            ipcns: PidNamespace::new(crate::pidns::Kind::Ipc),
+            namespaces: SandboxNamespaces::default(),
         }
+    }
+
+    /// Makes the pod's shared namespaces now, off the first container's path.
+    pub fn make_namespaces_ahead(&self) -> tokio::task::JoinHandle<()> {
+        self.namespaces.make_ahead()
     }
 
     fn get(&self, id: &str) -> Result<Arc<Mutex<Entry>>> {
@@ -446,10 +449,12 @@ impl Containers {
             sandbox_ipcns,
             all_devices,
         } = options;
+        let t0 = std::time::Instant::now();
         self.storage
             .shared()
             .await
             .map_err(Failure::FailedPrecondition)?;
+        let shared_ms = t0.elapsed().as_millis() as u64;
         if !rootfs.is_dir() {
             return Err(Failure::InvalidArgument(format!(
                 "rootfs {} is not a directory in the guest",
@@ -469,12 +474,12 @@ impl Containers {
         if all_devices {
             add_all_devices(&mut spec)?;
         }
-        for (share, ns, typ) in [
-            (sandbox_pidns, &self.pidns, LinuxNamespaceType::Pid),
-            (sandbox_ipcns, &self.ipcns, LinuxNamespaceType::Ipc),
+        for (share, kind, typ) in [
+            (sandbox_pidns, Kind::Pid, LinuxNamespaceType::Pid),
+            (sandbox_ipcns, Kind::Ipc, LinuxNamespaceType::Ipc),
         ] {
             if share {
-                join_namespace(&mut spec, typ, ns.path().await?)?;
+                join_namespace(&mut spec, typ, self.namespaces.path(kind).await?)?;
             }
         }
         let process = spec
@@ -529,6 +534,12 @@ impl Containers {
         })
         .await
         .map_err(|e| Failure::Internal(format!("create task: {e}")))?;
+        tracing::debug!(
+            container = %id,
+            shared_ms,
+            built_ms = t0.elapsed().as_millis() as u64,
+            "create: built"
+        );
         let built = built
             .map_err(|err| Failure::InvalidArgument(format!("cannot create container {id}: {err}")))
             .and_then(|container| Ok((container, pending.finish()?)));

@@ -32,6 +32,7 @@ mod reaper;
 mod request_fuzz;
 mod serial;
 mod service;
+mod startup;
 mod stdio;
 mod storage;
 
@@ -48,10 +49,7 @@ fn main() -> ExitCode {
     if exec_helper::invoked() {
         return exec_helper::main();
     }
-    if matches!(
-        std::env::args().nth(1).as_deref(),
-        Some(pidns::HOLDER_ARG | pidns::IPC_HOLDER_ARG)
-    ) {
+    if matches!(std::env::args().nth(1).as_deref(), Some(pidns::HOLDER_ARG)) {
         return pidns::run_holder();
     }
     if std::process::id() != 1 {
@@ -75,13 +73,19 @@ fn main() -> ExitCode {
         }
         Err(_) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
     });
-    tracing_subscriber::fmt()
+    // Lean by default (every byte crosses the emulated UART); an explicit
+    // `vc.log=` is someone debugging: then uptime stamps and targets too.
+    let (filter, explicit) = log_filter();
+    let fmt = tracing_subscriber::fmt()
         .with_writer(writer)
-        .with_env_filter(log_filter())
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .init();
+        .with_env_filter(filter)
+        .with_ansi(false);
+    if explicit {
+        fmt.with_timer(tracing_subscriber::fmt::time::uptime())
+            .init();
+    } else {
+        fmt.without_time().with_target(false).init();
+    }
 
     // Before any other thread exists: the read needs this thread's I/O
     // port permission, which it drops again.
@@ -115,16 +119,17 @@ fn main() -> ExitCode {
 /// command line (tracing's EnvFilter syntax), else the agent's own info and
 /// everyone's errors. The console is an emulated UART: a chatty library
 /// (libcontainer logs several lines per container and exec) costs
-/// milliseconds per call.
-fn log_filter() -> tracing_subscriber::EnvFilter {
+/// milliseconds per call. Also whether the filter was asked for.
+fn log_filter() -> (tracing_subscriber::EnvFilter, bool) {
     const DEFAULT: &str = "error,vc_agent=info";
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let wanted = cmdline
         .split_whitespace()
-        .find_map(|p| p.strip_prefix("vc.log="))
-        .unwrap_or(DEFAULT);
-    tracing_subscriber::EnvFilter::try_new(wanted)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT))
+        .find_map(|p| p.strip_prefix("vc.log="));
+    match wanted.map(tracing_subscriber::EnvFilter::try_new) {
+        Some(Ok(filter)) => (filter, true),
+        _ => (tracing_subscriber::EnvFilter::new(DEFAULT), false),
+    }
 }
 
 async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
@@ -153,7 +158,9 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
         forward::spawn(auth::listen(agent::FORWARD_VSOCK_PORT, secret.clone()).await?);
         listener
     };
-    let services = service::AgentService::new(containers, secret);
+    let startup =
+        startup::Startup::new(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let services = service::AgentService::new(containers.clone(), secret, startup.clone());
     let health = agent_ttrpc::create_health(Arc::new(services.clone()));
     let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
     let mut server = ttrpc::asynchronous::Server::new()
@@ -171,7 +178,7 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
     // Storage and network modules are not needed to answer the host; load
     // them off the critical path. RPCs that attach such devices (later
     // issues) must wait for this to finish.
-    tokio::task::spawn_blocking(move || {
+    let modules = tokio::task::spawn_blocking(move || {
         match init::load_modules(init::LATER_MODULES) {
             Ok(n) => tracing::debug!(loaded = n, "later modules loaded"),
             Err(err) => tracing::error!("loading modules: {err:#}"),
@@ -188,12 +195,26 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
             Err(err) => tracing::error!("modules disk: {err:#}"),
         }
     });
-    // Mount the shared filesystem as soon as its module is there, off the
-    // first CreateContainer's path (which would otherwise mount it).
+    // Mount the shared filesystem as soon as its module is there (a
+    // template's clone: once personalized), off the first CreateContainer's
+    // path (which would otherwise mount it).
+    let mount_startup = startup.clone();
     tokio::spawn(async move {
+        mount_startup.may_mount_shared().await;
         if let Err(err) = storage.shared().await {
             tracing::debug!("early shared filesystem mount: {err}");
         }
+    });
+    // The pod's PID and IPC namespaces too (a fork and an exec).
+    let namespaces = containers.make_namespaces_ahead();
+    // Settled: what a template VM waits for before it is saved.
+    tokio::spawn(async move {
+        let _ = tokio::join!(modules, namespaces);
+        startup.mark_settled();
+        tracing::debug!(
+            uptime_ms = service::uptime().map(|u| u.as_millis()).unwrap_or(0),
+            "settled"
+        );
     });
 
     services.wait_shutdown().await;

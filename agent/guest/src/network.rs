@@ -261,7 +261,8 @@ pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
     let mut nl = Netlink::open()?;
     // virtio_net loads in the background once the agent serves (see
     // build-guest.sh): a NIC may appear a moment after the first call.
-    let deadline = std::time::Instant::now() + NIC_APPEAR_TIMEOUT;
+    let asked = std::time::Instant::now();
+    let deadline = asked + NIC_APPEAR_TIMEOUT;
     let link = loop {
         let links = nl.links()?;
         if let Some(link) = links
@@ -279,6 +280,11 @@ pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
+    tracing::debug!(
+        mac = %want.hw_addr,
+        waited_ms = asked.elapsed().as_millis() as u64,
+        "update interface: NIC found"
+    );
     let link = &link;
     let index = link.header.index;
     let what = format!("interface {} ({})", want.name, want.hw_addr);

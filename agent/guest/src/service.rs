@@ -11,6 +11,7 @@ use crate::{
     auth::SharedSecret,
     container::{Containers, Failure},
     network, personalize,
+    startup::Startup,
 };
 
 /// One state shared by both services.
@@ -27,16 +28,19 @@ struct Inner {
     shutdown: Notify,
     /// Uptime when the API started serving, in ms.
     ready_ms: std::sync::OnceLock<u64>,
+    /// The start-up work after serving: settled, personalized.
+    startup: Startup,
 }
 
 impl AgentService {
-    pub fn new(containers: Containers, secret: SharedSecret) -> Self {
+    pub fn new(containers: Containers, secret: SharedSecret, startup: Startup) -> Self {
         Self {
             inner: Arc::new(Inner {
                 containers,
                 secret,
                 shutdown: Notify::new(),
                 ready_ms: std::sync::OnceLock::new(),
+                startup,
             }),
         }
     }
@@ -195,6 +199,7 @@ impl agent_ttrpc::Agent for AgentService {
         let identity = personalize::validate(r).map_err(status)?;
         let secret = self.inner.secret.clone();
         blocking(move || personalize::apply(identity, &secret)).await?;
+        self.inner.startup.mark_personalized();
         Ok(pb::Empty::new())
     }
 
@@ -452,6 +457,7 @@ impl AgentService {
         resp.machine_id = std::fs::read_to_string("/etc/machine-id")
             .map(|id| id.trim().to_string())
             .unwrap_or_default();
+        resp.settled = self.inner.startup.settled();
         Ok(resp)
     }
 }

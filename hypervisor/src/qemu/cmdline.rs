@@ -188,6 +188,11 @@ pub fn kernel_cmdline(spec: &Spec<'_>) -> String {
         // The agent serves on the virtio-serial port instead of vsock.
         params.push(format!("{}=serial", crate::AGENT_CHANNEL_PARAM));
     }
+    if spec.template.is_some() {
+        // The same for the template and its clones (they resume its
+        // memory): the agent keeps the template saveable.
+        params.push(crate::TEMPLATE_PARAM.into());
+    }
     if spec.machine == MachineType::Microvm {
         // microvm has no PIT/HPET to calibrate against; without a given TSC
         // frequency the guest hung in 3 of ~25 boots here.
@@ -862,6 +867,12 @@ mod tests {
                 .collect()
         };
         assert_eq!(strip(&template), strip(&cloned));
+        // Both tell the agent it is (or resumes) a template.
+        assert!(template
+            .iter()
+            .any(|a| a.split(' ').any(|p| p == "vc.template")));
+        s.template = None;
+        assert!(!kernel_cmdline(&s).contains("vc.template"));
     }
 
     #[test]
