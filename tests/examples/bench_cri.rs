@@ -7,6 +7,11 @@
 //!   cargo build --profile release-unwind -p cri --bins
 //!   cargo run --profile release-unwind -p tests --example bench_cri [-- PODS]
 //!
+//! `BENCH_MODES=template` (any of cold,pool,template; default all) picks the
+//! vcrid set-ups; `BENCH_HYPERVISOR='tcg_tb_size_mib = 8'` adds lines (`;`
+//! separated) to each one's `[hypervisor]`; `BENCH_LOGS=DIR` keeps vcrid's
+//! log and the VMs' consoles there.
+//!
 //! One loopback registry serves a busybox image and a "pause" image (the same
 //! layer, `sleep infinity`) that containerd uses as its sandbox image. Both
 //! runtimes pull both images first (not timed); then PODS pods (default 20)
@@ -500,6 +505,19 @@ async fn measure(
     } else {
         None
     };
+    // BENCH_LOGS=DIR: each VM's console, kept (before teardown removes it).
+    if let (Ok(dir), Some(root)) = (std::env::var("BENCH_LOGS"), logs.parent()) {
+        let dir = Path::new(&dir).join(what.replace(' ', "-"));
+        std::fs::create_dir_all(&dir).expect("BENCH_LOGS");
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "find {} -name 'console.log*' | while read f; do cp \"$f\" {}/$(echo \"$f\" | md5sum | cut -c1-8).$(basename \"$f\"); done",
+                root.display(),
+                dir.display()
+            ))
+            .status();
+    }
     let mut exec = Vec::new();
     let target = &ids[0].1;
     for _ in 0..EXECS {
@@ -772,31 +790,49 @@ async fn main() {
     let refs = [busybox.as_str(), pause.as_str()];
 
     eprintln!("vcrid: {}", tests::workspace_bin("vcrid").display());
-    let started = Instant::now();
-    let (vcs, vc_log) = Box::pin(run_vcrid("vcrid", "", "", &refs, pods, COLD)).await;
-    let vc_secs = started.elapsed().as_secs_f64();
-    // The same with a warm pool of one VM (refilled between pods).
+    // Which vcrid set-ups run (BENCH_MODES, default all three), and lines
+    // added to every run's [hypervisor] (BENCH_HYPERVISOR, for experiments).
+    let wanted = std::env::var("BENCH_MODES").unwrap_or_else(|_| "cold,pool,template".into());
+    let extra_hv = std::env::var("BENCH_HYPERVISOR")
+        .map(|h| format!("{}\n", h.replace(';', "\n")))
+        .unwrap_or_default();
     let warm = Mode { pool: true, ..COLD };
-    let (pooled, pool_log) = Box::pin(run_vcrid(
-        "vcrid pool",
-        "\n[factory]\npool = 1\n",
-        "",
-        &refs,
-        pods,
-        warm,
-    ))
-    .await;
-    // And a pool of clones of one template VM, then KSM over them.
-    let (templated, template_log) = Box::pin(run_vcrid(
-        "vcrid template",
-        "\n[factory]\npool = 1\ntemplate = true\n",
-        // mem_merge: the clones' RAM is KSM's to merge once KSM runs.
-        "vsock = \"serial\"\nshared_fs = \"virtio-9p\"\nmem_merge = true\n",
-        &refs,
-        pods,
-        Mode { ksm: true, ..warm },
-    ))
-    .await;
+    let setups: [(&str, &str, &str, Mode); 3] = [
+        ("cold", "", "", COLD),
+        // A warm pool of one VM (refilled between pods).
+        ("pool", "\n[factory]\npool = 1\n", "", warm),
+        // A pool of clones of one template VM, then KSM over them.
+        (
+            "template",
+            "\n[factory]\npool = 1\ntemplate = true\n",
+            // mem_merge: the clones' RAM is KSM's to merge once KSM runs.
+            "vsock = \"serial\"\nshared_fs = \"virtio-9p\"\nmem_merge = true\n",
+            Mode { ksm: true, ..warm },
+        ),
+    ];
+    let mut runs: Vec<(&str, Samples, String)> = Vec::new();
+    let mut vc_secs = 0.0;
+    for (what, extra, hv, mode) in setups {
+        if !wanted.split(',').any(|w| w.trim() == what) {
+            continue;
+        }
+        let started = Instant::now();
+        let (samples, log) = Box::pin(run_vcrid(
+            &format!("vcrid {what}"),
+            extra,
+            &format!("{hv}{extra_hv}"),
+            &refs,
+            pods,
+            mode,
+        ))
+        .await;
+        vc_secs += started.elapsed().as_secs_f64();
+        runs.push((what, samples, log));
+    }
+    assert!(
+        !runs.is_empty(),
+        "BENCH_MODES {wanted:?}: none of cold, pool, template"
+    );
 
     let mut ctr = Containerd::new(&registry.host(), OCTET);
     let (mut ctr_rt, mut ctr_images) = ctr.start().await;
@@ -844,21 +880,17 @@ async fn main() {
         "{:<34} {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8}",
         "ms", "p50", "p99", "p50", "p99", "p50", "p99"
     );
-    row(
-        "pod start (run + create + start)",
-        &vcs.pod_start,
-        &ctrs.pod_start,
-    );
-    row(
-        "pod start, warm pool of 1",
-        &pooled.pod_start,
-        &ctrs.pod_start,
-    );
-    row(
-        "pod start, pool of template clones",
-        &templated.pod_start,
-        &ctrs.pod_start,
-    );
+    for (what, samples, _) in &runs {
+        let label = match *what {
+            "cold" => "pod start (run + create + start)".to_string(),
+            "pool" => "pod start, warm pool of 1".to_string(),
+            _ => "pod start, pool of template clones".to_string(),
+        };
+        row(&label, &samples.pod_start, &ctrs.pod_start);
+    }
+    // The calls below from the first set-up run.
+    let (first, vcs, _) = &runs[0];
+    println!("(the rows below: vcrid {first})");
     row("ExecSync `true`", &vcs.exec, &ctrs.exec);
     row(
         &format!("PodSandboxStatus ({pods} pods up)"),
@@ -885,30 +917,27 @@ async fn main() {
         "wall time per runtime (pulls included): vcrid {vc_secs:.1} s, containerd {ctr_secs:.1} s"
     );
     // Where a vcrid pod start goes: the RPCs' own times from vcrid's log.
-    for (what, log) in [
-        ("cold", &vc_log),
-        ("pool", &pool_log),
-        ("template", &template_log),
-    ] {
+    for (what, _, log) in &runs {
         per_call(what, log);
     }
     println!("host PSS per idle pod (QEMU + helpers, mean over {pods} pods up, {} s after the last started):", SETTLE.as_secs());
-    let base = vcs.footprint.as_ref().map_or(f64::NAN, |f| f.pss_mib);
-    for (what, samples) in [("cold", &vcs), ("pool", &pooled), ("template", &templated)] {
+    let base = runs
+        .iter()
+        .find(|(w, _, _)| *w == "cold")
+        .and_then(|(_, s, _)| s.footprint.as_ref())
+        .map(|f| f.pss_mib);
+    let vs_cold = |pss: f64| base.map_or(String::new(), |b| format!(" ({:.2}x cold)", pss / b));
+    for (what, samples, _) in &runs {
         let Some(f) = &samples.footprint else {
             continue;
         };
-        println!(
-            "  {what:<9} {:>7.1} MiB ({:.2}x cold)",
-            f.pss_mib,
-            f.pss_mib / base
-        );
+        println!("  {what:<9} {:>7.1} MiB{}", f.pss_mib, vs_cold(f.pss_mib));
         if let Some(k) = &f.ksm {
             println!(
-                "  {:<9} {:>7.1} MiB ({:.2}x cold) after two full KSM scans in {:.0} s: {} pages sharing, ksmd {:.0}% of a core",
+                "  {:<9} {:>7.1} MiB{} after two full KSM scans in {:.0} s: {} pages sharing, ksmd {:.0}% of a core",
                 format!("{what}+KSM"),
                 k.pss_mib,
-                k.pss_mib / base,
+                vs_cold(k.pss_mib),
                 k.seconds,
                 k.pages_sharing,
                 k.ksmd_cpu * 100.0
@@ -940,6 +969,12 @@ async fn run_vcrid(
     let logs = env.dir.path().join("logs");
     let samples = Box::pin(measure(what, &mut rt, &mut images, refs, &logs, pods, mode)).await;
     let log = env.log();
+    // BENCH_LOGS=DIR: vcrid's log, kept.
+    if let Ok(dir) = std::env::var("BENCH_LOGS") {
+        let dir = Path::new(&dir).join(what.replace(' ', "-"));
+        std::fs::create_dir_all(&dir).expect("BENCH_LOGS");
+        std::fs::write(dir.join("vcrid.log"), &log).expect("BENCH_LOGS");
+    }
     drop(rt);
     drop(images);
     env.stop();

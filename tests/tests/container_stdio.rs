@@ -192,6 +192,26 @@ async fn interactive() {
         2,
         "both sleeps in one namespace: {listing}"
     );
+    // Its PID 1 (the agent's namespace holder) inherits orphans and reaps
+    // them: a process whose parent is gone leaves no zombie when it ends.
+    let orphan = rt
+        .exec_sync(
+            "pod",
+            "main",
+            args(&[
+                "/bin/sh",
+                "-c",
+                "(sleep 0.3 &); sleep 2; grep -l '^State:.Z' /proc/[0-9]*/status; true",
+            ]),
+            None,
+        )
+        .await
+        .expect("orphan");
+    assert_eq!(
+        String::from_utf8_lossy(&orphan.stdout).trim(),
+        "",
+        "zombies in the sandbox PID namespace: {orphan:?}"
+    );
     create_start(container("loner", &["/bin/sleep", "1000"])).await;
     // Not the init of its PID namespace, a plain process dies of TERM: 143.
     rt.kill_container("pod", "peer", 15, false)
