@@ -1,5 +1,7 @@
-//! The sandbox's shared filesystem, mounted once, when first needed: after
-//! the background module load (virtiofs and 9p are among the later modules).
+//! The sandbox's shared filesystem, mounted once: by the agent's start-up
+//! (a template's clone: once personalized, see `startup.rs`) or the first
+//! container, whichever comes first, after the background module load
+//! (virtiofs and 9p are among the later modules).
 
 use std::sync::Arc;
 
