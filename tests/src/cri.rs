@@ -129,7 +129,10 @@ impl CriEnv {
             .spawn()
             .expect("spawn vcrid");
         self.vcrid = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // vcrid binds its socket before it recovers the state a previous
+        // vcrid left (connections wait in the backlog): answering an RPC is
+        // what says recovery is over.
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(status) = self
                 .vcrid
@@ -138,12 +141,12 @@ impl CriEnv {
             {
                 panic!("vcrid exited at start ({status}): {}", self.log());
             }
-            if tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+            if self.answers().await {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "vcrid did not listen: {}",
+                "vcrid did not answer: {}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -202,6 +205,19 @@ impl CriEnv {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Whether vcrid answers a Version call (within 5 s).
+    async fn answers(&self) -> bool {
+        let Ok(channel) = unix_channel(&self.socket).await else {
+            return false;
+        };
+        let mut client = RuntimeServiceClient::new(channel);
+        let call = client.version(k8s_cri::v1::VersionRequest::default());
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), call).await,
+            Ok(Ok(_))
+        )
     }
 
     async fn channel(&self) -> Channel {
