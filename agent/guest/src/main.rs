@@ -146,7 +146,8 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
     // One cell for every listener and the service: Personalize replaces
     // the secret that connections made after it must present.
     let secret = auth::SharedSecret::new(secret);
-    let serial = serial::selected(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let serial = serial::selected(&cmdline);
     let listener = if serial {
         // No vsock: the API only, on the virtio-serial port; the host
         // learns readiness from the port's answer, not from a notice.
@@ -158,8 +159,7 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
         forward::spawn(auth::listen(agent::FORWARD_VSOCK_PORT, secret.clone()).await?);
         listener
     };
-    let startup =
-        startup::Startup::new(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let startup = startup::Startup::new(&cmdline);
     let services = service::AgentService::new(containers.clone(), secret, startup.clone());
     let health = agent_ttrpc::create_health(Arc::new(services.clone()));
     let api = agent_ttrpc::create_agent(Arc::new(services.clone()));
