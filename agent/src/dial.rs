@@ -115,7 +115,7 @@ async fn dial_serial(
     let line = secret.map(|s| s.auth_line()).unwrap_or_default();
     let reply = tokio::time::timeout(SERIAL_ANSWER_TIMEOUT, async {
         stream.write_all(line.as_bytes()).await?;
-        read_line(&mut stream, MAX_REPLY).await
+        read_answer(&mut stream).await
     })
     .await
     .map_err(|_| DialError::HandshakeTimeout {
@@ -281,6 +281,44 @@ async fn hybrid_handshake(stream: &mut UnixStream, port: u32) -> io::Result<Stri
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await?;
     read_line(stream, MAX_REPLY).await
+}
+
+/// The most bytes of an older connection's frames skipped before the
+/// serial port's answer (a few responses; one frame is at most 4 MiB).
+const MAX_STALE: usize = 16 << 20;
+
+/// The serial port's answer line, after whole ttrpc frames that may come
+/// first: responses the guest's previous connection still wrote before it
+/// saw that this host had replaced its host (see the agent's serial.rs).
+/// A frame starts with a 0 byte (its length's high byte), a line with a
+/// letter.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> io::Result<String> {
+    let mut skipped = 0usize;
+    loop {
+        let mut first = [0u8; 1];
+        if stream.read(&mut first).await? == 0 {
+            return Ok(String::new());
+        }
+        if first[0] != 0 {
+            let rest = read_line(stream, MAX_REPLY - 1).await?;
+            return Ok(format!("{}{rest}", char::from(first[0])));
+        }
+        let mut header = [0u8; 9];
+        stream.read_exact(&mut header).await?;
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        skipped += 10 + len;
+        if skipped > MAX_STALE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than {MAX_STALE} bytes before the agent's answer"),
+            ));
+        }
+        let copied =
+            tokio::io::copy(&mut (&mut *stream).take(len as u64), &mut tokio::io::sink()).await?;
+        if copied < len as u64 {
+            return Ok(String::new());
+        }
+    }
 }
 
 /// Reads one line of at most `max` bytes, byte by byte so that nothing after
@@ -491,6 +529,24 @@ mod tests {
         drop(socket);
         let line = port.await.expect("join");
         assert!(secret.accepts(line.as_bytes()), "{line}");
+    }
+
+    /// Frames an older connection of the guest still wrote come before
+    /// the answer: skipped.
+    #[tokio::test]
+    async fn serial_skips_an_old_connections_frames_before_ok() {
+        let mut stale = vec![0, 0, 0, 3, 0, 0, 0, 1, 2, 0, b'O', b'K', b'\n'];
+        stale.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3, 2, 0]);
+        stale.extend_from_slice(b"OK\n");
+        let stale: &'static [u8] = Box::leak(stale.into_boxed_slice());
+        let (_dir, uds, _port) = fake_serial(stale).await;
+        let secret = crate::AgentSecret::generate().expect("random");
+        let mut socket = dial(&Endpoint::Serial { uds }, Some(&secret))
+            .await
+            .expect("dial");
+        let mut buf = [0u8; 5];
+        socket.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"ttrpc");
     }
 
     #[tokio::test]

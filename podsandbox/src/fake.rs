@@ -147,6 +147,7 @@ impl VmFactory for FakeVms {
 pub struct FakeDialer {
     pub answers: bool,
     calls: Arc<Mutex<Vec<&'static str>>>,
+    dials: Arc<std::sync::atomic::AtomicUsize>,
     /// The signal that ended each container, once one did.
     signalled: Arc<tokio::sync::watch::Sender<HashMap<String, u32>>>,
 }
@@ -156,8 +157,14 @@ impl FakeDialer {
         Self {
             answers,
             calls: Arc::default(),
+            dials: Arc::default(),
             signalled: Arc::new(tokio::sync::watch::channel(HashMap::new()).0),
         }
+    }
+
+    /// How many connections were dialed.
+    pub fn dials(&self) -> usize {
+        self.dials.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Agent calls made through this dialer, in order.
@@ -180,6 +187,10 @@ impl AgentDialer for FakeDialer {
         _channel: &VsockChannel,
         _secret: Option<&agent::AgentSecret>,
     ) -> Result<Arc<dyn AgentClient>, AgentError> {
+        self.dials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A dial takes a while: concurrent callers overlap.
+        tokio::task::yield_now().await;
         if !self.answers {
             return Err(AgentError::new("connection refused (fake)"));
         }

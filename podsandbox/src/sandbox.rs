@@ -129,6 +129,13 @@ pub(crate) struct RuntimeInner {
     #[allow(clippy::type_complexity)]
     pub(crate) agents:
         std::sync::Mutex<std::collections::HashMap<String, (Vec<u32>, Arc<dyn AgentClient>)>>,
+    /// One dial at a time per sandbox: callers that find no connection
+    /// wait for the one being dialed (a serial channel takes one host
+    /// connection at a time; a second dial would wait in QEMU's backlog
+    /// until its handshake timed out).
+    #[allow(clippy::type_complexity)]
+    pub(crate) dialing:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Guest details by sandbox, with the PIDs of the VM that gave them.
     #[allow(clippy::type_complexity)]
     pub(crate) guests:
@@ -233,6 +240,7 @@ impl Runtime {
                 dialer,
                 monitors: Default::default(),
                 agents: Default::default(),
+                dialing: Default::default(),
                 guests: Default::default(),
                 in_process_monitors: std::sync::atomic::AtomicBool::new(true),
                 exits: tokio::sync::broadcast::channel(256).0,
@@ -405,16 +413,21 @@ impl Runtime {
         id: &str,
         vm: &dyn Hypervisor,
     ) -> Result<Arc<dyn AgentClient>> {
-        let key = (id.to_string(), vm.pids());
-        if let Some(client) = self
+        if let Some(client) = self.kept_agent(id, vm) {
+            return Ok(client);
+        }
+        let gate = self
             .inner
-            .agents
+            .dialing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key.0)
-            .filter(|(pids, _)| *pids == key.1)
-        {
-            return Ok(client.1.clone());
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _turn = gate.lock().await;
+        // The caller before us may have dialed it.
+        if let Some(client) = self.kept_agent(id, vm) {
+            return Ok(client);
         }
         let channel = vm.vsock().ok_or_else(|| Error::Agent {
             id: id.into(),
@@ -431,12 +444,20 @@ impl Runtime {
                 call: "dial",
                 detail: e.detail,
             })?;
+        self.keep_agent(id, vm, client.clone());
+        Ok(client)
+    }
+
+    /// The connection this runtime has to `vm`'s agent under `id`, if it
+    /// has one to this boot of it.
+    fn kept_agent(&self, id: &str, vm: &dyn Hypervisor) -> Option<Arc<dyn AgentClient>> {
         self.inner
             .agents
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.0, (key.1, client.clone()));
-        Ok(client)
+            .get(id)
+            .filter(|(pids, _)| *pids == vm.pids())
+            .map(|(_, client)| client.clone())
     }
 
     /// Keeps `client` as the connection to `vm`'s agent under `id`.
@@ -453,6 +474,11 @@ impl Runtime {
     pub(crate) fn forget_agent(&self, id: &str) {
         self.inner
             .agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.inner
+            .dialing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
@@ -776,6 +802,28 @@ mod lifecycle_tests {
         assert_eq!(vm.calls().iter().filter(|op| **op == Op::Boot).count(), 1);
         assert!(vm.calls().contains(&Op::Pause) && vm.calls().contains(&Op::Resume));
         assert!(h.dialer.calls().contains(&"shutdown"));
+    }
+
+    /// Callers that find no connection share the one being dialed: a
+    /// serial channel takes one host connection at a time.
+    #[tokio::test]
+    async fn concurrent_callers_share_one_dial() {
+        let h = harness();
+        h.rt.create_sandbox(cfg("s1")).await.expect("create");
+        let vm = h.vms.get("s1").expect("vm");
+        h.rt.forget_agent("s1");
+        let before = h.dialer.dials();
+        let (a, b, c) = tokio::join!(
+            h.rt.agent("s1", &vm),
+            h.rt.agent("s1", &vm),
+            h.rt.agent("s1", &vm)
+        );
+        for client in [a, b, c] {
+            client.expect("a connection");
+        }
+        assert_eq!(h.dialer.dials() - before, 1, "one dial for three callers");
+        h.rt.agent("s1", &vm).await.expect("kept");
+        assert_eq!(h.dialer.dials() - before, 1, "the connection is kept");
     }
 
     #[tokio::test]

@@ -193,6 +193,12 @@ impl Runtime {
         if let Some(client) = agents.remove(vm_id) {
             agents.insert(sandbox_id.to_string(), client);
         }
+        drop(agents);
+        self.inner
+            .dialing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vm_id);
     }
 
     /// Boots a warm VM (or, with templates, clones one): the default

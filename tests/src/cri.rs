@@ -401,8 +401,37 @@ impl CriClientOnly {
     }
 }
 
+/// How much of vcrid's log a failed test prints.
+const LOG_TAIL_LINES: usize = 200;
+/// And of each VM's console.
+const CONSOLE_TAIL_LINES: usize = 40;
+
 impl Drop for CriEnv {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The evidence goes with the failure (the dir is removed).
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- the last {} lines of vcrid's log ---\n{}\n--- end of vcrid's log ---",
+                LOG_TAIL_LINES.min(lines.len()),
+                lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+            );
+            for vm in std::fs::read_dir(self.dir.path().join("run"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let console = std::fs::read_to_string(vm.path().join("console.log"))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = console.lines().collect();
+                eprintln!(
+                    "--- the last lines of {}'s console ---\n{}",
+                    vm.file_name().to_string_lossy(),
+                    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
+                );
+            }
+        }
         if self.vcrid.is_none() {
             // Pods (or half-made ones) outlived a killed vcrid: start one,
             // whose recovery and RemovePodSandbox remove them.

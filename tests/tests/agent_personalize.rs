@@ -5,6 +5,8 @@
 //! vsock (many connections) and the serial port (one at a time). `virtc`
 //! makes and removes the sandbox: its connection ends with its process, so
 //! the serial port is free for the test's.
+//!
+//! And the serial port's host replaced before the guest saw it go.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
@@ -162,4 +164,56 @@ async fn personalize_rotates_the_secret_over_hybrid_vsock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn personalize_rotates_the_secret_over_the_serial_port() {
     personalize_and_rotate("serial", "pz-serial").await;
+}
+
+/// A serial host can be replaced before the guest saw the old one go (here
+/// both happen while the VM is paused): the new host's auth line then
+/// arrives on the old connection, which ends and hands the line over to the
+/// listener. The first dial is served (it used to wait for its handshake
+/// to time out while the old connection read its line as a frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_host_replaced_unseen_is_served_at_once() {
+    tests::become_subreaper();
+    let env = TestEnv::new();
+    let id = "pz-replaced";
+    let config = env.write_config();
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replacen("[hypervisor]\n", "[hypervisor]\nvsock = \"serial\"\n", 1);
+    std::fs::write(&config, text).expect("config");
+    virtc(&config, &["create", id]);
+    virtc(&config, &["start", id]);
+    host_gone().await;
+    let (channel, secret) = vm_access(&env, id);
+    let client = served(&channel, &secret).await;
+
+    virtc(&config, &["pause", id]);
+    drop(client);
+    let dial = {
+        let (channel, secret) = (channel.clone(), secret.clone());
+        tokio::spawn(async move { TtrpcDialer.dial(&channel, Some(&secret)).await })
+    };
+    // The new host's line waits in QEMU while the guest is paused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    virtc(&config, &["resume", id]);
+    let client = match dial.await.expect("join") {
+        Ok(client) => client,
+        Err(err) => panic!("the first dial after the host was replaced: {err}"),
+    };
+    client
+        .guest_details(CHECK)
+        .await
+        .expect("the new host is served");
+    let VsockChannel::Serial { uds } = &channel else {
+        panic!("not a serial channel: {channel:?}");
+    };
+    let log = std::fs::read_to_string(uds.with_file_name("console.log")).expect("console");
+    assert!(
+        log.contains("a new host connected before the old one was seen to go"),
+        "the guest did not see the old connection replaced: {log}"
+    );
+    drop(client);
+    host_gone().await;
+    virtc(&config, &["stop", id]);
+    virtc(&config, &["delete", id]);
+    env.assert_nothing_left(id);
 }

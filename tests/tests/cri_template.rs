@@ -220,6 +220,19 @@ async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
     env.kill9();
     env.start().await;
     let mut rt = env.runtime().await;
+    // The new vcrid's container monitors dial both pods' serial channels
+    // as these calls do: all share one connection per pod (a second dial
+    // would wait in QEMU's backlog until its handshake timed out).
+    let (mut r1, mut r2, mut r3) = (rt.clone(), rt.clone(), rt.clone());
+    let outs = tokio::join!(
+        exec_sh(&mut r1, &web, "echo a1"),
+        exec_sh(&mut r2, &web, "echo a2"),
+        exec_sh(&mut r3, &client, "echo b1"),
+    );
+    assert_eq!(
+        [outs.0, outs.1, outs.2].map(|(code, out)| (code, out.trim().to_string())),
+        [(0, "a1"), (0, "a2"), (0, "b1")].map(|(c, o)| (c, o.to_string()))
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     // Recovery SIGKILLs it and removes its dir; it is gone once it has died.
     while warm[0].exists() || !tests::processes_mentioning(&warm[0]).is_empty() {
