@@ -403,7 +403,7 @@ impl CriClientOnly {
 
 /// How much of vcrid's log a failed test prints.
 const LOG_TAIL_LINES: usize = 200;
-/// And of each VM's console.
+/// And of each VM's console and QEMU log.
 const CONSOLE_TAIL_LINES: usize = 40;
 
 impl Drop for CriEnv {
@@ -422,14 +422,15 @@ impl Drop for CriEnv {
                 .flatten()
                 .flatten()
             {
-                let console = std::fs::read_to_string(vm.path().join("console.log"))
-                    .unwrap_or_default();
-                let lines: Vec<&str> = console.lines().collect();
-                eprintln!(
-                    "--- the last lines of {}'s console ---\n{}",
-                    vm.file_name().to_string_lossy(),
-                    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
-                );
+                for log in ["console.log", "qemu.log"] {
+                    let text = std::fs::read_to_string(vm.path().join(log)).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    eprintln!(
+                        "--- the last lines of {}'s {log} ---\n{}",
+                        vm.file_name().to_string_lossy(),
+                        lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
+                    );
+                }
             }
         }
         if self.vcrid.is_none() {

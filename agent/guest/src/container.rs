@@ -350,7 +350,14 @@ fn shared_source(source: &str) -> Result<PathBuf> {
 
 /// The cgroup controllers containers may be limited by, enabled for the
 /// children of the root and of `/vc` (where container cgroups live).
-fn enable_controllers() {
+/// Enables the cgroup controllers containers use, once per boot: done ahead
+/// at start (so a template's clones have them), else by the first create.
+pub fn enable_controllers() {
+    static ENABLED: std::sync::Once = std::sync::Once::new();
+    ENABLED.call_once(enable_controllers_now);
+}
+
+fn enable_controllers_now() {
     for dir in ["/sys/fs/cgroup", "/sys/fs/cgroup/vc"] {
         let _ = std::fs::create_dir_all(dir);
         for c in ["cpu", "cpuset", "io", "memory", "pids"] {
@@ -455,6 +462,8 @@ impl Containers {
             .await
             .map_err(Failure::FailedPrecondition)?;
         let shared_ms = t0.elapsed().as_millis() as u64;
+        let mut marks: Vec<(&str, u64)> = Vec::new();
+        let mut mark = |step| marks.push((step, t0.elapsed().as_millis() as u64));
         if !rootfs.is_dir() {
             return Err(Failure::InvalidArgument(format!(
                 "rootfs {} is not a directory in the guest",
@@ -469,7 +478,9 @@ impl Containers {
         let mut root = spec.root().clone().unwrap_or_default();
         root.set_path(rootfs.clone());
         spec.set_root(Some(root));
+        mark("parsed");
         check_mounts(&mut spec)?;
+        mark("mounts checked");
         add_sandbox_file_mounts(&mut spec, &crate::network::sandbox_file_mounts())?;
         if all_devices {
             add_all_devices(&mut spec)?;
@@ -482,6 +493,7 @@ impl Containers {
                 join_namespace(&mut spec, typ, self.namespaces.path(kind).await?)?;
             }
         }
+        mark("namespaces");
         let process = spec
             .process()
             .clone()
@@ -498,6 +510,7 @@ impl Containers {
             }
         });
         enable_controllers();
+        mark("controllers");
         let cgroup = spec
             .linux()
             .as_ref()
@@ -515,7 +528,9 @@ impl Containers {
         std::fs::write(bundle.join("config.json"), config)
             .map_err(|e| Failure::Internal(format!("write config: {e}")))?;
 
+        mark("bundle");
         let (pending, console, stdio) = stdio::prepare(terminal, stdin)?;
+        mark("stdio");
         let id_owned = id.to_string();
         let bundle_for_build = bundle.clone();
         let built = tokio::task::spawn_blocking(move || {
@@ -537,6 +552,7 @@ impl Containers {
         tracing::debug!(
             container = %id,
             shared_ms,
+            ?marks,
             built_ms = t0.elapsed().as_millis() as u64,
             "create: built"
         );

@@ -205,11 +205,13 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
             tracing::debug!("early shared filesystem mount: {err}");
         }
     });
-    // The pod's PID and IPC namespaces too (a fork and an exec).
+    // The pod's PID and IPC namespaces too (a fork and an exec), and the
+    // cgroup controllers containers use (~50 ms under TCG).
     let namespaces = containers.make_namespaces_ahead();
+    let controllers = tokio::task::spawn_blocking(container::enable_controllers);
     // Settled: what a template VM waits for before it is saved.
     tokio::spawn(async move {
-        let _ = tokio::join!(modules, namespaces);
+        let _ = tokio::join!(modules, namespaces, controllers);
         startup.mark_settled();
         tracing::debug!(
             uptime_ms = service::uptime().map(|u| u.as_millis()).unwrap_or(0),

@@ -2,38 +2,48 @@
 //! (`vc.channel=serial` on the kernel command line; the host's
 //! `hypervisor.vsock = "serial"`).
 //!
-//! A port is one byte stream that the guest can open once at a time: the
-//! host side is QEMU's unix socket, one client at a time. So the listener
-//! yields one connection after another: it opens the port, waits for the
-//! host's auth line (the same one vsock connections start with, see
-//! [`crate::auth`]), answers [`agent::SERIAL_OK`] and hands the port to the
-//! ttrpc server; when that connection ends (the host went away: a read
-//! returns 0 once the host side is closed and drained) the port is closed,
-//! which discards what was left in it, and opened again for the next host.
+//! A port is one byte stream, and QEMU's unix socket behind it takes one
+//! host at a time. The guest knows only whether a host is connected (a
+//! read returns 0 while none is and nothing is left to read). So the port is
+//! opened once, for the agent's lifetime, and the connections are made on
+//! it one after another: the listener reads a host's auth line (the one
+//! vsock connections start with, see [`crate::auth`]), answers
+//! [`agent::SERIAL_OK`] and hands a [`SerialConn`] to the ttrpc server; when
+//! that connection ends the listener reads the next line.
 //!
-//! A new host can connect before this guest saw the old one go: the port's
-//! close and open both arrive before the connection reads again, so no read
-//! returns 0, and the new host's auth line arrives on the old connection.
-//! It is told apart there: a served host sends ttrpc frames, whose first
-//! byte (the high byte of a length of at most 4 MiB) is 0, and an auth line
-//! starts with a letter. So the served connection's reads follow the
-//! frames ([`Frames`]); where a line starts instead, the old connection
-//! ends (its reads return 0, its writes fail, so nothing of it reaches the
-//! new host) and the line is carried over to the listener, which answers
-//! it as if it had read it on a fresh open.
+//! The port is never closed between hosts: closing it discards what the
+//! port holds, and a new host's line can be there already (QEMU passes a
+//! host's bytes on while the guest has the port open; a fork of the agent
+//! between its fork and exec holds the port open too).
+//!
+//! A connection ends when a read returns 0 (its host went away), or when a
+//! new host's line comes on it: a new host can connect before this guest
+//! saw the old one go (the host's close and the next connect both arrive
+//! before the connection reads again, so no read returns 0). Its line is
+//! told apart there: a served host sends ttrpc frames, whose first byte
+//! (the high byte of a length of at most 4 MiB) is 0, and an auth line
+//! starts with a letter. So a connection's reads follow the frames
+//! ([`Frames`]); where a line starts instead, the connection ends (its reads
+//! return 0, its writes fail, so nothing of it reaches the new host) and
+//! the line's first bytes go back to the listener.
 
 use std::{
     fs::File,
+    future::Future as _,
     io::{Read as _, Write as _},
-    os::unix::fs::OpenOptionsExt as _,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
     pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll},
     time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::SharedSecret;
 
@@ -41,10 +51,14 @@ use crate::auth::SharedSecret;
 const PORTS: &str = "/sys/class/virtio-ports";
 /// How long the port may take to appear once its module is loaded.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The pause before opening the port again: if it is still held (EBUSY),
-/// or no host is connected (EOF at once).
-const REOPEN_PAUSE: Duration = Duration::from_millis(20);
+/// How often the port is looked at while no host is connected.
 const NO_HOST_PAUSE: Duration = Duration::from_millis(100);
+/// How often a write is tried again while the port is full.
+const WRITE_RETRY: Duration = Duration::from_millis(2);
+/// The reader thread's reads, and how many it reads ahead.
+const READ_CHUNK: usize = 64 * 1024;
+const READ_AHEAD_CHUNKS: usize = 16;
+
 /// A ttrpc frame's header: length (u32, big-endian), stream ID (u32), type,
 /// flags.
 const FRAME_HEADER_LEN: usize = 10;
@@ -129,24 +143,41 @@ async fn wait_for_port() -> anyhow::Result<PathBuf> {
     }
 }
 
-/// One open of the port, as an async byte stream.
-pub struct SerialPort {
-    /// `None` only while being dropped.
-    fd: Option<AsyncFd<File>>,
-    /// Whether a host is served on it (its reads follow the frames).
-    served: bool,
-    frames: Frames,
-    /// Once a new host's line began on this connection: what of it came.
-    next_host: Option<Vec<u8>>,
-    /// Whether this connection is over (reads return 0).
-    ended: bool,
-    /// Told, once the port is closed, that the connection is over, with a
-    /// new host's auth line if one came on it.
-    released: Option<tokio::sync::oneshot::Sender<Option<Vec<u8>>>>,
+/// What the port's reader thread passes on.
+enum Event {
+    Data(Vec<u8>),
+    /// The host that sent the data before went away.
+    NoHost,
 }
 
-impl SerialPort {
-    fn open(path: &Path) -> std::io::Result<Self> {
+/// The port, open for the agent's lifetime, written in place.
+///
+/// It is read by a thread of its own, which waits in poll(2): the port
+/// reports "hang-up" while no host is connected, which tokio's reactor
+/// keeps as a final state once seen (every later wait would return at
+/// once, and the agent would spin through a host's reconnection).
+struct Port {
+    file: File,
+    /// The connection that may write (0: none, the listener's turn).
+    writer: AtomicU64,
+}
+
+/// The port's bytes from the reader thread, with what of the last chunk is
+/// still to be consumed. Held by the listener, lent to a connection.
+struct Incoming {
+    rx: tokio::sync::mpsc::Receiver<Event>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Incoming {
+    fn rest(&self) -> &[u8] {
+        self.chunk.get(self.at..).unwrap_or_default()
+    }
+}
+
+impl Port {
+    fn open(path: &Path) -> std::io::Result<(Arc<Self>, Incoming)> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -155,65 +186,143 @@ impl SerialPort {
         Self::from_file(file)
     }
 
-    /// `file` must be non-blocking.
-    fn from_file(file: File) -> std::io::Result<Self> {
-        // SAFETY: `file` owns its descriptor, which stays open and the
-        // same for as long as the AsyncFd (its only owner) exists.
-        unsafe { AsyncFd::register(file) }
-            .map(|fd| Self {
-                fd: Some(fd),
-                served: false,
-                frames: Frames::default(),
-                next_host: None,
-                ended: false,
-                released: None,
-            })
-            .map_err(|e| e.into_parts().1)
+    /// `file` must be non-blocking. Starts the reader thread.
+    fn from_file(file: File) -> std::io::Result<(Arc<Self>, Incoming)> {
+        let port = Arc::new(Self {
+            file,
+            writer: AtomicU64::new(0),
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
+        let reader = port.clone();
+        std::thread::Builder::new()
+            .name("serial-reader".into())
+            .spawn(move || reader.read_loop(&tx))?;
+        Ok((
+            port,
+            Incoming {
+                rx,
+                chunk: Vec::new(),
+                at: 0,
+            },
+        ))
     }
 
-    fn fd(&self) -> std::io::Result<&AsyncFd<File>> {
-        self.fd
-            .as_ref()
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
-    }
-
-    /// One read from the port into `into`.
-    fn poll_read_port(
-        &self,
-        cx: &mut Context<'_>,
-        into: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let fd = self.fd()?;
-        loop {
-            let mut guard = ready!(fd.poll_read_ready(cx))?;
-            match guard.try_io(|fd| fd.get_ref().read(into)) {
-                Ok(result) => return Poll::Ready(result),
-                Err(_would_block) => continue,
+    /// The reader thread: the port's bytes and hosts' departures, until
+    /// nobody listens.
+    fn read_loop(&self, tx: &tokio::sync::mpsc::Sender<Event>) {
+        let mut host = false;
+        let mut buf = vec![0u8; READ_CHUNK];
+        while !tx.is_closed() {
+            let mut pfd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let _ = unsafe { libc::poll(&mut pfd, 1, -1) };
+            let sent = match (&self.file).read(&mut buf) {
+                Ok(0) => {
+                    // No host is connected: say so once, then look again
+                    // now and then (nothing wakes a wait for a host).
+                    let sent = !std::mem::replace(&mut host, false)
+                        || tx.blocking_send(Event::NoHost).is_ok();
+                    std::thread::sleep(NO_HOST_PAUSE);
+                    sent
+                }
+                Ok(n) => {
+                    host = true;
+                    tx.blocking_send(Event::Data(buf[..n].to_vec())).is_ok()
+                }
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    true
+                }
+                Err(err) => {
+                    tracing::warn!("reading the agent's serial port: {err}");
+                    std::thread::sleep(NO_HOST_PAUSE);
+                    true
+                }
+            };
+            if !sent {
+                return;
             }
         }
     }
 
-    /// The new host's auth line, if one came complete on this connection.
-    fn next_host_line(&mut self) -> Option<Vec<u8>> {
-        let mut line = self.next_host.take()?;
-        let end = line.iter().position(|b| *b == b'\n')?;
-        line.truncate(end);
-        Some(line)
+    /// One write; while the port is full (or no host takes it), tried
+    /// again every [`WRITE_RETRY`].
+    fn poll_write(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        retry: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            if let Some(sleep) = retry {
+                ready!(sleep.as_mut().poll(cx));
+                *retry = None;
+            }
+            match (&self.file).write(buf) {
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    *retry = Some(Box::pin(tokio::time::sleep(WRITE_RETRY)));
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    /// All of `bytes`, for the listener (no connection writes meanwhile).
+    async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        let mut retry = None;
+        while !bytes.is_empty() {
+            let n = std::future::poll_fn(|cx| self.poll_write(cx, bytes, &mut retry)).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[n..];
+        }
+        Ok(())
     }
 }
 
-impl Drop for SerialPort {
-    fn drop(&mut self) {
-        // Closed before the listener hears of it and opens it again.
-        drop(self.fd.take());
-        if let Some(released) = self.released.take() {
-            let line = self.next_host_line();
-            let _ = released.send(line);
+/// One host's connection on the port.
+pub struct SerialConn {
+    port: Arc<Port>,
+    /// This connection's number (never 0).
+    id: u64,
+    frames: Frames,
+    /// The port's bytes, while this connection is served.
+    incoming: Option<Incoming>,
+    /// Gets `incoming` back when the connection ends.
+    over: Option<tokio::sync::oneshot::Sender<Incoming>>,
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl SerialConn {
+    /// Ends the connection: no more reads or writes; the listener reads on
+    /// (from where this connection stopped: a new host's line, if one came).
+    fn end(&mut self) {
+        let _ = self
+            .port
+            .writer
+            .compare_exchange(self.id, 0, Ordering::AcqRel, Ordering::Acquire);
+        if let (Some(incoming), Some(over)) = (self.incoming.take(), self.over.take()) {
+            let _ = over.send(incoming);
         }
     }
 }
 
-impl AsyncRead for SerialPort {
+impl Drop for SerialConn {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl AsyncRead for SerialConn {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -221,67 +330,51 @@ impl AsyncRead for SerialPort {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.ended {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(line) = &this.next_host {
-                // Read the rest of the new host's line, then end.
-                if line.contains(&b'\n') || line.len() > agent::auth::AUTH_LINE_MAX {
-                    this.ended = true;
-                    continue;
+            let Some(incoming) = this.incoming.as_mut() else {
+                return Poll::Ready(Ok(())); // ended
+            };
+            let rest = incoming.rest();
+            if !rest.is_empty() {
+                let n = rest.len().min(buf.remaining());
+                let ours = this.frames.frames_prefix(&rest[..n]);
+                buf.put_slice(&rest[..ours]);
+                incoming.at += ours;
+                if ours < n {
+                    tracing::info!(
+                        "a new host connected before the old one was seen to go: ending the old connection"
+                    );
+                    this.end();
                 }
-                let mut chunk = [0u8; 128];
-                let n = ready!(this.poll_read_port(cx, &mut chunk))?;
-                match (n, &mut this.next_host) {
-                    (0, _) => {
-                        // That host went too.
-                        this.next_host = None;
-                        this.ended = true;
-                    }
-                    (n, Some(line)) => line.extend_from_slice(&chunk[..n]),
-                    (_, None) => this.ended = true,
+                // 0 bytes when the line came first: the end.
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(incoming.rx.poll_recv(cx)) {
+                Some(Event::Data(chunk)) => {
+                    incoming.chunk = chunk;
+                    incoming.at = 0;
                 }
-                continue;
-            }
-            let unfilled = buf.initialize_unfilled();
-            let n = ready!(this.poll_read_port(cx, unfilled))?;
-            if !this.served || n == 0 {
-                buf.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            let ours = this.frames.frames_prefix(&unfilled[..n]);
-            if ours < n {
-                tracing::info!(
-                    "a new host connected before the old one was seen to go: ending the old connection"
-                );
-                this.next_host = Some(unfilled[ours..n].to_vec());
-            }
-            if ours > 0 {
-                buf.advance(ours);
-                return Poll::Ready(Ok(()));
+                // The host went away (or the reader thread did).
+                Some(Event::NoHost) | None => {
+                    this.end();
+                    return Poll::Ready(Ok(()));
+                }
             }
         }
     }
 }
 
-impl AsyncWrite for SerialPort {
+impl AsyncWrite for SerialConn {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.ended || self.next_host.is_some() {
-            // The port is the new host's now.
+        let this = self.get_mut();
+        if this.port.writer.load(Ordering::Acquire) != this.id {
+            // Ended: the port is the next host's.
             return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
         }
-        let fd = self.fd()?;
-        loop {
-            let mut guard = ready!(fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| fd.get_ref().write(buf)) {
-                Ok(result) => return Poll::Ready(result),
-                Err(_would_block) => continue,
-            }
-        }
+        this.port.poll_write(cx, buf, &mut this.retry)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -293,53 +386,37 @@ impl AsyncWrite for SerialPort {
     }
 }
 
-/// What happened to one open of the port.
-enum Offer {
-    /// The host authenticated: serve it.
-    Accepted(SerialPort),
-    /// Try again after this long.
-    Retry(Duration),
-}
-
-/// Opens the port and waits for a host that knows the secret: the one
-/// whose auth line `carried` holds (it came on the previous connection), or
-/// the next one to write.
-async fn offer(path: &Path, secret: &SharedSecret, carried: &mut Option<Vec<u8>>) -> Offer {
-    let mut port = match SerialPort::open(path) {
-        Ok(port) => port,
-        // The previous connection still holds it.
-        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => return Offer::Retry(REOPEN_PAUSE),
-        Err(err) => {
-            tracing::warn!(path = %path.display(), "opening the agent's serial port: {err}");
-            return Offer::Retry(NO_HOST_PAUSE);
-        }
-    };
-    let line = match carried.take() {
-        Some(line) => Ok(line),
-        // No timeout: a host that connects writes its auth line at once,
-        // and one that is not there yet costs nothing while we wait for it.
-        None => crate::auth::read_line(&mut port).await,
-    };
-    match line {
-        // No host is connected (or it went away before a line).
-        Ok(line) if line.is_empty() => Offer::Retry(NO_HOST_PAUSE),
-        Ok(line) if secret.accepts(&line) => match port.write_all(agent::SERIAL_OK).await {
-            Ok(()) => {
-                port.served = true;
-                Offer::Accepted(port)
+/// The next host's auth line (without its newline); `None` once the
+/// reader thread is gone. Whole ttrpc frames before it are skipped (what
+/// a host whose connection ended still sent); a host that goes away
+/// mid-line takes its part of the line with it.
+async fn read_auth_line(incoming: &mut Incoming) -> Option<Vec<u8>> {
+    let mut frames = Frames::default();
+    let mut line = Vec::with_capacity(agent::auth::AUTH_LINE_MAX);
+    loop {
+        while let Some(&byte) = incoming.rest().first() {
+            incoming.at += 1;
+            if line.is_empty() && frames.frames_prefix(&[byte]) == 1 {
+                continue;
             }
-            Err(err) => {
-                tracing::warn!("answering on the agent's serial port: {err}");
-                Offer::Retry(REOPEN_PAUSE)
+            if byte == b'\n' {
+                return Some(line);
             }
-        },
-        Ok(_) => {
-            tracing::warn!("refused a serial connection without the VM's secret");
-            Offer::Retry(REOPEN_PAUSE)
+            line.push(byte);
+            if line.len() > agent::auth::AUTH_LINE_MAX {
+                tracing::warn!("a serial host sent a line too long to be an auth line");
+                line.clear();
+            }
         }
-        Err(err) => {
-            tracing::warn!("reading the agent's serial port: {err}");
-            Offer::Retry(NO_HOST_PAUSE)
+        match incoming.rx.recv().await? {
+            Event::Data(chunk) => {
+                incoming.chunk = chunk;
+                incoming.at = 0;
+            }
+            Event::NoHost => {
+                line.clear();
+                frames = Frames::default();
+            }
         }
     }
 }
@@ -351,32 +428,57 @@ pub async fn listen(
 ) -> anyhow::Result<ttrpc::asynchronous::transport::Listener> {
     let path = wait_for_port().await.context("the agent's serial port")?;
     tracing::debug!(path = %path.display(), "agent serial port");
-    // Capacity 1: the next open waits until the server took this one (and
-    // then fails with EBUSY until the server dropped it).
-    let (tx, rx) = tokio::sync::mpsc::channel::<SerialPort>(1);
+    let (port, mut incoming) =
+        Port::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // Capacity 1: a connection is made only once the server took the
+    // last one and it ended.
+    let (tx, rx) = tokio::sync::mpsc::channel::<SerialConn>(1);
     tokio::spawn(async move {
-        let mut carried = None;
+        let mut id = 0u64;
         loop {
-            match offer(&path, &secret, &mut carried).await {
-                Offer::Accepted(mut port) => {
-                    let (released, over) = tokio::sync::oneshot::channel();
-                    port.released = Some(released);
-                    if tx.send(port).await.is_err() {
-                        return; // the server is gone
-                    }
-                    // Nothing to offer while the server holds the port:
-                    // wait for the connection to end rather than poll
-                    // the port (every wake-up costs an emulated guest).
-                    carried = over.await.unwrap_or_default();
-                }
-                Offer::Retry(pause) => tokio::time::sleep(pause).await,
+            let Some(line) = read_auth_line(&mut incoming).await else {
+                tracing::error!("the agent's serial port is no longer read");
+                return;
+            };
+            if !secret.accepts(&line) {
+                tracing::warn!("refused a serial connection without the VM's secret");
+                continue;
             }
+            if let Err(err) = port.write_all(agent::SERIAL_OK).await {
+                tracing::warn!("answering on the agent's serial port: {err}");
+                continue;
+            }
+            id += 1;
+            port.writer.store(id, Ordering::Release);
+            tracing::debug!(connection = id, "serial host accepted");
+            let (over_tx, over) = tokio::sync::oneshot::channel();
+            let conn = SerialConn {
+                port: port.clone(),
+                id,
+                frames: Frames::default(),
+                incoming: Some(incoming),
+                over: Some(over_tx),
+                retry: None,
+            };
+            if tx.send(conn).await.is_err() {
+                return; // the server is gone
+            }
+            // The connection reads until it ends.
+            incoming = match over.await {
+                Ok(incoming) => incoming,
+                Err(_) => return, // unreachable: a connection always gives it back
+            };
+            tracing::debug!(
+                connection = id,
+                next_host = !incoming.rest().is_empty(),
+                "serial connection over"
+            );
         }
     });
     let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
-            .map(|port| (Ok::<_, std::io::Error>(port), rx))
+            .map(|conn| (Ok::<_, std::io::Error>(conn), rx))
     });
     Ok(ttrpc::asynchronous::transport::Listener::new(incoming))
 }
@@ -424,57 +526,106 @@ mod tests {
         }
     }
 
-    /// A new host's line on a served connection ends it: its reads give
-    /// the frames before the line, then 0; its writes fail; the line goes
-    /// to the listener.
-    #[tokio::test]
-    async fn a_new_hosts_line_ends_the_served_connection_and_is_carried_over() {
-        use std::os::unix::net::UnixStream;
-        use tokio::io::AsyncReadExt as _;
-        let (guest, mut host) = UnixStream::pair().expect("socketpair");
+    fn port_pair() -> (Arc<Port>, Incoming, std::os::unix::net::UnixStream) {
+        let (guest, host) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         guest.set_nonblocking(true).expect("nonblocking");
-        let mut port =
-            SerialPort::from_file(File::from(std::os::fd::OwnedFd::from(guest))).expect("port");
-        port.served = true;
-        let (released, over) = tokio::sync::oneshot::channel();
-        port.released = Some(released);
-        let mut sent = frame(b"old request");
+        let (port, incoming) =
+            Port::from_file(File::from(std::os::fd::OwnedFd::from(guest))).expect("port");
+        (port, incoming, host)
+    }
+
+    fn conn(
+        port: &Arc<Port>,
+        incoming: Incoming,
+        id: u64,
+    ) -> (SerialConn, tokio::sync::oneshot::Receiver<Incoming>) {
+        port.writer.store(id, Ordering::Release);
+        let (over_tx, over) = tokio::sync::oneshot::channel();
+        let conn = SerialConn {
+            port: port.clone(),
+            id,
+            frames: Frames::default(),
+            incoming: Some(incoming),
+            over: Some(over_tx),
+            retry: None,
+        };
+        (conn, over)
+    }
+
+    /// A new host's line on a connection ends it: its reads give the
+    /// frames before the line, then 0; its writes fail; the listener reads
+    /// the line from where the connection stopped.
+    #[tokio::test]
+    async fn a_new_hosts_line_ends_the_connection_and_goes_to_the_listener() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (port, incoming, mut host) = port_pair();
+        let (mut conn, over) = conn(&port, incoming, 1);
+        conn.write_all(b"answer")
+            .await
+            .expect("the connection writes");
+        let sent = frame(b"old request");
         host.write_all(&sent).expect("write");
         host.write_all(b"AUTH 0123").expect("write");
         let mut got = Vec::new();
         let mut buf = [0u8; 7];
         loop {
-            let n = port.read(&mut buf).await.expect("read");
+            let n = conn.read(&mut buf).await.expect("read");
             if n == 0 {
                 break;
             }
             got.extend_from_slice(&buf[..n]);
-            if got.len() == sent.len() {
-                // The rest of the line comes later.
-                host.write_all(b"abcd\n").expect("write");
-            }
         }
         assert_eq!(got, sent);
-        assert_eq!(port.read(&mut buf).await.expect("read"), 0, "stays ended");
-        let err = port
+        assert_eq!(conn.read(&mut buf).await.expect("read"), 0, "stays ended");
+        let err = conn
             .write_all(b"late answer")
             .await
             .expect_err("write fails");
         assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
-        drop(port);
+        let mut incoming = over.await.expect("over");
+        assert!(incoming.rest().starts_with(b"A"));
+        host.write_all(b"abcd\n").expect("write");
+        let line = read_auth_line(&mut incoming).await.expect("line");
+        assert_eq!(line, b"AUTH 0123abcd");
+        let mut answer = [0u8; 6];
+        std::io::Read::read_exact(&mut host, &mut answer).expect("answer");
+        assert_eq!(&answer, b"answer");
+    }
+
+    /// The listener skips whole frames before a line (what an ended
+    /// connection's host still sent) and starts again when a line is
+    /// longer than an auth line; a connection ends when its host goes, and
+    /// when the server lets it go.
+    #[tokio::test]
+    async fn the_listener_skips_frames_and_connections_end() {
+        use tokio::io::AsyncReadExt as _;
+        let (port, mut incoming, mut host) = port_pair();
+        let mut stream = frame(b"AUTH inside a frame\n");
+        stream.extend(frame(b""));
+        stream.extend_from_slice(b"AUTH x\n");
+        host.write_all(&stream).expect("write");
         assert_eq!(
-            over.await.expect("released"),
-            Some(b"AUTH 0123abcd".to_vec())
+            read_auth_line(&mut incoming).await.expect("line"),
+            b"AUTH x"
         );
-        // An unserved port (the auth line's own read) is not followed.
-        let (guest, mut host) = UnixStream::pair().expect("socketpair");
-        guest.set_nonblocking(true).expect("nonblocking");
-        let mut port =
-            SerialPort::from_file(File::from(std::os::fd::OwnedFd::from(guest))).expect("port");
-        sent = b"AUTH x\n".to_vec();
-        host.write_all(&sent).expect("write");
-        let line = crate::auth::read_line(&mut port).await.expect("line");
-        assert_eq!(line, b"AUTH x");
+        let long = vec![b'A'; agent::auth::AUTH_LINE_MAX + 5];
+        host.write_all(&long).expect("write");
+        host.write_all(b"\n").expect("write");
+        let line = read_auth_line(&mut incoming).await.expect("line");
+        assert!(line.len() < agent::auth::AUTH_LINE_MAX, "{}", line.len());
+        // Let go without an end: the port goes back to the listener.
+        let (c, over) = conn(&port, incoming, 7);
+        drop(c);
+        let incoming = over.await.expect("over");
+        assert_eq!(port.writer.load(Ordering::Acquire), 0);
+        // The host goes away: the connection's reads end.
+        let (mut c, over) = conn(&port, incoming, 8);
+        host.write_all(&frame(b"last")).expect("write");
+        drop(host);
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).await.expect("read");
+        assert_eq!(all, frame(b"last"));
+        over.await.expect("over");
     }
 
     #[test]
