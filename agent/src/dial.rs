@@ -97,10 +97,10 @@ pub async fn dial(
     Ok(socket)
 }
 
-/// The serial port: connect to QEMU's socket, send the auth line, and wait
-/// for the agent's [`crate::SERIAL_OK`] (read byte by byte: what follows is
-/// ttrpc). The agent reads the port only while it serves, so the answer is
-/// also the readiness notice.
+/// The serial port: connect to QEMU's socket, send the hello (see
+/// [`crate::serial`]), and wait for the agent's answer with this dial's
+/// nonce (read byte by byte: what follows is ttrpc). The agent reads the
+/// port only while it serves, so the answer is also the readiness notice.
 async fn dial_serial(
     endpoint: &Endpoint,
     uds: &std::path::Path,
@@ -112,18 +112,23 @@ async fn dial_serial(
         source,
     };
     let mut stream = UnixStream::connect(uds).await.map_err(failed)?;
-    let line = secret.map(|s| s.auth_line()).unwrap_or_default();
+    let nonce = crate::serial::new_nonce();
+    let hello = secret
+        .map(|s| crate::serial::hello_line(s, &nonce))
+        .unwrap_or_default();
+    let expected = String::from_utf8_lossy(&crate::serial::answer(nonce.as_bytes()))
+        .trim_end()
+        .to_string();
     let reply = tokio::time::timeout(SERIAL_ANSWER_TIMEOUT, async {
-        stream.write_all(line.as_bytes()).await?;
-        read_answer(&mut stream).await
+        stream.write_all(hello.as_bytes()).await?;
+        read_answer(&mut stream, &expected).await
     })
     .await
     .map_err(|_| DialError::HandshakeTimeout {
         endpoint: name.clone(),
     })?
     .map_err(failed)?;
-    let expected = String::from_utf8_lossy(crate::SERIAL_OK);
-    if reply != expected.trim_end() {
+    if reply != expected {
         return Err(DialError::Refused {
             endpoint: name.clone(),
             port: crate::AGENT_VSOCK_PORT,
@@ -287,12 +292,16 @@ async fn hybrid_handshake(stream: &mut UnixStream, port: u32) -> io::Result<Stri
 /// serial port's answer (a few responses; one frame is at most 4 MiB).
 const MAX_STALE: usize = 16 << 20;
 
-/// The serial port's answer line, after whole ttrpc frames that may come
-/// first: responses the guest's previous connection still wrote before it
-/// saw that this host had replaced its host (see the agent's serial.rs).
-/// A frame starts with a 0 byte (its length's high byte), a line with a
-/// letter.
-async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> io::Result<String> {
+/// The serial port's answer `expected`, after what may come first: whole
+/// ttrpc frames (responses an old connection of the guest still wrote
+/// before it saw this host replace its host) and answers to other hosts'
+/// hellos (one that gave up left its hello in the port). A frame starts
+/// with a 0 byte (its length's high byte), a line with a letter. Returns
+/// `expected`, or the first line that is no answer at all.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    expected: &str,
+) -> io::Result<String> {
     let mut skipped = 0usize;
     loop {
         let mut first = [0u8; 1];
@@ -300,23 +309,29 @@ async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> io::Res
             return Ok(String::new());
         }
         if first[0] != 0 {
-            let rest = read_line(stream, MAX_REPLY - 1).await?;
-            return Ok(format!("{}{rest}", char::from(first[0])));
+            let rest = read_line(stream, crate::serial::HELLO_LINE_MAX).await?;
+            let line = format!("{}{rest}", char::from(first[0]));
+            if line == expected || !(line == "OK" || line.starts_with("OK ")) {
+                return Ok(line);
+            }
+            skipped += line.len() + 1;
+        } else {
+            let mut header = [0u8; 9];
+            stream.read_exact(&mut header).await?;
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            skipped += 10 + len;
+            let copied =
+                tokio::io::copy(&mut (&mut *stream).take(len as u64), &mut tokio::io::sink())
+                    .await?;
+            if copied < len as u64 {
+                return Ok(String::new());
+            }
         }
-        let mut header = [0u8; 9];
-        stream.read_exact(&mut header).await?;
-        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-        skipped += 10 + len;
         if skipped > MAX_STALE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("more than {MAX_STALE} bytes before the agent's answer"),
             ));
-        }
-        let copied =
-            tokio::io::copy(&mut (&mut *stream).take(len as u64), &mut tokio::io::sink()).await?;
-        if copied < len as u64 {
-            return Ok(String::new());
         }
     }
 }
@@ -493,8 +508,9 @@ mod tests {
         );
     }
 
-    /// QEMU's side of a serial port whose guest answers `reply` to the
-    /// auth line; returns the line it got.
+    /// QEMU's side of a serial port whose guest answers `reply` (its
+    /// `NONCE` replaced by the hello's) to the hello; returns the auth line
+    /// it got.
     async fn fake_serial(
         reply: &'static [u8],
     ) -> (tempfile::TempDir, PathBuf, tokio::task::JoinHandle<String>) {
@@ -503,10 +519,14 @@ mod tests {
         let listener = UnixListener::bind(&path).expect("bind");
         let port = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
-            let line = read_line(&mut s, crate::auth::AUTH_LINE_MAX)
+            let line = read_line(&mut s, crate::serial::HELLO_LINE_MAX)
                 .await
-                .expect("auth");
-            s.write_all(reply).await.expect("reply");
+                .expect("hello");
+            let (auth, nonce) = crate::serial::split_hello(line.as_bytes()).expect("a hello");
+            let nonce = String::from_utf8_lossy(nonce).into_owned();
+            let reply = String::from_utf8_lossy(reply).replace("NONCE", &nonce);
+            s.write_all(reply.as_bytes()).await.expect("reply");
+            let line = String::from_utf8_lossy(auth).into_owned();
             s.write_all(b"ttrpc").await.expect("after");
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest).await;
@@ -517,7 +537,7 @@ mod tests {
 
     #[tokio::test]
     async fn serial_sends_the_secret_and_waits_for_ok() {
-        let (_dir, uds, port) = fake_serial(b"OK\n").await;
+        let (_dir, uds, port) = fake_serial(b"OK NONCE\n").await;
         let secret = crate::AgentSecret::generate().expect("random");
         let mut socket = dial(&Endpoint::Serial { uds }, Some(&secret))
             .await
@@ -531,13 +551,14 @@ mod tests {
         assert!(secret.accepts(line.as_bytes()), "{line}");
     }
 
-    /// Frames an older connection of the guest still wrote come before
-    /// the answer: skipped.
+    /// Frames an older connection of the guest still wrote, and answers to
+    /// other hosts' hellos, come before this dial's answer: skipped.
     #[tokio::test]
-    async fn serial_skips_an_old_connections_frames_before_ok() {
+    async fn serial_skips_what_was_for_other_hosts_before_its_answer() {
         let mut stale = vec![0, 0, 0, 3, 0, 0, 0, 1, 2, 0, b'O', b'K', b'\n'];
+        stale.extend_from_slice(b"OK 0123abcd\nOK\n");
         stale.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3, 2, 0]);
-        stale.extend_from_slice(b"OK\n");
+        stale.extend_from_slice(b"OK NONCE\n");
         let stale: &'static [u8] = Box::leak(stale.into_boxed_slice());
         let (_dir, uds, _port) = fake_serial(stale).await;
         let secret = crate::AgentSecret::generate().expect("random");

@@ -11,6 +11,7 @@
 
 pub mod auth;
 mod dial;
+pub mod serial;
 
 pub use auth::AgentSecret;
 pub use dial::{dial, dial_forward, wait_ready_hybrid, DialError, Endpoint};
@@ -102,7 +103,8 @@ pub const MODULES_DISK_SERIAL: &str = "vc-modules";
 
 /// The agent's virtio-serial port (`/sys/class/virtio-ports/*/name`), where
 /// a VM without vsock carries the API: one connection at a time, which
-/// starts with the auth line (see [`auth`]) answered by [`SERIAL_OK`].
+/// starts with the host's hello, answered by the agent (see [`serial`]):
+/// the host learns the guest is serving (serial has no readiness connection).
 pub const SERIAL_PORT_NAME: &str = "io.virtcontainers.agent";
 
 /// The guest kernel parameter naming the agent's channel: `vc.channel=serial`
@@ -115,10 +117,6 @@ pub const CHANNEL_PARAM: &str = "vc.channel";
 /// export is mounted), and reports itself settled once the rest of its
 /// start-up work is done.
 pub const TEMPLATE_PARAM: &str = "vc.template";
-
-/// The agent's answer on the serial port to an accepted auth line: the
-/// host learns the guest is serving (serial has no readiness connection).
-pub const SERIAL_OK: &[u8] = b"OK\n";
 
 /// What the agent writes on the readiness connection.
 pub const READY_MESSAGE: &[u8] = b"READY\n";

@@ -49,7 +49,9 @@ async fn served(channel: &VsockChannel, secret: &AgentSecret) -> Arc<dyn AgentCl
         Ok(client) => client,
         Err(err) => panic!("not served: {err}\n{}", console(channel)),
     };
-    client.check(CHECK).await.expect("served");
+    if let Err(err) = client.check(CHECK).await {
+        panic!("dialled but not served: {err}\n{}", console(channel));
+    }
     client
 }
 

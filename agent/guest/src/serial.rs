@@ -6,10 +6,10 @@
 //! host at a time. The guest knows only whether a host is connected (a
 //! read returns 0 while none is and nothing is left to read). So the port is
 //! opened once, for the agent's lifetime, and the connections are made on
-//! it one after another: the listener reads a host's auth line (the one
-//! vsock connections start with, see [`crate::auth`]), answers
-//! [`agent::SERIAL_OK`] and hands a [`SerialConn`] to the ttrpc server; when
-//! that connection ends the listener reads the next line.
+//! it one after another: the listener reads a host's hello (the auth line
+//! vsock connections start with, see [`crate::auth`], and a nonce), answers
+//! it (see [`agent::serial`]) and hands a [`SerialConn`] to the ttrpc
+//! server; when that connection ends the listener reads the next line.
 //!
 //! The port is never closed between hosts: closing it discards what the
 //! port holds, and a new host's line can be there already (QEMU passes a
@@ -211,6 +211,11 @@ impl Port {
     /// nobody listens.
     fn read_loop(&self, tx: &tokio::sync::mpsc::Sender<Event>) {
         let mut host = false;
+        // Reads of 0 in a row: one is not proof that the host went. The
+        // guest can take a new host's first bytes before the notice that
+        // it connected (they come on different queues), and reads 0 in
+        // between; a host that went is seen gone again a pause later.
+        let mut zero_reads = 0u32;
         let mut buf = vec![0u8; READ_CHUNK];
         while !tx.is_closed() {
             let mut pfd = libc::pollfd {
@@ -224,13 +229,18 @@ impl Port {
                 Ok(0) => {
                     // No host is connected: say so once, then look again
                     // now and then (nothing wakes a wait for a host).
-                    let sent = !std::mem::replace(&mut host, false)
-                        || tx.blocking_send(Event::NoHost).is_ok();
+                    zero_reads += 1;
+                    let gone = host && zero_reads >= 2;
+                    let sent = !gone || tx.blocking_send(Event::NoHost).is_ok();
+                    if gone {
+                        host = false;
+                    }
                     std::thread::sleep(NO_HOST_PAUSE);
                     sent
                 }
                 Ok(n) => {
                     host = true;
+                    zero_reads = 0;
                     tx.blocking_send(Event::Data(buf[..n].to_vec())).is_ok()
                 }
                 Err(err)
@@ -239,6 +249,7 @@ impl Port {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                     ) =>
                 {
+                    zero_reads = 0;
                     true
                 }
                 Err(err) => {
@@ -392,7 +403,7 @@ impl AsyncWrite for SerialConn {
 /// mid-line takes its part of the line with it.
 async fn read_auth_line(incoming: &mut Incoming) -> Option<Vec<u8>> {
     let mut frames = Frames::default();
-    let mut line = Vec::with_capacity(agent::auth::AUTH_LINE_MAX);
+    let mut line = Vec::with_capacity(agent::serial::HELLO_LINE_MAX);
     loop {
         while let Some(&byte) = incoming.rest().first() {
             incoming.at += 1;
@@ -403,7 +414,7 @@ async fn read_auth_line(incoming: &mut Incoming) -> Option<Vec<u8>> {
                 return Some(line);
             }
             line.push(byte);
-            if line.len() > agent::auth::AUTH_LINE_MAX {
+            if line.len() > agent::serial::HELLO_LINE_MAX {
                 tracing::warn!("a serial host sent a line too long to be an auth line");
                 line.clear();
             }
@@ -440,11 +451,16 @@ pub async fn listen(
                 tracing::error!("the agent's serial port is no longer read");
                 return;
             };
-            if !secret.accepts(&line) {
+            let Some(nonce) = agent::serial::split_hello(&line)
+                .filter(|(auth, _)| secret.accepts(auth))
+                .map(|(_, nonce)| nonce)
+            else {
                 tracing::warn!("refused a serial connection without the VM's secret");
                 continue;
-            }
-            if let Err(err) = port.write_all(agent::SERIAL_OK).await {
+            };
+            // A host whose dial gave up may have left this hello: the
+            // nonce tells the host that is there now it was not its own.
+            if let Err(err) = port.write_all(&agent::serial::answer(nonce)).await {
                 tracing::warn!("answering on the agent's serial port: {err}");
                 continue;
             }
@@ -608,11 +624,11 @@ mod tests {
             read_auth_line(&mut incoming).await.expect("line"),
             b"AUTH x"
         );
-        let long = vec![b'A'; agent::auth::AUTH_LINE_MAX + 5];
+        let long = vec![b'A'; agent::serial::HELLO_LINE_MAX + 5];
         host.write_all(&long).expect("write");
         host.write_all(b"\n").expect("write");
         let line = read_auth_line(&mut incoming).await.expect("line");
-        assert!(line.len() < agent::auth::AUTH_LINE_MAX, "{}", line.len());
+        assert!(line.len() < agent::serial::HELLO_LINE_MAX, "{}", line.len());
         // Let go without an end: the port goes back to the listener.
         let (c, over) = conn(&port, incoming, 7);
         drop(c);
