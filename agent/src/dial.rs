@@ -535,18 +535,23 @@ mod tests {
         (dir, path, port)
     }
 
+    /// A serial dial that succeeds, and the bytes after the answer that
+    /// its socket reads first.
+    async fn dial_serial_ok(uds: PathBuf, secret: &crate::AgentSecret) -> [u8; 5] {
+        let mut socket = dial(&Endpoint::Serial { uds }, Some(secret))
+            .await
+            .expect("dial");
+        let mut buf = [0u8; 5];
+        socket.read_exact(&mut buf).await.expect("read");
+        buf
+    }
+
     #[tokio::test]
     async fn serial_sends_the_secret_and_waits_for_ok() {
         let (_dir, uds, port) = fake_serial(b"OK NONCE\n").await;
         let secret = crate::AgentSecret::generate().expect("random");
-        let mut socket = dial(&Endpoint::Serial { uds }, Some(&secret))
-            .await
-            .expect("dial");
         // Nothing after the answer was consumed.
-        let mut buf = [0u8; 5];
-        socket.read_exact(&mut buf).await.expect("read");
-        assert_eq!(&buf, b"ttrpc");
-        drop(socket);
+        assert_eq!(&dial_serial_ok(uds, &secret).await, b"ttrpc");
         let line = port.await.expect("join");
         assert!(secret.accepts(line.as_bytes()), "{line}");
     }
@@ -562,12 +567,7 @@ mod tests {
         let stale: &'static [u8] = Box::leak(stale.into_boxed_slice());
         let (_dir, uds, _port) = fake_serial(stale).await;
         let secret = crate::AgentSecret::generate().expect("random");
-        let mut socket = dial(&Endpoint::Serial { uds }, Some(&secret))
-            .await
-            .expect("dial");
-        let mut buf = [0u8; 5];
-        socket.read_exact(&mut buf).await.expect("read");
-        assert_eq!(&buf, b"ttrpc");
+        assert_eq!(&dial_serial_ok(uds, &secret).await, b"ttrpc");
     }
 
     #[tokio::test]

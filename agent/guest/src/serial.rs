@@ -314,6 +314,26 @@ pub struct SerialConn {
 }
 
 impl SerialConn {
+    /// Connection `id` (never 0) on `port`, reading `incoming`, which the
+    /// receiver gets back when it ends; from now on it is the port's writer.
+    fn new(
+        port: &Arc<Port>,
+        incoming: Incoming,
+        id: u64,
+    ) -> (Self, tokio::sync::oneshot::Receiver<Incoming>) {
+        port.writer.store(id, Ordering::Release);
+        let (over_tx, over) = tokio::sync::oneshot::channel();
+        let conn = Self {
+            port: port.clone(),
+            id,
+            frames: Frames::default(),
+            incoming: Some(incoming),
+            over: Some(over_tx),
+            retry: None,
+        };
+        (conn, over)
+    }
+
     /// Ends the connection: no more reads or writes; the listener reads on
     /// (from where this connection stopped: a new host's line, if one came).
     fn end(&mut self) {
@@ -465,17 +485,8 @@ pub async fn listen(
                 continue;
             }
             id += 1;
-            port.writer.store(id, Ordering::Release);
             tracing::debug!(connection = id, "serial host accepted");
-            let (over_tx, over) = tokio::sync::oneshot::channel();
-            let conn = SerialConn {
-                port: port.clone(),
-                id,
-                frames: Frames::default(),
-                incoming: Some(incoming),
-                over: Some(over_tx),
-                retry: None,
-            };
+            let (conn, over) = SerialConn::new(&port, incoming, id);
             if tx.send(conn).await.is_err() {
                 return; // the server is gone
             }
@@ -550,24 +561,6 @@ mod tests {
         (port, incoming, host)
     }
 
-    fn conn(
-        port: &Arc<Port>,
-        incoming: Incoming,
-        id: u64,
-    ) -> (SerialConn, tokio::sync::oneshot::Receiver<Incoming>) {
-        port.writer.store(id, Ordering::Release);
-        let (over_tx, over) = tokio::sync::oneshot::channel();
-        let conn = SerialConn {
-            port: port.clone(),
-            id,
-            frames: Frames::default(),
-            incoming: Some(incoming),
-            over: Some(over_tx),
-            retry: None,
-        };
-        (conn, over)
-    }
-
     /// A new host's line on a connection ends it: its reads give the
     /// frames before the line, then 0; its writes fail; the listener reads
     /// the line from where the connection stopped.
@@ -575,7 +568,7 @@ mod tests {
     async fn a_new_hosts_line_ends_the_connection_and_goes_to_the_listener() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (port, incoming, mut host) = port_pair();
-        let (mut conn, over) = conn(&port, incoming, 1);
+        let (mut conn, over) = SerialConn::new(&port, incoming, 1);
         conn.write_all(b"answer")
             .await
             .expect("the connection writes");
@@ -630,12 +623,12 @@ mod tests {
         let line = read_auth_line(&mut incoming).await.expect("line");
         assert!(line.len() < agent::serial::HELLO_LINE_MAX, "{}", line.len());
         // Let go without an end: the port goes back to the listener.
-        let (c, over) = conn(&port, incoming, 7);
+        let (c, over) = SerialConn::new(&port, incoming, 7);
         drop(c);
         let incoming = over.await.expect("over");
         assert_eq!(port.writer.load(Ordering::Acquire), 0);
         // The host goes away: the connection's reads end.
-        let (mut c, over) = conn(&port, incoming, 8);
+        let (mut c, over) = SerialConn::new(&port, incoming, 8);
         host.write_all(&frame(b"last")).expect("write");
         drop(host);
         let mut all = Vec::new();
