@@ -16,6 +16,7 @@ mod error;
 mod exec;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+pub mod held;
 pub mod interworking;
 mod link;
 mod netlink;
@@ -34,6 +35,7 @@ pub use crate::cni::{
 pub use config::{NetworkConfigList, PluginConfig};
 pub use error::{CniError, ErrorKind, Result};
 pub use exec::CniCommand;
+pub use held::{held_tap_name, HoldingNetns};
 pub use interworking::{
     open_tap, tap_name_for, Endpoint, Interworking, InterworkingModel, NoInterworking, TcFilter,
 };

@@ -160,6 +160,47 @@ pub(crate) fn redirect_both_ways(netns: &Path, veth: &str, tap: &str) -> Result<
     Ok(v.mtu)
 }
 
+/// Redirect all ingress traffic of `from` to `to` only (a fresh ingress
+/// qdisc on `from`, whose old one and filters are removed first).
+pub(crate) fn redirect_one_way(netns: &Path, from: &str, to: &str) -> Result<()> {
+    let mut nl = rtnl(netns)?;
+    let f = nl
+        .require_link(from)
+        .map_err(dev_err(netns, from, "read link"))?;
+    let t = nl.require_link(to).map_err(dev_err(netns, to, "read link"))?;
+    nl.del_ingress_qdisc(f.index)
+        .map_err(dev_err(netns, from, "delete ingress qdisc"))?;
+    nl.add_ingress_qdisc(f.index)
+        .map_err(dev_err(netns, from, "add ingress qdisc"))?;
+    nl.add_redirect(f.index, t.index)
+        .map_err(dev_err(netns, from, "add u32 mirred redirect filter"))
+}
+
+/// Remove the ingress qdisc (and so its filters) of `dev`; fine if it has none.
+pub(crate) fn unredirect_one(netns: &Path, dev: &str) -> Result<()> {
+    let mut nl = rtnl(netns)?;
+    if let Some(d) = nl.link(dev).map_err(dev_err(netns, dev, "read link"))? {
+        nl.del_ingress_qdisc(d.index)
+            .map_err(dev_err(netns, dev, "delete ingress qdisc"))?;
+    }
+    Ok(())
+}
+
+/// Move `dev` of the calling thread's namespace into `to` (the path of a
+/// netns); `netns` names the namespace it leaves in errors.
+pub(crate) fn move_link(netns: &Path, dev: &str, to: &Path) -> Result<()> {
+    use std::os::fd::AsFd;
+    let target = std::fs::File::open(to).map_err(|source| CniError::Io {
+        action: "open netns",
+        path: to.to_path_buf(),
+        source,
+    })?;
+    let mut nl = rtnl(netns)?;
+    let d = nl.require_link(dev).map_err(dev_err(netns, dev, "read link"))?;
+    nl.set_netns(d.index, target.as_fd())
+        .map_err(dev_err(netns, dev, "move to another netns"))
+}
+
 /// Remove the ingress qdiscs (and so their filters) of `veth` and `tap`, and
 /// the tap. Missing pieces are fine.
 pub(crate) fn unredirect(netns: &Path, veth: &str, tap: &str) -> Result<()> {

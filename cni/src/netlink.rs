@@ -125,6 +125,15 @@ impl Rtnl {
         self.request(RouteNetlinkMessage::SetLink(m), 0).map(drop)
     }
 
+    /// Move link `index` into the namespace of `netns` (an open netns file).
+    pub fn set_netns(&mut self, index: u32, netns: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::NetNsFd(netns.as_raw_fd()));
+        self.request(RouteNetlinkMessage::SetLink(m), 0).map(drop)
+    }
+
     pub fn del_link(&mut self, index: u32) -> io::Result<()> {
         let mut m = LinkMessage::default();
         m.header.index = index;

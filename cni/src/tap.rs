@@ -84,6 +84,12 @@ pub(crate) fn create_persistent(name: &str, vnet_hdr: bool) -> Result<()> {
     Ok(())
 }
 
+/// Create tap `name`, not persistent: it goes when the returned descriptor
+/// (and every copy of it) is closed.
+pub(crate) fn create_held(name: &str, vnet_hdr: bool) -> Result<OwnedFd> {
+    tun_set_iff(name, vnet_hdr)
+}
+
 /// Attach to the existing tap `name`; the fd carries its frames (with a
 /// `virtio_net_hdr` in front when `vnet_hdr`).
 pub(crate) fn attach(name: &str, vnet_hdr: bool) -> Result<OwnedFd> {

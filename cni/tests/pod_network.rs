@@ -293,6 +293,11 @@ async fn dual_stack_pod_ips_come_back_v4_first_with_v6_routes() {
 fn frame_toward(ns: &NetNs, pod_ip: IpAddr, vnet_hdr: bool) -> Option<Vec<u8>> {
     let fd = open_tap(ns, "tap0_vc", vnet_hdr)
         .unwrap_or_else(|e| panic!("open_tap vnet_hdr={vnet_hdr}: {e:?} / {e}"));
+    frame_on(fd, pod_ip)
+}
+
+/// A frame toward `pod_ip` read from the tap `fd` (traffic sent meanwhile).
+fn frame_on(fd: std::os::fd::OwnedFd, pod_ip: IpAddr) -> Option<Vec<u8>> {
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
     let mut tap_file = File::from(fd);
     let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -350,4 +355,47 @@ print(json.dumps(conf["prevResult"]))
     );
     net.teardown("pm").await.unwrap();
     env.assert_clean();
+}
+
+#[tokio::test]
+async fn a_held_tap_takes_the_veths_traffic_when_adopted_and_gives_it_back() {
+    let env = TestEnv::new("n", 14);
+    env.write_conf("10-default.conflist", &env.default_list());
+    let net = pod_network(&env, InterworkingModel::TcFilter);
+    let status = net.setup(&request("ph")).await.unwrap();
+    let ns = NetNs::open(&status.netns).unwrap();
+    let pod_ip = status.interfaces[0].ips[0].addr;
+
+    let holding = cni::HoldingNetns::new().unwrap();
+    let name = cni::held_tap_name("pool-00000000deadbeef");
+    let held = holding.hold_tap(&name, false).unwrap();
+    assert!(cni::link_stats(&ns, &name).is_err(), "held outside the pod");
+    // Adopting what is not held fails and leaves the pod's own tap connected.
+    assert!(holding.adopt("vcwnosuch", &ns, "eth0").is_err());
+    assert!(frame_toward(&ns, pod_ip, false).is_some());
+
+    holding.adopt(&name, &ns, "eth0").unwrap();
+    assert!(cni::link_stats(&ns, &name).is_ok(), "moved into the pod");
+    assert!(
+        frame_on(held.try_clone().unwrap(), pod_ip).is_some(),
+        "the veth's traffic goes to the held tap"
+    );
+
+    cni::held::restore(&ns, "eth0", &name).unwrap();
+    assert!(cni::link_stats(&ns, &name).is_err(), "the held tap left");
+    assert!(
+        frame_toward(&ns, pod_ip, false).is_some(),
+        "the pod's own tap has the traffic again"
+    );
+    drop(held);
+
+    // A held tap lives as long as its descriptor, wherever it is.
+    let other = cni::held_tap_name("pool-00000000feedf00d");
+    let fd = holding.hold_tap(&other, false).unwrap();
+    holding.adopt(&other, &ns, "eth0").unwrap();
+    drop(fd);
+    assert!(cni::link_stats(&ns, &other).is_err(), "gone with its descriptor");
+
+    net.teardown("ph").await.unwrap();
+    assert!(!status.netns.exists());
 }
