@@ -24,10 +24,7 @@ use crate::tap;
 /// The name of warm VM `vm_id`'s held tap: `vcw` and the last 12 letters
 /// and digits of the ID (pool IDs end in 16 random hex digits).
 pub fn held_tap_name(vm_id: &str) -> String {
-    let tail: Vec<char> = vm_id
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .collect();
+    let tail: Vec<char> = vm_id.chars().filter(char::is_ascii_alphanumeric).collect();
     let tail: String = tail[tail.len().saturating_sub(12)..].iter().collect();
     format!("vcw{tail}")
 }
@@ -79,8 +76,7 @@ impl HoldingNetns {
         let adopted = (|| {
             pod.run(|| link::unredirect_one(&pod_path, veth))?;
             let holding = self.ns.path().to_path_buf();
-            self.ns
-                .run(|| link::move_link(&holding, held, &pod_path))?;
+            self.ns.run(|| link::move_link(&holding, held, &pod_path))?;
             pod.run(|| link::redirect_both_ways(&pod_path, veth, held))
                 .map(drop)
         })();

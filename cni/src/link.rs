@@ -167,13 +167,18 @@ pub(crate) fn redirect_one_way(netns: &Path, from: &str, to: &str) -> Result<()>
     let f = nl
         .require_link(from)
         .map_err(dev_err(netns, from, "read link"))?;
-    let t = nl.require_link(to).map_err(dev_err(netns, to, "read link"))?;
+    let t = nl
+        .require_link(to)
+        .map_err(dev_err(netns, to, "read link"))?;
     nl.del_ingress_qdisc(f.index)
         .map_err(dev_err(netns, from, "delete ingress qdisc"))?;
     nl.add_ingress_qdisc(f.index)
         .map_err(dev_err(netns, from, "add ingress qdisc"))?;
-    nl.add_redirect(f.index, t.index)
-        .map_err(dev_err(netns, from, "add u32 mirred redirect filter"))
+    nl.add_redirect(f.index, t.index).map_err(dev_err(
+        netns,
+        from,
+        "add u32 mirred redirect filter",
+    ))
 }
 
 /// Remove the ingress qdisc (and so its filters) of `dev`; fine if it has none.
@@ -196,7 +201,9 @@ pub(crate) fn move_link(netns: &Path, dev: &str, to: &Path) -> Result<()> {
         source,
     })?;
     let mut nl = rtnl(netns)?;
-    let d = nl.require_link(dev).map_err(dev_err(netns, dev, "read link"))?;
+    let d = nl
+        .require_link(dev)
+        .map_err(dev_err(netns, dev, "read link"))?;
     nl.set_netns(d.index, target.as_fd())
         .map_err(dev_err(netns, dev, "move to another netns"))
 }

@@ -394,7 +394,10 @@ async fn a_held_tap_takes_the_veths_traffic_when_adopted_and_gives_it_back() {
     let fd = holding.hold_tap(&other, false).unwrap();
     holding.adopt(&other, &ns, "eth0").unwrap();
     drop(fd);
-    assert!(cni::link_stats(&ns, &other).is_err(), "gone with its descriptor");
+    assert!(
+        cni::link_stats(&ns, &other).is_err(),
+        "gone with its descriptor"
+    );
 
     net.teardown("ph").await.unwrap();
     assert!(!status.netns.exists());

@@ -21,6 +21,7 @@ pub mod server;
 mod store;
 mod stream_runtime;
 pub mod streaming;
+mod warm_nics;
 
 pub use config::Config;
 pub use error::CriError;

@@ -81,6 +81,12 @@ impl Cri {
             Interworking::Tcfilter => cni::InterworkingModel::TcFilter,
             Interworking::None => cni::InterworkingModel::None,
         };
+        // Warm VMs boot with a NIC of their own that moves into the pod
+        // that claims one (tcfilter: the veth's traffic goes to that tap).
+        let factory = &runtime.config().factory;
+        if model == cni::InterworkingModel::TcFilter && (factory.pool > 0 || factory.template) {
+            runtime.set_warm_nics(Arc::new(crate::warm_nics::CniWarmNics::new()?));
+        }
         let network = cni::PodNetwork::new(
             cni.clone(),
             config.netns_dir(),

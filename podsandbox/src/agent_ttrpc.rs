@@ -447,6 +447,7 @@ impl AgentClient for TtrpcAgent {
         let mut iface = pb::Interface::new();
         iface.name = nic.name.clone();
         iface.hw_addr = nic.mac.clone();
+        iface.current_hw_addr = nic.current_mac.clone().unwrap_or_default();
         iface.mtu = nic.mtu;
         for ip in &nic.ips {
             let (address, len) = ip.split_once('/').unwrap_or((ip.as_str(), ""));
@@ -573,7 +574,7 @@ fn interface_from(i: &pb::Interface) -> NetInterface {
             .iter()
             .map(|a| format!("{}/{}", a.address, a.prefix_len))
             .collect(),
-        tap: None,
+        ..Default::default()
     }
 }
 

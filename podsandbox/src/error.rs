@@ -75,6 +75,8 @@ pub enum Error {
     InvalidCgroupParent { parent: String, why: &'static str },
     #[error("invalid sandbox network: {detail}")]
     InvalidNetwork { detail: String },
+    #[error("sandbox {id}: the warm VM's NIC: {detail}")]
+    WarmNic { id: String, detail: String },
     #[error("container {id} not found in sandbox {sandbox}")]
     ContainerNotFound { sandbox: String, id: String },
     #[error("container {id} already exists in sandbox {sandbox}")]
@@ -154,9 +156,10 @@ impl Error {
             }
             Error::VmExitedDuringBoot { .. } | Error::Agent { .. } => ErrorKind::Unavailable,
             Error::AgentTimeout { .. } => ErrorKind::DeadlineExceeded,
-            Error::Io { .. } | Error::CorruptState { .. } | Error::Injected(_) => {
-                ErrorKind::Internal
-            }
+            Error::Io { .. }
+            | Error::CorruptState { .. }
+            | Error::Injected(_)
+            | Error::WarmNic { .. } => ErrorKind::Internal,
             Error::Config { .. }
             | Error::InvalidNetwork { .. }
             | Error::InvalidCgroupParent { .. } => ErrorKind::InvalidArgument,

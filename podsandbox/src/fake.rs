@@ -29,6 +29,8 @@ pub struct FakeVms {
     fail_at: Mutex<Option<Op>>,
     /// The template role each VM was created with, by ID.
     roles: Mutex<HashMap<String, Option<hypervisor::TemplateRole>>>,
+    /// The MACs of the NICs each VM booted with, by ID.
+    boot_macs: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl FakeVms {
@@ -52,6 +54,16 @@ impl FakeVms {
             .get(id)
             .cloned()
             .flatten()
+    }
+
+    /// The MACs of the NICs VM `id` booted with.
+    pub fn boot_macs(&self, id: &str) -> Vec<String> {
+        self.boot_macs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn get(&self, id: &str) -> Option<FakeHypervisor> {
@@ -97,6 +109,13 @@ impl VmFactory for FakeVms {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(vm.id.clone(), vm.template.clone());
+        self.boot_macs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                vm.id.clone(),
+                vm.nics.iter().map(|n| n.mac.clone()).collect(),
+            );
         let state = VmState {
             hypervisor: "fake".into(),
             id: vm.id.clone(),
@@ -472,5 +491,48 @@ pub struct MountGuard(pub std::path::PathBuf);
 impl Drop for MountGuard {
     fn drop(&mut self) {
         detach_mounts_under(&self.0);
+    }
+}
+
+/// Warm NICs that record what was asked of them; `/dev/null` stands in for
+/// a tap. `fail_adopt` makes adoption fail.
+#[derive(Debug, Default)]
+pub struct FakeWarmNics {
+    pub calls: Mutex<Vec<String>>,
+    pub fail_adopt: std::sync::atomic::AtomicBool,
+}
+
+impl FakeWarmNics {
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record(&self, call: String) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(call);
+    }
+}
+
+impl crate::network::WarmNics for FakeWarmNics {
+    fn hold(&self, vm_id: &str) -> Result<std::os::fd::OwnedFd, String> {
+        self.record(format!("hold {vm_id}"));
+        std::fs::File::open("/dev/null")
+            .map(Into::into)
+            .map_err(|e| e.to_string())
+    }
+
+    fn adopt(&self, vm_id: &str, place: &crate::network::TapPlace) -> Result<(), String> {
+        self.record(format!("adopt {vm_id} {}", place.veth));
+        if self.fail_adopt.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("adoption failed (fake)".into());
+        }
+        Ok(())
+    }
+
+    fn restore(&self, vm_id: &str, place: &crate::network::TapPlace) -> Result<(), String> {
+        self.record(format!("restore {vm_id} {}", place.veth));
+        Ok(())
     }
 }

@@ -65,7 +65,8 @@ pub use container_monitor::OutputChunk;
 pub use error::{Error, ErrorKind, Result};
 pub use hypervisor::DiskFormat;
 pub use network::{
-    DnsConfig, NetInterface, NetNeighbor, NetRoute, SandboxFiles, SandboxNetwork, TapFd,
+    DnsConfig, NetInterface, NetNeighbor, NetRoute, SandboxFiles, SandboxNetwork, TapFd, TapPlace,
+    WarmNics, WARM_NIC_MAC,
 };
 pub use recover::Recovery;
 pub use sandbox::{

@@ -49,6 +49,37 @@ pub struct NetInterface {
     /// The tap the VM gets for this NIC (at create; not kept in the record).
     #[serde(skip)]
     pub tap: Option<TapFd>,
+    /// Where that tap is (for a warm VM's NIC to take its place).
+    #[serde(skip)]
+    pub place: Option<TapPlace>,
+    /// The MAC the guest NIC has now, when it is to take `mac` (a warm VM's
+    /// NIC, plugged before its pod was known).
+    #[serde(skip)]
+    pub current_mac: Option<String>,
+}
+
+/// Where a pod's tap is: the netns and the veth it is connected to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TapPlace {
+    pub netns: std::path::PathBuf,
+    pub veth: String,
+}
+
+/// The MAC of a warm VM's NIC until a sandbox claims the VM (locally
+/// administered; only ever on a tap no pod sees).
+pub const WARM_NIC_MAC: &str = "02:76:63:00:00:01";
+
+/// NICs for warm VMs: a tap held where no pod sees it, to boot the VM with,
+/// and its move into a pod when a sandbox claims the VM. Without it warm
+/// VMs boot without a NIC and get the pod's by hot-plug.
+pub trait WarmNics: Send + Sync + fmt::Debug {
+    /// A tap for warm VM `vm_id` (its only descriptor: the tap goes with it).
+    fn hold(&self, vm_id: &str) -> std::result::Result<OwnedFd, String>;
+    /// Puts warm VM `vm_id`'s tap in `place`, carrying the veth's traffic
+    /// instead of the pod's own tap. On error the pod's own tap carries it.
+    fn adopt(&self, vm_id: &str, place: &TapPlace) -> std::result::Result<(), String>;
+    /// Undoes [`adopt`](Self::adopt) (the VM is being thrown away).
+    fn restore(&self, vm_id: &str, place: &TapPlace) -> std::result::Result<(), String>;
 }
 
 impl NetInterface {
@@ -301,6 +332,7 @@ mod tests {
                 mtu: 1500,
                 ips: vec!["fd00::5/64".into(), "10.88.0.5/16".into()],
                 tap: Some(tap()),
+                ..Default::default()
             }],
             routes: vec![NetRoute {
                 dest: String::new(),

@@ -156,6 +156,8 @@ pub(crate) struct RuntimeInner {
     >,
     /// Where tests make multi-step operations fail (see [`crate::failpoint`]).
     pub(crate) fail_points: crate::failpoint::FailPoints,
+    /// NICs for warm VMs, if set (see [`Runtime::set_warm_nics`]).
+    pub(crate) warm_nics: std::sync::OnceLock<Arc<dyn crate::network::WarmNics>>,
     /// The saved VM template warm VMs are cloned from (see
     /// [`crate::vm_template`]); made on first need.
     pub(crate) template: tokio::sync::Mutex<Option<Arc<crate::vm_template::Template>>>,
@@ -247,6 +249,7 @@ impl Runtime {
                 logs: Default::default(),
                 outputs: Default::default(),
                 fail_points: crate::failpoint::FailPoints::from_env(),
+                warm_nics: Default::default(),
                 template: Default::default(),
                 keeps_template: Default::default(),
             }),
@@ -255,6 +258,17 @@ impl Runtime {
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// Warm VMs boot with a NIC from `nics`, which moves into the pod of
+    /// the sandbox that claims one (instead of the pod's NIC being
+    /// hot-plugged). Set it before [`start_factory`](Self::start_factory);
+    /// once only (a later call is ignored: warm VMs and the template must
+    /// agree on their devices).
+    pub fn set_warm_nics(&self, nics: Arc<dyn crate::network::WarmNics>) {
+        if self.inner.warm_nics.set(nics).is_err() {
+            tracing::warn!("warm NICs were set already: kept the first");
+        }
     }
 
     /// The fail points of this runtime's multi-step operations (see

@@ -18,7 +18,7 @@ use hypervisor::{Hypervisor, MachineType, VmSize};
 
 use crate::{
     factory::{VmOrigin, WarmVm, Warmer},
-    network::{NetInterface, SandboxFiles, SandboxNetwork},
+    network::{NetInterface, SandboxFiles, SandboxNetwork, WARM_NIC_MAC},
     sandbox::{Runtime, RuntimeInner},
     store::SandboxRecord,
     Error, Result,
@@ -110,7 +110,11 @@ impl Runtime {
         if grows && !hv.resource_hotplug {
             return Err("a warm VM cannot grow (hypervisor.resource_hotplug is off)".into());
         }
-        let nics = u32::try_from(network.interfaces.len()).unwrap_or(u32::MAX);
+        // (The first interface with a place takes a warm VM's own NIC.)
+        let own = self.has_warm_nics() && network.interfaces.iter().any(|i| i.place.is_some());
+        let nics = u32::try_from(network.interfaces.len())
+            .unwrap_or(u32::MAX)
+            .saturating_sub(u32::from(own));
         if nics > 0 && (hv.machine != MachineType::Q35 || nics > hv.hotplug_slots) {
             return Err(format!(
                 "{nics} NICs do not fit the hot-plug slots of a warm VM ({} on q35)",
@@ -153,6 +157,60 @@ impl Runtime {
             )?);
         }
         steps.mark("placed");
+        // The warm VM's own NIC takes the first interface's place; the
+        // guest then only gives it the pod's MAC and addresses.
+        let mut network = network.clone();
+        let adopted = match (
+            self.inner.warm_nics.get(),
+            network.interfaces.iter_mut().find(|i| i.place.is_some()),
+        ) {
+            (Some(nics), Some(first)) => {
+                let place = first.place.clone().unwrap_or_default();
+                let (n, vm_id, p) = (nics.clone(), warm.id.clone(), place.clone());
+                tokio::task::spawn_blocking(move || n.adopt(&vm_id, &p))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("adopt task: {e}")))
+                    .map_err(|detail| Error::WarmNic {
+                        id: id.clone(),
+                        detail,
+                    })?;
+                first.current_mac = Some(WARM_NIC_MAC.into());
+                first.tap = None;
+                Some((nics.clone(), place))
+            }
+            _ => None,
+        };
+        let joined = self
+            .join_network(record, warm, want, &network, files, &mut steps)
+            .await;
+        if let (Err(_), Some((nics, place))) = (&joined, adopted) {
+            let vm_id = warm.id.clone();
+            let restored = tokio::task::spawn_blocking(move || nics.restore(&vm_id, &place))
+                .await
+                .unwrap_or_else(|e| Err(format!("restore task: {e}")));
+            if let Err(detail) = restored {
+                tracing::warn!(sandbox = %id, vm = %warm.id, "giving the pod its own tap back: {detail}");
+            }
+        }
+        joined?;
+        tracing::info!(sandbox = %id, ?steps, "warm VM claimed (ms since the claim began)");
+        Ok(())
+    }
+
+    /// The rest of a claim: the pod's other NICs, its size, the guest's
+    /// network and files.
+    async fn join_network(
+        &self,
+        record: &mut SandboxRecord,
+        warm: &WarmVm,
+        want: VmSize,
+        network: &SandboxNetwork,
+        files: &SandboxFiles,
+        steps: &mut crate::steps::Steps,
+    ) -> Result<()> {
+        let id = record.id.clone();
+        let vm = warm.vm.as_ref();
+        self.fail_point("create_sandbox.nic_adopted")?;
         // NICs first: the guest finds a hot-plugged NIC only after its PCIe
         // hot-plug settles (~0.3 s under TCG), which the resize overlaps.
         for hw in network.interfaces.iter().filter_map(NetInterface::vm_nic) {
@@ -182,8 +240,58 @@ impl Runtime {
         let agent = self.agent(&id, vm).await?;
         crate::sandbox_create::configure_guest(&id, agent.as_ref(), network, files).await?;
         steps.mark("configured");
-        tracing::info!(sandbox = %id, ?steps, "warm VM claimed (ms since the claim began)");
         self.fail_point("create_sandbox.guest_ready")
+    }
+
+    pub(crate) fn has_warm_nics(&self) -> bool {
+        self.inner.warm_nics.get().is_some()
+    }
+
+    /// The NIC warm VM `vm_id` boots with (none without
+    /// [`Runtime::set_warm_nics`]): a held tap, the warm MAC.
+    pub(crate) async fn warm_nics_for(&self, vm_id: &str) -> Result<Vec<hypervisor::Nic>> {
+        let Some(nics) = self.inner.warm_nics.get().cloned() else {
+            return Ok(Vec::new());
+        };
+        let id = vm_id.to_string();
+        let tap = tokio::task::spawn_blocking(move || nics.hold(&id))
+            .await
+            .unwrap_or_else(|e| Err(format!("hold task: {e}")))
+            .map_err(|detail| Error::WarmNic {
+                id: vm_id.into(),
+                detail,
+            })?;
+        Ok(vec![hypervisor::Nic {
+            tap: Arc::new(tap),
+            mac: crate::network::WARM_NIC_MAC.into(),
+            mtu: 0,
+        }])
+    }
+
+    /// Brings a warm VM's NIC up (named eth0, no address), so that a claim
+    /// only gives it the pod's MAC and addresses.
+    pub(crate) async fn warm_nic_up(
+        &self,
+        vm_id: &str,
+        agent: &dyn crate::AgentClient,
+    ) -> Result<()> {
+        if !self.has_warm_nics() {
+            return Ok(());
+        }
+        let nic = NetInterface {
+            name: "eth0".into(),
+            mac: crate::network::WARM_NIC_MAC.into(),
+            ..Default::default()
+        };
+        agent
+            .update_interface(&nic)
+            .await
+            .map(drop)
+            .map_err(|e| Error::Agent {
+                id: vm_id.into(),
+                call: "UpdateInterface",
+                detail: e.detail,
+            })
     }
 
     /// The agent connection a warm VM booted with, kept for the sandbox
@@ -216,7 +324,8 @@ impl Runtime {
             None
         };
         let role = template.as_ref().map(|t| t.role());
-        let vm = match self.spawn_vm(vm_id, size, Vec::new(), role).await {
+        let nics = self.warm_nics_for(vm_id).await?;
+        let vm = match self.spawn_vm(vm_id, size, nics, role).await {
             Ok(vm) => vm,
             Err(err) => {
                 self.discard_vm(vm_id, None).await;
@@ -234,10 +343,11 @@ impl Runtime {
                 self.personalize_clone(vm_id, vm.as_ref(), template, timeout)
                     .await
             }
-            None => self
-                .wait_for_agent(vm_id, vm.as_ref(), timeout)
-                .await
-                .map(drop),
+            // (A clone's NIC is up already: its template's was.)
+            None => match self.wait_for_agent(vm_id, vm.as_ref(), timeout).await {
+                Ok(agent) => self.warm_nic_up(vm_id, agent.as_ref()).await,
+                Err(err) => Err(err),
+            },
         };
         if let Err(err) = ready {
             self.discard_vm(vm_id, Some(vm.as_ref())).await;
@@ -335,7 +445,7 @@ mod tests {
     use crate::{
         factory::VmOrigin,
         fake::{FakeDialer, FakeVms},
-        network::{NetInterface, SandboxNetwork, TapFd},
+        network::{NetInterface, SandboxNetwork, TapFd, TapPlace},
         Runtime, RuntimeConfig, SandboxConfig,
     };
 
@@ -352,6 +462,10 @@ mod tests {
     }
 
     async fn pooled(pool: u32) -> Harness {
+        pooled_with(pool, None).await
+    }
+
+    async fn pooled_with(pool: u32, nics: Option<Arc<crate::fake::FakeWarmNics>>) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = RuntimeConfig {
             state_dir: dir.path().join("state"),
@@ -363,6 +477,9 @@ mod tests {
         let vms = Arc::new(FakeVms::default());
         let rt = Runtime::with_parts(config, vms.clone(), Arc::new(FakeDialer::new(true)))
             .expect("runtime");
+        if let Some(nics) = nics {
+            rt.set_warm_nics(nics);
+        }
         rt.start_factory().expect("factory");
         let h = Harness { rt, vms, dir };
         h.until_ready(pool).await;
@@ -409,6 +526,11 @@ mod tests {
                     tap: Some(TapFd(Arc::new(
                         std::fs::File::open("/dev/null").expect("open").into(),
                     ))),
+                    place: Some(TapPlace {
+                        netns: "/run/netns/p".into(),
+                        veth: "eth0".into(),
+                    }),
+                    current_mac: None,
                 }],
                 ..Default::default()
             },
@@ -468,6 +590,85 @@ mod tests {
         );
         h.rt.stop_factory().await;
         assert!(h.pool_dirs().is_empty(), "{:?}", h.pool_dirs());
+    }
+
+    #[tokio::test]
+    async fn a_warm_vm_boots_with_a_nic_of_its_own_which_the_pod_adopts() {
+        let nics = Arc::new(crate::fake::FakeWarmNics::default());
+        let h = pooled_with(1, Some(nics.clone())).await;
+        let warm = h.pool_dirs();
+        assert_eq!(h.vms.boot_macs(&warm[0]), [crate::WARM_NIC_MAC]);
+        let s =
+            h.rt.create_sandbox(pod("p1", 1, 256))
+                .await
+                .expect("create");
+        assert_eq!(s.origin, VmOrigin::Pool);
+        let calls = nics.calls();
+        assert!(
+            calls.contains(&format!("hold {}", warm[0]))
+                && calls.contains(&format!("adopt {} eth0", warm[0])),
+            "{calls:?}"
+        );
+        let ops = h.vms.get(&warm[0]).expect("the warm VM").calls();
+        assert!(!ops.contains(&Op::AddNic), "no hot-plug: {ops:?}");
+        // A pod with two interfaces: the second is hot-plugged.
+        h.until_ready(1).await;
+        let mut two = pod("p2", 1, 256);
+        let mut second = two.network.interfaces[0].clone();
+        second.name = "net1".into();
+        second.mac = "0a:58:0a:58:00:06".into();
+        two.network.interfaces.push(second);
+        let warm2 = h
+            .pool_dirs()
+            .into_iter()
+            .find(|d| *d != warm[0])
+            .expect("refilled");
+        let s = h.rt.create_sandbox(two).await.expect("create");
+        assert_eq!(s.origin, VmOrigin::Pool);
+        let ops = h.vms.get(&warm2).expect("the second warm VM").calls();
+        assert_eq!(
+            ops.iter().filter(|o| **o == Op::AddNic).count(),
+            1,
+            "{ops:?}"
+        );
+        h.rt.stop_factory().await;
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_fails_after_adopting_gives_the_pod_its_own_tap_back() {
+        let nics = Arc::new(crate::fake::FakeWarmNics::default());
+        let h = pooled_with(1, Some(nics.clone())).await;
+        let warm = h.pool_dirs();
+        h.rt.fail_points().error_at("create_sandbox.nic_adopted");
+        let s =
+            h.rt.create_sandbox(pod("p1", 1, 256))
+                .await
+                .expect("create");
+        h.rt.fail_points().disarm();
+        assert_eq!(s.origin, VmOrigin::Boot);
+        let calls = nics.calls();
+        assert!(
+            calls.contains(&format!("restore {} eth0", warm[0])),
+            "{calls:?}"
+        );
+        assert!(h.vms.get("p1").is_some(), "booted for the pod");
+        assert!(
+            h.vms
+                .boot_macs("p1")
+                .contains(&"0a:58:0a:58:00:05".to_string()),
+            "with the pod's own tap"
+        );
+
+        // Adoption itself failing: nothing to restore, the pod boots.
+        nics.fail_adopt
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        h.until_ready(1).await;
+        let s =
+            h.rt.create_sandbox(pod("p2", 1, 256))
+                .await
+                .expect("create");
+        assert_eq!(s.origin, VmOrigin::Boot);
+        h.rt.stop_factory().await;
     }
 
     #[tokio::test]

@@ -396,6 +396,7 @@ pub(crate) async fn configure_guest(
             detail: e.detail,
         }
     };
+    let started = std::time::Instant::now();
     let interfaces = async {
         for nic in &network.interfaces {
             agent
@@ -403,7 +404,7 @@ pub(crate) async fn configure_guest(
                 .await
                 .map_err(failed("UpdateInterface"))?;
         }
-        Ok::<(), Error>(())
+        Ok::<_, Error>(started.elapsed().as_millis())
     };
     // The files need no interface: written while the guest still brings a
     // hot-plugged NIC up.
@@ -411,11 +412,11 @@ pub(crate) async fn configure_guest(
         agent
             .set_sandbox_files(files)
             .await
-            .map_err(failed("SetSandboxFiles"))
+            .map_err(failed("SetSandboxFiles"))?;
+        Ok::<_, Error>(started.elapsed().as_millis())
     };
     let (interfaces, written) = tokio::join!(interfaces, written);
-    interfaces?;
-    written?;
+    let (interfaces_ms, files_ms) = (interfaces?, written?);
     if !network.routes.is_empty() {
         agent
             .update_routes(&network.routes)
@@ -435,6 +436,13 @@ pub(crate) async fn configure_guest(
             .await
             .map_err(failed("SetSysctls"))?;
     }
+    tracing::debug!(
+        sandbox = %id,
+        interfaces_ms,
+        files_ms,
+        all_ms = started.elapsed().as_millis(),
+        "guest configured"
+    );
     Ok(())
 }
 

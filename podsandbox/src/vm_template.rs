@@ -150,7 +150,7 @@ impl Runtime {
     /// (`virtc factory init`) may be saving it.
     fn saved_template(&self) -> Option<Template> {
         let entries = std::fs::read_dir(self.templates_dir()).ok()?;
-        let want = fingerprint(&self.inner.config.hypervisor);
+        let want = fingerprint(&self.inner.config.hypervisor, self.has_warm_nics());
         let mut found = None;
         for entry in entries.flatten() {
             let dir = entry.path();
@@ -316,7 +316,7 @@ impl Runtime {
             saved_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            fingerprint: fingerprint(hv),
+            fingerprint: fingerprint(hv, self.has_warm_nics()),
         };
         crate::store::write_json(&dir.join(MANIFEST), &manifest)
     }
@@ -335,7 +335,8 @@ impl Runtime {
             memory_mib: config.hypervisor.default_memory_mib,
         };
         let role = TemplateRole::Source { memory };
-        let vm = match self.spawn_vm(id, size, Vec::new(), Some(role)).await {
+        let nics = self.warm_nics_for(id).await?;
+        let vm = match self.spawn_vm(id, size, nics, Some(role)).await {
             Ok(vm) => vm,
             Err(err) => {
                 self.discard_vm(id, None).await;
@@ -358,6 +359,8 @@ impl Runtime {
         let timeout = Duration::from_millis(config.factory.boot_timeout_ms);
         let started = std::time::Instant::now();
         let agent = self.wait_for_agent(id, vm, timeout).await?;
+        // Its clones' NIC is up from the start.
+        self.warm_nic_up(id, agent.as_ref()).await?;
         // Saved once settled: what the guest still does after it began
         // serving (modules, namespaces) is then done once, not per clone.
         loop {
@@ -451,7 +454,7 @@ impl Runtime {
 /// devices of the command line) and the identity (size, mtime) of the
 /// QEMU binary, kernel, initramfs (whose agent the template runs) and
 /// modules image. A template made with other ones is not used.
-fn fingerprint(hv: &hypervisor::HypervisorConfig) -> serde_json::Value {
+fn fingerprint(hv: &hypervisor::HypervisorConfig, warm_nic: bool) -> serde_json::Value {
     let file = |path: &Path| match std::fs::metadata(path) {
         Ok(m) => serde_json::json!({
             "path": path,
@@ -462,6 +465,8 @@ fn fingerprint(hv: &hypervisor::HypervisorConfig) -> serde_json::Value {
     };
     serde_json::json!({
         "hypervisor": hv,
+        // A template with a NIC loads only into a clone with one.
+        "warm_nic": warm_nic,
         "files": [file(&hv.qemu_path), file(&hv.kernel), file(&hv.initrd), file(&hv.modules)],
     })
 }

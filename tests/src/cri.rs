@@ -121,7 +121,11 @@ impl CriEnv {
             .arg("serve")
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", "info,vcrid=debug,cri=debug")
+            // VCRID_LOG (benchmarks, debugging) replaces the default filter.
+            .env(
+                "RUST_LOG",
+                std::env::var("VCRID_LOG").unwrap_or_else(|_| "info,vcrid=debug,cri=debug".into()),
+            )
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

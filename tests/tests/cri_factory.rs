@@ -132,6 +132,29 @@ async fn pods_from_the_pool_serve_like_booted_ones_and_a_dead_warm_vm_is_replace
     let a_ip = info["vm"]["ips"][0].as_str().expect("pod IP").to_string();
     assert!(http_get(&format!("{a_ip}:80")).contains("hello-from-pool"));
     assert!(http_get(&format!("{}:{host_port}", env.gateway())).contains("hello-from-pool"));
+    // The warm VM's own NIC carries the pod: its tap moved into the pod's
+    // netns, and the guest NIC took the veth's MAC.
+    let netns = env.dir.path().join("run/netns").join(&a);
+    let links = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ip", "-o", "link"])
+        .output()
+        .expect("nsenter ip link");
+    let links = String::from_utf8_lossy(&links.stdout).to_string();
+    assert!(
+        links.contains(": vcw"),
+        "the held tap is in the pod's netns: {links}"
+    );
+    let veth_mac = links
+        .lines()
+        .find(|l| l.contains(": eth0@"))
+        .and_then(|l| l.split("link/ether ").nth(1))
+        .and_then(|m| m.split_whitespace().next())
+        .unwrap_or_else(|| panic!("eth0 in {links}"))
+        .to_string();
+    let (code, guest_mac) = exec_sh(&mut rt, &web, "cat /sys/class/net/eth0/address").await;
+    assert_eq!(code, 0, "{guest_mac}");
+    assert_eq!(guest_mac.trim(), veth_mac, "the guest took the veth's MAC");
     let (code, out) = exec_sh(
         &mut rt,
         &web,

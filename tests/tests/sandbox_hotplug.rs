@@ -56,6 +56,7 @@ async fn a_nic_is_added_to_a_running_pod_and_removed() {
             mtu: 1400,
             ips: vec!["10.123.0.2/24".into()],
             tap: Some(TapFd(Arc::new(tap))),
+            ..Default::default()
         };
         let guest = rt.add_interface("hot", nic).await.expect("add interface");
         assert_eq!(guest.name, "net1");
@@ -92,6 +93,7 @@ async fn a_nic_is_added_to_a_running_pod_and_removed() {
             tap: Some(TapFd(Arc::new(
                 cni::open_tap(&ns.0, "hptap1", false).expect("tap"),
             ))),
+            ..Default::default()
         };
         let err = rt
             .add_interface("hot", again)

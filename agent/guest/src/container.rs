@@ -587,8 +587,10 @@ impl Containers {
 
     pub async fn start(&self, id: &str) -> Result<()> {
         let entry = self.get(id)?;
+        let t0 = std::time::Instant::now();
         tokio::task::spawn_blocking(move || {
             let mut e = entry.lock().unwrap_or_else(|e| e.into_inner());
+            tracing::debug!(locked_ms = t0.elapsed().as_millis() as u64, "start: locked");
             if !e.container.can_start() {
                 return Err(Failure::FailedPrecondition(format!(
                     "container {} cannot be started: it is {:?}",
@@ -596,9 +598,12 @@ impl Containers {
                     e.container.status()
                 )));
             }
-            e.container
+            let r = e
+                .container
                 .start()
-                .map_err(|err| Failure::Internal(format!("start: {err}")))
+                .map_err(|err| Failure::Internal(format!("start: {err}")));
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "start: done");
+            r
         })
         .await
         .map_err(|e| Failure::Internal(format!("start task: {e}")))?

@@ -237,6 +237,12 @@ pub fn list_interfaces() -> Result<Vec<pb::Interface>> {
 /// See `UpdateInterface` in agent.proto.
 pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
     let mac = parse_mac(&want.hw_addr)?;
+    // A warm VM's NIC has a MAC of its own until its pod is known.
+    let (find, find_text) = if want.current_hw_addr.is_empty() {
+        (mac.clone(), &want.hw_addr)
+    } else {
+        (parse_mac(&want.current_hw_addr)?, &want.current_hw_addr)
+    };
     if want.name.is_empty() || want.name.len() > 15 || want.name.contains(['/', ' ', ':']) {
         return Err(invalid(format!(
             "interface name {:?} is not a valid Linux interface name",
@@ -267,21 +273,21 @@ pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
         let links = nl.links()?;
         if let Some(link) = links
             .into_iter()
-            .find(|l| link_mac(l).as_deref() == Some(&mac[..]))
+            .find(|l| link_mac(l).as_deref() == Some(&find[..]))
         {
             break link;
         }
         if std::time::Instant::now() >= deadline {
             return Err(Failure::NotFound(format!(
                 "no guest interface has hardware address {} (waited {}s)",
-                want.hw_addr,
+                find_text,
                 NIC_APPEAR_TIMEOUT.as_secs()
             )));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     tracing::debug!(
-        mac = %want.hw_addr,
+        mac = %find_text,
         waited_ms = asked.elapsed().as_millis() as u64,
         "update interface: NIC found"
     );
@@ -289,14 +295,21 @@ pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
     let index = link.header.index;
     let what = format!("interface {} ({})", want.name, want.hw_addr);
 
-    // Down first: a link is renamed only while down.
-    set_link(&mut nl, &what, index, LinkFlags::empty(), Vec::new())?;
+    // A link is renamed only while down; the rest (virtio-net takes a new
+    // MAC live) keeps an up link up, and its receive buffers filled.
+    let rename = link_name(link) != want.name;
+    if rename {
+        set_link(&mut nl, &what, index, LinkFlags::empty(), Vec::new())?;
+    }
     let mut attrs = Vec::new();
-    if link_name(link) != want.name {
+    if rename {
         attrs.push(LinkAttribute::IfName(want.name.clone()));
     }
-    if want.mtu > 0 {
+    if want.mtu > 0 && link_mtu(link) != want.mtu {
         attrs.push(LinkAttribute::Mtu(want.mtu));
+    }
+    if find != mac {
+        attrs.push(LinkAttribute::Address(mac.clone()));
     }
     if !attrs.is_empty() {
         set_link(&mut nl, &what, index, LinkFlags::empty(), attrs)?;

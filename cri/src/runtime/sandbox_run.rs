@@ -411,6 +411,11 @@ fn sandbox_network(status: &cni::NetworkStatus) -> Result<SandboxNetwork> {
                 mtu: iface.mtu,
                 ips: iface.ips.iter().map(|ip| ip.to_string()).collect(),
                 tap: Some(TapFd(Arc::new(fd))),
+                place: Some(podsandbox::network::TapPlace {
+                    netns: status.netns.clone(),
+                    veth: iface.guest_name.clone(),
+                }),
+                current_mac: None,
             })
         })
         .collect();

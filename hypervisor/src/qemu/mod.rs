@@ -537,11 +537,6 @@ fn templatable(config: &HypervisorConfig, vm: &VmConfig) -> Result<()> {
             why: "virtiofsd is vhost-user and is not saved: use hypervisor.shared_fs = \"virtio-9p\" (or \"none\" with block rootfs)",
         });
     }
-    if !vm.nics.is_empty() {
-        return Err(HypervisorError::NotTemplatable {
-            why: "a template has no NIC: NICs join its clones by hot-plug",
-        });
-    }
     if let TemplateRole::Clone { memory, state } = role {
         for (what, path) in [
             ("template memory file", memory),
