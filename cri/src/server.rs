@@ -84,7 +84,10 @@ impl Cri {
         // Warm VMs boot with a NIC of their own that moves into the pod
         // that claims one (tcfilter: the veth's traffic goes to that tap).
         let factory = &runtime.config().factory;
-        if model == cni::InterworkingModel::TcFilter && (factory.pool > 0 || factory.template) {
+        if model == cni::InterworkingModel::TcFilter
+            && factory.warm_nic
+            && (factory.pool > 0 || factory.template)
+        {
             runtime.set_warm_nics(Arc::new(crate::warm_nics::CniWarmNics::new()?));
         }
         let network = cni::PodNetwork::new(

@@ -85,6 +85,10 @@ pub struct FactoryConfig {
     /// each sandbox is cloned when it is created. Needs devices QEMU can
     /// save (the agent over virtio-serial, no virtio-fs).
     pub template: bool,
+    /// Warm VMs boot with a NIC of their own that moves into the pod
+    /// claiming one (when the runtime is given [`crate::WarmNics`]: vcrid
+    /// with the tcfilter interworking); off: the pod's NICs are hot-plugged.
+    pub warm_nic: bool,
 }
 
 impl FactoryConfig {
@@ -124,6 +128,7 @@ impl Default for FactoryConfig {
             refill_nice: 19,
             boot_timeout_ms: 120_000,
             template: false,
+            warm_nic: true,
         }
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! `BENCH_MODES=template` (any of cold,pool,template; default all) picks the
 //! vcrid set-ups; `BENCH_HYPERVISOR='tcg_tb_size_mib = 8'` adds lines (`;`
-//! separated) to each one's `[hypervisor]`; `BENCH_LOGS=DIR` keeps vcrid's
+//! separated) to each one's `[hypervisor]` (`BENCH_FACTORY`: to the pool
+//! and template runs' `[factory]`); `BENCH_LOGS=DIR` keeps vcrid's
 //! log and the VMs' consoles there.
 //!
 //! One loopback registry serves a busybox image and a "pause" image (the same
@@ -796,6 +797,10 @@ async fn main() {
     let extra_hv = std::env::var("BENCH_HYPERVISOR")
         .map(|h| format!("{}\n", h.replace(';', "\n")))
         .unwrap_or_default();
+    // BENCH_FACTORY: lines added to the pool and template runs' [factory].
+    let extra_factory = std::env::var("BENCH_FACTORY")
+        .map(|h| format!("{}\n", h.replace(';', "\n")))
+        .unwrap_or_default();
     let warm = Mode { pool: true, ..COLD };
     let setups: [(&str, &str, &str, Mode); 3] = [
         ("cold", "", "", COLD),
@@ -817,9 +822,14 @@ async fn main() {
             continue;
         }
         let started = Instant::now();
+        let extra = if extra.contains("[factory]") {
+            format!("{extra}{extra_factory}")
+        } else {
+            extra.to_string()
+        };
         let (samples, log) = Box::pin(run_vcrid(
             &format!("vcrid {what}"),
-            extra,
+            &extra,
             &format!("{hv}{extra_hv}"),
             &refs,
             pods,
