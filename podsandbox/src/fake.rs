@@ -498,7 +498,7 @@ impl Drop for MountGuard {
 /// a tap. `fail_adopt` makes adoption fail.
 #[derive(Debug, Default)]
 pub struct FakeWarmNics {
-    pub calls: Mutex<Vec<String>>,
+    calls: Mutex<Vec<String>>,
     pub fail_adopt: std::sync::atomic::AtomicBool,
 }
 

@@ -111,7 +111,7 @@ impl Runtime {
             return Err("a warm VM cannot grow (hypervisor.resource_hotplug is off)".into());
         }
         // (The first interface with a place takes a warm VM's own NIC.)
-        let own = self.has_warm_nics() && network.interfaces.iter().any(|i| i.place.is_some());
+        let own = self.has_warm_nics() && adoptable(network).is_some();
         let nics = u32::try_from(network.interfaces.len())
             .unwrap_or(u32::MAX)
             .saturating_sub(u32::from(own));
@@ -160,9 +160,10 @@ impl Runtime {
         // The warm VM's own NIC takes the first interface's place; the
         // guest then only gives it the pod's MAC and addresses.
         let mut network = network.clone();
+        let first = adoptable(&network);
         let adopted = match (
             self.inner.warm_nics.get(),
-            network.interfaces.iter_mut().find(|i| i.place.is_some()),
+            first.and_then(|i| network.interfaces.get_mut(i)),
         ) {
             (Some(nics), Some(first)) => {
                 let place = first.place.clone().unwrap_or_default();
@@ -402,6 +403,12 @@ impl Runtime {
     pub fn factory_status(&self) -> crate::factory::FactoryStatus {
         self.inner.factory.status()
     }
+}
+
+/// The interface a warm VM's own NIC takes, if any: the first whose tap
+/// has a place (a netns and veth) it can be put in instead.
+fn adoptable(network: &SandboxNetwork) -> Option<usize> {
+    network.interfaces.iter().position(|i| i.place.is_some())
 }
 
 /// The runtime as the factory's [`Warmer`]; holds it weakly, so a pool
