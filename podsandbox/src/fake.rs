@@ -167,6 +167,8 @@ pub struct FakeDialer {
     pub answers: bool,
     calls: Arc<Mutex<Vec<&'static str>>>,
     dials: Arc<std::sync::atomic::AtomicUsize>,
+    /// How many more GuestDetails answers say the guest is not settled.
+    unsettled: Arc<std::sync::atomic::AtomicUsize>,
     /// The signal that ended each container, once one did.
     signalled: Arc<tokio::sync::watch::Sender<HashMap<String, u32>>>,
 }
@@ -177,8 +179,16 @@ impl FakeDialer {
             answers,
             calls: Arc::default(),
             dials: Arc::default(),
+            unsettled: Arc::default(),
             signalled: Arc::new(tokio::sync::watch::channel(HashMap::new()).0),
         }
+    }
+
+    /// The next `answers` GuestDetails say the guest's start-up work is
+    /// not done (`settled: false`).
+    pub fn settle_after(&self, answers: usize) {
+        self.unsettled
+            .store(answers, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many connections were dialed.
@@ -265,6 +275,14 @@ impl AgentClient for FakeDialer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push("guest_details");
+        let unsettled = self
+            .unsettled
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
         Ok(GuestDetails {
             kernel_release: "6.1.0-fake".into(),
             mem_total_kib: 1,
@@ -274,7 +292,7 @@ impl AgentClient for FakeDialer {
             uptime_ms: 1,
             agent_ready_ms: 1,
             machine_id: String::new(),
-            settled: true,
+            settled: !unsettled,
         })
     }
     async fn online_resources(

@@ -20,6 +20,8 @@ use crate::{
 
 /// Pause between attempts to reach a booting guest's agent.
 const DIAL_RETRY: Duration = Duration::from_millis(10);
+/// How often a VM's start-up work is asked about (GuestDetails).
+const SETTLE_POLL: Duration = Duration::from_millis(100);
 /// How often a running VM's logs are checked against their cap.
 const LOG_TRIM_PERIOD: Duration = Duration::from_secs(1);
 
@@ -299,6 +301,25 @@ impl Runtime {
                 return Err(agent_timeout(id, timeout, last_error, vm));
             }
             tokio::time::sleep(DIAL_RETRY).await;
+        }
+    }
+
+    /// Waits until the guest reports its start-up work settled (modules,
+    /// namespaces, the shared filesystem; `GuestDetails.settled`) or
+    /// `deadline` passes; a VM that does not settle by then is used as it
+    /// is (logged): it works, only its first calls wait for that work.
+    pub(crate) async fn wait_settled(id: &str, agent: &dyn AgentClient, deadline: Instant) {
+        loop {
+            match agent.guest_details(Duration::from_secs(5)).await {
+                Ok(d) if d.settled => return,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(vm = %id, "guest details: {e}"),
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(vm = %id, "the guest did not settle in time: used as it is");
+                return;
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
         }
     }
 

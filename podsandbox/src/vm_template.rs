@@ -363,18 +363,7 @@ impl Runtime {
         self.warm_nic_up(id, agent.as_ref()).await?;
         // Saved once settled: what the guest still does after it began
         // serving (modules, namespaces) is then done once, not per clone.
-        loop {
-            match agent.guest_details(Duration::from_secs(5)).await {
-                Ok(d) if d.settled => break,
-                Ok(_) => {}
-                Err(e) => tracing::debug!(vm = %id, "template VM details: {e}"),
-            }
-            if started.elapsed() >= timeout {
-                tracing::warn!(vm = %id, "the template VM did not settle in {timeout:?}: saved as it is");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        Self::wait_settled(id, agent.as_ref(), started + timeout).await;
         tracing::debug!(vm = %id, ms = started.elapsed().as_millis() as u64, "template VM ready to save");
         drop(agent);
         // The port is free again when the clone's host dials it.

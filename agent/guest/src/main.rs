@@ -199,19 +199,29 @@ async fn run(secret: agent::AgentSecret) -> anyhow::Result<()> {
     // template's clone: once personalized), off the first CreateContainer's
     // path (which would otherwise mount it).
     let mount_startup = startup.clone();
-    tokio::spawn(async move {
+    let shared = tokio::spawn(async move {
         mount_startup.may_mount_shared().await;
         if let Err(err) = storage.shared().await {
             tracing::debug!("early shared filesystem mount: {err}");
         }
     });
+    // A template VM must not mount it (its clones do, once personalized):
+    // settled without it. Any other VM is settled once it is mounted, so
+    // a warm VM's first CreateContainer does not wait for it.
+    let shared = (!startup.is_template()).then_some(shared);
     // The pod's PID and IPC namespaces too (a fork and an exec), and the
     // cgroup controllers containers use (~50 ms under TCG).
     let namespaces = containers.make_namespaces_ahead();
     let controllers = tokio::task::spawn_blocking(container::enable_controllers);
-    // Settled: what a template VM waits for before it is saved.
+    // Settled: what a template VM waits for before it is saved, and a
+    // booted warm VM before it joins the pool.
     tokio::spawn(async move {
-        let _ = tokio::join!(modules, namespaces, controllers);
+        let shared = async move {
+            if let Some(shared) = shared {
+                let _ = shared.await;
+            }
+        };
+        let _ = tokio::join!(modules, namespaces, controllers, shared);
         startup.mark_settled();
         tracing::debug!(
             uptime_ms = service::uptime().map(|u| u.as_millis()).unwrap_or(0),

@@ -31,6 +31,12 @@ impl Startup {
         }
     }
 
+    /// Booted as a template (its clones resume its memory, so they are
+    /// templates too).
+    pub fn is_template(&self) -> bool {
+        self.template
+    }
+
     pub fn settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
     }
