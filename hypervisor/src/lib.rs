@@ -51,6 +51,11 @@ pub struct VmConfig {
     pub agent_secret: Option<String>,
     /// Whether the VM is a template or starts from one (`None`: it boots).
     pub template: Option<TemplateRole>,
+    /// The nice value the VMM and its helpers start at (0: as the caller
+    /// runs), set as each is spawned, before it makes its threads: a VM
+    /// started in the background (a warm pool's) yields to running ones
+    /// from its first instruction, not only once it booted.
+    pub nice: i32,
 }
 
 /// A VM that becomes a template, or starts from one: the template is a

@@ -27,10 +27,8 @@ use crate::{
 pub struct FakeVms {
     vms: Mutex<HashMap<String, FakeHypervisor>>,
     fail_at: Mutex<Option<Op>>,
-    /// The template role each VM was created with, by ID.
-    roles: Mutex<HashMap<String, Option<hypervisor::TemplateRole>>>,
-    /// The MACs of the NICs each VM booted with, by ID.
-    boot_macs: Mutex<HashMap<String, Vec<String>>>,
+    /// What each VM was created as, by ID.
+    configs: Mutex<HashMap<String, VmConfig>>,
 }
 
 impl FakeVms {
@@ -46,23 +44,24 @@ impl FakeVms {
         vms.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// The template role VM `id` was created with (`None`: it booted).
-    pub fn template_role(&self, id: &str) -> Option<hypervisor::TemplateRole> {
-        self.roles
+    /// What VM `id` was created as.
+    pub fn config(&self, id: &str) -> Option<VmConfig> {
+        self.configs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
-            .flatten()
+    }
+
+    /// The template role VM `id` was created with (`None`: it booted).
+    pub fn template_role(&self, id: &str) -> Option<hypervisor::TemplateRole> {
+        self.config(id).and_then(|c| c.template)
     }
 
     /// The MACs of the NICs VM `id` booted with.
     pub fn boot_macs(&self, id: &str) -> Vec<String> {
-        self.boot_macs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        self.config(id)
+            .map(|c| c.nics.iter().map(|n| n.mac.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -105,17 +104,10 @@ impl VmFactory for FakeVms {
             }
             None => {}
         }
-        self.roles
+        self.configs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(vm.id.clone(), vm.template.clone());
-        self.boot_macs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                vm.id.clone(),
-                vm.nics.iter().map(|n| n.mac.clone()).collect(),
-            );
+            .insert(vm.id.clone(), vm.clone());
         let state = VmState {
             hypervisor: "fake".into(),
             id: vm.id.clone(),

@@ -38,7 +38,6 @@ pub mod failpoint;
 pub mod fake;
 mod mounts;
 pub mod network;
-mod nice;
 pub mod oci;
 mod recover;
 mod sandbox;

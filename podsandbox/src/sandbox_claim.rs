@@ -145,7 +145,7 @@ impl Runtime {
         // From here on a crash leaves a record that names the VM: recovery
         // tears it down (its run dir with it).
         self.inner.store.save(record)?;
-        crate::nice::set_nice(&vm.pids(), 0);
+        hypervisor::process::set_nice(&vm.pids(), 0);
         self.adopt_agent(&warm.id, &id);
         self.fail_point("create_sandbox.claimed")?;
         if let Some(parent) = cgroup_parent {
@@ -326,7 +326,7 @@ impl Runtime {
         };
         let role = template.as_ref().map(|t| t.role());
         let nics = self.warm_nics_for(vm_id).await?;
-        let vm = match self.spawn_vm(vm_id, size, nics, role).await {
+        let vm = match self.spawn_vm(vm_id, size, nics, role, nice).await {
             Ok(vm) => vm,
             Err(err) => {
                 self.discard_vm(vm_id, None).await;
@@ -337,7 +337,6 @@ impl Runtime {
                 return Err(err);
             }
         };
-        crate::nice::set_nice(&vm.pids(), nice);
         let timeout = Duration::from_millis(config.factory.boot_timeout_ms);
         let started = std::time::Instant::now();
         let ready = match &template {
@@ -766,7 +765,20 @@ mod tests {
                 .await
                 .expect("create");
         assert_eq!(small.origin, VmOrigin::Boot, "smaller than a warm VM");
-        assert!(h.vms.get("p3").is_some());
+        // A pod's own boot runs at nice 0; the pool's boots start at
+        // refill_nice (19), before QEMU makes its threads.
+        assert_eq!(h.vms.config("p3").map(|c| c.nice), Some(0));
+        let warm: Vec<i32> = h
+            .vms
+            .all()
+            .iter()
+            .filter(|(id, _)| id.starts_with("pool-"))
+            .filter_map(|(id, _)| h.vms.config(id).map(|c| c.nice))
+            .collect();
+        assert!(
+            !warm.is_empty() && warm.iter().all(|n| *n == 19),
+            "{warm:?}"
+        );
         if second.origin == VmOrigin::Boot {
             assert!(h.vms.get("p2").is_some());
         }

@@ -140,7 +140,7 @@ impl Runtime {
             memory_mib: record.memory_mib,
         };
         let vm = self
-            .spawn_vm(&id, size, nics, None)
+            .spawn_vm(&id, size, nics, None, 0)
             .await
             .map_err(|e| (e, None))?;
         // A VM runs that no record names yet.
@@ -173,14 +173,16 @@ impl Runtime {
     }
 
     /// Makes the run dir `run_dir(vm_id)` (a bounded tmpfs with the shared
-    /// dirs) and boots a VM of `size` with `nics` in it. On error nothing
-    /// of the VM runs; the run dir is the caller's to remove.
+    /// dirs) and boots a VM of `size` with `nics` in it, its processes at
+    /// `nice` from the start. On error nothing of the VM runs; the run dir
+    /// is the caller's to remove.
     pub(crate) async fn spawn_vm(
         &self,
         vm_id: &str,
         size: VmSize,
         nics: Vec<hypervisor::Nic>,
         template: Option<hypervisor::TemplateRole>,
+        nice: i32,
     ) -> Result<Arc<dyn Hypervisor>> {
         let run_dir = self.run_dir(vm_id);
         // A run dir without a sandbox is debris of a crashed create.
@@ -231,6 +233,7 @@ impl Runtime {
             run_dir,
             nics,
             template,
+            nice,
         };
         let hypervisor_error = |source| Error::Hypervisor {
             id: vm_id.to_string(),

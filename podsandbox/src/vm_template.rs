@@ -336,7 +336,8 @@ impl Runtime {
         };
         let role = TemplateRole::Source { memory };
         let nics = self.warm_nics_for(id).await?;
-        let vm = match self.spawn_vm(id, size, nics, Some(role)).await {
+        let nice = config.factory.refill_nice;
+        let vm = match self.spawn_vm(id, size, nics, Some(role), nice).await {
             Ok(vm) => vm,
             Err(err) => {
                 self.discard_vm(id, None).await;
@@ -355,7 +356,6 @@ impl Runtime {
         state: &std::path::Path,
     ) -> Result<agent::AgentSecret> {
         let config = &self.inner.config;
-        crate::nice::set_nice(&vm.pids(), config.factory.refill_nice);
         let timeout = Duration::from_millis(config.factory.boot_timeout_ms);
         let started = std::time::Instant::now();
         let agent = self.wait_for_agent(id, vm, timeout).await?;

@@ -48,6 +48,30 @@ fn pool_dirs(env: &CriEnv) -> Vec<PathBuf> {
     dirs
 }
 
+/// The nice value of every thread of every process naming `dir` (field 19
+/// of /proc/PID/task/TID/stat), as `(pid, tid, nice)`.
+fn thread_nices(dir: &std::path::Path) -> Vec<(i32, String, String)> {
+    let mut nices = Vec::new();
+    for (pid, _) in tests::processes_mentioning(dir) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let tid = task.file_name().to_string_lossy().to_string();
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let nice = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+                .unwrap_or("?")
+                .to_string();
+            nices.push((pid, tid, nice));
+        }
+    }
+    nices
+}
+
 /// Waits (up to 10 s: a SIGKILL lands asynchronously) until no process
 /// names `dir`; returns those that still do.
 async fn until_gone(dir: &std::path::Path) -> Vec<(i32, String)> {
@@ -109,6 +133,14 @@ async fn pods_from_the_pool_serve_like_booted_ones_and_a_dead_warm_vm_is_replace
     );
     let warm = pool_dirs(&env);
     assert_eq!(warm.len(), 1, "{warm:?}");
+    // The warm VM (QEMU, virtiofsd, vhost-device-vsock) runs at
+    // refill_nice, every thread of it: niced as spawned, before QEMU made
+    // its vCPU and worker threads.
+    let nices = thread_nices(&warm[0]);
+    assert!(
+        nices.len() > 3 && nices.iter().all(|(_, _, n)| n == "19"),
+        "{nices:?}"
+    );
 
     // Pod A takes the warm VM and serves HTTP on a hostPort.
     let host_port = 18000 + i32::from(env.subnet_octet);

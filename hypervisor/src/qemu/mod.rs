@@ -64,6 +64,8 @@ pub struct Qemu {
     nics: Vec<Nic>,
     /// A template's source or clone, for boot only.
     template: Option<TemplateRole>,
+    /// The nice value QEMU and its helpers start at, for boot only.
+    nice: i32,
     state: Mutex<VmState>,
     /// Serialises disk attach and detach.
     disk_lock: tokio::sync::Mutex<()>,
@@ -87,6 +89,7 @@ impl Qemu {
         let shared = vm.shared.clone();
         let nics = vm.nics.clone();
         let template = vm.template.clone();
+        let nice = vm.nice;
         let state = VmState {
             hypervisor: NAME.into(),
             id: vm.id,
@@ -115,6 +118,7 @@ impl Qemu {
             shared,
             nics,
             template,
+            nice,
             state: Mutex::new(state),
             disk_lock: tokio::sync::Mutex::new(()),
             resize_lock: tokio::sync::Mutex::new(()),
@@ -128,9 +132,20 @@ impl Qemu {
             shared: None,
             nics: Vec::new(),
             template: None,
+            nice: 0,
             state: Mutex::new(state),
             disk_lock: tokio::sync::Mutex::new(()),
             resize_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Gives a process just spawned (still in its start-up, before it made
+    /// its worker and vCPU threads, which inherit it) the VM's nice value.
+    fn renice(&self, process: &ProcessRef) {
+        if self.nice != 0 {
+            if let Ok(pid) = u32::try_from(process.pid) {
+                process::set_nice(&[pid], self.nice);
+            }
         }
     }
 
@@ -201,6 +216,7 @@ impl Qemu {
             });
         }
         let helper = process::spawn_detached(program, args, log)?;
+        self.renice(&helper);
         let deadline = Instant::now() + HELPER_READY_TIMEOUT;
         while !socket.exists() {
             if !helper.is_alive() {
@@ -354,6 +370,7 @@ impl Qemu {
         tracing::debug!(id = %state.id, args = ?args, "starting QEMU");
         let vmm =
             process::spawn_detached_with_fds(&self.config.qemu_path, &args, &self.paths.log, fds)?;
+        self.renice(&vmm);
         let deadline = Instant::now() + QMP_READY_TIMEOUT;
         loop {
             if !vmm.is_alive() {
@@ -1037,6 +1054,7 @@ mod tests {
             nics: Vec::new(),
             agent_secret: Some("ab".repeat(32)),
             template: None,
+            nice: 0,
         }
     }
 
