@@ -350,10 +350,13 @@ impl Runtime {
             // modules and the shared filesystem's mount under TCG).
             None => match self.wait_for_agent(vm_id, vm.as_ref(), timeout).await {
                 Ok(agent) => match self.warm_nic_up(vm_id, agent.as_ref()).await {
-                    Ok(()) => {
-                        Self::wait_settled(vm_id, agent.as_ref(), started + timeout).await;
-                        Ok(())
-                    }
+                    Ok(()) => tokio::select! {
+                        reason = vm.wait_exit() => Err(Error::VmExitedDuringBoot {
+                            id: vm_id.into(),
+                            reason,
+                        }),
+                        () = Self::wait_settled(vm_id, agent.as_ref(), started + timeout) => Ok(()),
+                    },
                     Err(err) => Err(err),
                 },
                 Err(err) => Err(err),
@@ -639,6 +642,46 @@ mod tests {
         }
         // Three "not settled" answers, then the one that let it in.
         assert_eq!(ready_after, Some(4), "{:?}", rt.factory_status());
+        rt.stop_factory().await;
+        crate::fake::detach_mounts_under(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_warm_vm_that_dies_before_it_settles_never_joins_the_pool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = RuntimeConfig {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..RuntimeConfig::default()
+        };
+        config.factory.pool = 1;
+        let dialer = Arc::new(FakeDialer::new(true));
+        dialer.settle_after(usize::MAX);
+        let vms = Arc::new(FakeVms::default());
+        let rt = Runtime::with_parts(config, vms.clone(), dialer.clone()).expect("runtime");
+        rt.start_factory().expect("factory");
+        let mut error = None;
+        for _ in 0..400 {
+            // Once it is asked whether it settled (its agent answered).
+            if dialer.calls().contains(&"guest_details") {
+                for (id, vm) in vms.all() {
+                    if id.starts_with("pool-") {
+                        vm.crash("killed while settling");
+                    }
+                }
+            }
+            let status = rt.factory_status();
+            assert_eq!(status.ready, 0, "{status:?}");
+            if let Some(e) = status
+                .last_error
+                .filter(|e| e.contains("killed while settling"))
+            {
+                error = Some(e);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(error.is_some(), "{:?}", rt.factory_status());
         rt.stop_factory().await;
         crate::fake::detach_mounts_under(dir.path());
     }

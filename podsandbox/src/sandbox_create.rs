@@ -313,7 +313,9 @@ impl Runtime {
     /// is (logged): it works, only its first calls wait for that work.
     pub(crate) async fn wait_settled(id: &str, agent: &dyn AgentClient, deadline: Instant) {
         loop {
-            match agent.guest_details(Duration::from_secs(5)).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = left.clamp(SETTLE_POLL, Duration::from_secs(5));
+            match agent.guest_details(wait).await {
                 Ok(d) if d.settled => return,
                 Ok(_) => {}
                 Err(e) => tracing::debug!(vm = %id, "guest details: {e}"),

@@ -294,6 +294,8 @@ pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
     let link = &link;
     let index = link.header.index;
     let what = format!("interface {} ({})", want.name, want.hw_addr);
+    let mut marks: Vec<(&str, u64)> = Vec::new();
+    let mut mark = |step| marks.push((step, asked.elapsed().as_millis() as u64));
 
     // A link is renamed only while down; the rest (virtio-net takes a new
     // MAC live) keeps an up link up, and its receive buffers filled.
@@ -314,6 +316,7 @@ pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
     if !attrs.is_empty() {
         set_link(&mut nl, &what, index, LinkFlags::empty(), attrs)?;
     }
+    mark("set");
     for old in nl
         .addresses()?
         .into_iter()
@@ -332,9 +335,13 @@ pub fn update_interface(want: &pb::Interface) -> Result<pb::Interface> {
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         )?;
     }
+    mark("addressed");
     set_link(&mut nl, &what, index, LinkFlags::Up, Vec::new())?;
+    mark("up");
     let links = nl.links()?;
     let addrs = nl.addresses()?;
+    mark("described");
+    tracing::debug!(?marks, "update interface: done (ms since asked)");
     links
         .iter()
         .find(|l| l.header.index == index)
