@@ -311,8 +311,9 @@ impl Runtime {
     }
 
     /// Boots a warm VM (or, with templates, clones one): the default
-    /// size, no NICs, at `nice`, until its agent answers. On error nothing
-    /// of it is left.
+    /// size, its own NIC if warm NICs are on, at `nice` from the start,
+    /// until its guest has settled (a clone: until it is personalized).
+    /// On error nothing of it is left.
     async fn warm_vm(&self, vm_id: &str, nice: i32) -> Result<Arc<dyn Hypervisor>> {
         let config = &self.inner.config;
         let size = VmSize {
