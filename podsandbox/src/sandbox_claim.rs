@@ -486,6 +486,17 @@ mod tests {
     }
 
     async fn pooled_with(pool: u32, nics: Option<Arc<crate::fake::FakeWarmNics>>) -> Harness {
+        let h = started(pool, nics, Arc::new(FakeDialer::new(true)));
+        h.until_ready(pool).await;
+        h
+    }
+
+    /// A runtime with its factory started (not waited for) on `dialer`.
+    fn started(
+        pool: u32,
+        nics: Option<Arc<crate::fake::FakeWarmNics>>,
+        dialer: Arc<FakeDialer>,
+    ) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = RuntimeConfig {
             state_dir: dir.path().join("state"),
@@ -495,15 +506,12 @@ mod tests {
         config.agent.dial_timeout_ms = 200;
         config.factory.pool = pool;
         let vms = Arc::new(FakeVms::default());
-        let rt = Runtime::with_parts(config, vms.clone(), Arc::new(FakeDialer::new(true)))
-            .expect("runtime");
+        let rt = Runtime::with_parts(config, vms.clone(), dialer).expect("runtime");
         if let Some(nics) = nics {
             rt.set_warm_nics(nics);
         }
         rt.start_factory().expect("factory");
-        let h = Harness { rt, vms, dir };
-        h.until_ready(pool).await;
-        h
+        Harness { rt, vms, dir }
     }
 
     impl Harness {
@@ -614,18 +622,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_booted_warm_vm_joins_the_pool_only_once_its_guest_has_settled() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = RuntimeConfig {
-            state_dir: dir.path().join("state"),
-            run_dir: dir.path().join("run"),
-            ..RuntimeConfig::default()
-        };
-        config.factory.pool = 1;
         let dialer = Arc::new(FakeDialer::new(true));
         dialer.settle_after(3);
-        let rt = Runtime::with_parts(config, Arc::new(FakeVms::default()), dialer.clone())
-            .expect("runtime");
-        rt.start_factory().expect("factory");
+        let h = started(1, None, dialer.clone());
+        let rt = &h.rt;
         let details = || {
             dialer
                 .calls()
@@ -644,23 +644,14 @@ mod tests {
         // Three "not settled" answers, then the one that let it in.
         assert_eq!(ready_after, Some(4), "{:?}", rt.factory_status());
         rt.stop_factory().await;
-        crate::fake::detach_mounts_under(dir.path());
     }
 
     #[tokio::test]
     async fn a_warm_vm_that_dies_before_it_settles_never_joins_the_pool() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = RuntimeConfig {
-            state_dir: dir.path().join("state"),
-            run_dir: dir.path().join("run"),
-            ..RuntimeConfig::default()
-        };
-        config.factory.pool = 1;
         let dialer = Arc::new(FakeDialer::new(true));
         dialer.settle_after(usize::MAX);
-        let vms = Arc::new(FakeVms::default());
-        let rt = Runtime::with_parts(config, vms.clone(), dialer.clone()).expect("runtime");
-        rt.start_factory().expect("factory");
+        let h = started(1, None, dialer.clone());
+        let (rt, vms) = (&h.rt, &h.vms);
         let mut error = None;
         for _ in 0..400 {
             // Once it is asked whether it settled (its agent answered).
@@ -684,7 +675,6 @@ mod tests {
         }
         assert!(error.is_some(), "{:?}", rt.factory_status());
         rt.stop_factory().await;
-        crate::fake::detach_mounts_under(dir.path());
     }
 
     #[tokio::test]
