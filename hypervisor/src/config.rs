@@ -133,8 +133,10 @@ pub struct HypervisorConfig {
     /// from a virtio-mem device, which can also give it back). Off, or on
     /// microvm, a VM keeps the size it booted with.
     pub resource_hotplug: bool,
-    /// A virtio-balloon with free-page reporting in every VM: memory the
-    /// guest frees (in 2 MiB pieces, after ~2 s) is handed back to the host.
+    /// A virtio-balloon with free-page reporting in every booted VM: memory
+    /// the guest frees (in 2 MiB pieces, after ~2 s) is handed back to the
+    /// host. Never in a template or its clones (a discard would punch the
+    /// template's shared file).
     pub free_page_reporting: bool,
     /// Whether the host's KSM may merge guest RAM (QEMU `mem-merge`, which
     /// is on in QEMU by default). Off: a VM's pages are never shared with

@@ -18,7 +18,8 @@ use std::{
 use k8s_cri::v1 as cri;
 use tests::cri::{
     container_config, create_started, exec_sh, factory_status, http_get, pod_config, pod_info,
-    pss_kib, remove_pod, run_pod, start_httpd, wait_for_log, CriEnv, Runtime,
+    privileged, privileged_pod_config, pss_kib, remove_pod, run_pod, start_httpd, wait_for_log,
+    CriEnv, Runtime,
 };
 
 /// Waits (up to 5 minutes: the template boots at nice 19) for `ready`
@@ -267,6 +268,21 @@ async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
     env.assert_no_pods_left();
 }
 
+/// A digest of a file's bytes.
+fn file_digest(path: &std::path::Path) -> u64 {
+    use std::{hash::Hasher, io::Read};
+    let mut file = std::fs::File::open(path).expect("open");
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            return hasher.finish();
+        }
+        hasher.write(&buf[..n]);
+    }
+}
+
 /// The guest's machine-id, as verbose PodSandboxStatus reports it.
 async fn info_machine_id(rt: &mut Runtime, pod: &str) -> String {
     let info = pod_info(rt, pod).await;
@@ -300,19 +316,48 @@ async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let cfg = pod_config(&env, "tpl-direct", "default");
+    // What every clone starts from, before the first clone runs.
+    let files = template_files(&env);
+    let memory = files
+        .iter()
+        .find(|p| p.ends_with("memory"))
+        .expect("memory");
+    let saved = file_digest(memory);
+
+    // Privileged: its container is root in the guest, as a hostile guest
+    // is.
+    let cfg = privileged_pod_config(&env, "tpl-direct", "default");
     let pod = run_pod(&mut rt, cfg.clone()).await;
     let info = pod_info(&mut rt, &pod).await;
     assert_eq!(info["vm"]["origin"], "template", "{info}");
+    assert_eq!(
+        info["vm"]["memory_mib"], 256,
+        "all its RAM is the template's: {info}"
+    );
+    let qemu = info["vm"]["pid"].as_i64().expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        !cmdline.contains("virtio-balloon"),
+        "a clone has no balloon to discard the template's pages with: {cmdline}"
+    );
+    // The container frees what the template's guest had cached, compacts
+    // free memory into large blocks and takes and frees 64 MiB: free pages
+    // that a guest could report (after 2 s) or inflate a balloon with.
     let c = Box::pin(create_started(
         &mut rt,
         &pod,
         &cfg,
-        container_config(
+        privileged(container_config(
             &image,
             "echo",
-            &["/bin/sh", "-c", "echo cloned; sleep 3600"],
-        ),
+            &[
+                "/bin/sh",
+                "-c",
+                "echo 3 > /proc/sys/vm/drop_caches && echo 1 > /proc/sys/vm/compact_memory \
+                 && dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null && echo cloned; sleep 3600",
+            ],
+        )),
     ))
     .await;
     let log = env.dir.path().join("logs/tpl-direct/echo.log");
@@ -321,11 +366,18 @@ async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
         .contains(" stdout F cloned"));
     let (code, out) = exec_sh(&mut rt, &c, "cat /etc/hostname").await;
     assert_eq!((code, out.as_str()), (0, "tpl-direct\n"));
+    // Whatever the clone did with its memory, the template's file is as
+    // it was saved: a clone that could punch holes in it would zero the
+    // pages other clones run on.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        file_digest(memory) == saved,
+        "a clone changed the template's memory file"
+    );
     remove_pod(&mut rt, &pod).await;
 
     // A template whose device state no longer loads: the pod that finds
     // out boots instead, and a new template is saved for the next one.
-    let files = template_files(&env);
     let state = files.iter().find(|p| p.ends_with("state")).expect("state");
     std::fs::write(state, b"not a migration stream").expect("corrupt the state");
     let booted = run_pod(&mut rt, pod_config(&env, "tpl-fallback", "default")).await;

@@ -340,7 +340,14 @@ fn memory_args(spec: &Spec<'_>) -> Vec<String> {
             "virtio-mem-pci,id=vmem0,memdev=hpmem,requested-size=0,bus=pcie.0",
         ]));
     }
-    if spec.free_page_reporting {
+    // Never in a template or its clones. QEMU discards a page a balloon
+    // is given by punching a hole in the RAM's file, even when the VM maps
+    // that file private: a clone's guest (hostile, or merely freeing what
+    // the template had in use) would zero those pages in the template every
+    // other clone runs on and every later one starts from. Without the
+    // device no guest can ask for a discard; what a clone frees stays its
+    // own copy-on-write memory.
+    if spec.free_page_reporting && spec.template.is_none() {
         let device = if spec.machine == MachineType::Microvm {
             "virtio-balloon-device"
         } else {
@@ -824,9 +831,14 @@ mod tests {
         let paths = RunPaths::new(Path::new("/r"));
         let mut s = spec(&paths, MachineType::Q35, Resolved::Tcg);
         s.hotplug_memory_mib = 1024;
+        s.free_page_reporting = true;
         s.vsock = VsockDevice::Serial {
             socket: paths.agent_serial.clone(),
         };
+        assert!(
+            build(&s).iter().any(|a| a.starts_with("virtio-balloon")),
+            "a booted VM reports free pages"
+        );
         let source = crate::TemplateRole::Source {
             memory: "/t,1/memory".into(),
         };
@@ -867,6 +879,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(strip(&template), strip(&cloned));
+        // No balloon: a discard would punch the template's file.
+        assert!(!cloned.iter().any(|a| a.contains("balloon")), "{cloned:?}");
         // Both tell the agent it is (or resumes) a template.
         assert!(template
             .iter()
