@@ -44,7 +44,7 @@ def floor_once(kernel, initrd, machine):
         khz = cpu_khz()
         mach = ["-machine", "microvm,pit=off,pic=off,isa-serial=on"]
         params = KPARAMS + f" tsc=reliable tsc_early_khz={khz}"
-    cmd = [QEMU, *mach, "-accel", "tcg,tb-size=16", "-cpu", "max", "-m", "256M", "-nodefaults",
+    cmd = [QEMU, *mach, "-accel", "tcg,tb-size=32", "-cpu", "max", "-m", "256M", "-nodefaults",
            "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot", "-serial", "stdio",
            "-kernel", kernel, "-initrd", initrd, "-append", params]
     start = time.monotonic()
