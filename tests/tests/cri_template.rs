@@ -368,7 +368,9 @@ async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
     assert_eq!((code, out.as_str()), (0, "tpl-direct\n"));
     // Whatever the clone did with its memory, the template's file is as
     // it was saved: a clone that could punch holes in it would zero the
-    // pages other clones run on.
+    // pages other clones run on. (With a balloon, the guest reports free
+    // pages 2 s after they are freed: before the fix, this pod changed
+    // the file within the 10 s waited here.)
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(
         file_digest(memory) == saved,
