@@ -3,7 +3,9 @@
 //! file mapped private, its device state loaded, no boot). A pod from a
 //! clone works as a booted one does — pod IP, hostPort, exec, logs, grown
 //! to its size, stop and remove — and two clones are two machines: their
-//! boot_id, machine-id, MAC and IP differ. A `kill -9` of vcrid with a
+//! boot_id, machine-id, MAC and IP differ. Whatever a clone's guest does
+//! with its memory, the template's memory file stays as it was saved
+//! (clones have no balloon to discard pages with). A `kill -9` of vcrid with a
 //! warm clone leaves no clone or template behind after the restart, and
 //! the pods run on. A graceful stop leaves no VM, no template file,
 //! nothing.
