@@ -351,13 +351,10 @@ impl Runtime {
             // modules and the shared filesystem's mount under TCG).
             None => match self.wait_for_agent(vm_id, vm.as_ref(), timeout).await {
                 Ok(agent) => match self.warm_nic_up(vm_id, agent.as_ref()).await {
-                    Ok(()) => tokio::select! {
-                        reason = vm.wait_exit() => Err(Error::VmExitedDuringBoot {
-                            id: vm_id.into(),
-                            reason,
-                        }),
-                        () = Self::wait_settled(vm_id, agent.as_ref(), started + timeout) => Ok(()),
-                    },
+                    Ok(()) => {
+                        Self::wait_settled(vm_id, vm.as_ref(), agent.as_ref(), started + timeout)
+                            .await
+                    }
                     Err(err) => Err(err),
                 },
                 Err(err) => Err(err),

@@ -310,8 +310,21 @@ impl Runtime {
     /// Waits until the guest reports its start-up work settled (modules,
     /// namespaces, the shared filesystem; `GuestDetails.settled`) or
     /// `deadline` passes; a VM that does not settle by then is used as it
-    /// is (logged): it works, only its first calls wait for that work.
-    pub(crate) async fn wait_settled(id: &str, agent: &dyn AgentClient, deadline: Instant) {
+    /// is (logged): it works, only its first calls wait for that work. A VM
+    /// that exits meanwhile is an error at once, as in `wait_for_agent`.
+    pub(crate) async fn wait_settled(
+        id: &str,
+        vm: &dyn Hypervisor,
+        agent: &dyn AgentClient,
+        deadline: Instant,
+    ) -> Result<()> {
+        tokio::select! {
+            reason = vm.wait_exit() => Err(Error::VmExitedDuringBoot { id: id.into(), reason }),
+            () = Self::poll_settled(id, agent, deadline) => Ok(()),
+        }
+    }
+
+    async fn poll_settled(id: &str, agent: &dyn AgentClient, deadline: Instant) {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let wait = left.clamp(SETTLE_POLL, Duration::from_secs(5));

@@ -363,7 +363,7 @@ impl Runtime {
         self.warm_nic_up(id, agent.as_ref()).await?;
         // Saved once settled: what the guest still does after it began
         // serving (modules, namespaces) is then done once, not per clone.
-        Self::wait_settled(id, agent.as_ref(), started + timeout).await;
+        Self::wait_settled(id, vm, agent.as_ref(), started + timeout).await?;
         tracing::debug!(vm = %id, ms = started.elapsed().as_millis() as u64, "template VM ready to save");
         drop(agent);
         // The port is free again when the clone's host dials it.
