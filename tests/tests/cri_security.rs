@@ -312,6 +312,23 @@ async fn the_security_context_is_enforced_in_the_guest() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The guest keeps a shared file's pages across opens (virtiofsd's
+    // cache=always) and revalidates its attributes within a second: the
+    // host rewriting a file the container has just read, same size, new
+    // content, is seen, as kubelet's updates of a volume must be.
+    std::fs::write(sub.join("hello"), "FROM-THE-HOST\n").expect("rewrite");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, out, _) = sh(&mut rt, &groups, "cat /vol/sub/hello").await;
+        if code == 0 && out.trim() == "FROM-THE-HOST" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a file the host rewrote kept its old content in the container: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // Masked and read-only paths replace the defaults; an exec sees them.
     let paths = create_started(
