@@ -7,6 +7,9 @@
 //! Numbers, not assertions.
 //!
 //!   cargo run --profile release-unwind -p tests --example bench_exec
+//!
+//! `BENCH_HYPERVISOR='kernel_params = "..."'` adds lines (`;` separated) to
+//! vcrid's `[hypervisor]`, as for bench_cri.
 
 #![allow(
     clippy::expect_used,
@@ -34,12 +37,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     tests::become_subreaper();
+    // BENCH_HYPERVISOR: lines (`;` separated) for the `[hypervisor]` table,
+    // as bench_cri takes them (for A/B experiments).
+    let hypervisor = std::env::var("BENCH_HYPERVISOR")
+        .map(|h| format!("{}\n", h.replace(';', "\n")))
+        .unwrap_or_default();
     let BusyboxEnv {
         mut env,
         registry: _registry,
         image,
         mut rt,
-    } = busybox_env(92, "", "exec").await;
+    } = busybox_env(92, &hypervisor, "exec").await;
     let cfg = privileged_pod_config(&env, "exec", "bench");
     let pod = run_pod(&mut rt, cfg.clone()).await;
     let mut creates = Vec::new();
@@ -111,6 +119,14 @@ async fn main() {
             .collect();
         parts.push((name, (v[1] - v[0]) * 1000.0 / LOOP as f64));
     }
+    // What the guest kernel turned on against CPU side channels (their
+    // cost is per syscall and context switch).
+    let (_, vulns) = exec_sh(
+        &mut rt,
+        &priv_id,
+        "cd /sys/devices/system/cpu/vulnerabilities && grep -v '^Not affected' * | tr '\\n' ';'",
+    )
+    .await;
     remove_pod(&mut rt, &pod).await;
     env.stop();
     let exec = median(execs);
@@ -118,6 +134,7 @@ async fn main() {
         "ExecSync /bin/true: median {exec:.1} ms of {EXECS}; the guest's fork+exec floor {floor_ms:.1} ms ({:.1}x)",
         exec / floor_ms.max(0.01)
     );
+    println!("  guest mitigations: {}", vulns.trim());
     for (name, ms) in parts {
         println!("  guest {name}: {ms:.1} ms per iteration");
     }
