@@ -95,7 +95,10 @@ impl Runtime {
     }
 }
 
-/// Drains both streams to their end, then reaps the exit status.
+/// Drains both streams to their end and reaps the exit status, all three
+/// asked at once (the agent forgets an exec only once it has exited and
+/// both streams reached their end, whichever comes last): a round trip to
+/// the guest fewer than waiting after the streams.
 async fn collect(process: &ProcessIo) -> Result<ExecResult> {
     let drain = |stream| async move {
         let mut out = Vec::new();
@@ -105,8 +108,8 @@ async fn collect(process: &ProcessIo) -> Result<ExecResult> {
         }
         Ok::<_, Error>(out)
     };
-    let (stdout, stderr) = tokio::try_join!(drain(Stream::Stdout), drain(Stream::Stderr))?;
-    let exit_code = process.wait().await?;
+    let (stdout, stderr, exit_code) =
+        tokio::try_join!(drain(Stream::Stdout), drain(Stream::Stderr), process.wait())?;
     Ok(ExecResult {
         exit_code,
         stdout,

@@ -163,6 +163,8 @@ pub struct FakeDialer {
     unsettled: Arc<std::sync::atomic::AtomicUsize>,
     /// The signal that ended each container, once one did.
     signalled: Arc<tokio::sync::watch::Sender<HashMap<String, u32>>>,
+    /// A network call (by its recorded name) that fails from now on.
+    failing: Arc<Mutex<Option<&'static str>>>,
 }
 
 impl FakeDialer {
@@ -173,7 +175,23 @@ impl FakeDialer {
             dials: Arc::default(),
             unsettled: Arc::default(),
             signalled: Arc::new(tokio::sync::watch::channel(HashMap::new()).0),
+            failing: Arc::default(),
         }
+    }
+
+    /// From now on the network call recorded as `call` (`update_routes`,
+    /// `add_neighbors`, `set_sysctls`) fails.
+    pub fn fail_call(&self, call: &'static str) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = Some(call);
+    }
+
+    /// Records `call`; an error if it is the one set to fail.
+    fn answer(&self, call: &'static str) -> Result<(), AgentError> {
+        self.record(call);
+        if *self.failing.lock().unwrap_or_else(|e| e.into_inner()) == Some(call) {
+            return Err(AgentError::new(format!("{call} failed (fake)")));
+        }
+        Ok(())
     }
 
     /// The next `answers` GuestDetails say the guest's start-up work is
@@ -452,7 +470,7 @@ impl AgentClient for FakeDialer {
         })
     }
     async fn update_routes(&self, routes: &[NetRoute]) -> Result<Vec<NetRoute>, AgentError> {
-        self.record("update_routes");
+        self.answer("update_routes")?;
         Ok(routes.to_vec())
     }
     async fn list_interfaces(&self) -> Result<Vec<NetInterface>, AgentError> {
@@ -464,7 +482,7 @@ impl AgentClient for FakeDialer {
         Ok(Vec::new())
     }
     async fn add_neighbors(&self, _neighbors: &[NetNeighbor]) -> Result<(), AgentError> {
-        self.record("add_neighbors");
+        self.answer("add_neighbors")?;
         Ok(())
     }
     async fn set_sandbox_files(&self, _files: &SandboxFiles) -> Result<(), AgentError> {
@@ -475,7 +493,7 @@ impl AgentClient for FakeDialer {
         &self,
         _sysctls: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), AgentError> {
-        self.record("set_sysctls");
+        self.answer("set_sysctls")?;
         Ok(())
     }
     async fn personalize(&self, _p: &Personalization) -> Result<(), AgentError> {

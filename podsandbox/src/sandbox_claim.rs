@@ -779,6 +779,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_route_the_guest_refuses_fails_the_claim_and_the_cold_boot_and_leaves_nothing() {
+        // Routes, neighbours and sysctls are asked at once: one failing
+        // while the others are in flight fails the whole configuration.
+        let dialer = Arc::new(FakeDialer::new(true));
+        let h = started(1, None, dialer.clone());
+        h.until_ready(1).await;
+        let warm = h.pool_dirs();
+        dialer.fail_call("update_routes");
+        let mut config = pod("p1", 1, 256);
+        config.network.routes = vec![crate::network::NetRoute {
+            gateway: "10.88.0.1".into(),
+            device: "eth0".into(),
+            ..Default::default()
+        }];
+        config.network.neighbors = vec![crate::network::NetNeighbor {
+            ip: "10.88.0.9".into(),
+            mac: "0a:58:0a:58:00:09".into(),
+            device: "eth0".into(),
+        }];
+        let err = h.rt.create_sandbox(config).await.expect_err("routes fail");
+        assert!(
+            matches!(
+                err,
+                crate::Error::Agent {
+                    call: "UpdateRoutes",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let calls = dialer.calls();
+        assert_eq!(
+            calls.iter().filter(|c| **c == "update_routes").count(),
+            2,
+            "the claim, then the cold boot: {calls:?}"
+        );
+        assert!(
+            h.vms
+                .get(&warm[0])
+                .expect("warm")
+                .calls()
+                .contains(&Op::Stop),
+            "the warm VM was stopped"
+        );
+        assert!(
+            h.vms.get("p1").expect("booted").calls().contains(&Op::Stop),
+            "the cold VM was stopped"
+        );
+        assert!(!h.dir.path().join("run").join(&warm[0]).exists());
+        assert!(!h.dir.path().join("run/p1").exists());
+        h.rt.stop_factory().await;
+    }
+
+    #[tokio::test]
     async fn an_empty_pool_or_a_small_pod_boots_cold() {
         let h = pooled(1).await;
         let first =

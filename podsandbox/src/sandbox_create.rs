@@ -456,25 +456,38 @@ pub(crate) async fn configure_guest(
     };
     let (interfaces, written) = tokio::join!(interfaces, written);
     let (interfaces_ms, files_ms) = (interfaces?, written?);
-    if !network.routes.is_empty() {
-        agent
-            .update_routes(&network.routes)
-            .await
-            .map_err(failed("UpdateRoutes"))?;
-    }
-    if !network.neighbors.is_empty() {
-        agent
-            .add_neighbors(&network.neighbors)
-            .await
-            .map_err(failed("AddArpNeighbors"))?;
-    }
-    // After the interfaces: net.ipv4.conf.eth0.* names them.
-    if !network.sysctls.is_empty() {
-        agent
-            .set_sysctls(&network.sysctls)
-            .await
-            .map_err(failed("SetSysctls"))?;
-    }
+    // After the interfaces (routes need their addresses, neighbours and
+    // net.ipv4.conf.eth0.* their names), independent of each other: asked
+    // at once, their round trips overlap. Any failure fails the whole
+    // configuration, and the caller throws the VM away.
+    let routes = async {
+        if !network.routes.is_empty() {
+            agent
+                .update_routes(&network.routes)
+                .await
+                .map_err(failed("UpdateRoutes"))?;
+        }
+        Ok::<_, Error>(())
+    };
+    let neighbors = async {
+        if !network.neighbors.is_empty() {
+            agent
+                .add_neighbors(&network.neighbors)
+                .await
+                .map_err(failed("AddArpNeighbors"))?;
+        }
+        Ok::<_, Error>(())
+    };
+    let sysctls = async {
+        if !network.sysctls.is_empty() {
+            agent
+                .set_sysctls(&network.sysctls)
+                .await
+                .map_err(failed("SetSysctls"))?;
+        }
+        Ok::<_, Error>(())
+    };
+    tokio::try_join!(routes, neighbors, sysctls)?;
     tracing::debug!(
         sandbox = %id,
         interfaces_ms,
