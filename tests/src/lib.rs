@@ -233,11 +233,7 @@ fn procs() -> Vec<Proc> {
             let mut fields = tail.split_whitespace();
             let state = fields.next()?.to_string();
             let ppid = fields.next()?.to_string();
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline)
-                .replace('\0', " ")
-                .trim()
-                .to_string();
+            let cmdline = read_cmdline(i64::from(pid)).unwrap_or_default();
             Some(Proc {
                 pid,
                 comm,
@@ -247,6 +243,23 @@ fn procs() -> Vec<Proc> {
             })
         })
         .collect()
+}
+
+/// A process's argv joined by spaces; None once it is gone.
+fn read_cmdline(pid: i64) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        String::from_utf8_lossy(&raw)
+            .replace('\0', " ")
+            .trim()
+            .to_string(),
+    )
+}
+
+/// The argv of a process the test knows is running (a pod's QEMU), joined
+/// by spaces, to assert what it was started with.
+pub fn cmdline(pid: i64) -> String {
+    read_cmdline(pid).unwrap_or_else(|| panic!("no /proc/{pid}/cmdline: the process is gone"))
 }
 
 /// Live (non-zombie) processes whose argv mentions `needle`.

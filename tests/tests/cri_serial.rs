@@ -37,8 +37,7 @@ async fn a_pod_without_vsock_serves_over_the_serial_port_across_a_vcrid_crash() 
     // names this pod's run directory.
     let qemu = info["vm"]["pid"].as_i64().expect("pid");
     assert_eq!(processes_naming(&pod), vec![qemu], "{info}");
-    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline");
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let cmdline = tests::cmdline(qemu);
     assert!(cmdline.contains("virtserialport"), "{cmdline}");
     assert!(cmdline.contains("memory-backend-ram,id=mem"), "{cmdline}");
     assert!(!cmdline.contains("share=on"), "{cmdline}");

@@ -138,8 +138,7 @@ async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
     assert_eq!(info["vm"]["origin"], "template", "{info}");
     assert_eq!(info["vm"]["memory_mib"], 512, "grown: {info}");
     let qemu = info["vm"]["pid"].as_i64().expect("pid");
-    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline");
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let cmdline = tests::cmdline(qemu);
     assert!(cmdline.contains("-incoming defer"), "{cmdline}");
     assert!(
         cmdline.contains(&format!("mem-path={},share=off", files[0].display())),
@@ -208,8 +207,7 @@ async fn clones_of_one_template_serve_as_pods_and_are_two_machines() {
     // template of its own.
     until_pool(&mut rt, 1).await;
     // The pods keep the run dirs their clones started in.
-    let pods_cmdlines = [qemu, b_qemu]
-        .map(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).expect("cmdline"));
+    let pods_cmdlines = [qemu, b_qemu].map(tests::cmdline);
     let warm: Vec<_> = warm_dirs(&env)
         .into_iter()
         .filter(|d| {
@@ -337,8 +335,7 @@ async fn without_a_pool_each_pod_is_a_clone_made_when_it_starts() {
         "all its RAM is the template's: {info}"
     );
     let qemu = info["vm"]["pid"].as_i64().expect("pid");
-    let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline");
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let cmdline = tests::cmdline(qemu);
     assert!(
         !cmdline.contains("virtio-balloon"),
         "a clone has no balloon to discard the template's pages with: {cmdline}"

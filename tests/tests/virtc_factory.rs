@@ -73,8 +73,7 @@ fn virtc_saves_a_template_and_clones_each_sandbox_from_it() {
         let status = v.json(&["sandbox", "status", id, "--json"]);
         assert_eq!(status["origin"], "template", "{status}");
         let pid = status["pid"].as_i64().expect("pid");
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let cmdline = tests::cmdline(pid);
         assert!(cmdline.contains("-incoming defer"), "{cmdline}");
         assert!(
             cmdline.contains(&format!(
