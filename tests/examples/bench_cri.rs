@@ -506,19 +506,6 @@ async fn measure(
     } else {
         None
     };
-    // BENCH_LOGS=DIR: each VM's console, kept (before teardown removes it).
-    if let (Ok(dir), Some(root)) = (std::env::var("BENCH_LOGS"), logs.parent()) {
-        let dir = Path::new(&dir).join(what.replace(' ', "-"));
-        std::fs::create_dir_all(&dir).expect("BENCH_LOGS");
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "find {} -name 'console.log*' | while read f; do cp \"$f\" {}/$(echo \"$f\" | md5sum | cut -c1-8).$(basename \"$f\"); done",
-                root.display(),
-                dir.display()
-            ))
-            .status();
-    }
     let mut exec = Vec::new();
     let target = &ids[0].1;
     for _ in 0..EXECS {
@@ -573,6 +560,19 @@ async fn measure(
             .containers;
         list_containers.push(t.elapsed());
         assert_eq!(listed.len(), ids.len(), "{what}: ListContainers");
+    }
+    // BENCH_LOGS=DIR: each VM's console, kept after the execs (before teardown removes it).
+    if let (Ok(dir), Some(root)) = (std::env::var("BENCH_LOGS"), logs.parent()) {
+        let dir = Path::new(&dir).join(what.replace(' ', "-"));
+        std::fs::create_dir_all(&dir).expect("BENCH_LOGS");
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "find {} -name 'console.log*' | while read f; do cp \"$f\" {}/$(echo \"$f\" | md5sum | cut -c1-8).$(basename \"$f\"); done",
+                root.display(),
+                dir.display()
+            ))
+            .status();
     }
     let mut teardown = Vec::new();
     for (pod, _) in ids {
