@@ -525,6 +525,12 @@ mod tests {
             );
         }
 
+        /// The fake VM `id` was stopped.
+        fn assert_stopped(&self, id: &str) {
+            let vm = self.vms.get(id).unwrap_or_else(|| panic!("no VM {id}"));
+            assert!(vm.calls().contains(&Op::Stop), "VM {id} was not stopped");
+        }
+
         fn pool_dirs(&self) -> Vec<String> {
             let mut dirs: Vec<String> = std::fs::read_dir(self.dir.path().join("run"))
                 .expect("run dir")
@@ -765,14 +771,7 @@ mod tests {
         h.rt.fail_points().disarm();
         assert_eq!(s.origin, VmOrigin::Boot);
         assert!(h.vms.get("p1").is_some(), "booted for the pod");
-        assert!(
-            h.vms
-                .get(&warm[0])
-                .expect("warm")
-                .calls()
-                .contains(&Op::Stop),
-            "the warm VM was stopped"
-        );
+        h.assert_stopped(&warm[0]);
         assert!(!h.dir.path().join("run").join(&warm[0]).exists());
         assert!(h.dir.path().join("run/p1").is_dir());
         h.rt.stop_factory().await;
@@ -815,18 +814,8 @@ mod tests {
             2,
             "the claim, then the cold boot: {calls:?}"
         );
-        assert!(
-            h.vms
-                .get(&warm[0])
-                .expect("warm")
-                .calls()
-                .contains(&Op::Stop),
-            "the warm VM was stopped"
-        );
-        assert!(
-            h.vms.get("p1").expect("booted").calls().contains(&Op::Stop),
-            "the cold VM was stopped"
-        );
+        h.assert_stopped(&warm[0]);
+        h.assert_stopped("p1");
         assert!(!h.dir.path().join("run").join(&warm[0]).exists());
         assert!(!h.dir.path().join("run/p1").exists());
         h.rt.stop_factory().await;

@@ -460,34 +460,26 @@ pub(crate) async fn configure_guest(
     // net.ipv4.conf.eth0.* their names), independent of each other: asked
     // at once, their round trips overlap. Any failure fails the whole
     // configuration, and the caller throws the VM away.
-    let routes = async {
-        if !network.routes.is_empty() {
+    tokio::try_join!(
+        unless_empty(network.routes.is_empty(), async {
             agent
                 .update_routes(&network.routes)
                 .await
-                .map_err(failed("UpdateRoutes"))?;
-        }
-        Ok::<_, Error>(())
-    };
-    let neighbors = async {
-        if !network.neighbors.is_empty() {
+                .map_err(failed("UpdateRoutes"))
+        }),
+        unless_empty(network.neighbors.is_empty(), async {
             agent
                 .add_neighbors(&network.neighbors)
                 .await
-                .map_err(failed("AddArpNeighbors"))?;
-        }
-        Ok::<_, Error>(())
-    };
-    let sysctls = async {
-        if !network.sysctls.is_empty() {
+                .map_err(failed("AddArpNeighbors"))
+        }),
+        unless_empty(network.sysctls.is_empty(), async {
             agent
                 .set_sysctls(&network.sysctls)
                 .await
-                .map_err(failed("SetSysctls"))?;
-        }
-        Ok::<_, Error>(())
-    };
-    tokio::try_join!(routes, neighbors, sysctls)?;
+                .map_err(failed("SetSysctls"))
+        }),
+    )?;
     tracing::debug!(
         sandbox = %id,
         interfaces_ms,
@@ -495,6 +487,18 @@ pub(crate) async fn configure_guest(
         all_ms = started.elapsed().as_millis(),
         "guest configured"
     );
+    Ok(())
+}
+
+/// Runs `call` (a future does nothing until awaited) unless there is
+/// nothing to send.
+async fn unless_empty<T>(
+    empty: bool,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<()> {
+    if !empty {
+        call.await?;
+    }
     Ok(())
 }
 

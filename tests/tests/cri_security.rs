@@ -171,6 +171,20 @@ fn seccomp_profile(kind: cri::security_profile::ProfileType, path: &str) -> cri:
 
 /// A tmpfs at `dir`, shared (as kubelet's volume dirs are); unmounted by
 /// the environment's guard if the test fails.
+/// Waits (up to 60 s) until `path` in container `id` reads `want`;
+/// fails with `what` and the last read otherwise.
+async fn until_read(rt: &mut Runtime, id: &str, path: &str, want: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, out, _) = sh(rt, id, &format!("cat {path}")).await;
+        if code == 0 && out.trim() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {out:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn shared_tmpfs(dir: &Path) {
     std::fs::create_dir_all(dir).expect("mkdir");
     for args in [vec!["-t", "tmpfs", "tmpfs"], vec!["--make-shared"]] {
@@ -300,35 +314,27 @@ async fn the_security_context_is_enforced_in_the_guest() {
         .expect("mount");
     assert!(status.success());
     std::fs::write(sub.join("hello"), "from-the-host\n").expect("write");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (code, out, _) = sh(&mut rt, &groups, "cat /vol/sub/hello").await;
-        if code == 0 && out.trim() == "from-the-host" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a mount made on the host after the start never reached the container: {out:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    until_read(
+        &mut rt,
+        &groups,
+        "/vol/sub/hello",
+        "from-the-host",
+        "a mount made on the host after the start never reached the container",
+    )
+    .await;
     // The guest keeps a shared file's pages across opens (virtiofsd's
     // cache=always) and revalidates its attributes within a second: the
     // host rewriting a file the container has just read, same size, new
     // content, is seen, as kubelet's updates of a volume must be.
     std::fs::write(sub.join("hello"), "FROM-THE-HOST\n").expect("rewrite");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (code, out, _) = sh(&mut rt, &groups, "cat /vol/sub/hello").await;
-        if code == 0 && out.trim() == "FROM-THE-HOST" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a file the host rewrote kept its old content in the container: {out:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    until_read(
+        &mut rt,
+        &groups,
+        "/vol/sub/hello",
+        "FROM-THE-HOST",
+        "a file the host rewrote kept its old content in the container",
+    )
+    .await;
 
     // Masked and read-only paths replace the defaults; an exec sees them.
     let paths = create_started(
